@@ -1,0 +1,417 @@
+//! One client session after login: the relay between the client socket and
+//! the server connection it holds, and the pooling decisions.
+//!
+//! Frames are relayed as bytes. The session looks at tags only, plus the
+//! bodies of ReadyForQuery (transaction status) and ParameterStatus
+//! (tracked settings). In transaction mode the server connection goes back
+//! to the pool when every Query/Sync sent has been answered by a
+//! ReadyForQuery and the last one says idle.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::cancel::CancelSlot;
+use crate::config::PoolMode;
+use crate::pool::{Checkout, Pool, PoolError};
+use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::frame::{Flow, FrameError, Relay, MAX_MESSAGE_LEN};
+use crate::protocol::messages as msg;
+use crate::server::{is_server_owned, ServerConn, ServerError};
+
+/// How long pgmux waits to bring an abandoned server connection back to
+/// idle (finish the query, roll back) before closing it instead.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Startup parameters PostgreSQL accepts at any time; others are checked
+/// against a server at login so a typo fails the login as it would there.
+const KNOWN_PARAMS: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "intervalstyle",
+    "extra_float_digits",
+    "search_path",
+    "standard_conforming_strings",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "default_transaction_isolation",
+    "default_transaction_read_only",
+    "bytea_output",
+    "geqo",
+    "work_mem",
+    "timezone_abbreviations",
+];
+
+/// How a relay stretch ended.
+enum Relayed {
+    /// Transaction boundary: the server connection is clean and idle.
+    Released,
+    /// Terminate or EOF from the client.
+    ClientGone,
+    /// The server connection broke.
+    ServerGone(String),
+    /// The client broke the protocol.
+    ClientError(PgError),
+}
+
+enum Event {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+}
+
+pub struct Session {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    pool: Arc<Pool>,
+    mode: PoolMode,
+    /// Settings this client chose (startup packet, then its own SETs).
+    wanted: BTreeMap<String, String>,
+    /// ParameterStatus values this client has been told.
+    told: BTreeMap<String, String>,
+    cancel: Arc<CancelSlot>,
+    crelay: Relay,
+    srelay: Relay,
+    /// Query/Sync/FunctionCall sent and not yet answered by ReadyForQuery.
+    pending: usize,
+    /// Extended-protocol messages sent since the last Sync.
+    unsynced: bool,
+    /// The server waits for COPY data from the client.
+    copy_in: bool,
+    /// Transaction status of the last ReadyForQuery.
+    status: u8,
+}
+
+impl Session {
+    pub fn new(stream: TcpStream, rbuf: BytesMut, pool: Arc<Pool>, wanted: BTreeMap<String, String>, cancel: Arc<CancelSlot>) -> Self {
+        Session {
+            stream,
+            rbuf,
+            mode: pool.settings.mode,
+            pool,
+            wanted,
+            told: BTreeMap::new(),
+            cancel,
+            crelay: Relay::default(),
+            srelay: Relay::default(),
+            pending: 0,
+            unsynced: false,
+            copy_in: false,
+            status: b'I',
+        }
+    }
+
+    /// Tell the client an error and drop the connection.
+    pub async fn fatal(stream: &mut TcpStream, err: &PgError) {
+        let _ = stream.write_all(&err.to_bytes()).await;
+        let _ = stream.shutdown().await;
+    }
+
+    /// Refuse the session with an error.
+    pub async fn close_with(mut self, err: &PgError) {
+        Self::fatal(&mut self.stream, err).await
+    }
+
+    /// Greet the client: AuthenticationOk, ParameterStatus, BackendKeyData,
+    /// ReadyForQuery. Parameters outside [`KNOWN_PARAMS`] are tried on a
+    /// server first so that an invalid one fails the login.
+    pub async fn welcome(&mut self, key: (i32, i32)) -> Result<(), PgError> {
+        let base = self.pool.welcome_params().await.map_err(pool_error)?;
+        if self.wanted.keys().any(|k| !KNOWN_PARAMS.contains(&k.as_str())) {
+            let mut c = self.pool.get().await.map_err(pool_error)?;
+            match c.conn().sync_params(&self.wanted).await {
+                Ok(_) => c.release(),
+                Err(ServerError::Query(body)) => {
+                    c.release();
+                    return Err(server_error_as_fatal(&body));
+                }
+                Err(e) => return Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())),
+            }
+        }
+        let mut out = BytesMut::with_capacity(512);
+        msg::auth_request(&mut out, msg::AUTH_OK, &[]);
+        for (k, v) in base {
+            let lk = k.to_ascii_lowercase();
+            let v = self.wanted.get(&lk).cloned().unwrap_or(v);
+            msg::parameter_status(&mut out, &k, &v);
+            self.told.insert(lk, v);
+        }
+        msg::backend_key_data(&mut out, key.0, key.1);
+        msg::ready_for_query(&mut out, b'I');
+        self.stream.write_all(&out).await.map_err(|e| PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()))
+    }
+
+    /// Serve the client until it leaves.
+    pub async fn run(mut self) {
+        loop {
+            // Idle: no server connection until a message arrives.
+            while self.rbuf.is_empty() {
+                self.rbuf.reserve(8192);
+                match self.stream.read_buf(&mut self.rbuf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+            if self.rbuf[0] == b'X' {
+                return;
+            }
+            let mut server = match self.pool.get().await {
+                Ok(s) => s,
+                Err(e) => return Self::fatal(&mut self.stream, &pool_error(e)).await,
+            };
+            if let Err(e) = self.attach(server.conn()).await {
+                let err = match e {
+                    ServerError::Query(body) => {
+                        server.release();
+                        server_error_as_fatal(&body)
+                    }
+                    e => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {e}")),
+                };
+                return Self::fatal(&mut self.stream, &err).await;
+            }
+            let outcome = self.relay(server.conn()).await;
+            self.cancel.clear();
+            match outcome {
+                Relayed::Released => server.release(),
+                Relayed::ClientGone => return self.abandon(server).await,
+                Relayed::ServerGone(why) => {
+                    tracing::warn!(pool = %self.pool.name(), "server connection lost mid-transaction: {why}");
+                    drop(server);
+                    let err = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {why}"));
+                    return Self::fatal(&mut self.stream, &err).await;
+                }
+                Relayed::ClientError(err) => {
+                    let _ = self.stream.write_all(&err.to_bytes()).await;
+                    return self.abandon(server).await;
+                }
+            }
+        }
+    }
+
+    /// Make a freshly checked-out connection this client's: its settings,
+    /// its cancel target.
+    async fn attach(&mut self, conn: &mut ServerConn) -> Result<(), ServerError> {
+        if conn.applied != self.wanted {
+            conn.sync_params(&self.wanted).await?;
+            let mut out = BytesMut::new();
+            for (k, v) in &conn.reported {
+                let lk = k.to_ascii_lowercase();
+                if !is_server_owned(k) && self.told.get(&lk) != Some(v) {
+                    msg::parameter_status(&mut out, k, v);
+                    self.told.insert(lk, v.clone());
+                }
+            }
+            if !out.is_empty() {
+                self.stream.write_all(&out).await?;
+            }
+        }
+        self.cancel.set(conn.cancel_key());
+        self.status = b'I';
+        Ok(())
+    }
+
+    fn releasable(&self, conn: &ServerConn) -> bool {
+        self.pending == 0
+            && !self.unsynced
+            && self.status == b'I'
+            && !self.copy_in
+            && !self.crelay.mid_message()
+            && !self.srelay.mid_message()
+            && conn.rbuf.is_empty()
+    }
+
+    async fn relay(&mut self, conn: &mut ServerConn) -> Relayed {
+        if let Some(end) = self.forward_client(conn).await {
+            return end;
+        }
+        loop {
+            if self.mode == PoolMode::Transaction && self.releasable(conn) {
+                return Relayed::Released;
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+                self.rbuf.reserve(16 * 1024);
+            }
+            let ev = tokio::select! {
+                r = self.stream.read_buf(&mut self.rbuf) => Event::Client(r),
+                r = conn.fill() => Event::Server(r),
+            };
+            let end = match ev {
+                Event::Client(Ok(0)) | Event::Client(Err(_)) => return Relayed::ClientGone,
+                Event::Client(Ok(_)) => self.forward_client(conn).await,
+                Event::Server(Ok(0)) => return Relayed::ServerGone("server closed the connection unexpectedly".into()),
+                Event::Server(Err(e)) => return Relayed::ServerGone(e.to_string()),
+                Event::Server(Ok(_)) => self.forward_server(conn).await,
+            };
+            if let Some(end) = end {
+                return end;
+            }
+        }
+    }
+
+    /// Pass complete client messages (and streamed bodies) to the server in
+    /// one write.
+    async fn forward_client(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
+        let (mut pending, mut unsynced, mut copy_in) = (self.pending, self.unsynced, self.copy_in);
+        let mut stop: Option<Relayed> = None;
+        let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, |_| false, |tag, _| {
+            match tag {
+                b'Q' | b'F' => pending += 1,
+                b'S' => {
+                    pending += 1;
+                    unsynced = false;
+                }
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => unsynced = true,
+                b'd' => {}
+                b'c' | b'f' => copy_in = false,
+                b'X' => {
+                    stop = Some(Relayed::ClientGone);
+                    return Flow::Stop;
+                }
+                other => {
+                    stop = Some(Relayed::ClientError(PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        format!("invalid frontend message type {other}"),
+                    )));
+                    return Flow::Stop;
+                }
+            }
+            Flow::Forward
+        });
+        (self.pending, self.unsynced, self.copy_in) = (pending, unsynced, copy_in);
+        let n = match scanned {
+            Ok(n) => n,
+            Err(e) => return Some(Relayed::ClientError(frame_error(e))),
+        };
+        if n > 0 {
+            if let Err(e) = conn.stream.write_all(&self.rbuf[..n]).await {
+                return Some(Relayed::ServerGone(e.to_string()));
+            }
+            self.rbuf.advance(n);
+        }
+        stop
+    }
+
+    /// Pass server messages to the client, noting ReadyForQuery status and
+    /// ParameterStatus changes.
+    async fn forward_server(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
+        let (mut pending, mut status, mut copy_in) = (self.pending, self.status, self.copy_in);
+        let mut changed: Vec<(usize, usize)> = Vec::new();
+        let mut offset = 0usize;
+        let base = conn.rbuf.as_ptr() as usize;
+        let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, |t| t == b'Z' || t == b'S', |tag, body| {
+            match tag {
+                b'Z' => {
+                    pending = pending.saturating_sub(1);
+                    status = body.first().copied().unwrap_or(b'?');
+                }
+                b'S' => {
+                    offset = body.as_ptr() as usize - base;
+                    changed.push((offset, body.len()));
+                }
+                b'G' => copy_in = true,
+                _ => {}
+            }
+            Flow::Forward
+        });
+        (self.pending, self.status, self.copy_in) = (pending, status, copy_in);
+        let n = match scanned {
+            Ok(n) => n,
+            Err(e) => return Some(Relayed::ServerGone(format!("invalid message from server: {e}"))),
+        };
+        for (at, len) in changed {
+            let body = conn.rbuf[at..at + len].to_vec();
+            if let Some((k, v)) = conn.note_status(&body) {
+                if !is_server_owned(&k) {
+                    let lk = k.to_ascii_lowercase();
+                    self.wanted.insert(lk.clone(), v.clone());
+                    self.told.insert(lk, v);
+                }
+            }
+        }
+        if n > 0 {
+            if self.stream.write_all(&conn.rbuf[..n]).await.is_err() {
+                conn.rbuf.advance(n);
+                return Some(Relayed::ClientGone);
+            }
+            conn.rbuf.advance(n);
+        }
+        None
+    }
+
+    /// The client left while holding a server connection: bring it back to
+    /// idle (finish what is running, roll back, reset) or close it.
+    async fn abandon(mut self, mut server: Checkout) {
+        if self.crelay.mid_message() || self.srelay.mid_message() {
+            return; // dropping the checkout closes the connection
+        }
+        let mode = self.mode;
+        let reset = self.pool.settings.reset_query.clone();
+        let (pending, unsynced, copy_in) = (self.pending, self.unsynced, self.copy_in);
+        let conn = server.conn();
+        let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, async {
+            let mut pending = pending;
+            let mut out = BytesMut::new();
+            if copy_in {
+                out.extend_from_slice(b"f\0\0\0\x19client disconnected\0");
+            }
+            if unsynced {
+                out.extend_from_slice(b"S\0\0\0\x04");
+                pending += 1;
+            }
+            if !out.is_empty() {
+                conn.stream.write_all(&out).await?;
+            }
+            let mut status = self.status;
+            if pending > 0 {
+                status = conn.drain_status(pending).await?;
+            }
+            if status != b'I' {
+                conn.run("ROLLBACK").await?;
+            }
+            if mode == PoolMode::Session {
+                conn.reset(&reset).await?;
+            }
+            Ok::<(), ServerError>(())
+        })
+        .await;
+        match cleaned {
+            Ok(Ok(())) => server.release(),
+            Ok(Err(e)) => tracing::debug!(pool = %self.pool.name(), "closing abandoned server connection: {e}"),
+            Err(_) => tracing::debug!(pool = %self.pool.name(), "closing abandoned server connection: cleanup timed out"),
+        }
+        self.rbuf.clear();
+    }
+}
+
+fn frame_error(e: FrameError) -> PgError {
+    PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid message from client: {e}"))
+}
+
+/// What a client sees when no server connection could be had.
+pub fn pool_error(e: PoolError) -> PgError {
+    match e {
+        PoolError::WaitTimeout(_) => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+        PoolError::Server(ServerError::Rejected(body)) => server_error_as_fatal(&body),
+        PoolError::Server(e) => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgmux: {e}")),
+        PoolError::Closed => PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down"),
+    }
+}
+
+/// Re-issue a server's ErrorResponse to a client as FATAL, keeping its
+/// SQLSTATE and text.
+fn server_error_as_fatal(body: &[u8]) -> PgError {
+    use crate::protocol::error::parse_fields;
+    let fields = parse_fields(body);
+    let get = |c: u8| fields.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone());
+    let code = get(b'C').unwrap_or_else(|| sqlstate::INTERNAL_ERROR.to_string());
+    let mut err = PgError::fatal(code, get(b'M').unwrap_or_default());
+    err.detail = get(b'D');
+    err.hint = get(b'H');
+    err
+}

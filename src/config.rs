@@ -1,0 +1,448 @@
+//! Configuration: TOML parsed and validated once, at the edge, into typed
+//! structs. Every error names the key and its position in the file.
+//!
+//! Shape (see `config/pgmux.toml` for the annotated version):
+//! `[pgmux]` process settings, `[pool]` pool defaults, `[[users]]`,
+//! `[databases.NAME]` with a `primary` and a `replicas` list.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::protocol::auth::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}:{line}:{col}: {key}: {message}")]
+    Invalid { path: String, line: usize, col: usize, key: String, message: String },
+}
+
+/// How long a server connection stays with a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// Returned to the pool when ReadyForQuery says idle.
+    Transaction,
+    /// Held until the client disconnects.
+    Session,
+}
+
+/// How pgmux authenticates connecting clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "password")]
+    Password,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+/// A duration written as seconds (`30`) or with a unit (`"500ms"`, `"2m"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(s) => Ok(Dur(Duration::from_secs(s))),
+            Raw::Str(s) => parse_duration(&s).map(Dur).map_err(de::Error::custom),
+        }
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration \"{s}\" (use e.g. 500ms, 30s, 5m, 1h)"))?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" | "min" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        u => return Err(format!("invalid duration unit \"{u}\" in \"{s}\" (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+/// A backend address `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| de::Error::custom(format!("\"{s}\" is not host:port")))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| de::Error::custom(format!("invalid port in \"{s}\"")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(de::Error::custom(format!("missing host in \"{s}\"")));
+        }
+        Ok(HostPort { host: host.to_string(), port })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    pgmux: General,
+    #[serde(default)]
+    pool: PoolDefaults,
+    #[serde(default)]
+    users: Vec<RawUser>,
+    #[serde(default)]
+    databases: BTreeMap<String, Database>,
+}
+
+/// `[pgmux]`: the process.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct General {
+    /// Client-facing listen address.
+    pub listen: HostPort,
+    /// tracing filter (`info`, `pgmux=debug`, ...); RUST_LOG wins when set.
+    pub log_level: String,
+    /// Most client connections at once; more get 53300.
+    pub max_client_conn: usize,
+    /// Worker threads for the runtime (0 = one per core).
+    pub worker_threads: usize,
+}
+
+impl Default for General {
+    fn default() -> Self {
+        General {
+            listen: HostPort { host: "127.0.0.1".into(), port: 6432 },
+            log_level: "info".into(),
+            max_client_conn: 10_000,
+            worker_threads: 0,
+        }
+    }
+}
+
+/// `[pool]`: defaults for every pool.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolDefaults {
+    pub pool_mode: PoolMode,
+    pub default_pool_size: usize,
+    pub min_pool_size: usize,
+    pub query_wait_timeout: Dur,
+    pub server_idle_timeout: Dur,
+    pub server_lifetime: Dur,
+    pub server_connect_timeout: Dur,
+    /// Run on a session-mode server connection before reuse.
+    pub server_reset_query: String,
+}
+
+impl Default for PoolDefaults {
+    fn default() -> Self {
+        PoolDefaults {
+            pool_mode: PoolMode::Transaction,
+            default_pool_size: 20,
+            min_pool_size: 0,
+            query_wait_timeout: Dur(Duration::from_secs(120)),
+            server_idle_timeout: Dur(Duration::from_secs(600)),
+            server_lifetime: Dur(Duration::from_secs(3600)),
+            server_connect_timeout: Dur(Duration::from_secs(5)),
+            server_reset_query: "DISCARD ALL".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: Spanned<String>,
+    #[serde(default)]
+    password: Option<Spanned<String>>,
+    #[serde(default = "default_auth")]
+    auth_method: Spanned<AuthMethod>,
+    #[serde(default)]
+    server_password: Option<String>,
+    #[serde(default)]
+    pool_mode: Option<PoolMode>,
+    #[serde(default)]
+    pool_size: Option<usize>,
+}
+
+fn default_auth() -> Spanned<AuthMethod> {
+    Spanned::new(0..0, AuthMethod::ScramSha256)
+}
+
+/// `[[users]]`: who may connect, and how pgmux logs in for them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct User {
+    pub name: String,
+    /// Plain text or a verifier (md5 / SCRAM) as pg_authid stores it.
+    pub secret: Option<Secret>,
+    pub auth_method: AuthMethod,
+    /// Password for PostgreSQL when it differs from `password`.
+    pub server_password: Option<String>,
+    pub pool_mode: Option<PoolMode>,
+    pub pool_size: Option<usize>,
+}
+
+/// `[databases.NAME]`: a logical database clients connect to.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    pub primary: HostPort,
+    #[serde(default)]
+    pub replicas: Vec<HostPort>,
+    /// Database name on the servers (defaults to the key).
+    #[serde(default)]
+    pub dbname: Option<String>,
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+    #[serde(default)]
+    pub min_pool_size: Option<usize>,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub general: General,
+    pub pool: PoolDefaults,
+    pub users: BTreeMap<String, User>,
+    pub databases: BTreeMap<String, Database>,
+}
+
+/// Settings of one pool, resolved from the layers above.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolSettings {
+    pub mode: PoolMode,
+    pub size: usize,
+    pub min_size: usize,
+    pub query_wait_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+    pub connect_timeout: Duration,
+    pub reset_query: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: name.clone(), source })?;
+        Config::parse(&text, &name)
+    }
+
+    /// Parse and validate TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })?;
+        let invalid = |span: std::ops::Range<usize>, key: &str, message: String| {
+            let (line, col) = line_col(text, span.start);
+            ConfigError::Invalid { path: origin.to_string(), line, col, key: key.to_string(), message }
+        };
+        let mut users = BTreeMap::new();
+        for (i, u) in raw.users.into_iter().enumerate() {
+            let key = format!("users[{i}]");
+            let name = u.name.get_ref().clone();
+            if name.is_empty() {
+                return Err(invalid(u.name.span(), &format!("{key}.name"), "must not be empty".into()));
+            }
+            let method = *u.auth_method.get_ref();
+            let secret = match &u.password {
+                Some(p) => Some(
+                    Secret::parse(p.get_ref())
+                        .map_err(|e| invalid(p.span(), &format!("{key}.password"), e.to_string()))?,
+                ),
+                None => None,
+            };
+            let span = u.password.as_ref().map(|p| p.span()).unwrap_or(u.name.span());
+            match (method, &secret) {
+                (AuthMethod::Trust, _) => {}
+                (_, None) => {
+                    return Err(invalid(span, &format!("{key}.password"), format!("user \"{name}\" needs a password for this auth_method")))
+                }
+                (AuthMethod::ScramSha256, Some(Secret::Md5(_))) => {
+                    return Err(invalid(span, &format!("{key}.password"), "an md5 hash cannot verify SCRAM-SHA-256; give the password or its SCRAM verifier, or use auth_method = \"md5\"".into()))
+                }
+                (AuthMethod::Md5, Some(Secret::Scram(_))) => {
+                    return Err(invalid(span, &format!("{key}.password"), "a SCRAM verifier cannot verify md5; give the password or its md5 hash, or use auth_method = \"scram-sha-256\"".into()))
+                }
+                _ => {}
+            }
+            if u.pool_size == Some(0) {
+                return Err(invalid(u.name.span(), &format!("{key}.pool_size"), "must be at least 1".into()));
+            }
+            let user = User {
+                name: name.clone(),
+                secret,
+                auth_method: method,
+                server_password: u.server_password,
+                pool_mode: u.pool_mode,
+                pool_size: u.pool_size,
+            };
+            if users.insert(name.clone(), user).is_some() {
+                return Err(invalid(u.name.span(), &format!("{key}.name"), format!("user \"{name}\" is listed twice")));
+            }
+        }
+        let cfg = Config { general: raw.pgmux, pool: raw.pool, users, databases: raw.databases };
+        cfg.check(origin)?;
+        Ok(cfg)
+    }
+
+    fn check(&self, origin: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, message: &str| ConfigError::Invalid {
+            path: origin.to_string(),
+            line: 0,
+            col: 0,
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        if self.pool.default_pool_size == 0 {
+            return Err(err("pool.default_pool_size", "must be at least 1"));
+        }
+        if self.pool.min_pool_size > self.pool.default_pool_size {
+            return Err(err("pool.min_pool_size", "must not exceed pool.default_pool_size"));
+        }
+        if self.general.max_client_conn == 0 {
+            return Err(err("pgmux.max_client_conn", "must be at least 1"));
+        }
+        if self.pool.server_connect_timeout.0.is_zero() {
+            return Err(err("pool.server_connect_timeout", "must be greater than zero"));
+        }
+        for (name, db) in &self.databases {
+            if db.pool_size == Some(0) {
+                return Err(err(&format!("databases.{name}.pool_size"), "must be at least 1"));
+            }
+            if name == crate::ADMIN_DB {
+                return Err(err(&format!("databases.{name}"), "this name is reserved for the admin console"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolve the settings of the pool for (database, user).
+    pub fn pool_settings(&self, db: &Database, user: &User) -> PoolSettings {
+        let size = user.pool_size.or(db.pool_size).unwrap_or(self.pool.default_pool_size);
+        PoolSettings {
+            mode: user.pool_mode.or(db.pool_mode).unwrap_or(self.pool.pool_mode),
+            size,
+            min_size: db.min_pool_size.unwrap_or(self.pool.min_pool_size).min(size),
+            query_wait_timeout: self.pool.query_wait_timeout.0,
+            idle_timeout: self.pool.server_idle_timeout.0,
+            lifetime: self.pool.server_lifetime.0,
+            connect_timeout: self.pool.server_connect_timeout.0,
+            reset_query: self.pool.server_reset_query.clone(),
+        }
+    }
+}
+
+impl Database {
+    pub fn server_dbname<'a>(&'a self, key: &'a str) -> &'a str {
+        self.dbname.as_deref().unwrap_or(key)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[pgmux]
+listen = "127.0.0.1:7432"
+
+[pool]
+default_pool_size = 5
+query_wait_timeout = "1500ms"
+
+[[users]]
+name = "app"
+password = "secret"
+
+[[users]]
+name = "ops"
+auth_method = "md5"
+password = "md5aeb5e2d1d7d2f6f4d4d9f1d7a0c2b3e4"
+pool_mode = "session"
+
+[databases.app]
+primary = "127.0.0.1:5432"
+replicas = ["127.0.0.1:5433", "localhost:5434"]
+"#;
+
+    #[test]
+    fn parses_good_config() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.general.listen.port, 7432);
+        assert_eq!(c.pool.query_wait_timeout.0, Duration::from_millis(1500));
+        assert_eq!(c.users["app"].auth_method, AuthMethod::ScramSha256);
+        assert!(matches!(c.users["ops"].secret, Some(Secret::Md5(_))));
+        let db = &c.databases["app"];
+        assert_eq!(db.replicas.len(), 2);
+        let s = c.pool_settings(db, &c.users["ops"]);
+        assert_eq!((s.mode, s.size), (PoolMode::Session, 5));
+    }
+
+    #[test]
+    fn errors_name_key_and_position() {
+        let bad = GOOD.replace("127.0.0.1:5433", "nohostport");
+        let e = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("line 21") && e.contains("replicas"), "{e}");
+        let bad = GOOD.replace("\"1500ms\"", "\"15 parsecs\"");
+        let e = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("query_wait_timeout") && e.contains("duration unit"), "{e}");
+        let bad = GOOD.replace("auth_method = \"md5\"", "auth_method = \"scram-sha-256\"");
+        let e = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(e.starts_with("t.toml:16:12: users[1].password"), "{e}");
+        let bad = GOOD.replace("[pool]", "[pool]\nbogus = 1");
+        let e = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let bad = GOOD.replace("default_pool_size = 5", "default_pool_size = 5\nmin_pool_size = 9");
+        let e = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("min_pool_size"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        assert!(parse_duration("x").is_err());
+    }
+}

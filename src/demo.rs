@@ -1,0 +1,91 @@
+//! `pgmux demo`: a real local topology from the installed PostgreSQL
+//! binaries — a primary and two streaming replicas in a temp dir on free
+//! loopback ports — with pgmux in front. Ctrl-C tears it all down.
+
+use crate::config::Config;
+use crate::pgcluster::{free_port, Cluster, ClusterError, ClusterSpec, HbaMethod, PgBin, Role};
+use crate::proxy::Proxy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Cluster(#[from] ClusterError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("pgmux could not listen: {0}")]
+    Listen(std::io::Error),
+    #[error("{0}")]
+    Task(String),
+}
+
+pub const DEMO_USER: &str = "demo";
+pub const DEMO_PASSWORD: &str = "demo";
+pub const DEMO_DB: &str = "demo";
+
+/// The demo's pgmux config for a running cluster.
+pub fn demo_config(cluster: &Cluster, port: u16) -> String {
+    let replicas: Vec<String> = cluster.replicas.iter().map(|r| format!("\"{}\"", r.addr())).collect();
+    format!(
+        r#"[pgmux]
+listen = "127.0.0.1:{port}"
+
+[pool]
+default_pool_size = 10
+
+[[users]]
+name = "{DEMO_USER}"
+password = "{DEMO_PASSWORD}"
+
+[databases.{DEMO_DB}]
+primary = "{primary}"
+replicas = [{replicas}]
+"#,
+        primary = cluster.primary.addr(),
+        replicas = replicas.join(", "),
+    )
+}
+
+pub async fn run(install: bool, port: Option<u16>) -> Result<(), DemoError> {
+    if let Err(ClusterError::NotInstalled(hint)) = PgBin::locate() {
+        if !install {
+            eprintln!("PostgreSQL server binaries not found. Install them with:\n    {hint}\nor run `pgmux demo --install`.");
+            return Err(ClusterError::NotInstalled(hint).into());
+        }
+        eprintln!("installing PostgreSQL ...");
+        tokio::task::spawn_blocking(PgBin::install).await.map_err(|e| DemoError::Task(e.to_string()))??;
+    }
+    eprintln!("starting a primary and 2 streaming replicas ...");
+    let spec = ClusterSpec {
+        replicas: 2,
+        roles: vec![Role { name: DEMO_USER.into(), password: DEMO_PASSWORD.into(), method: HbaMethod::Scram, superuser: false }],
+        databases: vec![DEMO_DB.into()],
+        ..ClusterSpec::default()
+    };
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec))
+        .await
+        .map_err(|e| DemoError::Task(e.to_string()))??;
+    let port = match port {
+        Some(p) => p,
+        None if std::net::TcpListener::bind(("127.0.0.1", 6432)).is_ok() => 6432,
+        None => free_port()?,
+    };
+    let config = Config::parse(&demo_config(&cluster, port), "demo config")?;
+    let running = Proxy::start(config).await.map_err(DemoError::Listen)?;
+    println!();
+    println!("pgmux demo is up (data in {}):", cluster.root().display());
+    println!("  primary   {}", cluster.primary.addr());
+    for r in &cluster.replicas {
+        println!("  replica   {}", r.addr());
+    }
+    println!("  pgmux     {}", running.addr);
+    println!();
+    println!("Connect with:");
+    println!("  psql \"postgresql://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{port}/{DEMO_DB}\"");
+    println!();
+    println!("Press Ctrl-C to stop and remove everything.");
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("stopping ...");
+    running.stop().await;
+    tokio::task::spawn_blocking(move || drop(cluster)).await.map_err(|e| DemoError::Task(e.to_string()))?;
+    Ok(())
+}

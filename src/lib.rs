@@ -1,0 +1,22 @@
+//! pgmux: a PostgreSQL proxy.
+//!
+//! The data path reads from the file names: a client socket is accepted in
+//! [`proxy`], logs in through [`login`], its frames are cut by
+//! [`protocol::frame`] and relayed by [`client`] to a server connection
+//! ([`server`]) checked out of a [`pool`], and back.
+
+pub mod cancel;
+pub mod client;
+pub mod config;
+pub mod demo;
+
+pub mod login;
+
+pub mod pgcluster;
+pub mod pool;
+pub mod protocol;
+pub mod proxy;
+pub mod server;
+
+/// Database name of the admin console.
+pub const ADMIN_DB: &str = "pgmux";

@@ -1,0 +1,130 @@
+//! The `pgmux` command: run the proxy, check a config, or bring up a demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use pgmux::config::Config;
+use pgmux::proxy::Proxy;
+
+#[derive(Parser)]
+#[command(name = "pgmux", version, about = "PostgreSQL proxy: pooling, read/write splitting, sharding")]
+struct Cli {
+    /// Config file (TOML); see config/pgmux.toml.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file and exit.
+    CheckConfig { file: PathBuf },
+    /// Start a local primary + 2 streaming replicas from the installed
+    /// PostgreSQL binaries, with pgmux in front; Ctrl-C tears it all down.
+    Demo {
+        /// Install PostgreSQL with apt-get when it is missing.
+        #[arg(long)]
+        install: bool,
+        /// pgmux port (default: 6432, or a free one when taken).
+        #[arg(long)]
+        port: Option<u16>,
+    },
+}
+
+fn init_logging(level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => match Config::load(&file) {
+            Ok(c) => {
+                println!("{}: ok ({} users, {} databases)", file.display(), c.users.len(), c.databases.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Demo { install, port }) => {
+            init_logging("info");
+            let rt = match runtime(0) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(pgmux::demo::run(install, port)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => {
+            let Some(path) = cli.config else {
+                eprintln!("usage: pgmux --config FILE | pgmux check-config FILE | pgmux demo (see --help)");
+                return ExitCode::from(2);
+            };
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging(&config.general.log_level);
+            let rt = match runtime(config.general.worker_threads) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let running = match Proxy::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.stop().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

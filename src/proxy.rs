@@ -1,0 +1,192 @@
+//! The listener: accept clients, run their login, hand them to a session.
+//!
+//! [`Proxy`] holds what all sessions share: the validated config, the
+//! pools, the cancel-key registry and the client count.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cancel::CancelRegistry;
+use crate::client::Session;
+use crate::config::{Config, Database, User};
+use crate::login::{self, LoginError, Startup};
+use crate::pool::{Pool, Pools};
+use crate::protocol::auth::{ScramCredentials, ScramVerifier, Secret};
+use crate::protocol::error::{sqlstate, PgError};
+use crate::server::Login;
+
+/// A client must finish its login within this time.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Proxy {
+    pub config: Config,
+    pub pools: Pools,
+    pub cancels: CancelRegistry,
+    clients: AtomicUsize,
+    /// SCRAM verifiers per user: configured ones, or derived once from a
+    /// plain-text password.
+    verifiers: HashMap<String, ScramVerifier>,
+}
+
+/// A proxy serving in the background (tests, demo).
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningProxy {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> Arc<Proxy> {
+        let verifiers = config
+            .users
+            .values()
+            .filter_map(|u| Some((u.name.clone(), u.secret.as_ref()?.scram_verifier()?)))
+            .collect();
+        Arc::new(Proxy {
+            config,
+            pools: Pools::default(),
+            cancels: CancelRegistry::default(),
+            clients: AtomicUsize::new(0),
+            verifiers,
+        })
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Bind the configured address and serve until `stop` turns true.
+    pub async fn start(config: Config) -> std::io::Result<RunningProxy> {
+        let listen = &config.general.listen;
+        let listener = TcpListener::bind((listen.host.as_str(), listen.port)).await?;
+        let addr = listener.local_addr()?;
+        let proxy = Proxy::new(config);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(proxy.clone().serve(listener, rx));
+        Ok(RunningProxy { addr, proxy, stop, task })
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        tracing::info!(addr = ?listener.local_addr().ok(), "pgmux listening");
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        let proxy = self.clone();
+                        tokio::spawn(async move { proxy.handle(stream, peer).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = stop.changed() => break,
+            }
+        }
+        for pool in self.pools.all() {
+            pool.close_idle();
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let count = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
+        let _count = ClientCount(&self.clients);
+        let mut buf = BytesMut::with_capacity(1024);
+        let startup = match tokio::time::timeout(LOGIN_TIMEOUT, login::read_startup(&mut stream, &mut buf)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(LoginError::Reply(e))) => return Session::fatal(&mut stream, &e).await,
+            Ok(Err(LoginError::Gone)) | Err(_) => return,
+        };
+        let info = match startup {
+            Startup::Cancel { pid, secret } => return self.cancel(pid, secret).await,
+            Startup::Login(info) => info,
+        };
+        if count > self.config.general.max_client_conn {
+            let e = PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already");
+            return Session::fatal(&mut stream, &e).await;
+        }
+        tracing::debug!(%peer, user = %info.user, database = %info.database, "client login");
+        let Some(user) = self.config.users.get(&info.user) else {
+            let e = PgError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("role \"{}\" does not exist", info.user));
+            return Session::fatal(&mut stream, &e).await;
+        };
+        let verifier = self.verifiers.get(&user.name);
+        let auth = tokio::time::timeout(LOGIN_TIMEOUT, login::authenticate(&mut stream, &mut buf, user, verifier)).await;
+        let client_key = match auth {
+            Ok(Ok(k)) => k,
+            Ok(Err(LoginError::Reply(e))) => {
+                tracing::info!(%peer, user = %info.user, "login failed: {}", e.message);
+                return Session::fatal(&mut stream, &e).await;
+            }
+            Ok(Err(LoginError::Gone)) | Err(_) => return,
+        };
+        let Some(db) = self.config.databases.get(&info.database) else {
+            let e = PgError::fatal(sqlstate::INVALID_CATALOG_NAME, format!("database \"{}\" does not exist", info.database));
+            return Session::fatal(&mut stream, &e).await;
+        };
+        let pool = self.pool_for(&info.database, db, user);
+        if let (Some(client_key), Some(Secret::Scram(v))) = (client_key, &user.secret) {
+            pool.learn_scram(ScramCredentials::ClientKey { client_key, verifier: v.clone() });
+        }
+        let guard = self.cancels.register();
+        let mut session = Session::new(stream, buf, pool, info.params, guard.slot.clone());
+        if let Err(e) = session.welcome(guard.key()).await {
+            return session.close_with(&e).await;
+        }
+        session.run().await;
+    }
+
+    fn pool_for(&self, name: &str, db: &Database, user: &User) -> Arc<Pool> {
+        self.pools.get_or_create(name, &user.name, || {
+            let plain = match &user.secret {
+                Some(Secret::Plain(p)) => Some(p.clone()),
+                _ => None,
+            };
+            let login = Login {
+                user: user.name.clone(),
+                database: db.server_dbname(name).to_string(),
+                password: user.server_password.clone().or(plain),
+                md5_hash: match &user.secret {
+                    Some(Secret::Md5(h)) if user.server_password.is_none() => Some(h.clone()),
+                    _ => None,
+                },
+                scram: None,
+            };
+            let settings = self.config.pool_settings(db, user);
+            Pool::new(name.to_string(), user.name.clone(), db.primary.clone(), settings, login)
+        })
+    }
+
+    async fn cancel(&self, pid: i32, secret: i32) {
+        if let Some((addr, spid, ssecret)) = self.cancels.target(pid, secret) {
+            if let Err(e) = crate::server::send_cancel(&addr, spid, ssecret).await {
+                tracing::warn!("forwarding cancel to {addr} failed: {e}");
+            }
+        }
+    }
+}
+
+struct ClientCount<'a>(&'a AtomicUsize);
+
+impl Drop for ClientCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
