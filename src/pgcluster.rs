@@ -10,10 +10,12 @@
 //!
 //! When running as root (initdb refuses root), every server binary and the setup
 //! `psql` run as `runuser -u postgres -- <bin>` and the directory is chowned to
-//! `postgres`. Dropping the [`Cluster`] (also while unwinding from a panic) stops
-//! every server with `pg_ctl stop -m immediate` and removes the directory.
+//! `postgres`. Dropping the [`Cluster`] (also while unwinding from a panic, and when
+//! [`Cluster::start`] fails half-way) stops every server with
+//! `pg_ctl stop -m immediate` and removes the directory.
 //! Nothing is printed to stdout; progress goes to `tracing::debug!`.
 
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -27,14 +29,14 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(25);
 const SUPERUSER: &str = "postgres";
 const SUPERUSER_PASSWORD: &str = "pgmux-superuser-secret";
-/// Environment variables that would silently redirect client tools elsewhere.
+/// libpq environment variables that would silently redirect the client tools.
 const PG_ENV: &str = "PGHOST PGHOSTADDR PGPORT PGUSER PGDATABASE PGPASSWORD PGPASSFILE \
     PGSERVICE PGSERVICEFILE PGOPTIONS PGDATA PGSSLMODE PGAPPNAME";
 
 /// Everything that can go wrong while building or driving a cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// The server binaries were not found; the payload is an install hint.
+    /// The server binaries (or the `postgres` OS user) are missing; carries a hint.
     #[error("PostgreSQL server binaries not found: {0}")]
     NotInstalled(String),
     #[error("I/O error: {0}")]
@@ -67,20 +69,16 @@ impl PgBin {
     /// `$PGMUX_PG_BIN`, else `pg_config --bindir` if it contains initdb, else the
     /// highest `/usr/lib/postgresql/*/bin` with initdb, else `initdb` on `PATH`.
     pub fn locate() -> Result<PgBin, ClusterError> {
-        if let Some(dir) = std::env::var_os("PGMUX_PG_BIN") {
-            let dir = PathBuf::from(dir);
+        if let Some(dir) = std::env::var_os("PGMUX_PG_BIN").map(PathBuf::from) {
             if dir.join("initdb").is_file() {
                 return Ok(PgBin { dir });
             }
-            return Err(ClusterError::NotInstalled(format!(
-                "PGMUX_PG_BIN={} has no initdb; {}",
-                dir.display(),
-                Self::INSTALL_HINT
-            )));
+            let msg = format!("PGMUX_PG_BIN={} has no initdb; ", dir.display());
+            return Err(ClusterError::NotInstalled(msg + Self::INSTALL_HINT));
         }
         let pg_config = Command::new("pg_config").arg("--bindir").output().ok();
-        let pg_config = pg_config.filter(|o| o.status.success());
-        let pg_config = pg_config.map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+        let pg_config = pg_config.filter(|o| o.status.success()).map(|o| o.stdout);
+        let pg_config = pg_config.map(|out| PathBuf::from(String::from_utf8_lossy(&out).trim()));
         let mut versioned: Vec<((u32, u32), PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
             .into_iter()
             .flatten()
@@ -107,15 +105,12 @@ impl PgBin {
     /// `apt-get update && apt-get install -y postgresql` (root only).
     pub fn install() -> Result<(), ClusterError> {
         if !is_root() {
-            return Err(ClusterError::NotInstalled(format!(
-                "installing needs root; {}",
-                Self::INSTALL_HINT
-            )));
+            let msg = "installing needs root; ".to_string() + Self::INSTALL_HINT;
+            return Err(ClusterError::NotInstalled(msg));
         }
-        for args in [&["update"][..], &["install", "-y", "postgresql"][..]] {
+        for args in [&["update"][..], &["install", "-y", "postgresql"]] {
             let mut cmd = Command::new("apt-get");
-            cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            run(&mut cmd)?;
+            run(cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive"))?;
         }
         Ok(())
     }
@@ -126,7 +121,7 @@ impl PgBin {
     }
 }
 
-/// pg_hba.conf authentication method for a [`Role`] over TCP.
+/// pg_hba.conf authentication method of a [`Role`] over TCP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HbaMethod {
     Trust,
@@ -147,7 +142,8 @@ impl HbaMethod {
     }
 }
 
-/// A login role created on every primary.
+/// A login role created on every primary (md5-stored password for
+/// [`HbaMethod::Md5`], SCRAM-stored otherwise).
 #[derive(Clone, Debug)]
 pub struct Role {
     pub name: String,
@@ -159,9 +155,10 @@ pub struct Role {
 impl Role {
     /// A non-superuser login role.
     pub fn new(name: &str, password: &str, method: HbaMethod) -> Role {
+        let (name, password) = (name.to_string(), password.to_string());
         Role {
-            name: name.to_string(),
-            password: password.to_string(),
+            name,
+            password,
             method,
             superuser: false,
         }
@@ -220,16 +217,11 @@ impl Node {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// A libpq/tokio-postgres key=value connection string for TCP 127.0.0.1.
+    /// A libpq / tokio-postgres `key=value` connection string over TCP.
     pub fn conn_str(&self, user: &str, password: &str, db: &str) -> String {
         let q = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
-        format!(
-            "host=127.0.0.1 port={} user={} password={} dbname={}",
-            self.port,
-            q(user),
-            q(password),
-            q(db)
-        )
+        let (port, user, password, db) = (self.port, q(user), q(password), q(db));
+        format!("host=127.0.0.1 port={port} user={user} password={password} dbname={db}")
     }
 
     /// The last `lines` lines of the server log (empty if unreadable).
@@ -240,162 +232,11 @@ impl Node {
     }
 }
 
-/// A running set of PostgreSQL servers in a temporary directory; see the module docs.
+/// Running PostgreSQL servers in a temporary directory; see the module docs.
 pub struct Cluster {
     pub primary: Node,
     pub replicas: Vec<Node>,
     pub extra_primaries: Vec<Node>,
-    ctx: Ctx,
-}
-
-impl Cluster {
-    /// Build and start every node of `spec`; returns once replicas are streaming.
-    pub fn start(spec: &ClusterSpec) -> Result<Cluster, ClusterError> {
-        let t0 = Instant::now();
-        let bin = PgBin::locate()?;
-        let owner = if is_root() {
-            Some(postgres_ids()?)
-        } else {
-            None
-        };
-        let dir = temp_root()?;
-        let root = dir.path().to_path_buf();
-        // From here on, dropping `ctx` stops whatever was started and removes `root`.
-        let ctx = Ctx {
-            bin,
-            sock_dir: root.join("sock"),
-            owner,
-            dir,
-        };
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
-        ctx.own(&root)?;
-        std::fs::create_dir(&ctx.sock_dir)?;
-        ctx.own(&ctx.sock_dir)?;
-
-        let mut ports = free_ports(1 + spec.replicas + spec.extra_primaries)?.into_iter();
-        let mut node = |name: String, role: NodeRole| -> Res<Node> {
-            let port = ports.next().ok_or_else(|| io_err("ran out of ports"))?;
-            Ok(Node {
-                data_dir: root.join(&name),
-                log_file: root.join(format!("{name}.log")),
-                name,
-                role,
-                port,
-            })
-        };
-        let primary = node("primary".into(), NodeRole::Primary)?;
-        let replicas = (1..=spec.replicas)
-            .map(|i| node(format!("replica{i}"), NodeRole::Replica))
-            .collect::<Res<Vec<_>>>()?;
-        let extra_primaries = (1..=spec.extra_primaries)
-            .map(|i| node(format!("extra{i}"), NodeRole::ExtraPrimary))
-            .collect::<Res<Vec<_>>>()?;
-
-        let primaries: Vec<&Node> = std::iter::once(&primary).chain(&extra_primaries).collect();
-        parallel(&primaries, |n| ctx.init_primary(n, spec))?;
-        parallel(&replicas.iter().collect::<Vec<_>>(), |n| {
-            ctx.init_replica(&primary, n)
-        })?;
-        tracing::debug!(root = %root.display(), elapsed = ?t0.elapsed(), "pgmux cluster started");
-        Ok(Cluster {
-            primary,
-            replicas,
-            extra_primaries,
-            ctx,
-        })
-    }
-
-    /// Password of the superuser `postgres` (SCRAM-stored, usable over TCP).
-    pub fn superuser_password() -> &'static str {
-        SUPERUSER_PASSWORD
-    }
-
-    /// Name of the superuser role (`postgres`).
-    pub fn superuser() -> &'static str {
-        SUPERUSER
-    }
-
-    /// Run `sql` with psql as superuser over the unix socket against `node`/`db`
-    /// (`-X -A -t -q -v ON_ERROR_STOP=1`, statements run one by one); trimmed stdout.
-    pub fn psql(&self, node: &Node, db: &str, sql: &str) -> Result<String, ClusterError> {
-        self.ctx.psql(node, db, sql)
-    }
-
-    /// `pg_ctl stop -m fast -w`.
-    pub fn stop_node(&self, node: &Node) -> Result<(), ClusterError> {
-        let mut cmd = self.ctx.server_cmd("pg_ctl");
-        cmd.arg("stop").arg("-D").arg(&node.data_dir);
-        cmd.args(["-m", "fast", "-w", "-t", "30", "-s"]);
-        run(&mut cmd).map(drop)
-    }
-
-    /// `pg_ctl start -w`, then wait until the node accepts connections.
-    pub fn start_node(&self, node: &Node) -> Result<(), ClusterError> {
-        self.ctx.start_node(node)
-    }
-
-    /// Wait (30 s max) until every replica has replayed the primary's current WAL LSN.
-    pub fn wait_replicas_caught_up(&self) -> Result<(), ClusterError> {
-        let lsn = self.psql(&self.primary, "postgres", "SELECT pg_current_wal_lsn()")?;
-        let sql = format!("SELECT pg_last_wal_replay_lsn() >= {}::pg_lsn", lit(&lsn));
-        let deadline = Instant::now() + READY_TIMEOUT;
-        for r in &self.replicas {
-            self.ctx
-                .poll_until(r, deadline, &format!("replay up to {lsn}"), || {
-                    Ok(self.psql(r, "postgres", &sql)? == "t")
-                })?;
-        }
-        Ok(())
-    }
-
-    /// The temporary directory holding data dirs, logs and the socket dir.
-    pub fn root(&self) -> &Path {
-        self.ctx.dir.path()
-    }
-
-    /// Directory of the unix sockets of all nodes.
-    pub fn socket_dir(&self) -> &Path {
-        &self.ctx.sock_dir
-    }
-
-    /// The binaries this cluster runs.
-    pub fn pg_bin(&self) -> &PgBin {
-        &self.ctx.bin
-    }
-
-    /// Primary, replicas, then extra primaries.
-    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
-        std::iter::once(&self.primary)
-            .chain(&self.replicas)
-            .chain(&self.extra_primaries)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        // `ctx`'s own Drop then removes the directory.
-        self.ctx.shutdown();
-    }
-}
-
-/// A free TCP port on 127.0.0.1 (bind port 0, read it, release it).
-pub fn free_port() -> Result<u16, ClusterError> {
-    Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
-}
-
-/// `n` distinct free ports (all listeners are held until every port is known).
-fn free_ports(n: usize) -> Res<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<Result<Vec<_>, _>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
-/// Shared state of a cluster; its Drop is the cleanup of last resort.
-struct Ctx {
     bin: PgBin,
     sock_dir: PathBuf,
     /// uid/gid of `postgres` when we are root and must switch users.
@@ -403,119 +244,91 @@ struct Ctx {
     dir: TempDir,
 }
 
-impl Ctx {
-    /// A command for binary `name`, as `postgres` when we are root.
-    fn server_cmd(&self, name: &str) -> Command {
-        let prog = self.bin.path(name);
-        let mut cmd = if self.owner.is_some() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(prog);
-            c
-        } else {
-            Command::new(prog)
+impl Cluster {
+    /// Build and start every node of `spec`; returns once replicas are streaming.
+    pub fn start(spec: &ClusterSpec) -> Result<Cluster, ClusterError> {
+        let t0 = Instant::now();
+        let bin = PgBin::locate()?;
+        let owner = is_root().then(postgres_ids).transpose()?;
+        let dir = temp_root()?;
+        let root = dir.path().to_path_buf();
+        let mut ports = free_ports(1 + spec.replicas + spec.extra_primaries)?.into_iter();
+        let mut node = |name: String, role: NodeRole| Node {
+            data_dir: root.join(&name),
+            log_file: root.join(format!("{name}.log")),
+            port: ports.next().unwrap_or_default(),
+            name,
+            role,
         };
-        cmd.current_dir(self.dir.path());
-        clean_env(&mut cmd);
-        cmd
+        // From here on, dropping `cluster` (early return) cleans everything up.
+        let cluster = Cluster {
+            primary: node("primary".into(), NodeRole::Primary),
+            replicas: (1..=spec.replicas)
+                .map(|i| node(format!("replica{i}"), NodeRole::Replica))
+                .collect(),
+            extra_primaries: (1..=spec.extra_primaries)
+                .map(|i| node(format!("extra{i}"), NodeRole::ExtraPrimary))
+                .collect(),
+            bin,
+            sock_dir: root.join("sock"),
+            owner,
+            dir,
+        };
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
+        cluster.own(&root)?;
+        std::fs::create_dir(&cluster.sock_dir)?;
+        cluster.own(&cluster.sock_dir)?;
+
+        let primaries: Vec<&Node> = cluster
+            .nodes()
+            .filter(|n| n.role != NodeRole::Replica)
+            .collect();
+        parallel(&primaries, |n| cluster.init_primary(n, spec))?;
+        let replicas: Vec<&Node> = cluster.replicas.iter().collect();
+        parallel(&replicas, |n| cluster.init_replica(n))?;
+        tracing::debug!(root = %root.display(), elapsed = ?t0.elapsed(), "pgmux cluster up");
+        Ok(cluster)
     }
 
-    fn own(&self, path: &Path) -> Res<()> {
-        if let Some((uid, gid)) = self.owner {
-            std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
-        }
-        Ok(())
+    /// Password of the superuser `postgres` (SCRAM-stored, usable over TCP).
+    pub fn superuser_password() -> &'static str {
+        SUPERUSER_PASSWORD
     }
 
-    fn init_primary(&self, node: &Node, spec: &ClusterSpec) -> Res<()> {
-        let mut cmd = self.server_cmd("initdb");
-        cmd.arg("-D")
-            .arg(&node.data_dir)
-            .args(["-U", SUPERUSER, "-E", "UTF8"]);
-        cmd.args("--auth-local=trust --auth-host=scram-sha-256 --locale=C".split(' '));
-        cmd.args(["--no-sync", "--no-instructions"]);
-        run(&mut cmd)?;
-
-        let mut conf = format!(
-            "\n# ---- pgmux test cluster ----\nlisten_addresses = '127.0.0.1'\n\
-             unix_socket_directories = {}\nmax_connections = {}\nfsync = off\n\
-             synchronous_commit = off\nfull_page_writes = off\nshared_buffers = '32MB'\n\
-             wal_level = replica\nmax_wal_senders = 10\nhot_standby = on\n\
-             wal_keep_size = '256MB'\nwal_writer_delay = '10ms'\nlogging_collector = off\n\
-             password_encryption = 'scram-sha-256'\n",
-            lit(&self.sock_dir.to_string_lossy()),
-            spec.max_connections
-        );
-        spec.extra_conf.iter().for_each(|l| conf.extend([l, "\n"]));
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(node.data_dir.join("postgresql.conf"))?
-            .write_all(conf.as_bytes())?;
-        set_node_conf(node)?;
-
-        let mut hba =
-            String::from("local all all trust\nhost replication all 127.0.0.1/32 trust\n");
-        for role in &spec.roles {
-            hba.push_str(&format!(
-                "host all {} 127.0.0.1/32 {}\n",
-                ident(&role.name),
-                role.method.hba_keyword()
-            ));
+    /// Run `sql` with psql as superuser over the unix socket against `node`/`db`
+    /// (`-X -A -t -q -v ON_ERROR_STOP=1`, statements fed on stdin and run one by
+    /// one, so `CREATE DATABASE` works); returns the trimmed stdout.
+    pub fn psql(&self, node: &Node, db: &str, sql: &str) -> Result<String, ClusterError> {
+        let mut cmd = self.server_cmd("psql");
+        cmd.args("-X -A -t -q -v ON_ERROR_STOP=1 -U postgres -f - -h".split(' '));
+        cmd.arg(&self.sock_dir)
+            .args(["-p", &node.port.to_string(), "-d", db]);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        cmd.stderr(Stdio::piped());
+        let short: String = sql.chars().take(300).collect();
+        let desc = format!("{} <<< {short}", describe(&cmd));
+        let mut child = cmd.spawn().map_err(|e| spawn_err(desc.clone(), e))?;
+        // Feed stdin from a thread so that a large result cannot deadlock us.
+        let writer = child.stdin.take().map(|mut stdin| {
+            let sql = sql.to_owned();
+            std::thread::spawn(move || stdin.write_all(sql.as_bytes()))
+        });
+        let out = child.wait_with_output()?;
+        if let Some(w) = writer {
+            let _ = w.join();
         }
-        hba.push_str("host all all 127.0.0.1/32 scram-sha-256\n");
-        std::fs::write(node.data_dir.join("pg_hba.conf"), hba)?;
-
-        self.start_node(node)?;
-
-        let mut sql = format!(
-            "ALTER ROLE {} PASSWORD {};\n",
-            ident(SUPERUSER),
-            lit(SUPERUSER_PASSWORD)
-        );
-        for role in &spec.roles {
-            let enc = match role.method {
-                HbaMethod::Md5 => "md5",
-                _ => "scram-sha-256",
-            };
-            let sup = if role.superuser { "SUPERUSER" } else { "" };
-            sql.push_str(&format!(
-                "SET password_encryption = '{enc}';\nCREATE ROLE {} LOGIN {sup} PASSWORD {};\n",
-                ident(&role.name),
-                lit(&role.password)
-            ));
-        }
-        for db in &spec.databases {
-            sql.push_str(&format!("CREATE DATABASE {}", ident(db)));
-            if let Some(owner) = spec.roles.first() {
-                sql.push_str(&format!(" OWNER {}", ident(&owner.name)));
-            }
-            sql.push_str(";\n");
-        }
-        self.psql(node, "postgres", &sql).map(drop)
+        check_output(desc, out).map(|s| s.trim().to_string())
     }
 
-    fn init_replica(&self, primary: &Node, node: &Node) -> Res<()> {
-        let mut cmd = self.server_cmd("pg_basebackup");
-        cmd.args(["-h", "127.0.0.1", "-p", &primary.port.to_string()]);
-        cmd.args(["-U", SUPERUSER, "-D"]).arg(&node.data_dir);
-        cmd.args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
-        run(&mut cmd)?;
-        set_node_conf(node)?;
-        self.start_node(node)?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        self.poll_until(node, deadline, "recovery mode", || {
-            Ok(self.psql(node, "postgres", "SELECT pg_is_in_recovery()")? == "t")
-        })?;
-        let sql = format!(
-            "SELECT count(*) FROM pg_stat_replication \
-             WHERE application_name = {} AND state = 'streaming'",
-            lit(&node.name)
-        );
-        self.poll_until(node, deadline, "streaming from the primary", || {
-            Ok(self.psql(primary, "postgres", &sql)? == "1")
-        })
+    /// `pg_ctl stop -m fast -w`.
+    pub fn stop_node(&self, node: &Node) -> Result<(), ClusterError> {
+        let mut cmd = self.server_cmd("pg_ctl");
+        cmd.arg("stop").arg("-D").arg(&node.data_dir);
+        run(cmd.args("-m fast -w -t 30 -s".split(' '))).map(drop)
     }
 
-    fn start_node(&self, node: &Node) -> Res<()> {
+    /// `pg_ctl start -w -l <log_file>`, then wait until `pg_isready` succeeds.
+    pub fn start_node(&self, node: &Node) -> Result<(), ClusterError> {
         let mut cmd = self.server_cmd("pg_ctl");
         cmd.arg("start")
             .arg("-D")
@@ -524,8 +337,12 @@ impl Ctx {
             .arg(&node.log_file);
         if let Err(mut e) = run(cmd.args(["-w", "-t", "30", "-s"])) {
             if let ClusterError::Command { output, .. } = &mut e {
-                let tail = node.log_tail(30);
-                output.push_str(&format!("\n--- tail of {} ---\n{tail}", node.name));
+                let _ = write!(
+                    output,
+                    "\n--- tail of {} ---\n{}",
+                    node.name,
+                    node.log_tail(30)
+                );
             }
             return Err(e);
         }
@@ -541,6 +358,141 @@ impl Ctx {
         Ok(())
     }
 
+    /// Wait (30 s max) until every replica has replayed the primary's current WAL LSN.
+    pub fn wait_replicas_caught_up(&self) -> Result<(), ClusterError> {
+        let lsn = self.psql(&self.primary, "postgres", "SELECT pg_current_wal_lsn()")?;
+        let sql = format!("SELECT pg_last_wal_replay_lsn() >= {}::pg_lsn", lit(&lsn));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for r in &self.replicas {
+            let what = format!("replayed up to {lsn}");
+            self.poll_until(r, deadline, &what, || {
+                Ok(self.psql(r, "postgres", &sql)? == "t")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The temporary directory holding data dirs, logs and the socket dir.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Directory of the unix sockets of all nodes.
+    pub fn socket_dir(&self) -> &Path {
+        &self.sock_dir
+    }
+
+    /// Primary, replicas, then extra primaries.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        let primary = std::iter::once(&self.primary);
+        primary.chain(&self.replicas).chain(&self.extra_primaries)
+    }
+
+    /// A command for binary `name` of [`PgBin`], as `postgres` when we are root.
+    fn server_cmd(&self, name: &str) -> Command {
+        let prog = self.bin.path(name);
+        let mut cmd = Command::new(if self.owner.is_some() {
+            "runuser".as_ref()
+        } else {
+            prog.as_os_str()
+        });
+        if self.owner.is_some() {
+            cmd.args(["-u", "postgres", "--"]).arg(&prog);
+        }
+        clean_env(cmd.current_dir(self.dir.path()));
+        cmd
+    }
+
+    fn own(&self, path: &Path) -> Res<()> {
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+        }
+        Ok(())
+    }
+
+    /// initdb, configure, start, then set passwords and create roles and databases.
+    fn init_primary(&self, node: &Node, spec: &ClusterSpec) -> Res<()> {
+        let mut cmd = self.server_cmd("initdb");
+        cmd.arg("-D").arg(&node.data_dir);
+        cmd.args("-U postgres -E UTF8 --auth-local=trust --auth-host=scram-sha-256".split(' '));
+        run(cmd.args(["--locale=C", "--no-sync", "--no-instructions"]))?;
+
+        let mut conf = format!(
+            "\n# ---- pgmux test cluster ----\nlisten_addresses = '127.0.0.1'\n\
+             unix_socket_directories = {}\nmax_connections = {}\nfsync = off\n\
+             synchronous_commit = off\nfull_page_writes = off\nshared_buffers = '32MB'\n\
+             wal_level = replica\nmax_wal_senders = 10\nhot_standby = on\n\
+             wal_keep_size = '256MB'\nwal_writer_delay = '10ms'\nlogging_collector = off\n\
+             password_encryption = 'scram-sha-256'\n",
+            lit(&self.sock_dir.to_string_lossy()),
+            spec.max_connections
+        );
+        spec.extra_conf.iter().for_each(|l| conf.extend([l, "\n"]));
+        let conf_path = node.data_dir.join("postgresql.conf");
+        let mut file = std::fs::OpenOptions::new().append(true).open(conf_path)?;
+        file.write_all(conf.as_bytes())?;
+        set_node_conf(node)?;
+
+        let mut hba = "local all all trust\nhost replication all 127.0.0.1/32 trust\n".to_string();
+        for role in &spec.roles {
+            let (name, method) = (ident(&role.name), role.method.hba_keyword());
+            let _ = writeln!(hba, "host all {name} 127.0.0.1/32 {method}");
+        }
+        hba.push_str("host all all 127.0.0.1/32 scram-sha-256\n");
+        // Writing into the existing file keeps its owner (postgres) and mode.
+        std::fs::write(node.data_dir.join("pg_hba.conf"), hba)?;
+
+        self.start_node(node)?;
+
+        let mut sql = format!(
+            "ALTER ROLE postgres PASSWORD {};\n",
+            lit(SUPERUSER_PASSWORD)
+        );
+        for role in &spec.roles {
+            let enc = if role.method == HbaMethod::Md5 {
+                "md5"
+            } else {
+                "scram-sha-256"
+            };
+            let sup = if role.superuser { "SUPERUSER" } else { "" };
+            let (name, pw) = (ident(&role.name), lit(&role.password));
+            let _ = writeln!(sql, "SET password_encryption = '{enc}';");
+            let _ = writeln!(sql, "CREATE ROLE {name} LOGIN {sup} PASSWORD {pw};");
+        }
+        for db in &spec.databases {
+            let _ = write!(sql, "CREATE DATABASE {}", ident(db));
+            if let Some(owner) = spec.roles.first() {
+                let _ = write!(sql, " OWNER {}", ident(&owner.name));
+            }
+            sql.push_str(";\n");
+        }
+        self.psql(node, "postgres", &sql).map(drop)
+    }
+
+    /// pg_basebackup from the primary, start, wait until streaming.
+    fn init_replica(&self, node: &Node) -> Res<()> {
+        let primary = &self.primary;
+        let mut cmd = self.server_cmd("pg_basebackup");
+        cmd.args(["-h", "127.0.0.1", "-U", SUPERUSER, "-p"])
+            .arg(primary.port.to_string());
+        cmd.arg("-D").arg(&node.data_dir);
+        run(cmd.args("-R -X stream -c fast --no-sync".split(' ')))?;
+        set_node_conf(node)?;
+        self.start_node(node)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        self.poll_until(node, deadline, "in recovery", || {
+            Ok(self.psql(node, "postgres", "SELECT pg_is_in_recovery()")? == "t")
+        })?;
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_replication \
+             WHERE application_name = {} AND state = 'streaming'",
+            lit(&node.name)
+        );
+        self.poll_until(node, deadline, "streaming from the primary", || {
+            Ok(self.psql(primary, "postgres", &sql)? == "1")
+        })
+    }
+
     /// Call `check` every [`POLL`] until it returns true; Timeout past `deadline`.
     fn poll_until(
         &self,
@@ -549,67 +501,34 @@ impl Ctx {
         what: &str,
         mut check: impl FnMut() -> Res<bool>,
     ) -> Res<()> {
-        loop {
-            if check()? {
-                return Ok(());
-            }
+        while !check()? {
             if Instant::now() >= deadline {
+                let (name, port, log) = (&node.name, node.port, node.log_file.display());
                 return Err(ClusterError::Timeout(format!(
-                    "node {} (port {}) not {what} within {:?}; tail of {}:\n{}",
-                    node.name,
-                    node.port,
-                    READY_TIMEOUT,
-                    node.log_file.display(),
+                    "node {name} (port {port}) not {what} within {READY_TIMEOUT:?}; \
+                     tail of {log}:\n{}",
                     node.log_tail(30)
                 )));
             }
             std::thread::sleep(POLL);
         }
+        Ok(())
     }
+}
 
-    fn psql(&self, node: &Node, db: &str, sql: &str) -> Res<String> {
-        let mut cmd = self.server_cmd("psql");
-        cmd.args("-X -A -t -q -v ON_ERROR_STOP=1 -U postgres -f - -h".split(' '));
-        cmd.arg(&self.sock_dir)
-            .arg("-p")
-            .arg(node.port.to_string())
-            .arg("-d")
-            .arg(db);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        cmd.stderr(Stdio::piped());
-        let short: String = sql.chars().take(300).collect();
-        let desc = format!("{} <<< {short}", describe(&cmd));
-        let mut child = cmd.spawn().map_err(|e| spawn_err(desc.clone(), e))?;
-        // Feed stdin from a thread so a large result cannot deadlock us.
-        let writer = child.stdin.take().map(|mut stdin| {
-            let sql = sql.to_owned();
-            std::thread::spawn(move || stdin.write_all(sql.as_bytes()))
-        });
-        let out = child.wait_with_output()?;
-        if let Some(w) = writer {
-            let _ = w.join();
-        }
-        check_output(desc, out).map(|s| s.trim().to_string())
-    }
-
-    /// `pg_ctl stop -m immediate` for every data dir with a postmaster.pid (parallel).
-    fn shutdown(&self) {
-        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
-            return;
-        };
-        let children: Vec<_> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.join("postmaster.pid").exists())
-            .filter_map(|data_dir| {
+impl Cluster {
+    /// `pg_ctl stop -m immediate` for every running node (in parallel, errors
+    /// ignored). Drop calls it; a cluster kept in a `static` calls it at exit.
+    pub fn shutdown(&self) {
+        let children: Vec<_> = self
+            .nodes()
+            .filter(|n| n.data_dir.join("postmaster.pid").exists())
+            .filter_map(|n| {
                 let mut cmd = self.server_cmd("pg_ctl");
-                cmd.arg("stop").arg("-D").arg(&data_dir);
-                cmd.args(["-m", "immediate", "-w", "-t", "10", "-s"]);
-                cmd.stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .ok()
+                cmd.arg("stop").arg("-D").arg(&n.data_dir);
+                cmd.args("-m immediate -w -t 10 -s".split(' '));
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+                cmd.stdin(Stdio::null()).spawn().ok()
             })
             .collect();
         for mut child in children {
@@ -618,69 +537,75 @@ impl Ctx {
     }
 }
 
-impl Drop for Ctx {
+impl Drop for Cluster {
+    /// Stop every node, then remove the directory (the `dir` TempDir is
+    /// dropped right after).
     fn drop(&mut self) {
         self.shutdown();
-        // TempDir's own Drop ignores errors; retry briefly in case a dying
-        // server was still removing its files.
-        for _ in 0..5 {
-            if std::fs::remove_dir_all(self.dir.path()).is_ok() || !self.dir.path().exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
+}
+
+/// A free TCP port on 127.0.0.1 (bind port 0, read it, release it).
+pub fn free_port() -> Result<u16, ClusterError> {
+    Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+/// `n` distinct free ports (all listeners are held until every port is known).
+fn free_ports(n: usize) -> Res<Vec<u16>> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind(("127.0.0.1", 0)))
+        .collect::<Result<_, _>>()?;
+    let ports = listeners.iter().map(|l| Ok(l.local_addr()?.port()));
+    ports.collect()
 }
 
 /// Rewrite the per-node `port` and `cluster_name` lines of postgresql.conf (the
 /// cluster name doubles as the walreceiver's application_name on replicas).
 fn set_node_conf(node: &Node) -> Res<()> {
     let path = node.data_dir.join("postgresql.conf");
-    let mut conf: String = std::fs::read_to_string(&path)?
-        .lines()
-        .filter(|l| !l.starts_with("port = ") && !l.starts_with("cluster_name = "))
-        .flat_map(|l| [l, "\n"])
-        .collect();
-    conf.push_str(&format!(
+    let old = std::fs::read_to_string(&path)?;
+    let keep = |l: &&str| !l.starts_with("port = ") && !l.starts_with("cluster_name = ");
+    let mut conf: String = old.lines().filter(keep).flat_map(|l| [l, "\n"]).collect();
+    let _ = write!(
+        conf,
         "port = {}\ncluster_name = {}\n",
         node.port,
         lit(&node.name)
-    ));
-    // Writing into the existing file keeps its owner (postgres) and mode.
+    );
     std::fs::write(&path, conf)?;
     Ok(())
 }
 
-/// Run `threads` jobs concurrently; the first error wins.
-fn parallel(items: &[&Node], job: impl Fn(&Node) -> Res<()> + Sync) -> Res<()> {
+/// Run `job` for every node concurrently; the first error wins.
+fn parallel(nodes: &[&Node], job: impl Fn(&Node) -> Res<()> + Sync) -> Res<()> {
     std::thread::scope(|s| {
-        let handles: Vec<_> = items.iter().map(|n| s.spawn(|| job(n))).collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(io_err("cluster setup thread panicked")))
-        })
+        let handles: Vec<_> = nodes.iter().map(|n| s.spawn(|| job(n))).collect();
+        let panicked = || Err(io_err("cluster setup thread panicked"));
+        let results: Vec<Res<()>> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| panicked()))
+            .collect();
+        results.into_iter().collect()
     })
 }
 
 /// The cluster directory: in `$PGMUX_TMPDIR` if set, else in `/dev/shm` when usable
-/// (tmpfs makes initdb/pg_basebackup several times faster), else in the system temp dir.
+/// (tmpfs makes initdb and pg_basebackup several times faster), else in the temp dir.
 fn temp_root() -> Res<TempDir> {
     let mut builder = tempfile::Builder::new();
     builder.prefix("pgmux-");
     if let Some(dir) = std::env::var_os("PGMUX_TMPDIR") {
         return Ok(builder.tempdir_in(dir)?);
     }
-    match builder.tempdir_in("/dev/shm") {
-        Ok(dir) => Ok(dir),
-        Err(_) => Ok(builder.tempdir()?),
-    }
+    let shm = builder.tempdir_in("/dev/shm");
+    Ok(shm.or_else(|_| builder.tempdir())?)
 }
 
-/// Drop libpq variables that would redirect client tools; force C messages.
+/// Drop libpq variables that would redirect the client tools; C-locale messages.
 fn clean_env(cmd: &mut Command) {
-    PG_ENV
-        .split_whitespace()
-        .for_each(|v| drop(cmd.env_remove(v)));
+    for var in PG_ENV.split_whitespace() {
+        cmd.env_remove(var);
+    }
     cmd.env("LC_ALL", "C");
 }
 
@@ -693,24 +618,19 @@ fn is_root() -> bool {
 fn postgres_ids() -> Res<(u32, u32)> {
     let id = |flag: &str| -> Res<u32> {
         let out = run(Command::new("id").args([flag, "postgres"])).map_err(|e| {
-            ClusterError::NotInstalled(format!(
-                "no `postgres` OS user ({e}); {}",
-                PgBin::INSTALL_HINT
-            ))
+            let hint = PgBin::INSTALL_HINT;
+            ClusterError::NotInstalled(format!("no `postgres` OS user ({e}); {hint}"))
         })?;
-        out.trim()
-            .parse()
-            .map_err(|_| io_err(&format!("unexpected `id {flag} postgres` output: {out}")))
+        let bad = || io_err(&format!("unexpected `id {flag} postgres` output: {out}"));
+        out.trim().parse().map_err(|_| bad())
     };
     Ok((id("-u")?, id("-g")?))
 }
 
+/// Run to completion with stdin closed; stdout on success, else Command error.
 fn run(cmd: &mut Command) -> Res<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| spawn_err(describe(cmd), e))?;
-    check_output(describe(cmd), out)
+    let out = cmd.stdin(Stdio::null()).output();
+    check_output(describe(cmd), out.map_err(|e| spawn_err(describe(cmd), e))?)
 }
 
 fn check_output(cmd: String, out: Output) -> Res<String> {
@@ -718,24 +638,25 @@ fn check_output(cmd: String, out: Output) -> Res<String> {
     if out.status.success() {
         return Ok(stdout);
     }
-    Err(ClusterError::Command {
-        cmd,
-        status: out.status.to_string(),
-        output: format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
-    })
+    let output = stdout + &String::from_utf8_lossy(&out.stderr);
+    Err(cmd_err(cmd, out.status.to_string(), output))
 }
 
 fn spawn_err(cmd: String, e: std::io::Error) -> ClusterError {
+    cmd_err(cmd, "could not be spawned".into(), e.to_string())
+}
+
+fn cmd_err(cmd: String, status: String, output: String) -> ClusterError {
     ClusterError::Command {
         cmd,
-        status: "could not be spawned".into(),
-        output: e.to_string(),
+        status,
+        output,
     }
 }
 
 fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
+    let parts = std::iter::once(cmd.get_program()).chain(cmd.get_args());
+    parts
         .map(|a| a.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ")

@@ -81,7 +81,7 @@ pub async fn read_startup<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Result<(u32, BytesMut), FrameError> {
     loop {
-        if buf.len() >= 8 {
+        if buf.len() >= 4 {
             let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
             if len < 8 {
                 return Err(FrameError::BadLength(len.into()));
@@ -90,7 +90,7 @@ pub async fn read_startup<R: AsyncRead + Unpin>(
             if len > MAX_STARTUP_LEN {
                 return Err(FrameError::TooLarge { len, max: MAX_STARTUP_LEN });
             }
-            if buf.len() >= len {
+            if buf.len() >= len.max(8) {
                 let mut pkt = buf.split_to(len);
                 pkt.advance(4);
                 let code = pkt.get_u32();

@@ -1,0 +1,451 @@
+#!/usr/bin/env bash
+# benches/bench.sh — throughput/latency benchmark: pgmux vs PgBouncer vs direct.
+#
+# In one run, on loopback (127.0.0.1) only, bounded in time, it:
+#   1. installs PostgreSQL / PgBouncer with apt-get when missing (needs root),
+#   2. builds pgmux (`cargo build --release` in the repo root),
+#   3. starts a throw-away PostgreSQL primary in a mktemp -d directory and
+#      loads it with `pgbench -i -s $SCALE` (role/database "bench"),
+#   4. starts pgmux and PgBouncer in front of it, both in transaction mode with
+#      the same pool size and SCRAM-SHA-256 client auth,
+#   5. runs pgbench (select-only, -S) against each target — direct PostgreSQL,
+#      pgmux, PgBouncer — for every protocol mode in $MODES, with a 2 s
+#      warm-up before each measured run,
+#   6. prints a table (tps, mean latency, failed transactions) plus the ratios
+#      pgmux/PgBouncer and pgmux/direct, and writes the same summary to
+#      benches/results/latest.txt,
+#   7. keeps the run's logs (pgmux, PgBouncer, PostgreSQL, pgbench) in
+#      benches/results/logs/ and tears everything down on exit (trap on
+#      EXIT/INT/TERM).
+#
+# Usage:
+#   bash benches/bench.sh
+#   DURATION=30 CLIENTS=32 MODES="simple extended prepared" bash benches/bench.sh
+#
+# Environment variables (defaults in brackets):
+#   SCALE     pgbench scale factor for `pgbench -i`                   [10]
+#   CLIENTS   pgbench clients (-c)                                     [16]
+#   JOBS      pgbench worker threads (-j)                              [2]
+#   DURATION  seconds per measured run (-T)                            [15]
+#   WARMUP    seconds of warm-up per target and mode                   [2]
+#   POOL      server pool size for pgmux and PgBouncer                 [20]
+#   MODES     space-separated protocol modes to run; each maps to a
+#             pgbench `-M` value: simple, extended, prepared           [simple]
+#   SKIP_BUILD=1  use the existing target/release/pgmux as is          [unset]
+#
+# Adding a scenario: add its name to MODES and, if it is not a plain pgbench
+# `-M` protocol, a branch to mode_args(). Each (target, mode) pair becomes one
+# row of the table via run_pgbench.
+
+set -euo pipefail
+
+SCALE=${SCALE:-10}
+CLIENTS=${CLIENTS:-16}
+JOBS=${JOBS:-2}
+DURATION=${DURATION:-15}
+WARMUP=${WARMUP:-2}
+POOL=${POOL:-20}
+MODES=${MODES:-simple}
+SKIP_BUILD=${SKIP_BUILD:-}
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$SCRIPT_DIR")
+RESULTS_DIR="$SCRIPT_DIR/results"
+PGMUX_BIN="$ROOT/target/release/pgmux"
+
+START_SECONDS=$SECONDS
+# Keep the original stdout/stderr: a signal trap can fire inside a function
+# whose output is redirected to a log file.
+exec 3>&1 4>&2
+WORK=""
+PGDATA=""
+PGBIN=""
+PGMUX_PID=""
+PGBOUNCER_PIDFILE=""
+PG_STARTED=""
+CHILD_PID=""
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+is_root() { [[ $(id -u) -eq 0 ]]; }
+
+# Run a PostgreSQL/PgBouncer server binary as the postgres user when root.
+as_pg() {
+    if is_root; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# Run a command in the background and wait for it, so that a TERM/INT sent
+# to this script runs the cleanup trap at once instead of after the command.
+run_child() {
+    local rc=0
+    "$@" &
+    CHILD_PID=$!
+    wait "$CHILD_PID" || rc=$?
+    CHILD_PID=""
+    return "$rc"
+}
+
+# ---------------------------------------------------------------- cleanup ---
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    set +e
+    exec 1>&3 2>&4
+    if [[ -n "$CHILD_PID" ]] && kill -0 "$CHILD_PID" 2>/dev/null; then
+        kill -TERM "$CHILD_PID" 2>/dev/null
+        wait "$CHILD_PID" 2>/dev/null
+    fi
+    if [[ -n "$PGBOUNCER_PIDFILE" && -s "$PGBOUNCER_PIDFILE" ]]; then
+        local bpid
+        bpid=$(cat "$PGBOUNCER_PIDFILE")
+        if [[ -n "$bpid" ]] && kill -0 "$bpid" 2>/dev/null; then
+            log "stopping PgBouncer (pid $bpid)"
+            kill -TERM "$bpid" 2>/dev/null
+            for _ in $(seq 50); do kill -0 "$bpid" 2>/dev/null || break; sleep 0.1; done
+            kill -KILL "$bpid" 2>/dev/null
+        fi
+    fi
+    if [[ -n "$PGMUX_PID" ]] && kill -0 "$PGMUX_PID" 2>/dev/null; then
+        log "stopping pgmux (pid $PGMUX_PID)"
+        kill -TERM "$PGMUX_PID" 2>/dev/null
+        for _ in $(seq 50); do kill -0 "$PGMUX_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$PGMUX_PID" 2>/dev/null
+        wait "$PGMUX_PID" 2>/dev/null
+    fi
+    if [[ -n "$PG_STARTED" && -n "$PGDATA" ]]; then
+        log "stopping PostgreSQL"
+        as_pg "$PGBIN/pg_ctl" -D "$PGDATA" stop -m immediate -w >/dev/null 2>&1
+    fi
+    if [[ -n "$WORK" && -d "$WORK" ]]; then
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------------ tools ---
+find_pgbin() {
+    local d best=""
+    for d in /usr/lib/postgresql/*/bin; do
+        [[ -x "$d/initdb" ]] && best=$d
+    done
+    if [[ -z "$best" ]] && command -v initdb >/dev/null 2>&1; then
+        best=$(dirname "$(readlink -f "$(command -v initdb)")")
+    fi
+    printf '%s' "$best"
+}
+
+ensure_tools() {
+    PGBIN=$(find_pgbin)
+    if [[ -z "$PGBIN" ]]; then
+        is_root || die "initdb not found and not root: install PostgreSQL first"
+        log "initdb not found: apt-get install -y postgresql"
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql
+        PGBIN=$(find_pgbin)
+        [[ -n "$PGBIN" ]] || die "initdb still not found after installing postgresql"
+    fi
+    if ! command -v pgbouncer >/dev/null 2>&1; then
+        is_root || die "pgbouncer not found and not root: install it first"
+        log "pgbouncer not found: apt-get install -y pgbouncer"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer \
+            || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer; }
+    fi
+    local t
+    for t in pgbench psql python3 timeout; do
+        command -v "$t" >/dev/null 2>&1 || die "$t not found"
+    done
+    if is_root; then
+        command -v runuser >/dev/null 2>&1 || die "runuser not found"
+        id postgres >/dev/null 2>&1 || die "user 'postgres' not found (needed to run servers as root)"
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# psql as the superuser over the temp-dir unix socket.
+pg_admin() {
+    psql -X -q -v ON_ERROR_STOP=1 -h "$WORK" -p "$PG_PORT" -U postgres -d "${PGADMIN_DB:-postgres}" "$@"
+}
+
+# Wait until `SELECT 1` as bench works on PORT (through a proxy): 20 s max.
+wait_ready() {
+    local name=$1 port=$2 pid_check=${3:-}
+    local deadline=$((SECONDS + 20))
+    while ((SECONDS < deadline)); do
+        if [[ -n "$pid_check" ]] && ! kill -0 "$pid_check" 2>/dev/null; then
+            return 1
+        fi
+        if PGPASSWORD=bench PGCONNECT_TIMEOUT=2 psql -X -Atq -h 127.0.0.1 -p "$port" -U bench -d bench \
+            -c 'SELECT 1' >/dev/null 2>&1; then
+            log "$name is accepting connections on 127.0.0.1:$port"
+            return 0
+        fi
+        sleep 0.25
+    done
+    return 1
+}
+
+# ------------------------------------------------------------- PostgreSQL ---
+start_postgres() {
+    PGDATA="$WORK/pgdata"
+    PG_PORT=$(free_port)
+    mkdir -p "$PGDATA"
+    if is_root; then chown -R postgres:postgres "$WORK"; fi
+    log "initdb ($PGBIN) in $PGDATA"
+    as_pg "$PGBIN/initdb" -D "$PGDATA" -U postgres -E UTF8 --locale=C \
+        --auth-local=trust --auth-host=scram-sha-256 >"$WORK/initdb.log" 2>&1 \
+        || { cat "$WORK/initdb.log" >&2; die "initdb failed"; }
+    cat >>"$PGDATA/postgresql.conf" <<EOF
+
+# --- benches/bench.sh ---
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$WORK'
+max_connections = 200
+shared_buffers = 128MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+password_encryption = 'scram-sha-256'
+logging_collector = off
+EOF
+    cat >"$PGDATA/pg_hba.conf" <<EOF
+local all all trust
+host  all all 127.0.0.1/32 scram-sha-256
+EOF
+    if is_root; then chown postgres:postgres "$PGDATA/postgresql.conf" "$PGDATA/pg_hba.conf"; fi
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$WORK/postgres.log" -w -t 60 start >/dev/null \
+        || { cat "$WORK/postgres.log" >&2; die "PostgreSQL did not start"; }
+    PG_STARTED=1
+    pg_admin -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" \
+             -c "CREATE DATABASE bench OWNER bench"
+    log "pgbench -i -s $SCALE"
+    PGPASSWORD=bench timeout 900 pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U bench bench \
+        >"$WORK/pgbench-init.log" 2>&1 \
+        || { cat "$WORK/pgbench-init.log" >&2; die "pgbench -i failed"; }
+    PGADMIN_DB=bench pg_admin -c "VACUUM ANALYZE" -c "CHECKPOINT"
+}
+
+# ------------------------------------------------------------------ pgmux ---
+start_pgmux() {
+    PGMUX_PORT=$(free_port)
+    local cfg="$WORK/pgmux.toml"
+    cat >"$cfg" <<EOF
+[pgmux]
+listen = "127.0.0.1:$PGMUX_PORT"
+log_level = "warn"
+
+[pool]
+pool_mode = "transaction"
+default_pool_size = $POOL
+
+[[users]]
+name = "bench"
+password = "bench"
+
+[databases.bench]
+primary = "127.0.0.1:$PG_PORT"
+EOF
+    PGMUX_LOG="$WORK/pgmux.log"
+    log "starting pgmux on 127.0.0.1:$PGMUX_PORT (pool $POOL)"
+    "$PGMUX_BIN" --config "$cfg" >"$PGMUX_LOG" 2>&1 &
+    PGMUX_PID=$!
+    if ! wait_ready pgmux "$PGMUX_PORT" "$PGMUX_PID"; then
+        log "pgmux log:"; cat "$PGMUX_LOG" >&2
+        die "pgmux did not accept connections within 20 s"
+    fi
+}
+
+# -------------------------------------------------------------- PgBouncer ---
+start_pgbouncer() {
+    PGBOUNCER_PORT=$(free_port)
+    local ini="$WORK/pgbouncer.ini" auth="$WORK/userlist.txt"
+    PGBOUNCER_LOG="$WORK/pgbouncer.log"
+    PGBOUNCER_PIDFILE="$WORK/pgbouncer.pid"
+    printf '"bench" "bench"\n' >"$auth"
+    cat >"$ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $auth
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = 1000
+ignore_startup_parameters = extra_float_digits,options
+logfile = $PGBOUNCER_LOG
+pidfile = $PGBOUNCER_PIDFILE
+log_connections = 0
+log_disconnections = 0
+EOF
+    if is_root; then chown postgres:postgres "$ini" "$auth"; fi
+    chmod 600 "$auth"
+    log "starting $(pgbouncer --version | head -n1) on 127.0.0.1:$PGBOUNCER_PORT (pool $POOL)"
+    as_pg pgbouncer -d "$ini" >"$WORK/pgbouncer.stdout" 2>&1 \
+        || { cat "$WORK/pgbouncer.stdout" "$PGBOUNCER_LOG" >&2 2>/dev/null; die "pgbouncer failed to start"; }
+    if ! wait_ready PgBouncer "$PGBOUNCER_PORT"; then
+        cat "$PGBOUNCER_LOG" >&2 2>/dev/null
+        die "PgBouncer did not accept connections within 20 s"
+    fi
+}
+
+# ---------------------------------------------------------------- pgbench ---
+# pgbench arguments for a mode name (one entry of $MODES).
+mode_args() {
+    case $1 in
+        simple|extended|prepared) printf '%s\n' -S -M "$1" ;;
+        *) die "unknown mode '$1' (known: simple extended prepared)" ;;
+    esac
+}
+
+ROWS=()   # "target|mode|tps|latency|failed|status"
+
+# run_pgbench TARGET_NAME PORT EXTRA_ARGS...
+#   A WARMUP-second run, then a DURATION-second measured run; appends a row
+#   to ROWS. The mode label is taken from $CURRENT_MODE.
+run_pgbench() {
+    local name=$1 port=$2
+    shift 2
+    local out="$WORK/pgbench-${name// /_}-${CURRENT_MODE}.log"
+    local -a common=(-n -c "$CLIENTS" -j "$JOBS" -h 127.0.0.1 -p "$port" -U bench)
+    local rc=0
+
+    log "$name [$CURRENT_MODE]: warm-up ${WARMUP}s"
+    PGPASSWORD=bench run_child timeout -k 10 $((WARMUP + 60)) \
+        pgbench "${common[@]}" -T "$WARMUP" "$@" bench >"$out.warmup" 2>&1 \
+        || log "$name [$CURRENT_MODE]: warm-up exited with $? (see below if the measured run fails too)"
+
+    log "$name [$CURRENT_MODE]: measuring ${DURATION}s: pgbench ${common[*]} -T $DURATION $* bench"
+    PGPASSWORD=bench run_child timeout -k 10 $((DURATION + 120)) \
+        pgbench "${common[@]}" -T "$DURATION" "$@" bench >"$out" 2>&1 || rc=$?
+
+    local tps lat failed status=ok
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$out" | head -n1)
+    lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | head -n1)
+    failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -n1)
+    if ((rc != 0)); then
+        status="rc=$rc"
+        local aborted
+        aborted=$(grep -c 'aborted in command' "$out" || true)
+        ((aborted > 0)) && status="$status, $aborted/$CLIENTS clients aborted"
+    fi
+    if [[ -n "$tps" ]]; then
+        tps=$(awk -v x="$tps" 'BEGIN { printf "%.1f", x }')
+    else
+        tps="n/a"; status="${status/ok/no-tps}"
+    fi
+    if [[ "$status" != ok ]]; then
+        log "$name [$CURRENT_MODE]: pgbench status $status; last lines of its output:"
+        tail -n 20 "$out" >&2
+    fi
+    ROWS+=("$name|$CURRENT_MODE|$tps|${lat:-n/a}|${failed:-n/a}|$status")
+}
+
+# ratio NUM DEN -> "1.23" or "n/a"
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b + 0 > 0) printf "%.2f", a / b;
+        else printf "n/a" }'
+}
+
+lookup_tps() {
+    local target=$1 mode=$2 row t m tps
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r t m tps _ <<<"$row"
+        if [[ "$t" == "$target" && "$m" == "$mode" ]]; then printf '%s' "$tps"; return; fi
+    done
+    printf 'n/a'
+}
+
+summary() {
+    local commit pgver bver
+    commit=$(GIT_OPTIONAL_LOCKS=0 git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    pgver=$("$PGBIN/postgres" --version 2>/dev/null || echo unknown)
+    bver=$(pgbouncer --version 2>/dev/null | head -n1 || echo unknown)
+    echo "pgmux benchmark — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "commit $commit | $pgver | $bver | $(nproc) cores"
+    echo "pgbench -S -c $CLIENTS -j $JOBS -T $DURATION (warm-up ${WARMUP}s), scale $SCALE, pool $POOL, transaction mode, 127.0.0.1"
+    echo
+    printf '%-10s %-9s %12s %16s %8s  %s\n' target mode tps "mean lat (ms)" failed status
+    printf '%-10s %-9s %12s %16s %8s  %s\n' ---------- --------- ------------ ---------------- -------- ------
+    local row t m tps lat failed status
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r t m tps lat failed status <<<"$row"
+        printf '%-10s %-9s %12s %16s %8s  %s\n' "$t" "$m" "$tps" "$lat" "$failed" "$status"
+    done
+    echo
+    local mode
+    for mode in $MODES; do
+        printf '%-9s pgmux/PgBouncer = %sx   pgmux/direct = %sx   (PgBouncer/direct = %sx)\n' "$mode" \
+            "$(ratio "$(lookup_tps pgmux "$mode")" "$(lookup_tps PgBouncer "$mode")")" \
+            "$(ratio "$(lookup_tps pgmux "$mode")" "$(lookup_tps direct "$mode")")" \
+            "$(ratio "$(lookup_tps PgBouncer "$mode")" "$(lookup_tps direct "$mode")")"
+    done
+    echo "goal: pgmux >= 1.00x PgBouncer (project goal 1.15x), >= 0.70x direct"
+    echo "load average before / after the runs: $LOAD_BEFORE / $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)" \
+         "(other work on this $(nproc)-core box skews the numbers)"
+    local errs
+    errs=$(grep -ciE 'error|panic' "$PGMUX_LOG" 2>/dev/null || true)
+    echo "pgmux log: $(wc -l <"$PGMUX_LOG" 2>/dev/null || echo 0) lines, ${errs:-0} mentioning error/panic"
+    echo "total run time: $((SECONDS - START_SECONDS)) s"
+}
+
+# ------------------------------------------------------------------- main ---
+main() {
+    ensure_tools
+    if [[ -z "$SKIP_BUILD" ]]; then
+        log "cargo build --release (in $ROOT)"
+        (cd "$ROOT" && cargo build --release)
+    fi
+    [[ -x "$PGMUX_BIN" ]] || die "$PGMUX_BIN not found"
+
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/pgmux-bench.XXXXXX")
+    chmod 755 "$WORK"
+    start_postgres
+    start_pgmux
+    start_pgbouncer
+
+    LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a)
+    local -a targets=("direct:$PG_PORT" "pgmux:$PGMUX_PORT" "PgBouncer:$PGBOUNCER_PORT")
+    local mode tgt
+    local -a args
+    for mode in $MODES; do
+        mapfile -t args < <(mode_args "$mode")
+        ((${#args[@]} > 0)) || die "unknown mode '$mode'"
+        CURRENT_MODE=$mode
+        for tgt in "${targets[@]}"; do
+            run_pgbench "${tgt%%:*}" "${tgt##*:}" "${args[@]}"
+        done
+    done
+
+    if ! kill -0 "$PGMUX_PID" 2>/dev/null; then
+        log "pgmux exited during the benchmark!"
+    fi
+    if [[ -s "$PGMUX_LOG" ]]; then
+        log "pgmux log (last 20 lines):"
+        tail -n 20 "$PGMUX_LOG" >&2
+    fi
+
+    mkdir -p "$RESULTS_DIR/logs"
+    rm -f "$RESULTS_DIR"/logs/*
+    cp "$WORK"/*.log "$WORK"/*.log.warmup "$WORK"/*.toml "$WORK"/*.ini "$RESULTS_DIR/logs/" 2>/dev/null || true
+    summary | tee "$RESULTS_DIR/latest.txt"
+    log "logs of this run: $RESULTS_DIR/logs/"
+}
+
+main "$@"
