@@ -342,12 +342,15 @@ run_pgbench() {
         status="rc=$rc"
         local aborted
         aborted=$(grep -c 'aborted in command' "$out" || true)
-        ((aborted > 0)) && status="$status, $aborted/$CLIENTS clients aborted"
+        if ((aborted > 0)); then
+            status="$status, $aborted/$CLIENTS clients aborted"
+        fi
     fi
     if [[ -n "$tps" ]]; then
         tps=$(awk -v x="$tps" 'BEGIN { printf "%.1f", x }')
     else
-        tps="n/a"; status="${status/ok/no-tps}"
+        tps="n/a"
+        if [[ "$status" == ok ]]; then status="no tps in output"; fi
     fi
     if [[ "$status" != ok ]]; then
         log "$name [$CURRENT_MODE]: pgbench status $status; last lines of its output:"

@@ -89,7 +89,13 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(stream: TcpStream, rbuf: BytesMut, pool: Arc<Pool>, wanted: BTreeMap<String, String>, cancel: Arc<CancelSlot>) -> Self {
+    pub fn new(
+        stream: TcpStream,
+        rbuf: BytesMut,
+        pool: Arc<Pool>,
+        wanted: BTreeMap<String, String>,
+        cancel: Arc<CancelSlot>,
+    ) -> Self {
         Session {
             stream,
             rbuf,
@@ -259,30 +265,35 @@ impl Session {
     async fn forward_client(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
         let (mut pending, mut unsynced, mut copy_in) = (self.pending, self.unsynced, self.copy_in);
         let mut stop: Option<Relayed> = None;
-        let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, |_| false, |tag, _| {
-            match tag {
-                b'Q' | b'F' => pending += 1,
-                b'S' => {
-                    pending += 1;
-                    unsynced = false;
+        let scanned = self.crelay.scan(
+            &self.rbuf,
+            MAX_MESSAGE_LEN,
+            |_| false,
+            |tag, _| {
+                match tag {
+                    b'Q' | b'F' => pending += 1,
+                    b'S' => {
+                        pending += 1;
+                        unsynced = false;
+                    }
+                    b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => unsynced = true,
+                    b'd' => {}
+                    b'c' | b'f' => copy_in = false,
+                    b'X' => {
+                        stop = Some(Relayed::ClientGone);
+                        return Flow::Stop;
+                    }
+                    other => {
+                        stop = Some(Relayed::ClientError(PgError::fatal(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            format!("invalid frontend message type {other}"),
+                        )));
+                        return Flow::Stop;
+                    }
                 }
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => unsynced = true,
-                b'd' => {}
-                b'c' | b'f' => copy_in = false,
-                b'X' => {
-                    stop = Some(Relayed::ClientGone);
-                    return Flow::Stop;
-                }
-                other => {
-                    stop = Some(Relayed::ClientError(PgError::fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        format!("invalid frontend message type {other}"),
-                    )));
-                    return Flow::Stop;
-                }
-            }
-            Flow::Forward
-        });
+                Flow::Forward
+            },
+        );
         (self.pending, self.unsynced, self.copy_in) = (pending, unsynced, copy_in);
         let n = match scanned {
             Ok(n) => n,
@@ -304,21 +315,26 @@ impl Session {
         let mut changed: Vec<(usize, usize)> = Vec::new();
         let mut offset = 0usize;
         let base = conn.rbuf.as_ptr() as usize;
-        let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, |t| t == b'Z' || t == b'S', |tag, body| {
-            match tag {
-                b'Z' => {
-                    pending = pending.saturating_sub(1);
-                    status = body.first().copied().unwrap_or(b'?');
+        let scanned = self.srelay.scan(
+            &conn.rbuf,
+            MAX_MESSAGE_LEN,
+            |t| t == b'Z' || t == b'S',
+            |tag, body| {
+                match tag {
+                    b'Z' => {
+                        pending = pending.saturating_sub(1);
+                        status = body.first().copied().unwrap_or(b'?');
+                    }
+                    b'S' => {
+                        offset = body.as_ptr() as usize - base;
+                        changed.push((offset, body.len()));
+                    }
+                    b'G' => copy_in = true,
+                    _ => {}
                 }
-                b'S' => {
-                    offset = body.as_ptr() as usize - base;
-                    changed.push((offset, body.len()));
-                }
-                b'G' => copy_in = true,
-                _ => {}
-            }
-            Flow::Forward
-        });
+                Flow::Forward
+            },
+        );
         (self.pending, self.status, self.copy_in) = (pending, status, copy_in);
         let n = match scanned {
             Ok(n) => n,
@@ -383,7 +399,9 @@ impl Session {
         match cleaned {
             Ok(Ok(())) => server.release(),
             Ok(Err(e)) => tracing::debug!(pool = %self.pool.name(), "closing abandoned server connection: {e}"),
-            Err(_) => tracing::debug!(pool = %self.pool.name(), "closing abandoned server connection: cleanup timed out"),
+            Err(_) => {
+                tracing::debug!(pool = %self.pool.name(), "closing abandoned server connection: cleanup timed out")
+            }
         }
         self.rbuf.clear();
     }

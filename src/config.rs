@@ -99,9 +99,7 @@ impl fmt::Display for HostPort {
 impl<'de> Deserialize<'de> for HostPort {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| de::Error::custom(format!("\"{s}\" is not host:port")))?;
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| de::Error::custom(format!("\"{s}\" is not host:port")))?;
         let port = port
             .parse::<u16>()
             .ok()

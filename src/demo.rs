@@ -48,7 +48,9 @@ replicas = [{replicas}]
 pub async fn run(install: bool, port: Option<u16>) -> Result<(), DemoError> {
     if let Err(ClusterError::NotInstalled(hint)) = PgBin::locate() {
         if !install {
-            eprintln!("PostgreSQL server binaries not found. Install them with:\n    {hint}\nor run `pgmux demo --install`.");
+            eprintln!(
+                "PostgreSQL server binaries not found. Install them with:\n    {hint}\nor run `pgmux demo --install`."
+            );
             return Err(ClusterError::NotInstalled(hint).into());
         }
         eprintln!("installing PostgreSQL ...");
@@ -57,7 +59,12 @@ pub async fn run(install: bool, port: Option<u16>) -> Result<(), DemoError> {
     eprintln!("starting a primary and 2 streaming replicas ...");
     let spec = ClusterSpec {
         replicas: 2,
-        roles: vec![Role { name: DEMO_USER.into(), password: DEMO_PASSWORD.into(), method: HbaMethod::Scram, superuser: false }],
+        roles: vec![Role {
+            name: DEMO_USER.into(),
+            password: DEMO_PASSWORD.into(),
+            method: HbaMethod::Scram,
+            superuser: false,
+        }],
         databases: vec![DEMO_DB.into()],
         ..ClusterSpec::default()
     };

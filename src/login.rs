@@ -27,7 +27,10 @@ impl From<FrameError> for LoginError {
     fn from(e: FrameError) -> Self {
         match e {
             FrameError::Io(_) | FrameError::Truncated => LoginError::Gone,
-            other => LoginError::Reply(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid startup packet: {other}"))),
+            other => LoginError::Reply(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("invalid startup packet: {other}"),
+            )),
         }
     }
 }
@@ -67,7 +70,11 @@ pub async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<
                 if !buf.is_empty() {
                     // Bytes pipelined after an encryption request would be
                     // read as plaintext later (CVE-2021-23214).
-                    return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "received unencrypted data after SSL request").into());
+                    return Err(PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "received unencrypted data after SSL request",
+                    )
+                    .into());
                 }
                 stream.write_all(b"N").await?;
             }
@@ -81,7 +88,11 @@ pub async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<
             version => {
                 return Err(PgError::fatal(
                     sqlstate::PROTOCOL_VIOLATION,
-                    format!("unsupported frontend protocol {}.{}: server supports 3.0 to 3.0", version >> 16, version & 0xffff),
+                    format!(
+                        "unsupported frontend protocol {}.{}: server supports 3.0 to 3.0",
+                        version >> 16,
+                        version & 0xffff
+                    ),
                 )
                 .into())
             }
@@ -90,8 +101,9 @@ pub async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<
 }
 
 async fn parse_login(stream: &mut TcpStream, minor: u32, payload: BytesMut) -> Result<Startup, LoginError> {
-    let pairs = msg::parse_startup_params(payload)
-        .ok_or_else(|| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "invalid startup packet layout: expected terminator as last byte"))?;
+    let pairs = msg::parse_startup_params(payload).ok_or_else(|| {
+        PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "invalid startup packet layout: expected terminator as last byte")
+    })?;
     let mut info = StartupInfo::default();
     let mut unsupported = Vec::new();
     for (k, v) in pairs {
@@ -99,7 +111,11 @@ async fn parse_login(stream: &mut TcpStream, minor: u32, payload: BytesMut) -> R
             "user" => info.user = v,
             "database" => info.database = v,
             "replication" => {
-                return Err(PgError::fatal(sqlstate::FEATURE_NOT_SUPPORTED, "pgmux does not proxy replication connections").into())
+                return Err(PgError::fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "pgmux does not proxy replication connections",
+                )
+                .into())
             }
             "options" => {
                 let opts = msg::parse_options(&v).map_err(|e| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e))?;
@@ -114,7 +130,11 @@ async fn parse_login(stream: &mut TcpStream, minor: u32, payload: BytesMut) -> R
         }
     }
     if info.user.is_empty() {
-        return Err(PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet").into());
+        return Err(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .into());
     }
     if info.database.is_empty() {
         info.database = info.user.clone();
@@ -189,9 +209,9 @@ pub async fn authenticate(
             let body = read_password(stream, buf).await?;
             let (mech, data) = msg::parse_sasl_initial(body)
                 .ok_or_else(|| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "malformed SASLInitialResponse message"))?;
-            let first = server.handle_client_first(&mech, &data).map_err(|e| {
-                PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("malformed SCRAM message: {e}"))
-            })?;
+            let first = server
+                .handle_client_first(&mech, &data)
+                .map_err(|e| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("malformed SCRAM message: {e}")))?;
             out.clear();
             msg::auth_request(&mut out, msg::AUTH_SASL_CONTINUE, &first);
             stream.write_all(&out).await?;

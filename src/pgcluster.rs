@@ -43,11 +43,7 @@ pub enum ClusterError {
     Io(#[from] std::io::Error),
     /// A command could not be spawned or exited unsuccessfully.
     #[error("command `{cmd}` failed ({status}):\n{output}")]
-    Command {
-        cmd: String,
-        status: String,
-        output: String,
-    },
+    Command { cmd: String, status: String, output: String },
     #[error("timed out: {0}")]
     Timeout(String),
 }
@@ -156,12 +152,7 @@ impl Role {
     /// A non-superuser login role.
     pub fn new(name: &str, password: &str, method: HbaMethod) -> Role {
         let (name, password) = (name.to_string(), password.to_string());
-        Role {
-            name,
-            password,
-            method,
-            superuser: false,
-        }
+        Role { name, password, method, superuser: false }
     }
 }
 
@@ -263,9 +254,7 @@ impl Cluster {
         // From here on, dropping `cluster` (early return) cleans everything up.
         let cluster = Cluster {
             primary: node("primary".into(), NodeRole::Primary),
-            replicas: (1..=spec.replicas)
-                .map(|i| node(format!("replica{i}"), NodeRole::Replica))
-                .collect(),
+            replicas: (1..=spec.replicas).map(|i| node(format!("replica{i}"), NodeRole::Replica)).collect(),
             extra_primaries: (1..=spec.extra_primaries)
                 .map(|i| node(format!("extra{i}"), NodeRole::ExtraPrimary))
                 .collect(),
@@ -279,10 +268,7 @@ impl Cluster {
         std::fs::create_dir(&cluster.sock_dir)?;
         cluster.own(&cluster.sock_dir)?;
 
-        let primaries: Vec<&Node> = cluster
-            .nodes()
-            .filter(|n| n.role != NodeRole::Replica)
-            .collect();
+        let primaries: Vec<&Node> = cluster.nodes().filter(|n| n.role != NodeRole::Replica).collect();
         parallel(&primaries, |n| cluster.init_primary(n, spec))?;
         let replicas: Vec<&Node> = cluster.replicas.iter().collect();
         parallel(&replicas, |n| cluster.init_replica(n))?;
@@ -301,8 +287,7 @@ impl Cluster {
     pub fn psql(&self, node: &Node, db: &str, sql: &str) -> Result<String, ClusterError> {
         let mut cmd = self.server_cmd("psql");
         cmd.args("-X -A -t -q -v ON_ERROR_STOP=1 -U postgres -f - -h".split(' '));
-        cmd.arg(&self.sock_dir)
-            .args(["-p", &node.port.to_string(), "-d", db]);
+        cmd.arg(&self.sock_dir).args(["-p", &node.port.to_string(), "-d", db]);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         cmd.stderr(Stdio::piped());
         let short: String = sql.chars().take(300).collect();
@@ -330,19 +315,10 @@ impl Cluster {
     /// `pg_ctl start -w -l <log_file>`, then wait until `pg_isready` succeeds.
     pub fn start_node(&self, node: &Node) -> Result<(), ClusterError> {
         let mut cmd = self.server_cmd("pg_ctl");
-        cmd.arg("start")
-            .arg("-D")
-            .arg(&node.data_dir)
-            .arg("-l")
-            .arg(&node.log_file);
+        cmd.arg("start").arg("-D").arg(&node.data_dir).arg("-l").arg(&node.log_file);
         if let Err(mut e) = run(cmd.args(["-w", "-t", "30", "-s"])) {
             if let ClusterError::Command { output, .. } = &mut e {
-                let _ = write!(
-                    output,
-                    "\n--- tail of {} ---\n{}",
-                    node.name,
-                    node.log_tail(30)
-                );
+                let _ = write!(output, "\n--- tail of {} ---\n{}", node.name, node.log_tail(30));
             }
             return Err(e);
         }
@@ -365,9 +341,7 @@ impl Cluster {
         let deadline = Instant::now() + READY_TIMEOUT;
         for r in &self.replicas {
             let what = format!("replayed up to {lsn}");
-            self.poll_until(r, deadline, &what, || {
-                Ok(self.psql(r, "postgres", &sql)? == "t")
-            })?;
+            self.poll_until(r, deadline, &what, || Ok(self.psql(r, "postgres", &sql)? == "t"))?;
         }
         Ok(())
     }
@@ -391,11 +365,7 @@ impl Cluster {
     /// A command for binary `name` of [`PgBin`], as `postgres` when we are root.
     fn server_cmd(&self, name: &str) -> Command {
         let prog = self.bin.path(name);
-        let mut cmd = Command::new(if self.owner.is_some() {
-            "runuser".as_ref()
-        } else {
-            prog.as_os_str()
-        });
+        let mut cmd = Command::new(if self.owner.is_some() { "runuser".as_ref() } else { prog.as_os_str() });
         if self.owner.is_some() {
             cmd.args(["-u", "postgres", "--"]).arg(&prog);
         }
@@ -444,16 +414,9 @@ impl Cluster {
 
         self.start_node(node)?;
 
-        let mut sql = format!(
-            "ALTER ROLE postgres PASSWORD {};\n",
-            lit(SUPERUSER_PASSWORD)
-        );
+        let mut sql = format!("ALTER ROLE postgres PASSWORD {};\n", lit(SUPERUSER_PASSWORD));
         for role in &spec.roles {
-            let enc = if role.method == HbaMethod::Md5 {
-                "md5"
-            } else {
-                "scram-sha-256"
-            };
+            let enc = if role.method == HbaMethod::Md5 { "md5" } else { "scram-sha-256" };
             let sup = if role.superuser { "SUPERUSER" } else { "" };
             let (name, pw) = (ident(&role.name), lit(&role.password));
             let _ = writeln!(sql, "SET password_encryption = '{enc}';");
@@ -473,8 +436,7 @@ impl Cluster {
     fn init_replica(&self, node: &Node) -> Res<()> {
         let primary = &self.primary;
         let mut cmd = self.server_cmd("pg_basebackup");
-        cmd.args(["-h", "127.0.0.1", "-U", SUPERUSER, "-p"])
-            .arg(primary.port.to_string());
+        cmd.args(["-h", "127.0.0.1", "-U", SUPERUSER, "-p"]).arg(primary.port.to_string());
         cmd.arg("-D").arg(&node.data_dir);
         run(cmd.args("-R -X stream -c fast --no-sync".split(' ')))?;
         set_node_conf(node)?;
@@ -494,13 +456,7 @@ impl Cluster {
     }
 
     /// Call `check` every [`POLL`] until it returns true; Timeout past `deadline`.
-    fn poll_until(
-        &self,
-        node: &Node,
-        deadline: Instant,
-        what: &str,
-        mut check: impl FnMut() -> Res<bool>,
-    ) -> Res<()> {
+    fn poll_until(&self, node: &Node, deadline: Instant, what: &str, mut check: impl FnMut() -> Res<bool>) -> Res<()> {
         while !check()? {
             if Instant::now() >= deadline {
                 let (name, port, log) = (&node.name, node.port, node.log_file.display());
@@ -552,9 +508,7 @@ pub fn free_port() -> Result<u16, ClusterError> {
 
 /// `n` distinct free ports (all listeners are held until every port is known).
 fn free_ports(n: usize) -> Res<Vec<u16>> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<Result<_, _>>()?;
+    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind(("127.0.0.1", 0))).collect::<Result<_, _>>()?;
     let ports = listeners.iter().map(|l| Ok(l.local_addr()?.port()));
     ports.collect()
 }
@@ -566,12 +520,7 @@ fn set_node_conf(node: &Node) -> Res<()> {
     let old = std::fs::read_to_string(&path)?;
     let keep = |l: &&str| !l.starts_with("port = ") && !l.starts_with("cluster_name = ");
     let mut conf: String = old.lines().filter(keep).flat_map(|l| [l, "\n"]).collect();
-    let _ = write!(
-        conf,
-        "port = {}\ncluster_name = {}\n",
-        node.port,
-        lit(&node.name)
-    );
+    let _ = write!(conf, "port = {}\ncluster_name = {}\n", node.port, lit(&node.name));
     std::fs::write(&path, conf)?;
     Ok(())
 }
@@ -581,10 +530,7 @@ fn parallel(nodes: &[&Node], job: impl Fn(&Node) -> Res<()> + Sync) -> Res<()> {
     std::thread::scope(|s| {
         let handles: Vec<_> = nodes.iter().map(|n| s.spawn(|| job(n))).collect();
         let panicked = || Err(io_err("cluster setup thread panicked"));
-        let results: Vec<Res<()>> = handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| panicked()))
-            .collect();
+        let results: Vec<Res<()>> = handles.into_iter().map(|h| h.join().unwrap_or_else(|_| panicked())).collect();
         results.into_iter().collect()
     })
 }
@@ -647,19 +593,12 @@ fn spawn_err(cmd: String, e: std::io::Error) -> ClusterError {
 }
 
 fn cmd_err(cmd: String, status: String, output: String) -> ClusterError {
-    ClusterError::Command {
-        cmd,
-        status,
-        output,
-    }
+    ClusterError::Command { cmd, status, output }
 }
 
 fn describe(cmd: &Command) -> String {
     let parts = std::iter::once(cmd.get_program()).chain(cmd.get_args());
-    parts
-        .map(|a| a.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
+    parts.map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
 }
 
 fn io_err(msg: &str) -> ClusterError {

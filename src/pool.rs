@@ -103,7 +103,8 @@ impl Pool {
             Ok(p) => p,
             Err(_) => {
                 self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-                let r = tokio::time::timeout(self.settings.query_wait_timeout, self.permits.clone().acquire_owned()).await;
+                let r =
+                    tokio::time::timeout(self.settings.query_wait_timeout, self.permits.clone().acquire_owned()).await;
                 self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
                 r.map_err(|_| PoolError::WaitTimeout(self.settings.query_wait_timeout))?
                     .map_err(|_| PoolError::Closed)?

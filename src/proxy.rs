@@ -128,7 +128,8 @@ impl Proxy {
             return Session::fatal(&mut stream, &e).await;
         };
         let verifier = self.verifiers.get(&user.name);
-        let auth = tokio::time::timeout(LOGIN_TIMEOUT, login::authenticate(&mut stream, &mut buf, user, verifier)).await;
+        let auth =
+            tokio::time::timeout(LOGIN_TIMEOUT, login::authenticate(&mut stream, &mut buf, user, verifier)).await;
         let client_key = match auth {
             Ok(Ok(k)) => k,
             Ok(Err(LoginError::Reply(e))) => {
@@ -138,7 +139,10 @@ impl Proxy {
             Ok(Err(LoginError::Gone)) | Err(_) => return,
         };
         let Some(db) = self.config.databases.get(&info.database) else {
-            let e = PgError::fatal(sqlstate::INVALID_CATALOG_NAME, format!("database \"{}\" does not exist", info.database));
+            let e = PgError::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("database \"{}\" does not exist", info.database),
+            );
             return Session::fatal(&mut stream, &e).await;
         };
         let pool = self.pool_for(&info.database, db, user);

@@ -98,7 +98,12 @@ pub struct ServerConn {
 
 impl ServerConn {
     /// Open a connection and log in.
-    pub async fn connect(id: u64, addr: &HostPort, login: &Login, timeout: Duration) -> Result<ServerConn, ServerError> {
+    pub async fn connect(
+        id: u64,
+        addr: &HostPort,
+        login: &Login,
+        timeout: Duration,
+    ) -> Result<ServerConn, ServerError> {
         let name = addr.to_string();
         let stream = tokio::time::timeout(timeout, TcpStream::connect((addr.host.as_str(), addr.port)))
             .await
@@ -118,9 +123,7 @@ impl ServerConn {
             created: now,
             last_used: now,
         };
-        tokio::time::timeout(timeout, conn.startup(login))
-            .await
-            .map_err(|_| ServerError::ConnectTimeout(name))??;
+        tokio::time::timeout(timeout, conn.startup(login)).await.map_err(|_| ServerError::ConnectTimeout(name))??;
         // What the server starts with is its default, not a setting.
         conn.applied.clear();
         Ok(conn)
@@ -168,7 +171,9 @@ impl ServerConn {
             msg::AUTH_OK => return Ok(()),
             msg::AUTH_CLEARTEXT => {
                 let pw = login.password.as_deref().ok_or_else(|| {
-                    ServerError::Auth("server asks for a cleartext password; configure the password or server_password".into())
+                    ServerError::Auth(
+                        "server asks for a cleartext password; configure the password or server_password".into(),
+                    )
                 })?;
                 msg::password_message(&mut out, pw);
             }
@@ -207,7 +212,8 @@ impl ServerConn {
                 *scram = Some(client);
             }
             msg::AUTH_SASL_CONTINUE => {
-                let client = scram.as_mut().ok_or_else(|| ServerError::Protocol("SASL continue before start".into()))?;
+                let client =
+                    scram.as_mut().ok_or_else(|| ServerError::Protocol("SASL continue before start".into()))?;
                 let reply = client.handle_server_first(&body).map_err(|e| ServerError::Auth(e.to_string()))?;
                 msg::sasl_response(&mut out, &reply);
             }
@@ -223,7 +229,8 @@ impl ServerConn {
     }
 
     async fn read_message(&mut self) -> Result<(u8, BytesMut), ServerError> {
-        Ok(frame::read_message(&mut self.stream, &mut self.rbuf, frame::MAX_MESSAGE_LEN.min(MAX_PREAUTH_LEN * 64)).await?)
+        Ok(frame::read_message(&mut self.stream, &mut self.rbuf, frame::MAX_MESSAGE_LEN.min(MAX_PREAUTH_LEN * 64))
+            .await?)
     }
 
     /// Record a ParameterStatus body; returns the pair. A client-settable
@@ -335,10 +342,7 @@ impl ServerConn {
     /// non-blocking read.
     pub fn is_broken(&mut self) -> bool {
         let mut probe = [0u8; 1024];
-        match self.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-            _ => true,
-        }
+        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Send a cancel for this connection's running query.

@@ -19,14 +19,18 @@ async fn every_client_method_and_server_method() {
     }
     // Wrong password → 28P01, for every password method.
     for (user, _) in [APP, MD5USER, PWUSER] {
-        let e = support::connect_str(&conn_str(port, user, "wrong", &db)).await.err().expect("wrong password accepted");
+        let e = support::refused(&conn_str(port, user, "wrong", &db)).await;
         assert_eq!(code(&e), "28P01", "{user}: {e}");
-        assert!(support::text(&e).contains(&format!("password authentication failed for user \"{user}\"")), "{}", support::text(&e));
+        assert!(
+            support::text(&e).contains(&format!("password authentication failed for user \"{user}\"")),
+            "{}",
+            support::text(&e)
+        );
     }
     // Unknown user → 28000; unknown database → 3D000.
-    let e = support::connect_str(&conn_str(port, "nobody", "x", &db)).await.err().expect("unknown user accepted");
+    let e = support::refused(&conn_str(port, "nobody", "x", &db)).await;
     assert_eq!(code(&e), "28000");
-    let e = support::connect_str(&conn_str(port, APP.0, APP.1, "nodb")).await.err().expect("unknown db accepted");
+    let e = support::refused(&conn_str(port, APP.0, APP.1, "nodb")).await;
     assert_eq!(code(&e), "3D000");
     assert!(support::text(&e).contains("database \"nodb\" does not exist"), "{}", support::text(&e));
     p.stop().await;
@@ -36,8 +40,12 @@ async fn every_client_method_and_server_method() {
 async fn verifiers_from_pg_authid_need_no_plaintext() {
     let db = support::fresh_db("auth_verifiers");
     let c = support::cluster();
-    let scram = c.psql(&c.primary, "postgres", &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{}'", APP.0)).unwrap();
-    let md5 = c.psql(&c.primary, "postgres", &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{}'", MD5USER.0)).unwrap();
+    let scram = c
+        .psql(&c.primary, "postgres", &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{}'", APP.0))
+        .unwrap();
+    let md5 = c
+        .psql(&c.primary, "postgres", &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{}'", MD5USER.0))
+        .unwrap();
     assert!(scram.starts_with("SCRAM-SHA-256$"), "{scram}");
     assert!(md5.starts_with("md5"), "{md5}");
     let text = support::config_text(&db, "default_pool_size = 2", "")
@@ -48,9 +56,11 @@ async fn verifiers_from_pg_authid_need_no_plaintext() {
     // SCRAM: the client's proof lets pgmux log into PostgreSQL (ClientKey
     // passthrough); md5: the stored hash is enough.
     for (user, pw) in [APP, MD5USER] {
-        let cl = support::connect_str(&conn_str(p.addr.port(), user, pw, &db)).await.unwrap_or_else(|e| panic!("{user}: {e}"));
+        let cl = support::connect_str(&conn_str(p.addr.port(), user, pw, &db))
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
         assert_eq!(scalar(&cl, "SELECT current_user").await, user);
-        let e = support::connect_str(&conn_str(p.addr.port(), user, "bad", &db)).await.err().expect("bad password");
+        let e = support::refused(&conn_str(p.addr.port(), user, "bad", &db)).await;
         assert_eq!(code(&e), "28P01");
     }
     p.stop().await;
@@ -64,14 +74,19 @@ async fn server_rejection_is_relayed() {
         &format!("name = \"{}\"\nauth_method = \"trust\"\nserver_password = \"{}\"", TRUSTUSER.0, TRUSTUSER.1),
         &format!("name = \"{}\"\nauth_method = \"trust\"\nserver_password = \"{}\"", PWUSER.0, "not-it"),
     );
-    let text = text.replacen(&format!("[[users]]\nname = \"{}\"\npassword = \"{}\"\nauth_method = \"password\"\n", PWUSER.0, PWUSER.1), "", 1);
+    let text = text.replacen(
+        &format!("[[users]]\nname = \"{}\"\npassword = \"{}\"\nauth_method = \"password\"\n", PWUSER.0, PWUSER.1),
+        "",
+        1,
+    );
     let p = support::start_proxy(&text).await;
-    let e = support::connect_str(&conn_str(p.addr.port(), PWUSER.0, "anything", &db)).await.err().expect("server must refuse");
+    let e = support::refused(&conn_str(p.addr.port(), PWUSER.0, "anything", &db)).await;
     assert_eq!(code(&e), "28P01", "{}", support::text(&e));
     // A database that exists in pgmux's config but not on the server.
-    let text = support::config_text(&db, "", "[databases.ghostdb]\nprimary = \"PRIMARY\"").replace("PRIMARY", &support::cluster().primary.addr());
+    let text = support::config_text(&db, "", "[databases.ghostdb]\nprimary = \"PRIMARY\"")
+        .replace("PRIMARY", &support::cluster().primary.addr());
     let p2 = support::start_proxy(&text).await;
-    let e = support::connect_str(&conn_str(p2.addr.port(), APP.0, APP.1, "ghostdb")).await.err().expect("no such db on server");
+    let e = support::refused(&conn_str(p2.addr.port(), APP.0, APP.1, "ghostdb")).await;
     assert_eq!(code(&e), "3D000", "{}", support::text(&e));
     p.stop().await;
     p2.stop().await;

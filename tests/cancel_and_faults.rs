@@ -119,17 +119,22 @@ async fn cutter(target: String) -> (u16, watch::Sender<bool>) {
 async fn silent_server_death_gives_08006() {
     let db = support::fresh_db("fault_silent");
     let (port, cut) = cutter(support::cluster().primary.addr()).await;
-    let text = support::config_text(&db, "default_pool_size = 2", "[databases.other]\nprimary = \"PRIMARY\"\ndbname = \"DB\"")
-        .replacen(&support::cluster().primary.addr(), &format!("127.0.0.1:{port}"), 1)
-        .replace("PRIMARY", &support::cluster().primary.addr())
-        .replace("\"DB\"", &format!("\"{db}\""));
+    let text =
+        support::config_text(&db, "default_pool_size = 2", "[databases.other]\nprimary = \"PRIMARY\"\ndbname = \"DB\"")
+            .replacen(&support::cluster().primary.addr(), &format!("127.0.0.1:{port}"), 1)
+            .replace("PRIMARY", &support::cluster().primary.addr())
+            .replace("\"DB\"", &format!("\"{db}\""));
     let p = support::start_proxy(&text).await;
     let victim = support::app(&p, &db).await;
     let other = support::app(&p, "other").await;
     let q = tokio::spawn(async move { victim.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(500)).await;
     cut.send(true).unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(10), q).await.expect("client must not hang").unwrap().expect_err("error expected");
+    let e = tokio::time::timeout(Duration::from_secs(10), q)
+        .await
+        .expect("client must not hang")
+        .unwrap()
+        .expect_err("error expected");
     assert_eq!(code(&e), "08006", "{}", support::text(&e));
     // Clients of other server connections are unaffected.
     assert_eq!(scalar(&other, "SELECT 'fine'").await, "fine");

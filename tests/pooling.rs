@@ -173,7 +173,8 @@ async fn each_client_sees_its_own_runtime_parameters() {
         ],
     )
     .await;
-    let mut b = Raw::login(port, APP.0, APP.1, &db, &[("application_name", "client-b"), ("TimeZone", "Asia/Tokyo")]).await;
+    let mut b =
+        Raw::login(port, APP.0, APP.1, &db, &[("application_name", "client-b"), ("TimeZone", "Asia/Tokyo")]).await;
     // Welcome ParameterStatus reflects each client's values.
     assert_eq!(a.params["application_name"], "client-a");
     assert_eq!(a.params["TimeZone"], "America/New_York");
@@ -205,7 +206,8 @@ async fn each_client_sees_its_own_runtime_parameters() {
 async fn invalid_startup_parameter_fails_login() {
     let db = support::fresh_db("pool_badparam");
     let p = support::proxy(&db, "default_pool_size = 1").await;
-    let e = Raw::try_login(p.addr.port(), APP.0, APP.1, &db, &[("no_such_setting", "1")]).await.err().expect("must fail");
+    let e =
+        Raw::try_login(p.addr.port(), APP.0, APP.1, &db, &[("no_such_setting", "1")]).await.err().expect("must fail");
     assert!(e.starts_with("42704"), "{e}");
     let e = Raw::try_login(p.addr.port(), APP.0, APP.1, &db, &[("DateStyle", "bogus")]).await;
     // Known parameters are validated on first use instead; either way the
@@ -257,7 +259,7 @@ async fn server_connect_timeout_is_reported() {
         .replace(&support::cluster().primary.addr(), &format!("127.0.0.1:{port}"));
     let p = support::start_proxy(&text).await;
     let started = Instant::now();
-    let e = support::connect_str(&support::conn_str(p.addr.port(), APP.0, APP.1, "ghost")).await.err().expect("must fail");
+    let e = support::refused(&support::conn_str(p.addr.port(), APP.0, APP.1, "ghost")).await;
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(code(&e), "08006", "{}", support::text(&e));
     assert!(support::text(&e).contains("timed out"), "{}", support::text(&e));
@@ -268,11 +270,12 @@ async fn server_connect_timeout_is_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_client_conn_refuses_extra_clients() {
     let db = support::fresh_db("pool_maxc");
-    let text = support::config_text(&db, "", "").replace("log_level = \"warn\"", "log_level = \"warn\"\nmax_client_conn = 2");
+    let text =
+        support::config_text(&db, "", "").replace("log_level = \"warn\"", "log_level = \"warn\"\nmax_client_conn = 2");
     let p = support::start_proxy(&text).await;
     let _a = support::app(&p, &db).await;
     let _b = support::app(&p, &db).await;
-    let e = support::connect_str(&support::conn_str(p.addr.port(), APP.0, APP.1, &db)).await.err().expect("third client refused");
+    let e = support::refused(&support::conn_str(p.addr.port(), APP.0, APP.1, &db)).await;
     assert_eq!(code(&e), "53300");
     drop(_a);
     tokio::time::sleep(Duration::from_millis(200)).await;

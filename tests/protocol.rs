@@ -6,7 +6,7 @@ mod support;
 
 use bytes::{BufMut, BytesMut};
 use support::raw::{self, Raw};
-use support::{APP, code, scalar};
+use support::{code, scalar, APP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::SimpleQueryMessage;
 
@@ -30,7 +30,8 @@ async fn simple_and_multi_statement_queries() {
     assert_eq!(rows, vec!["a", "b"]);
     // An error in the middle of a multi-statement string stops it there and
     // the implicit transaction rolls back; the session goes on.
-    let e = c.simple_query("INSERT INTO t VALUES (3, 'c'); SELECT 1/0; INSERT INTO t VALUES (4, 'd')").await.unwrap_err();
+    let e =
+        c.simple_query("INSERT INTO t VALUES (3, 'c'); SELECT 1/0; INSERT INTO t VALUES (4, 'd')").await.unwrap_err();
     assert_eq!(code(&e), "22012");
     assert_eq!(scalar(&c, "SELECT count(*) FROM t").await, "2");
     // Empty query.
@@ -46,7 +47,10 @@ async fn extended_protocol_unnamed_statements() {
     c.simple_query("CREATE TABLE kv (k int primary key, v text)").await.unwrap();
     for i in 0..20i32 {
         let n = c
-            .execute_typed("INSERT INTO kv VALUES ($1, $2)", &[(&i, tokio_postgres::types::Type::INT4), (&format!("v{i}"), tokio_postgres::types::Type::TEXT)])
+            .execute_typed(
+                "INSERT INTO kv VALUES ($1, $2)",
+                &[(&i, tokio_postgres::types::Type::INT4), (&format!("v{i}"), tokio_postgres::types::Type::TEXT)],
+            )
             .await
             .unwrap();
         assert_eq!(n, 1);
@@ -166,7 +170,10 @@ async fn notices_and_notifications_are_relayed() {
     let p = support::proxy(&db, "default_pool_size = 1").await;
     let mut r = Raw::login(p.addr.port(), APP.0, APP.1, &db, &[]).await;
     let mut b = BytesMut::new();
-    pgmux::protocol::messages::query(&mut b, "DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$; LISTEN chan; NOTIFY chan, 'payload-1'");
+    pgmux::protocol::messages::query(
+        &mut b,
+        "DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$; LISTEN chan; NOTIFY chan, 'payload-1'",
+    );
     r.send(&b).await;
     let msgs = r.until_ready().await;
     let notice = msgs.iter().find(|(t, _)| *t == b'N').expect("NoticeResponse");
@@ -180,7 +187,9 @@ async fn expect_protocol_error(port: u16, packet: &[u8]) {
     let mut s = Raw::open(port).await;
     s.write_all(packet).await.unwrap();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("pgmux must close the connection");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("pgmux must close the connection");
     assert_eq!(buf.first(), Some(&b'E'), "expected ErrorResponse, got {buf:?}");
     let text = raw::error_text(&buf[5..]);
     assert!(text.starts_with("08P01"), "{text}");

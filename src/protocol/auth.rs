@@ -86,11 +86,7 @@ impl Secret {
 }
 
 fn is_md5_hash(s: &str) -> bool {
-    s.len() == 35
-        && s.starts_with("md5")
-        && s[3..]
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A SCRAM-SHA-256 verifier (`SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`).
@@ -274,12 +270,7 @@ fn valid_nonce(n: &str) -> bool {
 
 enum ServerState {
     Initial,
-    FirstSent {
-        gs2_header: String,
-        client_first_bare: String,
-        server_first: String,
-        nonce: String,
-    },
+    FirstSent { gs2_header: String, client_first_bare: String, server_first: String, nonce: String },
     Done,
 }
 
@@ -296,24 +287,13 @@ impl ScramServer {
     }
 
     fn with_nonce(verifier: ScramVerifier, server_nonce: &str) -> Self {
-        ScramServer {
-            verifier,
-            server_nonce: server_nonce.to_string(),
-            state: ServerState::Initial,
-        }
+        ScramServer { verifier, server_nonce: server_nonce.to_string(), state: ServerState::Initial }
     }
 
     /// Handle SASLInitialResponse: `mechanism` must be "SCRAM-SHA-256", `data` is the
     /// client-first-message. Returns the server-first-message.
-    pub fn handle_client_first(
-        &mut self,
-        mechanism: &str,
-        data: &[u8],
-    ) -> Result<Vec<u8>, AuthError> {
-        if !matches!(
-            std::mem::replace(&mut self.state, ServerState::Done),
-            ServerState::Initial
-        ) {
+    pub fn handle_client_first(&mut self, mechanism: &str, data: &[u8]) -> Result<Vec<u8>, AuthError> {
+        if !matches!(std::mem::replace(&mut self.state, ServerState::Done), ServerState::Initial) {
             return Err(AuthError::Malformed("unexpected client-first-message"));
         }
         if mechanism != SCRAM_SHA_256 {
@@ -348,19 +328,13 @@ impl ScramServer {
     /// Handle the client-final-message. Returns the server-final-message and the
     /// client's recovered ClientKey (for passthrough).
     pub fn handle_client_final(&mut self, data: &[u8]) -> Result<(Vec<u8>, [u8; 32]), AuthError> {
-        let ServerState::FirstSent {
-            gs2_header,
-            client_first_bare,
-            server_first,
-            nonce,
-        } = std::mem::replace(&mut self.state, ServerState::Done)
+        let ServerState::FirstSent { gs2_header, client_first_bare, server_first, nonce } =
+            std::mem::replace(&mut self.state, ServerState::Done)
         else {
             return Err(AuthError::Malformed("unexpected client-final-message"));
         };
         let msg = utf8(data)?;
-        let (without_proof, proof) = msg
-            .rsplit_once(",p=")
-            .ok_or(AuthError::Malformed("missing client proof"))?;
+        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(AuthError::Malformed("missing client proof"))?;
         let mut parts = without_proof.split(',');
         let cbind = attr(parts.next(), b'c', "missing channel binding")?;
         if b64(cbind, "invalid channel binding")? != gs2_header.as_bytes() {
@@ -388,10 +362,7 @@ impl ScramServer {
 #[derive(Clone, Debug)]
 pub enum ScramCredentials {
     Password(String),
-    ClientKey {
-        client_key: [u8; 32],
-        verifier: ScramVerifier,
-    },
+    ClientKey { client_key: [u8; 32], verifier: ScramVerifier },
 }
 
 /// Client side of SCRAM-SHA-256 (pgmux → PostgreSQL). Sans-IO.
@@ -436,8 +407,7 @@ impl ScramClient {
         let msg = utf8(data)?;
         let mut parts = msg.split(',');
         let nonce = attr(parts.next(), b'r', "missing nonce")?;
-        if !valid_nonce(nonce) || nonce.len() <= self.nonce.len() || !nonce.starts_with(&self.nonce)
-        {
+        if !valid_nonce(nonce) || nonce.len() <= self.nonce.len() || !nonce.starts_with(&self.nonce) {
             return Err(AuthError::NonceMismatch);
         }
         let salt = b64(attr(parts.next(), b's', "missing salt")?, "invalid salt")?;
@@ -453,15 +423,9 @@ impl ScramClient {
                 let ck = hmac(&salted, &[b"Client Key"]);
                 (ck, sha256(&ck), hmac(&salted, &[b"Server Key"]))
             }
-            ScramCredentials::ClientKey {
-                client_key,
-                verifier,
-            } => {
+            ScramCredentials::ClientKey { client_key, verifier } => {
                 let stored = sha256(client_key);
-                if salt != verifier.salt
-                    || iterations != verifier.iterations
-                    || !ct_eq(&stored, &verifier.stored_key)
-                {
+                if salt != verifier.salt || iterations != verifier.iterations || !ct_eq(&stored, &verifier.stored_key) {
                     return Err(AuthError::VerifierMismatch);
                 }
                 (*client_key, stored, verifier.server_key)
@@ -476,9 +440,7 @@ impl ScramClient {
 
     /// Verify the server-final-message ("v=" signature, or "e=" error).
     pub fn handle_server_final(&self, data: &[u8]) -> Result<(), AuthError> {
-        let expected = self
-            .server_signature
-            .ok_or(AuthError::Malformed("unexpected server-final-message"))?;
+        let expected = self.server_signature.ok_or(AuthError::Malformed("unexpected server-final-message"))?;
         let msg = utf8(data)?;
         let first = msg.split(',').next();
         if let Ok(err) = attr(first, b'e', "") {

@@ -3,8 +3,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use AuthError as E;
 
 const RFC_CF: &[u8] = b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO";
-const RFC_SF: &[u8] =
-    b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+const RFC_SF: &[u8] = b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
 const RFC_CFINAL: &[u8] = b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
                             p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
 const RFC_SFINAL: &[u8] = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
@@ -31,10 +30,7 @@ fn rfc7677_vector() {
     let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
     let v = ScramVerifier::from_password("pencil", &salt, 4096);
     let mut server = ScramServer::with_nonce(v.clone(), "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0");
-    assert_eq!(
-        server.handle_client_first(SCRAM_SHA_256, RFC_CF).unwrap(),
-        RFC_SF
-    );
+    assert_eq!(server.handle_client_first(SCRAM_SHA_256, RFC_CF).unwrap(), RFC_SF);
     let (fin, key) = server.handle_client_final(RFC_CFINAL).unwrap();
     assert_eq!((fin.as_slice(), sha256(&key)), (RFC_SFINAL, v.stored_key));
 
@@ -94,10 +90,7 @@ fn client_key_passthrough() {
     let v = verifier("hunter2");
     let mut user = ScramClient::new(pw("hunter2"));
     let client_key = exchange(&mut user, &mut ScramServer::new(v.clone())).unwrap();
-    let creds = ScramCredentials::ClientKey {
-        client_key,
-        verifier: v.clone(),
-    };
+    let creds = ScramCredentials::ClientKey { client_key, verifier: v.clone() };
     // `exchange` also verifies the second server's server-final-message.
     let mut pgmux = ScramClient::new(creds.clone());
     let key2 = exchange(&mut pgmux, &mut ScramServer::new(v)).unwrap();
@@ -111,12 +104,8 @@ fn client_key_passthrough() {
 #[test]
 fn client_rejects_bad_server_messages() {
     let (mut c, mut s) = (ScramClient::new(pw("pw")), ScramServer::new(verifier("pw")));
-    let sf = s
-        .handle_client_first(SCRAM_SHA_256, &c.client_first())
-        .unwrap();
-    let (fin, _) = s
-        .handle_client_final(&c.handle_server_first(&sf).unwrap())
-        .unwrap();
+    let sf = s.handle_client_first(SCRAM_SHA_256, &c.client_first()).unwrap();
+    let (fin, _) = s.handle_client_final(&c.handle_server_first(&sf).unwrap()).unwrap();
     let mut sig = B64.decode(&fin[2..]).unwrap();
     sig[0] ^= 1;
     let bad = format!("v={}", B64.encode(sig));
@@ -126,11 +115,7 @@ fn client_rejects_bad_server_messages() {
     assert!(matches!(err, Err(E::ServerError(ref e)) if e == "invalid-proof"));
     c.handle_server_final(&fin).unwrap();
     // The server nonce must extend ours.
-    for sf in [
-        "r=abc,s=c2FsdA==,i=1",
-        "r=abXd,s=c2FsdA==,i=1",
-        "r=Xabc,s=c2FsdA==,i=1",
-    ] {
+    for sf in ["r=abc,s=c2FsdA==,i=1", "r=abXd,s=c2FsdA==,i=1", "r=Xabc,s=c2FsdA==,i=1"] {
         let mut c = ScramClient::with_nonce(pw("pw"), "", "abc");
         let err = c.handle_server_first(sf.as_bytes());
         assert!(matches!(err, Err(E::NonceMismatch)), "{err:?}");
@@ -140,30 +125,19 @@ fn client_rejects_bad_server_messages() {
 #[test]
 fn server_rejects_bad_messages() {
     let v = verifier("pw");
-    let first = |mech: &str, msg: &str| {
-        ScramServer::new(v.clone())
-            .handle_client_first(mech, msg.as_bytes())
-            .unwrap_err()
-    };
+    let first =
+        |mech: &str, msg: &str| ScramServer::new(v.clone()).handle_client_first(mech, msg.as_bytes()).unwrap_err();
     let err = first(SCRAM_SHA_256, "p=tls-server-end-point,,n=,r=abc");
     assert!(matches!(err, E::ChannelBindingUnsupported));
     let err = first("SCRAM-SHA-256-PLUS", "n,,n=,r=abc");
     assert!(matches!(err, E::UnsupportedMechanism(m) if m == "SCRAM-SHA-256-PLUS"));
-    assert!(matches!(
-        first(SCRAM_SHA_256, "n,,m=ext,n=,r=abc"),
-        E::Malformed(_)
-    ));
-    assert!(matches!(
-        first(SCRAM_SHA_256, "n,a=bob,n=,r=abc"),
-        E::Malformed(_)
-    ));
+    assert!(matches!(first(SCRAM_SHA_256, "n,,m=ext,n=,r=abc"), E::Malformed(_)));
+    assert!(matches!(first(SCRAM_SHA_256, "n,a=bob,n=,r=abc"), E::Malformed(_)));
     // client-final with the wrong channel-binding data ("y,,"), then the wrong nonce.
     let proof = B64.encode([0u8; 32]);
     for (cf, want_nonce_err) in [("c=eSws,{r},p=", false), ("c=biws,r=abcXYZ,p=", true)] {
         let mut s = ScramServer::new(v.clone());
-        let sf = s
-            .handle_client_first(SCRAM_SHA_256, b"n,,n=,r=abc")
-            .unwrap();
+        let sf = s.handle_client_first(SCRAM_SHA_256, b"n,,n=,r=abc").unwrap();
         let r = std::str::from_utf8(&sf).unwrap().split(',').next().unwrap();
         let cf = format!("{}{proof}", cf.replace("{r}", r));
         match s.handle_client_final(cf.as_bytes()) {
@@ -217,21 +191,13 @@ fn md5_functions() {
     let wrong = md5_salted_response(&md5_password_hash("alice", "nope"), salt);
     assert!(!md5_verify(&plain, "alice", salt, &wrong));
     assert!(!md5_verify(&md5, "alice", salt, &wrong));
-    assert!(!md5_verify(
-        &Secret::Scram(verifier("s3cret")),
-        "alice",
-        salt,
-        &resp
-    ));
+    assert!(!md5_verify(&Secret::Scram(verifier("s3cret")), "alice", salt, &resp));
 }
 
 #[test]
 fn cleartext_all_kinds() {
-    let secrets = [
-        Secret::Plain("pw".into()),
-        Secret::Md5(md5_password_hash("u", "pw")),
-        Secret::Scram(verifier("pw")),
-    ];
+    let secrets =
+        [Secret::Plain("pw".into()), Secret::Md5(md5_password_hash("u", "pw")), Secret::Scram(verifier("pw"))];
     for s in &secrets {
         assert!(cleartext_verify(s, "u", "pw"), "{s:?}");
         assert!(!cleartext_verify(s, "u", "pw2"), "{s:?}");

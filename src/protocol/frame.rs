@@ -208,22 +208,32 @@ mod tests {
         let mut seen = Vec::new();
         // Only the first 40 bytes have arrived.
         let n = relay
-            .scan(&wire[..40], MAX_MESSAGE_LEN, |t| t == b'Z', |t, _| {
-                seen.push(t);
-                Flow::Forward
-            })
+            .scan(
+                &wire[..40],
+                MAX_MESSAGE_LEN,
+                |t| t == b'Z',
+                |t, _| {
+                    seen.push(t);
+                    Flow::Forward
+                },
+            )
             .unwrap();
         assert_eq!(n, 40);
         assert!(relay.mid_message());
         let rest = &wire[40..];
         let n = relay
-            .scan(rest, MAX_MESSAGE_LEN, |t| t == b'Z', |t, body| {
-                seen.push(t);
-                if t == b'Z' {
-                    assert_eq!(body, b"I");
-                }
-                Flow::Forward
-            })
+            .scan(
+                rest,
+                MAX_MESSAGE_LEN,
+                |t| t == b'Z',
+                |t, body| {
+                    seen.push(t);
+                    if t == b'Z' {
+                        assert_eq!(body, b"I");
+                    }
+                    Flow::Forward
+                },
+            )
             .unwrap();
         assert_eq!(n, rest.len());
         assert_eq!(seen, vec![b'd', b'Z']);
@@ -234,18 +244,21 @@ mod tests {
         let mut wire = msg(b'Q', b"select 1\0");
         wire.extend(msg(b'X', b""));
         let mut relay = Relay::default();
-        let n = relay
-            .scan(&wire[..8], MAX_MESSAGE_LEN, |_| true, |_, _| Flow::Forward)
-            .unwrap();
+        let n = relay.scan(&wire[..8], MAX_MESSAGE_LEN, |_| true, |_, _| Flow::Forward).unwrap();
         assert_eq!(n, 0);
         let n = relay
-            .scan(&wire, MAX_MESSAGE_LEN, |_| true, |t, _| {
-                if t == b'X' {
-                    Flow::Stop
-                } else {
-                    Flow::Forward
-                }
-            })
+            .scan(
+                &wire,
+                MAX_MESSAGE_LEN,
+                |_| true,
+                |t, _| {
+                    if t == b'X' {
+                        Flow::Stop
+                    } else {
+                        Flow::Forward
+                    }
+                },
+            )
             .unwrap();
         assert_eq!(n, 14);
     }

@@ -232,9 +232,7 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
         } else {
             return Err(format!("unsupported startup option \"{w}\""));
         };
-        let (k, v) = setting
-            .split_once('=')
-            .ok_or_else(|| format!("option \"{setting}\" requires a value"))?;
+        let (k, v) = setting.split_once('=').ok_or_else(|| format!("option \"{setting}\" requires a value"))?;
         out.push((k.replace('-', "_"), v.to_string()));
     }
     Ok(out)

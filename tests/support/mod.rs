@@ -179,3 +179,11 @@ pub fn text(e: &tokio_postgres::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// A connection attempt that must fail; returns its error.
+pub async fn refused(s: &str) -> tokio_postgres::Error {
+    match connect_str(s).await {
+        Ok(_) => panic!("connection unexpectedly accepted: {s}"),
+        Err(e) => e,
+    }
+}

@@ -31,7 +31,13 @@ impl Raw {
     }
 
     /// Log in; Err carries "SQLSTATE message" of an ErrorResponse.
-    pub async fn try_login(port: u16, user: &str, password: &str, db: &str, extra: &[(&str, &str)]) -> Result<Raw, String> {
+    pub async fn try_login(
+        port: u16,
+        user: &str,
+        password: &str,
+        db: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<Raw, String> {
         let mut stream = Self::open(port).await;
         let mut params = vec![("user", user), ("database", db)];
         params.extend_from_slice(extra);
@@ -51,7 +57,10 @@ impl Raw {
                         3 => msg::password_message(&mut out, password),
                         5 => {
                             let salt = [body[4], body[5], body[6], body[7]];
-                            msg::password_message(&mut out, &auth::md5_salted_response(&auth::md5_password_hash(user, password), salt));
+                            msg::password_message(
+                                &mut out,
+                                &auth::md5_salted_response(&auth::md5_password_hash(user, password), salt),
+                            );
                         }
                         10 => {
                             let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
@@ -75,7 +84,12 @@ impl Raw {
                     let (k, v) = msg::parse_parameter_status(&body).expect("parameter status");
                     raw.params.insert(k, v);
                 }
-                b'K' => raw.key = (i32::from_be_bytes(body[0..4].try_into().unwrap()), i32::from_be_bytes(body[4..8].try_into().unwrap())),
+                b'K' => {
+                    raw.key = (
+                        i32::from_be_bytes(body[0..4].try_into().unwrap()),
+                        i32::from_be_bytes(body[4..8].try_into().unwrap()),
+                    )
+                }
                 b'E' => return Err(error_text(&body)),
                 b'Z' => return Ok(raw),
                 _ => {}
@@ -93,10 +107,13 @@ impl Raw {
     }
 
     pub async fn try_recv(&mut self) -> Option<(u8, BytesMut)> {
-        tokio::time::timeout(std::time::Duration::from_secs(30), read_message(&mut self.stream, &mut self.buf, MAX_MESSAGE_LEN))
-            .await
-            .expect("timed out waiting for a message")
-            .ok()
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            read_message(&mut self.stream, &mut self.buf, MAX_MESSAGE_LEN),
+        )
+        .await
+        .expect("timed out waiting for a message")
+        .ok()
     }
 
     /// Messages up to and including the next ReadyForQuery; ParameterStatus
@@ -146,7 +163,11 @@ pub fn rows_and_errors(msgs: &[(u8, BytesMut)]) -> (Vec<String>, Vec<String>) {
         match tag {
             b'D' => {
                 let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
-                rows.push(if len < 0 { "NULL".into() } else { String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned() });
+                rows.push(if len < 0 {
+                    "NULL".into()
+                } else {
+                    String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned()
+                });
             }
             b'E' => errors.push(error_text(body)),
             _ => {}

@@ -1,0 +1,168 @@
+//! End to end with the stock PostgreSQL tools: psql and pgbench through
+//! pgmux, and the pgmux command line itself.
+
+mod support;
+
+use std::process::Command;
+
+use support::{scalar, APP};
+
+fn tool(name: &str) -> Command {
+    let mut cmd = Command::new(name);
+    for v in ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGOPTIONS", "PGSSLMODE"] {
+        cmd.env_remove(v);
+    }
+    cmd.env("PGPASSWORD", APP.1).env("PGCONNECT_TIMEOUT", "10");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_and_pgbench_through_pgmux() {
+    let db = support::fresh_db("e2e_tools");
+    let p = support::proxy(&db, "default_pool_size = 4").await;
+    let port = p.addr.port().to_string();
+    let base = ["-h", "127.0.0.1", "-p", &port, "-U", APP.0];
+    // psql: multi-statement, \copy both ways, variables, errors.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("in.csv");
+    std::fs::write(&csv, (1..=500).map(|i| format!("{i},name {i}\n")).collect::<String>()).unwrap();
+    let out_csv = dir.path().join("out.csv");
+    let script = format!(
+        "CREATE TABLE people (id int primary key, name text);\n\\copy people FROM '{}' WITH (FORMAT csv)\nSELECT count(*) AS n FROM people \\gset\n\\echo rows=:n\n\\copy (SELECT * FROM people WHERE id <= 10 ORDER BY id) TO '{}' WITH (FORMAT csv)\n",
+        csv.display(),
+        out_csv.display()
+    );
+    let text = run(tool("psql").args(base).args([
+        "-d",
+        &db,
+        "-X",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        "SELECT 1 AS one; SELECT 2 AS two",
+    ]));
+    assert!(text.contains("one") && text.contains("two"), "{text}");
+    let script_file = dir.path().join("script.sql");
+    std::fs::write(&script_file, script).unwrap();
+    let text = run(tool("psql")
+        .args(base)
+        .args(["-d", &db, "-X", "-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(&script_file)
+        .env("PGAPPNAME", "psql-e2e"));
+    assert!(text.contains("rows=500"), "{text}");
+    let copied = std::fs::read_to_string(&out_csv).unwrap();
+    assert_eq!(copied.lines().count(), 10);
+    assert!(copied.starts_with("1,name 1\n"));
+    let out = tool("psql").args(base).args(["-d", &db, "-X", "-c", "SELECT * FROM no_such_table"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+
+    // pgbench: initialize through pgmux (COPY, DDL) and run simple and
+    // extended protocol with more clients than server connections.
+    run(tool("pgbench").args(base).args(["-i", "-s", "1", "-q", &db]));
+    for mode in ["simple", "extended"] {
+        let text = run(tool("pgbench").args(base).args(["-c", "12", "-j", "2", "-T", "3", "-M", mode, "-n", &db]));
+        assert!(text.contains("number of failed transactions: 0"), "{mode}: {text}");
+        let tps: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tps = ")?.split_whitespace().next()?.parse().ok())
+            .expect("tps line");
+        assert!(tps > 50.0, "{mode}: {tps} tps");
+    }
+    let direct = support::direct(&db).await;
+    assert!(support::backends(&direct, &db).await <= 4);
+    assert_eq!(scalar(&direct, "SELECT count(*) FROM pgbench_accounts").await, "100000");
+    p.stop().await;
+}
+
+fn pgmux() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pgmux"))
+}
+
+#[test]
+fn cli_help_and_check_config() {
+    let text = run(pgmux().arg("--help"));
+    assert!(text.contains("check-config") && text.contains("demo") && text.contains("--config"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgmux.toml"), &good).unwrap();
+    let text = run(pgmux().arg("check-config").arg(&good));
+    assert!(text.contains("ok"), "{text}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[pool]\ndefault_pool_size = \"many\"\n").unwrap();
+    let out = pgmux().arg("check-config").arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && err.contains("default_pool_size"), "{err}");
+    let out = pgmux().args(["--config", "/nonexistent/pgmux.toml"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn demo_brings_up_a_replicated_topology_and_tears_it_down() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let port = pgmux::pgcluster::free_port().unwrap();
+    let mut child = pgmux()
+        .args(["demo", "--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mut psql_line = None;
+    while let Some(Ok(line)) = lines.next() {
+        if line.trim_start().starts_with("psql ") {
+            psql_line = Some(line.trim().to_string());
+            break;
+        }
+        seen.push(line);
+    }
+    let psql_line = psql_line.unwrap_or_else(|| panic!("no psql line in demo output: {seen:?}"));
+    let data_dir = seen
+        .iter()
+        .find_map(|l| Some(l.split("(data in ").nth(1)?.trim_end_matches("):").to_string()))
+        .expect("data dir line");
+    let replicas: Vec<String> =
+        seen.iter().filter_map(|l| l.trim().strip_prefix("replica")).map(|a| a.trim().to_string()).collect();
+    assert_eq!(replicas.len(), 2, "{seen:?}");
+    let url = psql_line.trim_start_matches("psql ").trim_matches('"').to_string();
+    assert!(url.contains(&format!(":{port}/")), "{url}");
+    let text = run(tool("psql").arg(&url).args(["-X", "-A", "-t", "-c", "SELECT pg_is_in_recovery()"]));
+    assert_eq!(text.trim(), "f");
+    for r in &replicas {
+        let (host, rport) = r.rsplit_once(':').unwrap();
+        let out = run(tool("psql")
+            .args([
+                "-h",
+                host,
+                "-p",
+                rport,
+                "-U",
+                "demo",
+                "-d",
+                "demo",
+                "-X",
+                "-A",
+                "-t",
+                "-c",
+                "SELECT pg_is_in_recovery()",
+            ])
+            .env("PGPASSWORD", "demo"));
+        assert_eq!(out.trim(), "t", "replica {r}");
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!std::path::Path::new(&data_dir).exists(), "{data_dir} left behind");
+}
