@@ -295,16 +295,17 @@ impl Session {
             },
         );
         (self.pending, self.unsynced, self.copy_in) = (pending, unsynced, copy_in);
-        let n = match scanned {
-            Ok(n) => n,
+        let scan = match scanned {
+            Ok(scan) => scan,
             Err(e) => return Some(Relayed::ClientError(frame_error(e))),
         };
-        if n > 0 {
-            if let Err(e) = conn.stream.write_all(&self.rbuf[..n]).await {
+        let out = scan.rewritten.as_deref().unwrap_or(&self.rbuf[..scan.consumed]);
+        if !out.is_empty() {
+            if let Err(e) = conn.stream.write_all(out).await {
                 return Some(Relayed::ServerGone(e.to_string()));
             }
-            self.rbuf.advance(n);
         }
+        self.rbuf.advance(scan.consumed);
         stop
     }
 
@@ -336,8 +337,8 @@ impl Session {
             },
         );
         (self.pending, self.status, self.copy_in) = (pending, status, copy_in);
-        let n = match scanned {
-            Ok(n) => n,
+        let scan = match scanned {
+            Ok(scan) => scan,
             Err(e) => return Some(Relayed::ServerGone(format!("invalid message from server: {e}"))),
         };
         for (at, len) in changed {
@@ -350,12 +351,11 @@ impl Session {
                 }
             }
         }
-        if n > 0 {
-            if self.stream.write_all(&conn.rbuf[..n]).await.is_err() {
-                conn.rbuf.advance(n);
-                return Some(Relayed::ClientGone);
-            }
-            conn.rbuf.advance(n);
+        let out = scan.rewritten.as_deref().unwrap_or(&conn.rbuf[..scan.consumed]);
+        let sent = out.is_empty() || self.stream.write_all(out).await.is_ok();
+        conn.rbuf.advance(scan.consumed);
+        if !sent {
+            return Some(Relayed::ClientGone);
         }
         None
     }

@@ -104,13 +104,29 @@ pub async fn read_startup<R: AsyncRead + Unpin>(
 }
 
 /// What the relay should do with a message it has just seen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Flow {
     /// Forward it and keep scanning.
     Forward,
     /// Forward nothing from here on; the message stays at the front of the
     /// buffer for the caller to handle.
     Stop,
+    /// Leave it out (only for messages whose body was inspected).
+    Drop,
+    /// Send these bytes instead (only for messages whose body was inspected).
+    Replace(BytesMut),
+    /// Send these bytes, then the message.
+    Insert(BytesMut),
+}
+
+/// The result of one [`Relay::scan`].
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Leading bytes of the buffer dealt with.
+    pub consumed: usize,
+    /// When messages were dropped, replaced or inserted: the bytes to send
+    /// instead of `buf[..consumed]`. `None` means send the slice as it is.
+    pub rewritten: Option<BytesMut>,
 }
 
 /// Streaming scanner over one direction of a connection.
@@ -119,7 +135,9 @@ pub enum Flow {
 /// bytes may be forwarded as they are. A message whose body the caller must
 /// read (`needs_body(tag)`) is reported only once it is complete; any other
 /// message is reported at its header and its body is passed through as it
-/// arrives, so a 500 MB COPY row never sits whole in memory.
+/// arrives, so a 500 MB COPY row never sits whole in memory. Unchanged
+/// traffic is never copied: only a scan that edits something builds a new
+/// buffer.
 #[derive(Debug, Default)]
 pub struct Relay {
     /// Body bytes of an already-reported message still to pass through.
@@ -134,41 +152,62 @@ impl Relay {
     }
 
     /// Scan `buf`; `on_msg(tag, body)` gets the body only for tags where
-    /// `needs_body` is true (an empty slice otherwise). Returns the number
-    /// of leading bytes ready to forward.
+    /// `needs_body` is true (an empty slice otherwise).
     pub fn scan(
         &mut self,
         buf: &[u8],
         max: usize,
         needs_body: impl Fn(u8) -> bool,
         mut on_msg: impl FnMut(u8, &[u8]) -> Flow,
-    ) -> Result<usize, FrameError> {
+    ) -> Result<Scan, FrameError> {
         let mut pos = 0;
+        // Edited output so far, and where the not-yet-copied run starts.
+        let mut out: Option<BytesMut> = None;
+        let mut run = 0;
+        let edit = |out: &mut Option<BytesMut>, run: &mut usize, at: usize, bytes: &[u8], resume: usize| {
+            let o = out.get_or_insert_with(|| BytesMut::with_capacity(buf.len() + bytes.len()));
+            o.extend_from_slice(&buf[*run..at]);
+            o.extend_from_slice(bytes);
+            *run = resume;
+        };
+        let done = |out: Option<BytesMut>, run: usize, pos: usize| {
+            let rewritten = out.map(|mut o| {
+                o.extend_from_slice(&buf[run..pos]);
+                o
+            });
+            Ok(Scan { consumed: pos, rewritten })
+        };
         loop {
             if self.passthrough > 0 {
                 let n = self.passthrough.min(buf.len() - pos);
                 self.passthrough -= n;
                 pos += n;
                 if self.passthrough > 0 {
-                    return Ok(pos);
+                    return done(out, run, pos);
                 }
             }
-            let Some((tag, body)) = peek_header(&buf[pos..], max)? else {
-                return Ok(pos);
+            let header = match peek_header(&buf[pos..], max) {
+                Ok(Some(h)) => h,
+                Ok(None) => return done(out, run, pos),
+                Err(e) => return Err(e),
             };
-            if needs_body(tag) {
-                let end = pos + HEADER_LEN + body;
-                if buf.len() < end {
-                    return Ok(pos);
-                }
-                if on_msg(tag, &buf[pos + HEADER_LEN..end]) == Flow::Stop {
-                    return Ok(pos);
-                }
+            let (tag, body) = header;
+            let whole = needs_body(tag);
+            let end = pos + HEADER_LEN + body;
+            if whole && buf.len() < end {
+                return done(out, run, pos);
+            }
+            let flow = on_msg(tag, if whole { &buf[pos + HEADER_LEN..end] } else { &[] });
+            match flow {
+                Flow::Stop => return done(out, run, pos),
+                Flow::Drop if whole => edit(&mut out, &mut run, pos, &[], end),
+                Flow::Replace(bytes) if whole => edit(&mut out, &mut run, pos, &bytes, end),
+                Flow::Insert(bytes) => edit(&mut out, &mut run, pos, &bytes, pos),
+                _ => {}
+            }
+            if whole {
                 pos = end;
             } else {
-                if on_msg(tag, &[]) == Flow::Stop {
-                    return Ok(pos);
-                }
                 pos += HEADER_LEN;
                 self.passthrough = body;
             }
@@ -218,7 +257,8 @@ mod tests {
                 },
             )
             .unwrap();
-        assert_eq!(n, 40);
+        assert_eq!(n.consumed, 40);
+        assert!(n.rewritten.is_none());
         assert!(relay.mid_message());
         let rest = &wire[40..];
         let n = relay
@@ -235,7 +275,7 @@ mod tests {
                 },
             )
             .unwrap();
-        assert_eq!(n, rest.len());
+        assert_eq!(n.consumed, rest.len());
         assert_eq!(seen, vec![b'd', b'Z']);
     }
 
@@ -245,7 +285,7 @@ mod tests {
         wire.extend(msg(b'X', b""));
         let mut relay = Relay::default();
         let n = relay.scan(&wire[..8], MAX_MESSAGE_LEN, |_| true, |_, _| Flow::Forward).unwrap();
-        assert_eq!(n, 0);
+        assert_eq!(n.consumed, 0);
         let n = relay
             .scan(
                 &wire,
@@ -260,6 +300,29 @@ mod tests {
                 },
             )
             .unwrap();
-        assert_eq!(n, 14);
+        assert_eq!(n.consumed, 14);
+    }
+
+    #[test]
+    fn edits_build_a_new_buffer() {
+        let mut wire = msg(b'1', b"");
+        wire.extend(msg(b'2', b""));
+        wire.extend(msg(b'D', b"row"));
+        wire.extend(msg(b'Z', b"I"));
+        let mut relay = Relay::default();
+        let scan = relay
+            .scan(&wire, MAX_MESSAGE_LEN, |t| t != b'D', |t, _| match t {
+                b'1' => Flow::Drop,
+                b'D' => Flow::Insert(BytesMut::from(&msg(b'3', b"")[..])),
+                b'Z' => Flow::Replace(BytesMut::from(&msg(b'Z', b"T")[..])),
+                _ => Flow::Forward,
+            })
+            .unwrap();
+        assert_eq!(scan.consumed, wire.len());
+        let mut expect = msg(b'2', b"");
+        expect.extend(msg(b'3', b""));
+        expect.extend(msg(b'D', b"row"));
+        expect.extend(msg(b'Z', b"T"));
+        assert_eq!(scan.rewritten.unwrap().to_vec(), expect);
     }
 }
