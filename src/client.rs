@@ -18,8 +18,9 @@ use tokio::net::TcpStream;
 use crate::cancel::CancelSlot;
 use crate::config::PoolMode;
 use crate::pool::{Checkout, Pool, PoolError};
+use crate::prepared::{self, ClientStatements, Ctx, Tracker};
 use crate::protocol::error::{sqlstate, PgError};
-use crate::protocol::frame::{Flow, FrameError, Relay, MAX_MESSAGE_LEN};
+use crate::protocol::frame::{peek_header, Flow, FrameError, Relay, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
 use crate::server::{is_server_owned, ServerConn, ServerError};
 
@@ -73,6 +74,12 @@ pub struct Session {
     mode: PoolMode,
     /// Settings this client chose (startup packet, then its own SETs).
     wanted: BTreeMap<String, String>,
+    /// The startup packet's settings: what DISCARD ALL returns to.
+    startup: BTreeMap<String, String>,
+    /// Protocol-level prepared statements are tracked (transaction mode).
+    track: bool,
+    stmts: ClientStatements,
+    tracker: Tracker,
     /// ParameterStatus values this client has been told.
     told: BTreeMap<String, String>,
     cancel: Arc<CancelSlot>,
@@ -96,10 +103,15 @@ impl Session {
         wanted: BTreeMap<String, String>,
         cancel: Arc<CancelSlot>,
     ) -> Self {
+        let track = pool.settings.mode == PoolMode::Transaction && pool.settings.max_prepared_statements > 0;
         Session {
             stream,
             rbuf,
             mode: pool.settings.mode,
+            track,
+            stmts: ClientStatements::new(pool.settings.max_client_prepared_statements),
+            tracker: Tracker::default(),
+            startup: wanted.clone(),
             pool,
             wanted,
             told: BTreeMap::new(),
@@ -156,9 +168,14 @@ impl Session {
     /// Serve the client until it leaves.
     pub async fn run(mut self) {
         loop {
-            // Idle: no server connection until a message arrives.
-            while self.rbuf.is_empty() {
-                self.rbuf.reserve(8192);
+            // Idle: no server connection until a whole message is here.
+            loop {
+                match peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
+                    Ok(Some((_, len))) if self.rbuf.len() >= HEADER_LEN + len => break,
+                    Ok(Some((_, len))) => self.rbuf.reserve(HEADER_LEN + len - self.rbuf.len()),
+                    Ok(None) => self.rbuf.reserve(8192),
+                    Err(e) => return Self::fatal(&mut self.stream, &frame_error(e)).await,
+                }
                 match self.stream.read_buf(&mut self.rbuf).await {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
@@ -219,6 +236,7 @@ impl Session {
         }
         self.cancel.set(conn.cancel_key());
         self.status = b'I';
+        self.tracker.reset(b'I');
         Ok(())
     }
 
@@ -230,6 +248,7 @@ impl Session {
             && !self.crelay.mid_message()
             && !self.srelay.mid_message()
             && conn.rbuf.is_empty()
+            && self.tracker.idle()
     }
 
     async fn relay(&mut self, conn: &mut ServerConn) -> Relayed {
@@ -265,35 +284,39 @@ impl Session {
     async fn forward_client(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
         let (mut pending, mut unsynced, mut copy_in) = (self.pending, self.unsynced, self.copy_in);
         let mut stop: Option<Relayed> = None;
-        let scanned = self.crelay.scan(
-            &self.rbuf,
-            MAX_MESSAGE_LEN,
-            |_| false,
-            |tag, _| {
-                match tag {
-                    b'Q' | b'F' => pending += 1,
-                    b'S' => {
-                        pending += 1;
-                        unsynced = false;
-                    }
-                    b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => unsynced = true,
-                    b'd' => {}
-                    b'c' | b'f' => copy_in = false,
-                    b'X' => {
-                        stop = Some(Relayed::ClientGone);
-                        return Flow::Stop;
-                    }
-                    other => {
-                        stop = Some(Relayed::ClientError(PgError::fatal(
-                            sqlstate::PROTOCOL_VIOLATION,
-                            format!("invalid frontend message type {other}"),
-                        )));
-                        return Flow::Stop;
-                    }
+        let track = self.track;
+        let tracker = &mut self.tracker;
+        let mut cx = Ctx {
+            stmts: &mut self.stmts,
+            server: &mut conn.prepared,
+            server_cap: self.pool.settings.max_prepared_statements,
+        };
+        let needs_body = |t: u8| track && t != b'd';
+        let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
+            if !matches!(tag, b'Q' | b'F' | b'S' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'd' | b'c' | b'f') {
+                stop = Some(if tag == b'X' {
+                    Relayed::ClientGone
+                } else {
+                    Relayed::ClientError(PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        format!("invalid frontend message type {tag}"),
+                    ))
+                });
+                return Flow::Stop;
+            }
+            let flow = if track { tracker.on_client(tag, body, &mut cx) } else { Flow::Forward };
+            match tag {
+                b'Q' | b'F' if flow != Flow::Drop => pending += 1,
+                b'S' => {
+                    pending += 1;
+                    unsynced = false;
                 }
-                Flow::Forward
-            },
-        );
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => unsynced = true,
+                b'c' | b'f' => copy_in = false,
+                _ => {}
+            }
+            flow
+        });
         (self.pending, self.unsynced, self.copy_in) = (pending, unsynced, copy_in);
         let scan = match scanned {
             Ok(scan) => scan,
@@ -306,6 +329,11 @@ impl Session {
             }
         }
         self.rbuf.advance(scan.consumed);
+        if let Some(answers) = self.tracker.due() {
+            if self.stream.write_all(&answers).await.is_err() {
+                return Some(Relayed::ClientGone);
+            }
+        }
         stop
     }
 
@@ -314,33 +342,43 @@ impl Session {
     async fn forward_server(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
         let (mut pending, mut status, mut copy_in) = (self.pending, self.status, self.copy_in);
         let mut changed: Vec<(usize, usize)> = Vec::new();
-        let mut offset = 0usize;
+        let mut discarded = false;
         let base = conn.rbuf.as_ptr() as usize;
-        let scanned = self.srelay.scan(
-            &conn.rbuf,
-            MAX_MESSAGE_LEN,
-            |t| t == b'Z' || t == b'S',
-            |tag, body| {
-                match tag {
-                    b'Z' => {
-                        pending = pending.saturating_sub(1);
-                        status = body.first().copied().unwrap_or(b'?');
-                    }
-                    b'S' => {
-                        offset = body.as_ptr() as usize - base;
-                        changed.push((offset, body.len()));
-                    }
-                    b'G' => copy_in = true,
-                    _ => {}
+        let track = self.track;
+        let tracker = &mut self.tracker;
+        let mut cx = Ctx {
+            stmts: &mut self.stmts,
+            server: &mut conn.prepared,
+            server_cap: self.pool.settings.max_prepared_statements,
+        };
+        let needs_body = |t: u8| if track { t != b'D' && t != b'd' } else { t == b'Z' || t == b'S' };
+        let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
+            match tag {
+                b'Z' => {
+                    pending = pending.saturating_sub(1);
+                    status = body.first().copied().unwrap_or(b'?');
                 }
-                Flow::Forward
-            },
-        );
+                b'S' => changed.push((body.as_ptr() as usize - base, body.len())),
+                b'G' => copy_in = true,
+                _ => {}
+            }
+            if !track {
+                return Flow::Forward;
+            }
+            let (flow, event) = tracker.on_server(tag, body, needs_body(tag), &mut cx);
+            discarded |= event == prepared::Event::DiscardAll;
+            flow
+        });
         (self.pending, self.status, self.copy_in) = (pending, status, copy_in);
         let scan = match scanned {
             Ok(scan) => scan,
             Err(e) => return Some(Relayed::ServerGone(format!("invalid message from server: {e}"))),
         };
+        if discarded {
+            // DISCARD ALL: session settings are back to the startup ones.
+            conn.applied.clear();
+            self.wanted = self.startup.clone();
+        }
         for (at, len) in changed {
             let body = conn.rbuf[at..at + len].to_vec();
             if let Some((k, v)) = conn.note_status(&body) {
@@ -363,7 +401,7 @@ impl Session {
     /// The client left while holding a server connection: bring it back to
     /// idle (finish what is running, roll back, reset) or close it.
     async fn abandon(mut self, mut server: Checkout) {
-        if self.crelay.mid_message() || self.srelay.mid_message() {
+        if self.crelay.mid_message() || self.srelay.mid_message() || self.tracker.parse_in_flight() {
             return; // dropping the checkout closes the connection
         }
         let mode = self.mode;

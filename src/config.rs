@@ -164,6 +164,11 @@ pub struct PoolDefaults {
     pub server_connect_timeout: Dur,
     /// Run on a session-mode server connection before reuse.
     pub server_reset_query: String,
+    /// Protocol-level prepared statements kept per server connection in
+    /// transaction mode (LRU); 0 turns statement tracking off.
+    pub max_prepared_statements: usize,
+    /// Named prepared statements one client may hold at once.
+    pub max_client_prepared_statements: usize,
 }
 
 impl Default for PoolDefaults {
@@ -177,6 +182,8 @@ impl Default for PoolDefaults {
             server_lifetime: Dur(Duration::from_secs(3600)),
             server_connect_timeout: Dur(Duration::from_secs(5)),
             server_reset_query: "DISCARD ALL".into(),
+            max_prepared_statements: 500,
+            max_client_prepared_statements: 1000,
         }
     }
 }
@@ -252,6 +259,8 @@ pub struct PoolSettings {
     pub lifetime: Duration,
     pub connect_timeout: Duration,
     pub reset_query: String,
+    pub max_prepared_statements: usize,
+    pub max_client_prepared_statements: usize,
 }
 
 impl Config {
@@ -361,6 +370,8 @@ impl Config {
             lifetime: self.pool.server_lifetime.0,
             connect_timeout: self.pool.server_connect_timeout.0,
             reset_query: self.pool.server_reset_query.clone(),
+            max_prepared_statements: self.pool.max_prepared_statements,
+            max_client_prepared_statements: self.pool.max_client_prepared_statements,
         }
     }
 }

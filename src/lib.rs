@@ -11,12 +11,14 @@ pub mod config;
 pub mod demo;
 
 pub mod login;
+pub mod prepared;
 
 pub mod pgcluster;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod server;
+pub mod sqlhead;
 
 /// Database name of the admin console.
 pub const ADMIN_DB: &str = "pgmux";

@@ -13,7 +13,8 @@
 //! `postgres`. Dropping the [`Cluster`] (also while unwinding from a panic, and when
 //! [`Cluster::start`] fails half-way) stops every server with
 //! `pg_ctl stop -m immediate` and removes the directory.
-//! Nothing is printed to stdout; progress goes to `tracing::debug!`.
+//! Nothing is printed to stdout; progress goes to `tracing::debug!`. Every call
+//! blocks (seconds for `start`): from async code use `tokio::task::spawn_blocking`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -335,8 +336,14 @@ impl Cluster {
     }
 
     /// Wait (30 s max) until every replica has replayed the primary's current WAL LSN.
+    /// (A synchronous dummy commit first flushes the primary's asynchronously
+    /// committed WAL, then its flush LSN is the target; replicas only receive
+    /// flushed WAL.)
     pub fn wait_replicas_caught_up(&self) -> Result<(), ClusterError> {
-        let lsn = self.psql(&self.primary, "postgres", "SELECT pg_current_wal_lsn()")?;
+        let sql = "SET synchronous_commit = on;\nSELECT txid_current() > 0;\n\
+                   SELECT pg_current_wal_flush_lsn();";
+        let out = self.psql(&self.primary, "postgres", sql)?;
+        let lsn = out.lines().last().unwrap_or_default().to_string();
         let sql = format!("SELECT pg_last_wal_replay_lsn() >= {}::pg_lsn", lit(&lsn));
         let deadline = Instant::now() + READY_TIMEOUT;
         for r in &self.replicas {
@@ -364,9 +371,9 @@ impl Cluster {
 
     /// A command for binary `name` of [`PgBin`], as `postgres` when we are root.
     fn server_cmd(&self, name: &str) -> Command {
-        let prog = self.bin.path(name);
-        let mut cmd = Command::new(if self.owner.is_some() { "runuser".as_ref() } else { prog.as_os_str() });
-        if self.owner.is_some() {
+        let (prog, as_postgres) = (self.bin.path(name), self.owner.is_some());
+        let mut cmd = Command::new(if as_postgres { Path::new("runuser") } else { &prog });
+        if as_postgres {
             cmd.args(["-u", "postgres", "--"]).arg(&prog);
         }
         clean_env(cmd.current_dir(self.dir.path()));
@@ -474,7 +481,8 @@ impl Cluster {
 
 impl Cluster {
     /// `pg_ctl stop -m immediate` for every running node (in parallel, errors
-    /// ignored). Drop calls it; a cluster kept in a `static` calls it at exit.
+    /// ignored). Drop calls it; a cluster kept in a `static` (never dropped)
+    /// should call it at exit, e.g. from a `libc::atexit` hook.
     pub fn shutdown(&self) {
         let children: Vec<_> = self
             .nodes()

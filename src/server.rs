@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::HostPort;
+use crate::prepared::ServerStatements;
 use crate::protocol::auth::{self, ScramClient, ScramCredentials};
 use crate::protocol::error::describe_server_error;
 use crate::protocol::frame::{self, FrameError, MAX_PREAUTH_LEN};
@@ -92,6 +93,8 @@ pub struct ServerConn {
     /// Session settings made explicit on this connection (by pgmux or a
     /// client), compared with each client's on checkout.
     pub applied: BTreeMap<String, String>,
+    /// Statements pgmux has prepared here (transaction mode).
+    pub prepared: ServerStatements,
     pub created: Instant,
     pub last_used: Instant,
 }
@@ -120,6 +123,7 @@ impl ServerConn {
             backend_secret: 0,
             reported: BTreeMap::new(),
             applied: BTreeMap::new(),
+            prepared: ServerStatements::default(),
             created: now,
             last_used: now,
         };
@@ -333,6 +337,7 @@ impl ServerConn {
         if !reset_query.trim().is_empty() {
             self.run(reset_query).await?;
             self.applied.clear();
+            self.prepared.clear();
         }
         Ok(())
     }

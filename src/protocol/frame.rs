@@ -311,12 +311,17 @@ mod tests {
         wire.extend(msg(b'Z', b"I"));
         let mut relay = Relay::default();
         let scan = relay
-            .scan(&wire, MAX_MESSAGE_LEN, |t| t != b'D', |t, _| match t {
-                b'1' => Flow::Drop,
-                b'D' => Flow::Insert(BytesMut::from(&msg(b'3', b"")[..])),
-                b'Z' => Flow::Replace(BytesMut::from(&msg(b'Z', b"T")[..])),
-                _ => Flow::Forward,
-            })
+            .scan(
+                &wire,
+                MAX_MESSAGE_LEN,
+                |t| t != b'D',
+                |t, _| match t {
+                    b'1' => Flow::Drop,
+                    b'D' => Flow::Insert(BytesMut::from(&msg(b'3', b"")[..])),
+                    b'Z' => Flow::Replace(BytesMut::from(&msg(b'Z', b"T")[..])),
+                    _ => Flow::Forward,
+                },
+            )
             .unwrap();
         assert_eq!(scan.consumed, wire.len());
         let mut expect = msg(b'2', b"");

@@ -1,0 +1,538 @@
+//! Protocol-level prepared statements in transaction mode.
+//!
+//! A client's next transaction may run on another server connection, where
+//! its named statements do not exist. pgmux therefore keeps each client's
+//! statements (name → query text + parameter types) and prepares them on
+//! servers under a name derived from a hash of (query, types): the same
+//! statement from many clients is prepared once per server connection. A
+//! Parse the server already has is answered by pgmux; a Bind or Describe of
+//! a statement the server lacks gets the Parse injected in front of it, in
+//! the same write. Each server connection keeps an LRU of what it has
+//! prepared (`max_prepared_statements`); the Close of an evicted statement
+//! travels with the next write.
+//!
+//! Answers pgmux gives itself must reach the client in protocol order, and
+//! answers to injected messages must not reach it at all, so a [`Tracker`]
+//! keeps the queue of replies expected from the server for every message
+//! forwarded, with pgmux's own answers in their places. An error in the
+//! extended protocol makes the server skip to Sync; the tracker drops what
+//! the server will not answer and undoes bookkeeping for statements that
+//! were not created after all.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hasher;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::frame::Flow;
+use crate::protocol::messages::{finish_message, start_message};
+
+/// A statement as servers know it: `pgmux_<hash>`.
+#[derive(Debug)]
+pub struct Statement {
+    pub hash: u64,
+    /// The whole Parse message under the server-side name.
+    parse: Bytes,
+}
+
+/// Hash of a Parse body after the name: query text and parameter types.
+pub fn statement_hash(query_and_types: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(query_and_types);
+    h.finish()
+}
+
+pub fn server_name(hash: u64) -> String {
+    format!("pgmux_{hash:016x}")
+}
+
+impl Statement {
+    pub fn new(query_and_types: &[u8]) -> Statement {
+        let hash = statement_hash(query_and_types);
+        let mut b = BytesMut::with_capacity(query_and_types.len() + 32);
+        let at = start_message(&mut b, b'P');
+        put_cstr(&mut b, &server_name(hash));
+        b.put_slice(query_and_types);
+        finish_message(&mut b, at);
+        Statement { hash, parse: b.freeze() }
+    }
+}
+
+/// One client's named statements, capped.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    map: HashMap<String, Arc<Statement>>,
+    pub cap: usize,
+}
+
+impl ClientStatements {
+    pub fn new(cap: usize) -> Self {
+        ClientStatements { map: HashMap::new(), cap }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// What one server connection has prepared, least recently used first out.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    used: HashMap<u64, u64>,
+    tick: u64,
+}
+
+impl ServerStatements {
+    /// Whether the statement is prepared; marks it used.
+    pub fn touch(&mut self, hash: u64) -> bool {
+        self.tick += 1;
+        match self.used.get_mut(&hash) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Record a statement as prepared; returns the one to close when the
+    /// connection holds more than `cap`.
+    pub fn insert(&mut self, hash: u64, cap: usize) -> Option<u64> {
+        self.tick += 1;
+        self.used.insert(hash, self.tick);
+        if self.used.len() <= cap.max(1) {
+            return None;
+        }
+        let victim = self.used.iter().filter(|(h, _)| **h != hash).min_by_key(|(_, t)| **t).map(|(h, _)| *h)?;
+        self.used.remove(&victim);
+        Some(victim)
+    }
+
+    pub fn remove(&mut self, hash: u64) {
+        self.used.remove(&hash);
+    }
+
+    pub fn clear(&mut self) {
+        self.used.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+}
+
+/// Bookkeeping to undo when the server skips a Parse after an error.
+#[derive(Debug)]
+struct Undo {
+    hash: Option<u64>,
+    client_name: Option<String>,
+}
+
+#[derive(Debug)]
+enum Expect {
+    /// pgmux answers at this point in the stream.
+    Synthetic(BytesMut, Option<Undo>),
+    /// ReadyForQuery with the current transaction status, from pgmux.
+    SyntheticReady,
+    Parse {
+        undo: Option<Undo>,
+        hidden: bool,
+    },
+    Bind,
+    Describe,
+    Execute,
+    Close {
+        hidden: bool,
+    },
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+/// Something the session must act on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    None,
+    /// The server ran DISCARD ALL for this client.
+    DiscardAll,
+}
+
+/// The reply queue of one attached server connection.
+#[derive(Debug)]
+pub struct Tracker {
+    expect: VecDeque<Expect>,
+    /// After an extended-protocol error the server ignores all until Sync.
+    server_skipping: bool,
+    /// pgmux reported an error itself: drop client messages until Sync.
+    client_skipping: bool,
+    status: u8,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker { expect: VecDeque::new(), server_skipping: false, client_skipping: false, status: b'I' }
+    }
+}
+
+/// The state the tracker works on.
+pub struct Ctx<'a> {
+    pub stmts: &'a mut ClientStatements,
+    pub server: &'a mut ServerStatements,
+    pub server_cap: usize,
+}
+
+fn put_cstr(b: &mut BytesMut, s: &str) {
+    b.put_slice(s.as_bytes());
+    b.put_u8(0);
+}
+
+fn split_cstr(b: &[u8]) -> Option<(&str, &[u8])> {
+    let end = b.iter().position(|&c| c == 0)?;
+    Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
+}
+
+fn tiny(tag: u8) -> BytesMut {
+    let mut b = BytesMut::with_capacity(5);
+    b.put_u8(tag);
+    b.put_i32(4);
+    b
+}
+
+impl Tracker {
+    /// Nothing outstanding: the connection may go back to the pool.
+    pub fn idle(&self) -> bool {
+        self.expect.is_empty() && !self.server_skipping && !self.client_skipping
+    }
+
+    /// A Parse is in flight whose outcome the bookkeeping depends on.
+    pub fn parse_in_flight(&self) -> bool {
+        self.expect.iter().any(|e| matches!(e, Expect::Parse { undo: Some(_), .. }))
+    }
+
+    pub fn reset(&mut self, status: u8) {
+        self.expect.clear();
+        self.server_skipping = false;
+        self.client_skipping = false;
+        self.status = status;
+    }
+
+    /// Answers of pgmux's own that are due now (all earlier replies have
+    /// been relayed). Send them to the client.
+    pub fn due(&mut self) -> Option<BytesMut> {
+        let mut out: Option<BytesMut> = None;
+        loop {
+            match self.expect.front() {
+                Some(Expect::Synthetic(..)) => {
+                    if let Some(Expect::Synthetic(b, _)) = self.expect.pop_front() {
+                        out.get_or_insert_with(BytesMut::new).extend_from_slice(&b);
+                    }
+                }
+                Some(Expect::SyntheticReady) => {
+                    self.expect.pop_front();
+                    crate::protocol::messages::ready_for_query(out.get_or_insert_with(BytesMut::new), self.status);
+                }
+                _ => return out,
+            }
+        }
+    }
+
+    fn emulate_error(&mut self, err: PgError) -> Flow {
+        self.expect.push_back(Expect::Synthetic(err.to_bytes(), None));
+        self.client_skipping = true;
+        Flow::Drop
+    }
+
+    /// A client message on its way to the server (body present for every
+    /// tag but CopyData). Returns what to send instead, if anything.
+    pub fn on_client(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Flow {
+        if tag == b'S' {
+            self.server_skipping = false;
+            self.client_skipping = false;
+            self.expect.push_back(Expect::Sync);
+            return Flow::Forward;
+        }
+        if self.client_skipping {
+            return if tag == b'd' { Flow::Forward } else { Flow::Drop };
+        }
+        if self.server_skipping {
+            return Flow::Forward;
+        }
+        match tag {
+            b'P' => self.parse(body, cx),
+            b'B' => self.bind(body, cx),
+            b'D' => self.describe(body, cx),
+            b'C' => self.close(body, cx),
+            b'E' => {
+                self.expect.push_back(Expect::Execute);
+                Flow::Forward
+            }
+            b'Q' => self.query(body, cx),
+            b'F' => {
+                self.expect.push_back(Expect::FunctionCall);
+                Flow::Forward
+            }
+            _ => Flow::Forward,
+        }
+    }
+
+    fn parse(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
+        let Some((name, rest)) = split_cstr(body) else { return Flow::Forward };
+        if name.is_empty() {
+            self.expect.push_back(Expect::Parse { undo: None, hidden: false });
+            return Flow::Forward;
+        }
+        if cx.stmts.map.contains_key(name) {
+            return self.emulate_error(PgError::error(
+                sqlstate::DUPLICATE_PSTATEMENT,
+                format!("prepared statement \"{name}\" already exists"),
+            ));
+        }
+        if cx.stmts.map.len() >= cx.stmts.cap {
+            return self.emulate_error(
+                PgError::error(
+                    sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                    format!(
+                        "pgmux: too many prepared statements for this client (max_client_prepared_statements = {})",
+                        cx.stmts.cap
+                    ),
+                )
+                .with_hint("Close statements you no longer need."),
+            );
+        }
+        let stmt = Arc::new(Statement::new(rest));
+        cx.stmts.map.insert(name.to_string(), stmt.clone());
+        if cx.server.touch(stmt.hash) {
+            let undo = Undo { hash: None, client_name: Some(name.to_string()) };
+            self.expect.push_back(Expect::Synthetic(tiny(b'1'), Some(undo)));
+            return Flow::Drop;
+        }
+        let mut out = BytesMut::new();
+        self.prepare_on_server(&stmt, cx, &mut out, Some(name), false);
+        Flow::Replace(out)
+    }
+
+    fn prepare_on_server(
+        &mut self,
+        stmt: &Statement,
+        cx: &mut Ctx,
+        out: &mut BytesMut,
+        client: Option<&str>,
+        hidden: bool,
+    ) {
+        if let Some(victim) = cx.server.insert(stmt.hash, cx.server_cap) {
+            let at = start_message(out, b'C');
+            out.put_u8(b'S');
+            put_cstr(out, &server_name(victim));
+            finish_message(out, at);
+            self.expect.push_back(Expect::Close { hidden: true });
+        }
+        out.extend_from_slice(&stmt.parse);
+        let undo = Undo { hash: Some(stmt.hash), client_name: client.map(str::to_string) };
+        self.expect.push_back(Expect::Parse { undo: Some(undo), hidden });
+    }
+
+    /// The statement named `name`, prepared on this server (a Parse is
+    /// written to `out` when it is not yet).
+    fn resolve(&mut self, name: &str, cx: &mut Ctx, out: &mut BytesMut) -> Option<u64> {
+        let stmt = cx.stmts.map.get(name)?.clone();
+        if !cx.server.touch(stmt.hash) {
+            self.prepare_on_server(&stmt, cx, out, None, true);
+        }
+        Some(stmt.hash)
+    }
+
+    fn bind(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
+        let renamed = split_cstr(body).and_then(|(portal, after)| {
+            let (stmt, rest) = split_cstr(after)?;
+            if stmt.is_empty() {
+                return None;
+            }
+            let mut out = BytesMut::new();
+            let hash = self.resolve(stmt, cx, &mut out)?;
+            let at = start_message(&mut out, b'B');
+            put_cstr(&mut out, portal);
+            put_cstr(&mut out, &server_name(hash));
+            out.put_slice(rest);
+            finish_message(&mut out, at);
+            Some(out)
+        });
+        self.expect.push_back(Expect::Bind);
+        renamed.map_or(Flow::Forward, Flow::Replace)
+    }
+
+    fn describe(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
+        let renamed = match body.split_first() {
+            Some((b'S', rest)) => split_cstr(rest).and_then(|(name, _)| {
+                if name.is_empty() {
+                    return None;
+                }
+                let mut out = BytesMut::new();
+                let hash = self.resolve(name, cx, &mut out)?;
+                let at = start_message(&mut out, b'D');
+                out.put_u8(b'S');
+                put_cstr(&mut out, &server_name(hash));
+                finish_message(&mut out, at);
+                Some(out)
+            }),
+            _ => None,
+        };
+        self.expect.push_back(Expect::Describe);
+        renamed.map_or(Flow::Forward, Flow::Replace)
+    }
+
+    fn close(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
+        if let Some((b'S', rest)) = body.split_first() {
+            if let Some((name, _)) = split_cstr(rest) {
+                if !name.is_empty() {
+                    // The server copy stays for other clients; the LRU
+                    // closes it when it is no longer wanted.
+                    cx.stmts.map.remove(name);
+                    self.expect.push_back(Expect::Synthetic(tiny(b'3'), None));
+                    return Flow::Drop;
+                }
+            }
+        }
+        self.expect.push_back(Expect::Close { hidden: false });
+        Flow::Forward
+    }
+
+    fn query(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
+        let sql = split_cstr(body).map(|(s, _)| s).unwrap_or("");
+        match crate::sqlhead::leading_command(sql) {
+            crate::sqlhead::Command::Deallocate(name) if cx.stmts.map.contains_key(&name) => {
+                cx.stmts.map.remove(&name);
+                let mut b = BytesMut::new();
+                let at = start_message(&mut b, b'C');
+                put_cstr(&mut b, "DEALLOCATE");
+                finish_message(&mut b, at);
+                self.expect.push_back(Expect::Synthetic(b, None));
+                self.expect.push_back(Expect::SyntheticReady);
+                Flow::Drop
+            }
+            crate::sqlhead::Command::Prepare | crate::sqlhead::Command::Execute => {
+                let err = PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "SQL PREPARE/EXECUTE is not supported in transaction pooling mode",
+                )
+                .with_hint(
+                    "Use protocol-level prepared statements (every driver's prepare does), or pool_mode = \"session\".",
+                );
+                self.expect.push_back(Expect::Synthetic(err.to_bytes(), None));
+                self.expect.push_back(Expect::SyntheticReady);
+                Flow::Drop
+            }
+            _ => {
+                self.expect.push_back(Expect::Query);
+                Flow::Forward
+            }
+        }
+    }
+
+    /// A server message on its way to the client (`whole`: its body is
+    /// present). Returns what to send instead and any event.
+    pub fn on_server(&mut self, tag: u8, body: &[u8], whole: bool, cx: &mut Ctx) -> (Flow, Event) {
+        let mut event = Event::None;
+        let mut hide = false;
+        let head = self.expect.front();
+        match tag {
+            b'1' if matches!(head, Some(Expect::Parse { .. })) => {
+                if let Some(Expect::Parse { hidden, .. }) = self.expect.pop_front() {
+                    hide = hidden;
+                }
+            }
+            b'2' if matches!(head, Some(Expect::Bind)) => {
+                self.expect.pop_front();
+            }
+            b'3' if matches!(head, Some(Expect::Close { .. })) => {
+                if let Some(Expect::Close { hidden }) = self.expect.pop_front() {
+                    hide = hidden;
+                }
+            }
+            b'T' | b'n' if matches!(head, Some(Expect::Describe)) => {
+                self.expect.pop_front();
+            }
+            b'C' | b'I' | b's' if matches!(head, Some(Expect::Execute)) => {
+                self.expect.pop_front();
+            }
+            b'C' if matches!(head, Some(Expect::Query)) => {
+                if body == b"DISCARD ALL\0" {
+                    cx.stmts.clear();
+                    cx.server.clear();
+                    event = Event::DiscardAll;
+                } else if body == b"DEALLOCATE ALL\0" {
+                    cx.stmts.clear();
+                    cx.server.clear();
+                }
+            }
+            b'E' => self.on_error(cx),
+            b'Z' => {
+                self.expect.pop_front();
+                self.status = body.first().copied().unwrap_or(b'I');
+            }
+            _ => {}
+        }
+        if !whole {
+            return (Flow::Forward, event);
+        }
+        let due = self.due();
+        let flow = match (hide, due) {
+            (true, Some(d)) => Flow::Replace(d),
+            (true, None) => Flow::Drop,
+            (false, Some(d)) => {
+                let mut b = BytesMut::with_capacity(5 + body.len() + d.len());
+                b.put_u8(tag);
+                b.put_i32(body.len() as i32 + 4);
+                b.put_slice(body);
+                b.extend_from_slice(&d);
+                Flow::Replace(b)
+            }
+            (false, None) => Flow::Forward,
+        };
+        (flow, event)
+    }
+
+    fn on_error(&mut self, cx: &mut Ctx) {
+        match self.expect.front() {
+            None | Some(Expect::Query | Expect::FunctionCall | Expect::Sync) => {}
+            Some(_) => {
+                // Extended protocol: the server skips to the next Sync.
+                while !matches!(self.expect.front(), None | Some(Expect::Sync)) {
+                    match self.expect.pop_front() {
+                        Some(Expect::Parse { undo: Some(u), .. }) | Some(Expect::Synthetic(_, Some(u))) => undo(u, cx),
+                        _ => {}
+                    }
+                }
+                if self.expect.is_empty() {
+                    self.server_skipping = true;
+                }
+            }
+        }
+    }
+}
+
+fn undo(u: Undo, cx: &mut Ctx) {
+    if let Some(h) = u.hash {
+        cx.server.remove(h);
+    }
+    if let Some(name) = u.client_name {
+        cx.stmts.map.remove(&name);
+    }
+}
+
+#[cfg(test)]
+#[path = "prepared_tests.rs"]
+mod tests;
