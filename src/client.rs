@@ -85,14 +85,78 @@ pub struct Session {
     cancel: Arc<CancelSlot>,
     crelay: Relay,
     srelay: Relay,
+    flight: Flight,
+}
+
+/// What is in flight on the attached server connection, from tags alone.
+#[derive(Debug)]
+struct Flight {
     /// Query/Sync/FunctionCall sent and not yet answered by ReadyForQuery.
     pending: usize,
     /// Extended-protocol messages sent since the last Sync.
     unsynced: bool,
-    /// The server waits for COPY data from the client.
+    /// The server is in COPY IN: it ignores Sync and Flush.
     copy_in: bool,
+    /// Syncs sent since the last Execute/Query; the server ignores them if
+    /// that turns out to start a COPY IN.
+    syncs_after_exec: usize,
+    /// The last Execute/Query was an Execute (extended protocol).
+    exec_extended: bool,
     /// Transaction status of the last ReadyForQuery.
     status: u8,
+}
+
+impl Flight {
+    fn new() -> Self {
+        Flight { pending: 0, unsynced: false, copy_in: false, syncs_after_exec: 0, exec_extended: false, status: b'I' }
+    }
+
+    fn client(&mut self, tag: u8, forwarded: bool) {
+        match tag {
+            b'Q' | b'F' if forwarded => {
+                self.pending += 1;
+                self.syncs_after_exec = 0;
+                self.exec_extended = false;
+            }
+            b'E' => {
+                self.unsynced = true;
+                self.syncs_after_exec = 0;
+                self.exec_extended = true;
+            }
+            b'S' if self.copy_in => {}
+            b'S' => {
+                self.pending += 1;
+                self.unsynced = false;
+                self.syncs_after_exec += 1;
+            }
+            b'P' | b'B' | b'D' | b'C' | b'H' => self.unsynced = true,
+            b'c' | b'f' => self.copy_in = false,
+            _ => {}
+        }
+    }
+
+    fn server(&mut self, tag: u8, body: &[u8]) {
+        match tag {
+            b'Z' => {
+                self.pending = self.pending.saturating_sub(1);
+                self.status = body.first().copied().unwrap_or(b'?');
+            }
+            b'G' => {
+                // Syncs sent behind the COPY's Execute are ignored; the
+                // one after CopyDone counts.
+                self.copy_in = true;
+                self.pending = self.pending.saturating_sub(self.syncs_after_exec);
+                self.syncs_after_exec = 0;
+                self.unsynced |= self.exec_extended;
+            }
+            b'E' => self.copy_in = false,
+            _ => {}
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.pending == 0 && !self.unsynced && self.status == b'I' && !self.copy_in
+    }
 }
 
 impl Session {
@@ -118,10 +182,7 @@ impl Session {
             cancel,
             crelay: Relay::default(),
             srelay: Relay::default(),
-            pending: 0,
-            unsynced: false,
-            copy_in: false,
-            status: b'I',
+            flight: Flight::new(),
         }
     }
 
@@ -184,6 +245,18 @@ impl Session {
             if self.rbuf[0] == b'X' {
                 return;
             }
+            if self.track && self.rbuf[0] == b'P' {
+                let pool = &self.pool;
+                if let Some((n, reply)) =
+                    prepared::answer_parse_batch(&self.rbuf, &mut self.stmts, |h| pool.knows_statement(h))
+                {
+                    self.rbuf.advance(n);
+                    if self.stream.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
             let mut server = match self.pool.get().await {
                 Ok(s) => s,
                 Err(e) => return Self::fatal(&mut self.stream, &pool_error(e)).await,
@@ -235,16 +308,13 @@ impl Session {
             }
         }
         self.cancel.set(conn.cancel_key());
-        self.status = b'I';
+        self.flight = Flight::new();
         self.tracker.reset(b'I');
         Ok(())
     }
 
     fn releasable(&self, conn: &ServerConn) -> bool {
-        self.pending == 0
-            && !self.unsynced
-            && self.status == b'I'
-            && !self.copy_in
+        self.flight.idle()
             && !self.crelay.mid_message()
             && !self.srelay.mid_message()
             && conn.rbuf.is_empty()
@@ -282,7 +352,7 @@ impl Session {
     /// Pass complete client messages (and streamed bodies) to the server in
     /// one write.
     async fn forward_client(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
-        let (mut pending, mut unsynced, mut copy_in) = (self.pending, self.unsynced, self.copy_in);
+        let flight = &mut self.flight;
         let mut stop: Option<Relayed> = None;
         let track = self.track;
         let tracker = &mut self.tracker;
@@ -305,19 +375,9 @@ impl Session {
                 return Flow::Stop;
             }
             let flow = if track { tracker.on_client(tag, body, &mut cx) } else { Flow::Forward };
-            match tag {
-                b'Q' | b'F' if flow != Flow::Drop => pending += 1,
-                b'S' => {
-                    pending += 1;
-                    unsynced = false;
-                }
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => unsynced = true,
-                b'c' | b'f' => copy_in = false,
-                _ => {}
-            }
+            flight.client(tag, flow != Flow::Drop);
             flow
         });
-        (self.pending, self.unsynced, self.copy_in) = (pending, unsynced, copy_in);
         let scan = match scanned {
             Ok(scan) => scan,
             Err(e) => return Some(Relayed::ClientError(frame_error(e))),
@@ -340,9 +400,10 @@ impl Session {
     /// Pass server messages to the client, noting ReadyForQuery status and
     /// ParameterStatus changes.
     async fn forward_server(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
-        let (mut pending, mut status, mut copy_in) = (self.pending, self.status, self.copy_in);
+        let flight = &mut self.flight;
         let mut changed: Vec<(usize, usize)> = Vec::new();
         let mut discarded = false;
+        let mut learned = Vec::new();
         let base = conn.rbuf.as_ptr() as usize;
         let track = self.track;
         let tracker = &mut self.tracker;
@@ -353,27 +414,28 @@ impl Session {
         };
         let needs_body = |t: u8| if track { t != b'D' && t != b'd' } else { t == b'Z' || t == b'S' };
         let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
-            match tag {
-                b'Z' => {
-                    pending = pending.saturating_sub(1);
-                    status = body.first().copied().unwrap_or(b'?');
-                }
-                b'S' => changed.push((body.as_ptr() as usize - base, body.len())),
-                b'G' => copy_in = true,
-                _ => {}
+            flight.server(tag, body);
+            if tag == b'S' {
+                changed.push((body.as_ptr() as usize - base, body.len()));
             }
             if !track {
                 return Flow::Forward;
             }
             let (flow, event) = tracker.on_server(tag, body, needs_body(tag), &mut cx);
-            discarded |= event == prepared::Event::DiscardAll;
+            match event {
+                prepared::Event::DiscardAll => discarded = true,
+                prepared::Event::Prepared(h) => learned.push(h),
+                prepared::Event::None => {}
+            }
             flow
         });
-        (self.pending, self.status, self.copy_in) = (pending, status, copy_in);
         let scan = match scanned {
             Ok(scan) => scan,
             Err(e) => return Some(Relayed::ServerGone(format!("invalid message from server: {e}"))),
         };
+        for h in learned {
+            self.pool.learn_statement(h);
+        }
         if discarded {
             // DISCARD ALL: session settings are back to the startup ones.
             conn.applied.clear();
@@ -406,7 +468,7 @@ impl Session {
         }
         let mode = self.mode;
         let reset = self.pool.settings.reset_query.clone();
-        let (pending, unsynced, copy_in) = (self.pending, self.unsynced, self.copy_in);
+        let Flight { pending, unsynced, copy_in, status, .. } = self.flight;
         let conn = server.conn();
         let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, async {
             let mut pending = pending;
@@ -421,7 +483,7 @@ impl Session {
             if !out.is_empty() {
                 conn.stream.write_all(&out).await?;
             }
-            let mut status = self.status;
+            let mut status = status;
             if pending > 0 {
                 status = conn.drain_status(pending).await?;
             }

@@ -10,7 +10,7 @@
 //! A [`Checkout`] dropped without [`Checkout::release`] closes its
 //! connection: a connection in an unknown state is never reused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -21,6 +21,9 @@ use crate::config::{HostPort, PoolSettings};
 use crate::server::{Login, ServerConn, ServerError};
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Most statement hashes a pool remembers as known-good.
+pub const KNOWN_STATEMENTS: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -52,6 +55,8 @@ pub struct Pool {
     total: AtomicUsize,
     /// ParameterStatus values of the last login, for client welcomes.
     welcome: Mutex<Option<Vec<(String, String)>>>,
+    /// Hashes of statements some server of this pool prepared successfully.
+    known: Mutex<HashSet<u64>>,
     pub stats: PoolStats,
 }
 
@@ -74,6 +79,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             total: AtomicUsize::new(0),
             welcome: Mutex::new(None),
+            known: Mutex::new(HashSet::new()),
             stats: PoolStats::default(),
         });
         tokio::spawn(janitor(Arc::downgrade(&pool)));
@@ -87,6 +93,21 @@ impl Pool {
                 l.scram = Some(creds);
             }
         }
+    }
+
+    /// Remember that a statement prepared fine (bounded: forgotten
+    /// wholesale past [`KNOWN_STATEMENTS`]; it is only a shortcut).
+    pub fn learn_statement(&self, hash: u64) {
+        if let Ok(mut k) = self.known.lock() {
+            if k.len() >= KNOWN_STATEMENTS {
+                k.clear();
+            }
+            k.insert(hash);
+        }
+    }
+
+    pub fn knows_statement(&self, hash: u64) -> bool {
+        self.known.lock().map(|k| k.contains(&hash)).unwrap_or(false)
     }
 
     pub fn total(&self) -> usize {

@@ -169,6 +169,49 @@ pub enum Event {
     None,
     /// The server ran DISCARD ALL for this client.
     DiscardAll,
+    /// A server prepared this statement: its SQL is valid.
+    Prepared(u64),
+}
+
+/// Answer a batch of `Parse(name)…, Sync` without a server when every
+/// statement in it has been prepared successfully before (`known`): saves a
+/// round trip, and keeps drivers that prepare synchronously (pgbench
+/// -M prepared) from waiting on a pool their own open transactions hold.
+/// Returns (bytes consumed, reply) when the whole batch qualifies.
+pub fn answer_parse_batch(
+    buf: &[u8],
+    stmts: &mut ClientStatements,
+    known: impl Fn(u64) -> bool,
+) -> Option<(usize, BytesMut)> {
+    let mut pos = 0;
+    let mut parsed: Vec<(String, Statement)> = Vec::new();
+    loop {
+        let (tag, len) =
+            crate::protocol::frame::peek_header(&buf[pos..], crate::protocol::frame::MAX_MESSAGE_LEN).ok()??;
+        let end = pos + 5 + len;
+        let body = buf.get(pos + 5..end)?;
+        pos = end;
+        match tag {
+            b'P' => {
+                let (name, rest) = split_cstr(body)?;
+                let stmt = Statement::new(rest);
+                let fresh = !name.is_empty() && !stmts.map.contains_key(name) && !parsed.iter().any(|(n, _)| n == name);
+                if !fresh || !known(stmt.hash) || stmts.map.len() + parsed.len() >= stmts.cap {
+                    return None;
+                }
+                parsed.push((name.to_string(), stmt));
+            }
+            b'S' if !parsed.is_empty() => break,
+            _ => return None,
+        }
+    }
+    let mut reply = BytesMut::with_capacity(parsed.len() * 5 + 6);
+    for (name, stmt) in parsed {
+        stmts.map.insert(name, Arc::new(stmt));
+        reply.extend_from_slice(&tiny(b'1'));
+    }
+    crate::protocol::messages::ready_for_query(&mut reply, b'I');
+    Some((pos, reply))
 }
 
 /// The reply queue of one attached server connection.
@@ -179,12 +222,20 @@ pub struct Tracker {
     server_skipping: bool,
     /// pgmux reported an error itself: drop client messages until Sync.
     client_skipping: bool,
+    /// The server is in COPY IN, where it ignores Sync and Flush.
+    copy_in: bool,
     status: u8,
 }
 
 impl Default for Tracker {
     fn default() -> Self {
-        Tracker { expect: VecDeque::new(), server_skipping: false, client_skipping: false, status: b'I' }
+        Tracker {
+            expect: VecDeque::new(),
+            server_skipping: false,
+            client_skipping: false,
+            copy_in: false,
+            status: b'I',
+        }
     }
 }
 
@@ -227,6 +278,7 @@ impl Tracker {
         self.expect.clear();
         self.server_skipping = false;
         self.client_skipping = false;
+        self.copy_in = false;
         self.status = status;
     }
 
@@ -259,6 +311,12 @@ impl Tracker {
     /// A client message on its way to the server (body present for every
     /// tag but CopyData). Returns what to send instead, if anything.
     pub fn on_client(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Flow {
+        if self.copy_in {
+            if matches!(tag, b'c' | b'f') {
+                self.copy_in = false;
+            }
+            return Flow::Forward;
+        }
         if tag == b'S' {
             self.server_skipping = false;
             self.client_skipping = false;
@@ -450,8 +508,11 @@ impl Tracker {
         let head = self.expect.front();
         match tag {
             b'1' if matches!(head, Some(Expect::Parse { .. })) => {
-                if let Some(Expect::Parse { hidden, .. }) = self.expect.pop_front() {
+                if let Some(Expect::Parse { hidden, undo }) = self.expect.pop_front() {
                     hide = hidden;
+                    if let Some(h) = undo.and_then(|u| u.hash) {
+                        event = Event::Prepared(h);
+                    }
                 }
             }
             b'2' if matches!(head, Some(Expect::Bind)) => {
@@ -478,7 +539,19 @@ impl Tracker {
                     cx.server.clear();
                 }
             }
-            b'E' => self.on_error(cx),
+            b'G' => {
+                // Syncs queued behind the COPY's Execute are ignored by the
+                // server; the one after CopyDone is what it answers.
+                self.copy_in = true;
+                if let Some(head) = self.expect.pop_front() {
+                    self.expect.retain(|e| !matches!(e, Expect::Sync));
+                    self.expect.push_front(head);
+                }
+            }
+            b'E' => {
+                self.copy_in = false;
+                self.on_error(cx);
+            }
             b'Z' => {
                 self.expect.pop_front();
                 self.status = body.first().copied().unwrap_or(b'I');

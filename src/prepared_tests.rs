@@ -187,3 +187,48 @@ fn sql_prepare_refused_and_deallocate_emulated() {
     // Unknown names go to the server (SQL-level statements, or its error).
     assert_eq!(w.client(b'Q', b"DEALLOCATE other\0"), Flow::Forward);
 }
+
+#[test]
+fn sync_behind_a_copy_in_is_not_expected() {
+    // tokio-postgres: Bind, Execute, Sync; then CopyData, CopyDone, Sync.
+    let mut w = World::new();
+    w.client(b'B', &bind_body(""));
+    w.client(b'E', b"\0\0\0\0\0");
+    w.client(b'S', b"");
+    assert_eq!(w.server(b'2', b""), Flow::Forward);
+    assert_eq!(w.server(b'G', b"\0\0\0"), Flow::Forward);
+    assert_eq!(w.client(b'd', b"1\n"), Flow::Forward);
+    assert_eq!(w.client(b'c', b""), Flow::Forward);
+    w.client(b'S', b"");
+    assert_eq!(w.server(b'C', b"COPY 1\0"), Flow::Forward);
+    assert!(!w.t.idle());
+    assert_eq!(w.server(b'Z', b"I"), Flow::Forward);
+    assert!(w.t.idle());
+}
+
+#[test]
+fn known_parse_batches_are_answered_without_a_server() {
+    let mut stmts = ClientStatements::new(10);
+    let mut wire = msg(b'P', &parse_body("a", "SELECT 1"));
+    wire.extend(msg(b'P', &parse_body("b", "SELECT 2")));
+    wire.extend(msg(b'S', b""));
+    let h1 = statement_hash(&parse_body("", "SELECT 1")[1..]);
+    let h2 = statement_hash(&parse_body("", "SELECT 2")[1..]);
+    // One statement never prepared anywhere: a server must see the batch.
+    assert!(answer_parse_batch(&wire, &mut stmts, |h| h == h1).is_none());
+    assert!(stmts.is_empty());
+    let (n, reply) = answer_parse_batch(&wire, &mut stmts, |h| h == h1 || h == h2).unwrap();
+    assert_eq!(n, wire.len());
+    let mut expect = msg(b'1', b"");
+    expect.extend(msg(b'1', b""));
+    expect.extend(msg(b'Z', b"I"));
+    assert_eq!(reply.to_vec(), expect);
+    assert_eq!(stmts.len(), 2);
+    // A name already taken must get PostgreSQL's error: not answered here.
+    assert!(answer_parse_batch(&wire, &mut stmts, |_| true).is_none());
+    // Anything but Parse…Sync is not answered here either.
+    let mut other = msg(b'P', &parse_body("c", "SELECT 1"));
+    other.extend(msg(b'B', &bind_body("c")));
+    other.extend(msg(b'S', b""));
+    assert!(answer_parse_batch(&other, &mut stmts, |_| true).is_none());
+}
