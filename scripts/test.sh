@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what a fresh machine lacks (PostgreSQL server
-# binaries and client tools, which the tests run for real), then runs the
-# whole suite. Usage: scripts/test.sh [cargo test args...]
+# binaries and client tools, which the tests run for real; the drivers of
+# the driver matrix), then runs the whole suite. Usage: scripts/test.sh [cargo test args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,5 +24,9 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   echo "no 'postgres' OS user to run the server binaries as; reinstall the postgresql package" >&2
   exit 1
 fi
+
+# Driver matrix (psycopg 3, asyncpg, pgjdbc, node-postgres): their toolchains
+# and packages.
+bash tests/drivers/install.sh
 
 exec cargo test "$@"

@@ -102,13 +102,24 @@ struct Flight {
     syncs_after_exec: usize,
     /// The last Execute/Query was an Execute (extended protocol).
     exec_extended: bool,
+    /// CopyDone/CopyFail arrived before the server's CopyInResponse (a
+    /// pipelined COPY), with the Syncs sent before it.
+    early_copy_end: Option<usize>,
     /// Transaction status of the last ReadyForQuery.
     status: u8,
 }
 
 impl Flight {
     fn new() -> Self {
-        Flight { pending: 0, unsynced: false, copy_in: false, syncs_after_exec: 0, exec_extended: false, status: b'I' }
+        Flight {
+            pending: 0,
+            unsynced: false,
+            copy_in: false,
+            syncs_after_exec: 0,
+            exec_extended: false,
+            early_copy_end: None,
+            status: b'I',
+        }
     }
 
     fn client(&mut self, tag: u8, forwarded: bool) {
@@ -130,7 +141,8 @@ impl Flight {
                 self.syncs_after_exec += 1;
             }
             b'P' | b'B' | b'D' | b'C' | b'H' => self.unsynced = true,
-            b'c' | b'f' => self.copy_in = false,
+            b'c' | b'f' if self.copy_in => self.copy_in = false,
+            b'c' | b'f' => self.early_copy_end = Some(self.syncs_after_exec),
             _ => {}
         }
     }
@@ -140,14 +152,21 @@ impl Flight {
             b'Z' => {
                 self.pending = self.pending.saturating_sub(1);
                 self.status = body.first().copied().unwrap_or(b'?');
+                self.early_copy_end = None;
             }
             b'G' => {
-                // Syncs sent behind the COPY's Execute are ignored; the
-                // one after CopyDone counts.
-                self.copy_in = true;
-                self.pending = self.pending.saturating_sub(self.syncs_after_exec);
+                // Syncs sent behind the COPY's Execute, before CopyDone,
+                // are ignored by the server; the one after CopyDone counts.
+                let ignored = match self.early_copy_end.take() {
+                    Some(before_end) => before_end,
+                    None => {
+                        self.copy_in = true;
+                        self.unsynced |= self.exec_extended;
+                        self.syncs_after_exec
+                    }
+                };
+                self.pending = self.pending.saturating_sub(ignored);
                 self.syncs_after_exec = 0;
-                self.unsynced |= self.exec_extended;
             }
             b'E' => self.copy_in = false,
             _ => {}
@@ -474,7 +493,7 @@ impl Session {
             let mut pending = pending;
             let mut out = BytesMut::new();
             if copy_in {
-                out.extend_from_slice(b"f\0\0\0\x19client disconnected\0");
+                msg::copy_fail(&mut out, "client disconnected");
             }
             if unsynced {
                 out.extend_from_slice(b"S\0\0\0\x04");

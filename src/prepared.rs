@@ -158,6 +158,8 @@ enum Expect {
     Close {
         hidden: bool,
     },
+    /// The client ended a COPY IN before the server started it (pipelined).
+    CopyEnd,
     Sync,
     Query,
     FunctionCall,
@@ -315,6 +317,10 @@ impl Tracker {
             if matches!(tag, b'c' | b'f') {
                 self.copy_in = false;
             }
+            return Flow::Forward;
+        }
+        if matches!(tag, b'c' | b'f') {
+            self.expect.push_back(Expect::CopyEnd);
             return Flow::Forward;
         }
         if tag == b'S' {
@@ -540,11 +546,18 @@ impl Tracker {
                 }
             }
             b'G' => {
-                // Syncs queued behind the COPY's Execute are ignored by the
-                // server; the one after CopyDone is what it answers.
-                self.copy_in = true;
+                // Syncs queued behind the COPY's Execute (and before a
+                // pipelined CopyDone) are ignored by the server; the one
+                // after CopyDone is what it answers.
                 if let Some(head) = self.expect.pop_front() {
-                    self.expect.retain(|e| !matches!(e, Expect::Sync));
+                    let end = self.expect.iter().position(|e| matches!(e, Expect::CopyEnd));
+                    let mut i = 0;
+                    self.expect.retain(|e| {
+                        i += 1;
+                        let before_end = end.is_none_or(|end| i <= end + 1);
+                        !(before_end && matches!(e, Expect::Sync | Expect::CopyEnd))
+                    });
+                    self.copy_in = end.is_none();
                     self.expect.push_front(head);
                 }
             }
@@ -557,6 +570,10 @@ impl Tracker {
                 self.status = body.first().copied().unwrap_or(b'I');
             }
             _ => {}
+        }
+        // A CopyEnd whose COPY never started (it failed) is moot.
+        while matches!(self.expect.front(), Some(Expect::CopyEnd)) {
+            self.expect.pop_front();
         }
         if !whole {
             return (Flow::Forward, event);

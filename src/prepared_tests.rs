@@ -232,3 +232,38 @@ fn known_parse_batches_are_answered_without_a_server() {
     other.extend(msg(b'S', b""));
     assert!(answer_parse_batch(&other, &mut stmts, |_| true).is_none());
 }
+
+#[test]
+fn pipelined_copy_ends_before_it_starts() {
+    // asyncpg: Query(COPY) + CopyData + CopyDone in one write.
+    let mut w = World::new();
+    w.client(b'Q', b"COPY t FROM STDIN\0");
+    w.client(b'd', b"1\n");
+    w.client(b'c', b"");
+    w.server(b'G', b"\0\0\0");
+    w.server(b'C', b"COPY 1\0");
+    w.server(b'Z', b"I");
+    assert!(w.t.idle());
+    // Then statements are tracked again.
+    assert!(matches!(w.client(b'P', &parse_body("s", "SELECT 1")), Flow::Replace(_)));
+    // Extended and fully pipelined: Bind, Execute, Sync, data, CopyDone, Sync.
+    let mut w = World::new();
+    w.client(b'B', &bind_body(""));
+    w.client(b'E', b"\0\0\0\0\0");
+    w.client(b'S', b"");
+    w.client(b'd', b"1\n");
+    w.client(b'c', b"");
+    w.client(b'S', b"");
+    w.server(b'2', b"");
+    w.server(b'G', b"\0\0\0");
+    w.server(b'C', b"COPY 1\0");
+    w.server(b'Z', b"I");
+    assert!(w.t.idle());
+    // A COPY that fails before starting leaves no marker behind.
+    let mut w = World::new();
+    w.client(b'Q', b"COPY nosuch FROM STDIN\0");
+    w.client(b'c', b"");
+    w.server(b'E', b"C42P01\0\0");
+    w.server(b'Z', b"I");
+    assert!(w.t.idle());
+}

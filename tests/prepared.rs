@@ -123,7 +123,7 @@ async fn sql_prepare_is_refused_and_limits_hold() {
         scalar(&direct, &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND usename = 'app'"))
             .await;
     assert_eq!(on_server, "1");
-    assert_eq!(scalar(&c, "SELECT count(*) FROM pg_prepared_statements").await.parse::<i32>().unwrap() <= 5, true);
+    assert!(scalar(&c, "SELECT count(*) FROM pg_prepared_statements").await.parse::<i32>().unwrap() <= 5);
     // The client-side cap: a clear error, and the session goes on.
     let e = c.prepare("SELECT 'one too many'").await.unwrap_err();
     assert_eq!(code(&e), "53400", "{}", support::text(&e));
@@ -209,5 +209,51 @@ async fn pgbench_every_protocol_mode_over_a_small_pool() {
     .unwrap();
     let direct = support::direct(&db).await;
     assert!(support::backends(&direct, &db).await <= 8);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_copy_in_keeps_tracking_and_releases() {
+    // COPY FROM STDIN with CopyData/CopyDone right behind the Query, before
+    // the server's CopyInResponse (asyncpg's copy_records_to_table).
+    use bytes::BytesMut;
+    use support::raw::{self, Raw};
+    let db = support::fresh_db("prep_pipecopy");
+    let direct = support::direct(&db).await;
+    direct.batch_execute("CREATE TABLE t (x int); GRANT ALL ON t TO PUBLIC").await.unwrap();
+    let p = support::proxy(&db, "default_pool_size = 1\nquery_wait_timeout = \"5s\"").await;
+    let mut a = Raw::login(p.addr.port(), APP.0, APP.1, &db, &[]).await;
+    let mut b = BytesMut::new();
+    raw::parse(&mut b, "s1", "SELECT 41 + 1");
+    raw::sync(&mut b);
+    a.send(&b).await;
+    a.until_ready().await;
+    for extended in [false, true] {
+        let mut b = BytesMut::new();
+        if extended {
+            raw::parse(&mut b, "", "COPY t FROM STDIN");
+            raw::bind(&mut b, "", "", &[]);
+            raw::execute(&mut b, "", 0);
+            raw::sync(&mut b);
+        } else {
+            pgmux::protocol::messages::query(&mut b, "COPY t FROM STDIN");
+        }
+        raw::copy_data(&mut b, b"1\n");
+        raw::copy_done(&mut b);
+        if extended {
+            raw::sync(&mut b);
+        }
+        a.send(&b).await;
+        assert!(raw::rows_and_errors(&a.until_ready().await).1.is_empty());
+    }
+    let mut b = BytesMut::new();
+    raw::bind(&mut b, "", "s1", &[]);
+    raw::execute(&mut b, "", 0);
+    raw::sync(&mut b);
+    a.send(&b).await;
+    assert_eq!(raw::rows_and_errors(&a.until_ready().await), (vec!["42".to_string()], vec![]));
+    // The server connection went back to the pool: another client gets it.
+    let other = support::app(&p, &db).await;
+    assert_eq!(scalar(&other, "SELECT count(*) FROM t").await, "2");
     p.stop().await;
 }

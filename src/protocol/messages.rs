@@ -95,6 +95,13 @@ pub fn query(buf: &mut BytesMut, sql: &str) {
     finish_message(buf, at);
 }
 
+/// CopyFail with a reason.
+pub fn copy_fail(buf: &mut BytesMut, reason: &str) {
+    let at = start_message(buf, b'f');
+    put_cstr(buf, reason);
+    finish_message(buf, at);
+}
+
 pub fn terminate(buf: &mut BytesMut) {
     buf.put_u8(b'X');
     buf.put_i32(4);
