@@ -30,7 +30,8 @@
 #   WARMUP    seconds of warm-up per target and mode                   [2]
 #   POOL      server pool size for pgmux and PgBouncer                 [20]
 #   MODES     space-separated protocol modes to run; each maps to a
-#             pgbench `-M` value: simple, extended, prepared           [simple]
+#             pgbench `-M` value: simple, extended, prepared
+#                                                     [simple extended prepared]
 #   SKIP_BUILD=1  use the existing target/release/pgmux as is          [unset]
 #
 # Adding a scenario: add its name to MODES and, if it is not a plain pgbench
@@ -45,7 +46,7 @@ JOBS=${JOBS:-2}
 DURATION=${DURATION:-15}
 WARMUP=${WARMUP:-2}
 POOL=${POOL:-20}
-MODES=${MODES:-simple}
+MODES=${MODES:-simple extended prepared}
 SKIP_BUILD=${SKIP_BUILD:-}
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -268,6 +269,14 @@ EOF
 }
 
 # -------------------------------------------------------------- PgBouncer ---
+# PgBouncer tracks protocol-level prepared statements in transaction mode
+# only from 1.21 on.
+pgbouncer_has_prepared() {
+    local v
+    v=$(pgbouncer --version 2>/dev/null | head -n1 | grep -oE '[0-9]+\.[0-9]+' | head -n1)
+    awk -v v="${v:-0.0}" 'BEGIN { split(v, a, "."); exit !(a[1] > 1 || (a[1] == 1 && a[2] >= 21)) }'
+}
+
 start_pgbouncer() {
     PGBOUNCER_PORT=$(free_port)
     local ini="$WORK/pgbouncer.ini" auth="$WORK/userlist.txt"
@@ -277,6 +286,7 @@ start_pgbouncer() {
     cat >"$ini" <<EOF
 [databases]
 bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+bench_session = host=127.0.0.1 port=$PG_PORT dbname=bench pool_mode=session
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -292,6 +302,7 @@ logfile = $PGBOUNCER_LOG
 pidfile = $PGBOUNCER_PIDFILE
 log_connections = 0
 log_disconnections = 0
+$(pgbouncer_has_prepared && echo "max_prepared_statements = 200")
 EOF
     if is_root; then chown postgres:postgres "$ini" "$auth"; fi
     chmod 600 "$auth"
@@ -319,20 +330,20 @@ ROWS=()   # "target|mode|tps|latency|failed|status"
 #   A WARMUP-second run, then a DURATION-second measured run; appends a row
 #   to ROWS. The mode label is taken from $CURRENT_MODE.
 run_pgbench() {
-    local name=$1 port=$2
-    shift 2
+    local name=$1 port=$2 db=$3
+    shift 3
     local out="$WORK/pgbench-${name// /_}-${CURRENT_MODE}.log"
     local -a common=(-n -c "$CLIENTS" -j "$JOBS" -h 127.0.0.1 -p "$port" -U bench)
     local rc=0
 
     log "$name [$CURRENT_MODE]: warm-up ${WARMUP}s"
     PGPASSWORD=bench run_child timeout -k 10 $((WARMUP + 60)) \
-        pgbench "${common[@]}" -T "$WARMUP" "$@" bench >"$out.warmup" 2>&1 \
+        pgbench "${common[@]}" -T "$WARMUP" "$@" "$db" >"$out.warmup" 2>&1 \
         || log "$name [$CURRENT_MODE]: warm-up exited with $? (see below if the measured run fails too)"
 
-    log "$name [$CURRENT_MODE]: measuring ${DURATION}s: pgbench ${common[*]} -T $DURATION $* bench"
+    log "$name [$CURRENT_MODE]: measuring ${DURATION}s: pgbench ${common[*]} -T $DURATION $* $db"
     PGPASSWORD=bench run_child timeout -k 10 $((DURATION + 120)) \
-        pgbench "${common[@]}" -T "$DURATION" "$@" bench >"$out" 2>&1 || rc=$?
+        pgbench "${common[@]}" -T "$DURATION" "$@" "$db" >"$out" 2>&1 || rc=$?
 
     local tps lat failed status=ok
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$out" | head -n1)
@@ -399,7 +410,11 @@ summary() {
             "$(ratio "$(lookup_tps pgmux "$mode")" "$(lookup_tps direct "$mode")")" \
             "$(ratio "$(lookup_tps PgBouncer "$mode")" "$(lookup_tps direct "$mode")")"
     done
-    echo "goal: pgmux >= 1.00x PgBouncer (project goal 1.15x), >= 0.70x direct"
+    printf 'prepared  pgmux(-M prepared)/PgBouncer(-S simple) = %sx\n' \
+        "$(ratio "$(lookup_tps pgmux prepared)" "$(lookup_tps PgBouncer simple)")"
+    echo "goal: pgmux >= 1.00x PgBouncer (project goal 1.15x), >= 0.70x direct;"
+    echo "      pgmux -M prepared >= 1.10x PgBouncer -S simple and >= 0.70x direct -M prepared"
+    if [[ -n "${BOUNCER_NOTE:-}" ]]; then echo "note: $BOUNCER_NOTE"; fi
     echo "load average before / after the runs: $LOAD_BEFORE / $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)" \
          "(other work on this $(nproc)-core box skews the numbers)"
     local errs
@@ -424,15 +439,23 @@ main() {
     start_pgbouncer
 
     LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a)
-    local -a targets=("direct:$PG_PORT" "pgmux:$PGMUX_PORT" "PgBouncer:$PGBOUNCER_PORT")
-    local mode tgt
-    local -a args
+    local mode tgt bouncer t port db
+    local -a args targets
     for mode in $MODES; do
         mapfile -t args < <(mode_args "$mode")
         ((${#args[@]} > 0)) || die "unknown mode '$mode'"
         CURRENT_MODE=$mode
+        # PgBouncer before 1.21 cannot run -M prepared in transaction mode:
+        # that row uses its session mode instead (and says so).
+        bouncer="PgBouncer:$PGBOUNCER_PORT:bench"
+        if [[ $mode == prepared ]] && ! pgbouncer_has_prepared; then
+            bouncer="PgBouncer:$PGBOUNCER_PORT:bench_session"
+            BOUNCER_NOTE="PgBouncer $(pgbouncer --version | head -n1 | grep -oE '[0-9.]+' | head -n1) has no prepared-statement support in transaction mode (1.21+): its 'prepared' row ran in SESSION mode."
+        fi
+        targets=("direct:$PG_PORT:bench" "pgmux:$PGMUX_PORT:bench" "$bouncer")
         for tgt in "${targets[@]}"; do
-            run_pgbench "${tgt%%:*}" "${tgt##*:}" "${args[@]}"
+            IFS=: read -r t port db <<<"$tgt"
+            run_pgbench "$t" "$port" "$db" "${args[@]}"
         done
     done
 

@@ -33,6 +33,8 @@ use crate::protocol::messages::{finish_message, start_message};
 #[derive(Debug)]
 pub struct Statement {
     pub hash: u64,
+    /// `pgmux_<hash>`.
+    pub name: String,
     /// The whole Parse message under the server-side name.
     parse: Bytes,
 }
@@ -51,12 +53,13 @@ pub fn server_name(hash: u64) -> String {
 impl Statement {
     pub fn new(query_and_types: &[u8]) -> Statement {
         let hash = statement_hash(query_and_types);
+        let name = server_name(hash);
         let mut b = BytesMut::with_capacity(query_and_types.len() + 32);
         let at = start_message(&mut b, b'P');
-        put_cstr(&mut b, &server_name(hash));
+        put_cstr(&mut b, &name);
         b.put_slice(query_and_types);
         finish_message(&mut b, at);
-        Statement { hash, parse: b.freeze() }
+        Statement { hash, name, parse: b.freeze() }
     }
 }
 
@@ -411,12 +414,12 @@ impl Tracker {
 
     /// The statement named `name`, prepared on this server (a Parse is
     /// written to `out` when it is not yet).
-    fn resolve(&mut self, name: &str, cx: &mut Ctx, out: &mut BytesMut) -> Option<u64> {
+    fn resolve(&mut self, name: &str, cx: &mut Ctx, out: &mut BytesMut) -> Option<Arc<Statement>> {
         let stmt = cx.stmts.map.get(name)?.clone();
         if !cx.server.touch(stmt.hash) {
             self.prepare_on_server(&stmt, cx, out, None, true);
         }
-        Some(stmt.hash)
+        Some(stmt)
     }
 
     fn bind(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
@@ -425,11 +428,11 @@ impl Tracker {
             if stmt.is_empty() {
                 return None;
             }
-            let mut out = BytesMut::new();
-            let hash = self.resolve(stmt, cx, &mut out)?;
+            let mut out = BytesMut::with_capacity(body.len() + 24);
+            let stmt = self.resolve(stmt, cx, &mut out)?;
             let at = start_message(&mut out, b'B');
             put_cstr(&mut out, portal);
-            put_cstr(&mut out, &server_name(hash));
+            put_cstr(&mut out, &stmt.name);
             out.put_slice(rest);
             finish_message(&mut out, at);
             Some(out)
@@ -445,10 +448,10 @@ impl Tracker {
                     return None;
                 }
                 let mut out = BytesMut::new();
-                let hash = self.resolve(name, cx, &mut out)?;
+                let stmt = self.resolve(name, cx, &mut out)?;
                 let at = start_message(&mut out, b'D');
                 out.put_u8(b'S');
-                put_cstr(&mut out, &server_name(hash));
+                put_cstr(&mut out, &stmt.name);
                 finish_message(&mut out, at);
                 Some(out)
             }),
