@@ -33,6 +33,7 @@
 #             pgbench `-M` value: simple, extended, prepared
 #                                                     [simple extended prepared]
 #   SKIP_BUILD=1  use the existing target/release/pgmux as is          [unset]
+#   PGMUX_THREADS pgmux worker threads (0 = one per core)              [0]
 #
 # Adding a scenario: add its name to MODES and, if it is not a plain pgbench
 # `-M` protocol, a branch to mode_args(). Each (target, mode) pair becomes one
@@ -246,6 +247,7 @@ start_pgmux() {
 [pgmux]
 listen = "127.0.0.1:$PGMUX_PORT"
 log_level = "warn"
+worker_threads = ${PGMUX_THREADS:-0}
 
 [pool]
 pool_mode = "transaction"
@@ -324,7 +326,20 @@ mode_args() {
     esac
 }
 
-ROWS=()   # "target|mode|tps|latency|failed|status"
+ROWS=()   # "target|mode|tps|latency|failed|cpu_us|status"
+
+# utime + stime of a process, in clock ticks.
+cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+# The proxy process behind a target name (none for direct).
+proxy_pid() {
+    case $1 in
+        pgmux) echo "$PGMUX_PID" ;;
+        PgBouncer) cat "$PGBOUNCER_PIDFILE" 2>/dev/null ;;
+    esac
+}
 
 # run_pgbench TARGET_NAME PORT EXTRA_ARGS...
 #   A WARMUP-second run, then a DURATION-second measured run; appends a row
@@ -342,8 +357,17 @@ run_pgbench() {
         || log "$name [$CURRENT_MODE]: warm-up exited with $? (see below if the measured run fails too)"
 
     log "$name [$CURRENT_MODE]: measuring ${DURATION}s: pgbench ${common[*]} -T $DURATION $* $db"
+    local ppid ticks0=0 ticks1=0
+    ppid=$(proxy_pid "$name")
+    [[ -n "$ppid" ]] && ticks0=$(cpu_ticks "$ppid")
     PGPASSWORD=bench run_child timeout -k 10 $((DURATION + 120)) \
         pgbench "${common[@]}" -T "$DURATION" "$@" "$db" >"$out" 2>&1 || rc=$?
+    [[ -n "$ppid" ]] && ticks1=$(cpu_ticks "$ppid")
+    local txns cpu_us=n/a
+    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -n1)
+    if [[ -n "$ppid" && -n "$txns" && "$txns" -gt 0 ]]; then
+        cpu_us=$(awk -v t=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" -v n="$txns" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
+    fi
 
     local tps lat failed status=ok
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$out" | head -n1)
@@ -367,7 +391,7 @@ run_pgbench() {
         log "$name [$CURRENT_MODE]: pgbench status $status; last lines of its output:"
         tail -n 20 "$out" >&2
     fi
-    ROWS+=("$name|$CURRENT_MODE|$tps|${lat:-n/a}|${failed:-n/a}|$status")
+    ROWS+=("$name|$CURRENT_MODE|$tps|${lat:-n/a}|${failed:-n/a}|$cpu_us|$status")
 }
 
 # ratio NUM DEN -> "1.23" or "n/a"
@@ -395,13 +419,15 @@ summary() {
     echo "commit $commit | $pgver | $bver | $(nproc) cores"
     echo "pgbench -S -c $CLIENTS -j $JOBS -T $DURATION (warm-up ${WARMUP}s), scale $SCALE, pool $POOL, transaction mode, 127.0.0.1"
     echo
-    printf '%-10s %-9s %12s %16s %8s  %s\n' target mode tps "mean lat (ms)" failed status
-    printf '%-10s %-9s %12s %16s %8s  %s\n' ---------- --------- ------------ ---------------- -------- ------
-    local row t m tps lat failed status
+    printf '%-10s %-9s %12s %16s %8s %14s  %s\n' target mode tps "mean lat (ms)" failed "proxy CPU/txn" status
+    printf '%-10s %-9s %12s %16s %8s %14s  %s\n' ---------- --------- ------------ ---------------- -------- -------------- ------
+    local row t m tps lat failed cpu status
     for row in "${ROWS[@]}"; do
-        IFS='|' read -r t m tps lat failed status <<<"$row"
-        printf '%-10s %-9s %12s %16s %8s  %s\n' "$t" "$m" "$tps" "$lat" "$failed" "$status"
+        IFS='|' read -r t m tps lat failed cpu status <<<"$row"
+        printf '%-10s %-9s %12s %16s %8s %11s us  %s\n' "$t" "$m" "$tps" "$lat" "$failed" "$cpu" "$status"
     done
+    echo "(proxy CPU/txn: user+system CPU time the proxy process used per transaction; lower is better,"
+    echo " and steadier than tps on a box where pgbench, PostgreSQL and the proxy share $(nproc) cores)"
     echo
     local mode
     for mode in $MODES; do

@@ -375,11 +375,7 @@ impl Session {
         let mut stop: Option<Relayed> = None;
         let track = self.track;
         let tracker = &mut self.tracker;
-        let mut cx = Ctx {
-            stmts: &mut self.stmts,
-            server: &mut conn.prepared,
-            server_cap: self.pool.settings.max_prepared_statements,
-        };
+        let mut cx = Ctx::new(&mut self.stmts, &mut conn.prepared, self.pool.settings.max_prepared_statements);
         let needs_body = |t: u8| track && t != b'd';
         let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
             if !matches!(tag, b'Q' | b'F' | b'S' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'd' | b'c' | b'f') {
@@ -426,11 +422,7 @@ impl Session {
         let base = conn.rbuf.as_ptr() as usize;
         let track = self.track;
         let tracker = &mut self.tracker;
-        let mut cx = Ctx {
-            stmts: &mut self.stmts,
-            server: &mut conn.prepared,
-            server_cap: self.pool.settings.max_prepared_statements,
-        };
+        let mut cx = Ctx::new(&mut self.stmts, &mut conn.prepared, self.pool.settings.max_prepared_statements);
         let needs_body = |t: u8| if track { t != b'D' && t != b'd' } else { t == b'Z' || t == b'S' };
         let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
             flight.server(tag, body);

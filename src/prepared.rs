@@ -251,6 +251,12 @@ pub struct Ctx<'a> {
     pub server_cap: usize,
 }
 
+impl<'a> Ctx<'a> {
+    pub fn new(stmts: &'a mut ClientStatements, server: &'a mut ServerStatements, server_cap: usize) -> Self {
+        Ctx { stmts, server, server_cap }
+    }
+}
+
 fn put_cstr(b: &mut BytesMut, s: &str) {
     b.put_slice(s.as_bytes());
     b.put_u8(0);

@@ -12,8 +12,6 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::{backends, scalar, APP};
@@ -67,19 +65,7 @@ async fn driver_test(prefix: &str, mut cmd: Command) {
     direct.batch_execute(SCHEMA).await.expect("create schema");
     let p = support::proxy(&db, POOL).await;
 
-    // Sample pg_stat_activity while the driver runs.
-    let stop = Arc::new(AtomicBool::new(false));
-    let max_seen = Arc::new(AtomicI64::new(0));
-    let sampler = {
-        let (stop, max_seen, db) = (stop.clone(), max_seen.clone(), db.clone());
-        tokio::spawn(async move {
-            let d = support::direct(&db).await;
-            while !stop.load(Ordering::Relaxed) {
-                max_seen.fetch_max(backends(&d, &db).await, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let sampler = support::BackendSampler::start(&db);
 
     cmd.env("PGMUX_HOST", "127.0.0.1")
         .env("PGMUX_PORT", p.addr.port().to_string())
@@ -88,8 +74,7 @@ async fn driver_test(prefix: &str, mut cmd: Command) {
         .env("PGMUX_DB", &db)
         .current_dir(drivers_dir());
     let stdout = run(prefix, cmd).await;
-    stop.store(true, Ordering::Relaxed);
-    sampler.await.unwrap();
+    let max_seen = sampler.stop().await;
 
     // "OK rows=N pids=K": what the driver committed, and how many server
     // connections (backend pids) its clients ran on.
@@ -105,7 +90,7 @@ async fn driver_test(prefix: &str, mut cmd: Command) {
     assert_eq!(scalar(&direct, "SELECT count(*) FROM items").await, field("rows").to_string(), "{summary}");
     let pids = field("pids");
     assert!((1..=POOL_SIZE).contains(&pids), "clients ran on {pids} server connections: {summary}");
-    let max = max_seen.load(Ordering::Relaxed);
+    let max = max_seen;
     assert!(max <= POOL_SIZE, "pg_stat_activity showed {max} pgmux connections during the run");
     let now = backends(&direct, &db).await;
     assert!((1..=POOL_SIZE).contains(&now), "pgmux holds {now} server connections at the end");

@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::raw::Raw;
@@ -19,20 +17,7 @@ async fn five_hundred_clients_share_ten_server_connections() {
     direct.simple_query("CREATE TABLE hits (client int, n int)").await.unwrap();
     direct.simple_query("GRANT ALL ON hits TO PUBLIC").await.unwrap();
 
-    // Sample pg_stat_activity while the load runs.
-    let stop = Arc::new(AtomicBool::new(false));
-    let max_seen = Arc::new(AtomicI64::new(0));
-    let sampler = {
-        let (stop, max_seen, db) = (stop.clone(), max_seen.clone(), db.clone());
-        tokio::spawn(async move {
-            let d = support::direct(&db).await;
-            while !stop.load(Ordering::Relaxed) {
-                let n = backends(&d, &db).await;
-                max_seen.fetch_max(n, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let sampler = support::BackendSampler::start(&db);
     let mut tasks = Vec::new();
     for client in 0..500i32 {
         let (port, db) = (p.addr.port(), db.clone());
@@ -46,11 +31,9 @@ async fn five_hundred_clients_share_ten_server_connections() {
     for t in tasks {
         t.await.expect("client task");
     }
-    stop.store(true, Ordering::Relaxed);
-    sampler.await.unwrap();
+    let max = sampler.stop().await;
     assert_eq!(scalar(&direct, "SELECT count(*) FROM hits").await, "10000");
     assert_eq!(scalar(&direct, "SELECT count(DISTINCT client) FROM hits").await, "500");
-    let max = max_seen.load(Ordering::Relaxed);
     assert!(max <= 10, "pg_stat_activity showed {max} pgmux connections");
     assert!(max >= 1);
     assert!(backends(&direct, &db).await <= 10);

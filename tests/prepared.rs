@@ -148,6 +148,28 @@ async fn discard_all_clears_the_client_statements() {
     assert_eq!(code(&e), "26000", "{}", support::text(&e));
     let s = c.prepare("SELECT 43").await.unwrap();
     assert_eq!(c.query_one(&s, &[]).await.unwrap().get::<_, i32>(0), 43);
+    c.simple_query("DEALLOCATE ALL").await.unwrap();
+    let e = c.query_one(&s, &[]).await.unwrap_err();
+    assert_eq!(code(&e), "26000", "{}", support::text(&e));
+    // A DEALLOCATE of one protocol-level statement (as psycopg 3 sends it).
+    let raw_name = {
+        let mut r = support::raw::Raw::login(p.addr.port(), APP.0, APP.1, &db, &[]).await;
+        let mut b = bytes::BytesMut::new();
+        support::raw::parse(&mut b, "_pg3_0", "SELECT 44");
+        support::raw::sync(&mut b);
+        r.send(&b).await;
+        r.until_ready().await;
+        let (_, errors) = r.query("DEALLOCATE _pg3_0").await;
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut b = bytes::BytesMut::new();
+        support::raw::bind(&mut b, "", "_pg3_0", &[]);
+        support::raw::execute(&mut b, "", 0);
+        support::raw::sync(&mut b);
+        r.send(&b).await;
+        let (_, errors) = support::raw::rows_and_errors(&r.until_ready().await);
+        errors.join(",")
+    };
+    assert!(raw_name.starts_with("26000"), "{raw_name}");
     p.stop().await;
 }
 

@@ -187,3 +187,35 @@ pub async fn refused(s: &str) -> tokio_postgres::Error {
         Err(e) => e,
     }
 }
+
+/// Samples how many server connections pgmux holds to a database, every
+/// 20 ms, until stopped; reports the most seen.
+pub struct BackendSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    max: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BackendSampler {
+    pub fn start(db: &str) -> BackendSampler {
+        use std::sync::atomic::{AtomicBool, AtomicI64};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let max = std::sync::Arc::new(AtomicI64::new(0));
+        let (s, m, db) = (stop.clone(), max.clone(), db.to_string());
+        let task = tokio::spawn(async move {
+            let d = direct(&db).await;
+            while !s.load(Ordering::Relaxed) {
+                m.fetch_max(backends(&d, &db).await, Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        });
+        BackendSampler { stop, max, task }
+    }
+
+    /// Stop sampling; the most server connections seen.
+    pub async fn stop(self) -> i64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("sampler task");
+        self.max.load(Ordering::Relaxed)
+    }
+}
