@@ -23,6 +23,12 @@ use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{peek_header, Flow, FrameError, Relay, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
 use crate::server::{is_server_owned, ServerConn, ServerError};
+use crate::sqlhead;
+
+/// What pgmux records for a server setting a client changed in a way it
+/// cannot read back: never equal to a real value, so the connection is
+/// re-synced on its next checkout.
+const UNKNOWN_SETTING: &str = "\u{0}unknown";
 
 /// How long pgmux waits to bring an abandoned server connection back to
 /// idle (finish the query, roll back) before closing it instead.
@@ -376,7 +382,9 @@ impl Session {
         let track = self.track;
         let tracker = &mut self.tracker;
         let mut cx = Ctx::new(&mut self.stmts, &mut conn.prepared, self.pool.settings.max_prepared_statements);
-        let needs_body = |t: u8| track && t != b'd';
+        let txn_mode = self.mode == PoolMode::Transaction;
+        let mut changes = Vec::new();
+        let needs_body = |t: u8| (track && t != b'd') || (txn_mode && t == b'Q');
         let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
             if !matches!(tag, b'Q' | b'F' | b'S' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'd' | b'c' | b'f') {
                 stop = Some(if tag == b'X' {
@@ -391,8 +399,13 @@ impl Session {
             }
             let flow = if track { tracker.on_client(tag, body, &mut cx) } else { Flow::Forward };
             flight.client(tag, flow != Flow::Drop);
+            if txn_mode && tag == b'Q' && flow != Flow::Drop {
+                let sql = body.split(|b| *b == 0).next().unwrap_or_default();
+                changes.extend(sqlhead::setting_changes(&String::from_utf8_lossy(sql)));
+            }
             flow
         });
+        self.note_settings(conn, changes);
         let scan = match scanned {
             Ok(scan) => scan,
             Err(e) => return Some(Relayed::ClientError(frame_error(e))),
@@ -410,6 +423,41 @@ impl Session {
             }
         }
         stop
+    }
+
+    /// A client's SET/RESET in transaction mode: the setting follows the
+    /// client (replayed on whatever server it gets next), and this server
+    /// is re-synced before anyone else uses it, so nothing leaks.
+    fn note_settings(&mut self, conn: &mut ServerConn, changes: Vec<sqlhead::SettingChange>) {
+        use sqlhead::SettingChange;
+        let dirty = |conn: &mut ServerConn, k: &str| {
+            conn.applied.insert(k.to_string(), UNKNOWN_SETTING.to_string());
+        };
+        for change in changes {
+            match change {
+                SettingChange::Set { name, value } => {
+                    let k = name.to_ascii_lowercase();
+                    dirty(conn, &k);
+                    match value {
+                        Some(v) => self.wanted.insert(k, v),
+                        None => self.wanted.remove(&k),
+                    };
+                }
+                SettingChange::Reset(name) => {
+                    let k = name.to_ascii_lowercase();
+                    dirty(conn, &k);
+                    match self.startup.get(&k) {
+                        Some(v) => self.wanted.insert(k, v.clone()),
+                        None => self.wanted.remove(&k),
+                    };
+                }
+                SettingChange::ResetAll => {
+                    let keys: Vec<String> = conn.applied.keys().chain(self.startup.keys()).cloned().collect();
+                    keys.iter().for_each(|k| dirty(conn, k));
+                    self.wanted = self.startup.clone();
+                }
+            }
+        }
     }
 
     /// Pass server messages to the client, noting ReadyForQuery status and

@@ -1,6 +1,8 @@
-//! The leading command of a simple-query string, found without a full
-//! parse: enough to spot `PREPARE`, `EXECUTE` and `DEALLOCATE name`, which
-//! transaction pooling must handle itself. Skips white space and comments.
+//! What transaction pooling must know of a simple-query string, found
+//! without a full parse: its leading command (`PREPARE`, `EXECUTE`,
+//! `DEALLOCATE name`), and the session-level `SET` / `RESET` statements in
+//! it, so that a client's settings follow it across server connections and
+//! never leak to another client. Skips white space, comments and quotes.
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
@@ -97,9 +99,215 @@ pub fn leading_command(sql: &str) -> Command {
     }
 }
 
+/// A session-level setting change (`SET` without `LOCAL`, `RESET`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum SettingChange {
+    /// Value as `set_config` takes it; `None` when pgmux cannot tell.
+    Set {
+        name: String,
+        value: Option<String>,
+    },
+    Reset(String),
+    ResetAll,
+}
+
+/// The statements of a query string, split at top-level semicolons.
+pub fn statements(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < b.len() {
+        match b[i] {
+            b'\'' | b'"' => {
+                let q = b[i];
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += 1;
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let rest = &sql[i..];
+                i += rest.len() - skip_blank(rest).len() - 1;
+            }
+            b'$' => {
+                let tag_end =
+                    b[i + 1..].iter().position(|c| !(c.is_ascii_alphanumeric() || *c == b'_')).map(|p| i + 1 + p);
+                if let Some(e) = tag_end.filter(|e| b[*e] == b'$') {
+                    let tag = &sql[i..=e];
+                    i = sql[e + 1..].find(tag).map_or(b.len(), |p| e + 1 + p + tag.len() - 1);
+                }
+            }
+            b';' => {
+                out.push(&sql[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if start < sql.len() {
+        out.push(&sql[start..]);
+    }
+    out
+}
+
+/// A possibly dotted parameter name.
+fn param_name(s: &str) -> Option<(String, &str)> {
+    let (mut name, mut rest) = word(s)?;
+    while let Some(r) = rest.strip_prefix('.') {
+        let (part, r) = word(r)?;
+        name = format!("{name}.{part}");
+        rest = r;
+    }
+    Some((name, rest))
+}
+
+/// A SET value list as `set_config` wants it: literals unquoted, elements
+/// joined with ", ".
+fn set_value(s: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    let mut rest = skip_blank(s);
+    loop {
+        if let Some(r) = rest.strip_prefix('\'') {
+            let mut lit = String::new();
+            let mut chars = r.char_indices();
+            let end = loop {
+                let (i, c) = chars.next()?;
+                if c == '\'' {
+                    if r[i + 1..].starts_with('\'') {
+                        lit.push('\'');
+                        chars.next();
+                    } else {
+                        break i + 1;
+                    }
+                } else {
+                    lit.push(c);
+                }
+            };
+            parts.push(lit);
+            rest = &r[end..];
+        } else if rest.starts_with('"') {
+            let end = rest[1..].find('"')? + 2;
+            parts.push(rest[..end].to_string());
+            rest = &rest[end..];
+        } else {
+            let end = rest.find(|c: char| !(c.is_alphanumeric() || "_$.-+".contains(c))).unwrap_or(rest.len());
+            if end == 0 {
+                return None;
+            }
+            parts.push(rest[..end].to_string());
+            rest = &rest[end..];
+        }
+        rest = skip_blank(rest);
+        match rest.strip_prefix(',') {
+            Some(r) => rest = skip_blank(r),
+            None if rest.is_empty() => return Some(parts.join(", ")),
+            None => return None,
+        }
+    }
+}
+
+fn one_change(stmt: &str) -> Option<SettingChange> {
+    let (kw, rest) = word(stmt)?;
+    match kw.as_str() {
+        "reset" => {
+            let (name, after) = param_name(rest)?;
+            match name.as_str() {
+                "all" => Some(SettingChange::ResetAll),
+                "session" | "role" => None,
+                _ if at_end(after) => Some(SettingChange::Reset(name)),
+                _ => None,
+            }
+        }
+        "set" => {
+            let (mut name, mut rest) = param_name(rest)?;
+            if name == "session" {
+                (name, rest) = param_name(rest)?;
+            }
+            let value_text = match name.as_str() {
+                "local" | "transaction" | "role" | "authorization" | "characteristics" => return None,
+                "time" => {
+                    let (zone, r) = word(rest)?;
+                    if zone != "zone" {
+                        return None;
+                    }
+                    name = "timezone".into();
+                    r
+                }
+                "names" => {
+                    name = "client_encoding".into();
+                    rest
+                }
+                _ => {
+                    let r = skip_blank(rest);
+                    match r.strip_prefix('=') {
+                        Some(v) => v,
+                        None => {
+                            let (to, v) = word(r)?;
+                            if to != "to" {
+                                return None;
+                            }
+                            v
+                        }
+                    }
+                }
+            };
+            let value = set_value(value_text.trim_end());
+            match value.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                Some("default") => Some(SettingChange::Reset(name)),
+                Some("local") if name == "timezone" => Some(SettingChange::Reset(name)),
+                _ => Some(SettingChange::Set { name, value }),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Session-level SET / RESET statements of a query string, in order.
+pub fn setting_changes(sql: &str) -> Vec<SettingChange> {
+    let has_set = sql.as_bytes().windows(3).any(|w| w.eq_ignore_ascii_case(b"set"));
+    if !has_set {
+        return Vec::new();
+    }
+    statements(sql).into_iter().filter_map(one_change).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn splits_statements_outside_quotes_and_comments() {
+        let sql = "SET a = 'x;y'; SELECT $$;$$, $t$ ; $t$ -- ;\n; /* ; */ SELECT \"a;b\"";
+        assert_eq!(statements(sql).len(), 3, "{:?}", statements(sql));
+    }
+
+    #[test]
+    fn finds_session_settings() {
+        use SettingChange::*;
+        let set = |n: &str, v: &str| Set { name: n.into(), value: Some(v.into()) };
+        assert_eq!(setting_changes("SET search_path = a, \"B\", public"), vec![set("search_path", "a, \"B\", public")]);
+        assert_eq!(setting_changes("set statement_timeout to '5s'; select 1"), vec![set("statement_timeout", "5s")]);
+        assert_eq!(setting_changes("SET SESSION work_mem = 65536"), vec![set("work_mem", "65536")]);
+        assert_eq!(setting_changes("SET myapp.tenant = 'it''s'"), vec![set("myapp.tenant", "it's")]);
+        assert_eq!(setting_changes("SET TIME ZONE 'Europe/Paris'"), vec![set("timezone", "Europe/Paris")]);
+        assert_eq!(setting_changes("SET search_path TO DEFAULT"), vec![Reset("search_path".into())]);
+        assert_eq!(setting_changes("RESET work_mem; RESET ALL"), vec![Reset("work_mem".into()), ResetAll]);
+        assert_eq!(setting_changes("SET LOCAL work_mem = '1MB'"), vec![]);
+        assert_eq!(setting_changes("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), vec![]);
+        assert_eq!(setting_changes("SET ROLE admin"), vec![]);
+        assert_eq!(setting_changes("SELECT 'SET x = 1'"), vec![]);
+        assert_eq!(
+            setting_changes("SET x = now()"),
+            vec![Set { name: "x".into(), value: None }],
+            "a value pgmux cannot tell is still a change"
+        );
+    }
 
     #[test]
     fn finds_leading_commands() {

@@ -266,3 +266,31 @@ async fn max_client_conn_refuses_extra_clients() {
     assert_eq!(scalar(&c, "SELECT 1").await, "1");
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_follows_its_client_and_never_leaks() {
+    let db = support::fresh_db("pool_set");
+    let p = support::proxy(&db, "default_pool_size = 1").await;
+    let a = support::app(&p, &db).await;
+    let b = support::app(&p, &db).await;
+    let show = "SELECT current_setting('search_path') || '|' || current_setting('statement_timeout') || '|' || coalesce(current_setting('myapp.tenant', true), '') || '|' || pg_backend_pid()";
+    let (b0, _) = scalar(&b, show).await.rsplit_once('|').map(|(x, y)| (x.to_string(), y.to_string())).unwrap();
+    a.simple_query("SET search_path = a_schema, public; SET statement_timeout TO '4s'; SET myapp.tenant = 'acme'")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let ra = scalar(&a, show).await;
+        let rb = scalar(&b, show).await;
+        assert!(ra.starts_with("a_schema, public|4s|acme|"), "{ra}");
+        assert!(rb.starts_with(&b0), "client b sees a's settings: {rb} (expected {b0})");
+        assert_eq!(ra.rsplit('|').next(), rb.rsplit('|').next(), "one server connection serves both");
+    }
+    a.simple_query("RESET statement_timeout").await.unwrap();
+    assert!(scalar(&a, show).await.starts_with("a_schema, public|0|acme|"));
+    a.simple_query("RESET ALL").await.unwrap();
+    assert!(scalar(&a, show).await.starts_with(&b0));
+    // SET LOCAL stays inside its transaction.
+    a.simple_query("BEGIN; SET LOCAL work_mem = '3MB'; COMMIT").await.unwrap();
+    assert_ne!(scalar(&b, "SHOW work_mem").await, "3MB");
+    p.stop().await;
+}
