@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::cancel::CancelSlot;
 use crate::config::PoolMode;
+use crate::flight::Flight;
 use crate::pool::{Checkout, Pool, PoolError};
 use crate::prepared::{self, ClientStatements, Ctx, Tracker};
 use crate::protocol::error::{sqlstate, PgError};
@@ -92,96 +93,6 @@ pub struct Session {
     crelay: Relay,
     srelay: Relay,
     flight: Flight,
-}
-
-/// What is in flight on the attached server connection, from tags alone.
-#[derive(Debug)]
-struct Flight {
-    /// Query/Sync/FunctionCall sent and not yet answered by ReadyForQuery.
-    pending: usize,
-    /// Extended-protocol messages sent since the last Sync.
-    unsynced: bool,
-    /// The server is in COPY IN: it ignores Sync and Flush.
-    copy_in: bool,
-    /// Syncs sent since the last Execute/Query; the server ignores them if
-    /// that turns out to start a COPY IN.
-    syncs_after_exec: usize,
-    /// The last Execute/Query was an Execute (extended protocol).
-    exec_extended: bool,
-    /// CopyDone/CopyFail arrived before the server's CopyInResponse (a
-    /// pipelined COPY), with the Syncs sent before it.
-    early_copy_end: Option<usize>,
-    /// Transaction status of the last ReadyForQuery.
-    status: u8,
-}
-
-impl Flight {
-    fn new() -> Self {
-        Flight {
-            pending: 0,
-            unsynced: false,
-            copy_in: false,
-            syncs_after_exec: 0,
-            exec_extended: false,
-            early_copy_end: None,
-            status: b'I',
-        }
-    }
-
-    fn client(&mut self, tag: u8, forwarded: bool) {
-        match tag {
-            b'Q' | b'F' if forwarded => {
-                self.pending += 1;
-                self.syncs_after_exec = 0;
-                self.exec_extended = false;
-            }
-            b'E' => {
-                self.unsynced = true;
-                self.syncs_after_exec = 0;
-                self.exec_extended = true;
-            }
-            b'S' if self.copy_in => {}
-            b'S' => {
-                self.pending += 1;
-                self.unsynced = false;
-                self.syncs_after_exec += 1;
-            }
-            b'P' | b'B' | b'D' | b'C' | b'H' => self.unsynced = true,
-            b'c' | b'f' if self.copy_in => self.copy_in = false,
-            b'c' | b'f' => self.early_copy_end = Some(self.syncs_after_exec),
-            _ => {}
-        }
-    }
-
-    fn server(&mut self, tag: u8, body: &[u8]) {
-        match tag {
-            b'Z' => {
-                self.pending = self.pending.saturating_sub(1);
-                self.status = body.first().copied().unwrap_or(b'?');
-                self.early_copy_end = None;
-            }
-            b'G' => {
-                // Syncs sent behind the COPY's Execute, before CopyDone,
-                // are ignored by the server; the one after CopyDone counts.
-                let ignored = match self.early_copy_end.take() {
-                    Some(before_end) => before_end,
-                    None => {
-                        self.copy_in = true;
-                        self.unsynced |= self.exec_extended;
-                        self.syncs_after_exec
-                    }
-                };
-                self.pending = self.pending.saturating_sub(ignored);
-                self.syncs_after_exec = 0;
-            }
-            b'E' => self.copy_in = false,
-            _ => {}
-        }
-    }
-
-    fn idle(&self) -> bool {
-        self.pending == 0 && !self.unsynced && self.status == b'I' && !self.copy_in
-    }
 }
 
 impl Session {

@@ -9,6 +9,7 @@ pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod flight;
 
 pub mod login;
 pub mod prepared;
@@ -19,6 +20,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod server;
 pub mod sqlhead;
+pub mod statements;
 
 /// Database name of the admin console.
 pub const ADMIN_DB: &str = "pgmux";
