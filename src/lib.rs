@@ -14,6 +14,7 @@ pub mod flight;
 pub mod login;
 pub mod prepared;
 
+pub mod pgbin;
 pub mod pgcluster;
 pub mod pool;
 pub mod protocol;
