@@ -19,6 +19,7 @@ pub mod pgcluster;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod replicas;
 pub mod server;
 pub mod sqlhead;
 pub mod statements;
