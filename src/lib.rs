@@ -20,6 +20,7 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod replicas;
+pub mod router;
 pub mod server;
 pub mod sqlhead;
 pub mod statements;
