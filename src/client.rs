@@ -87,6 +87,9 @@ pub struct Session {
     track: bool,
     stmts: ClientStatements,
     tracker: Tracker,
+    /// SET/RESETs sent, waiting for the server to confirm them.
+    pending_settings: Vec<sqlhead::SettingChange>,
+    settings_failed: bool,
     /// ParameterStatus values this client has been told.
     told: BTreeMap<String, String>,
     cancel: Arc<CancelSlot>,
@@ -111,6 +114,8 @@ impl Session {
             track,
             stmts: ClientStatements::new(pool.settings.max_client_prepared_statements),
             tracker: Tracker::default(),
+            pending_settings: Vec::new(),
+            settings_failed: false,
             startup: wanted.clone(),
             pool,
             wanted,
@@ -181,6 +186,14 @@ impl Session {
             if self.rbuf[0] == b'X' {
                 return;
             }
+            if matches!(self.rbuf[0], b'd' | b'c' | b'f') {
+                // COPY traffic after the COPY ended (it failed): PostgreSQL
+                // ignores it outside COPY mode, so does pgmux.
+                if let Ok(Some((_, len))) = peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
+                    self.rbuf.advance(HEADER_LEN + len);
+                }
+                continue;
+            }
             if self.track && self.rbuf[0] == b'P' {
                 let pool = &self.pool;
                 if let Some((n, reply)) =
@@ -229,7 +242,7 @@ impl Session {
     /// Make a freshly checked-out connection this client's: its settings,
     /// its cancel target.
     async fn attach(&mut self, conn: &mut ServerConn) -> Result<(), ServerError> {
-        if conn.applied != self.wanted {
+        if conn.applied != self.wanted || conn.needs_reset {
             conn.sync_params(&self.wanted).await?;
             let mut out = BytesMut::new();
             for (k, v) in &conn.reported {
@@ -295,7 +308,8 @@ impl Session {
         let mut cx = Ctx::new(&mut self.stmts, &mut conn.prepared, self.pool.settings.max_prepared_statements);
         let txn_mode = self.mode == PoolMode::Transaction;
         let mut changes = Vec::new();
-        let needs_body = |t: u8| (track && t != b'd') || (txn_mode && t == b'Q');
+        let mut full_reset = false;
+        let needs_body = |t: u8| (track && t != b'd') || (txn_mode && matches!(t, b'Q' | b'P'));
         let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
             if !matches!(tag, b'Q' | b'F' | b'S' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'd' | b'c' | b'f') {
                 stop = Some(if tag == b'X' {
@@ -310,12 +324,17 @@ impl Session {
             }
             let flow = if track { tracker.on_client(tag, body, &mut cx) } else { Flow::Forward };
             flight.client(tag, flow != Flow::Drop);
-            if txn_mode && tag == b'Q' && flow != Flow::Drop {
-                let sql = body.split(|b| *b == 0).next().unwrap_or_default();
-                changes.extend(sqlhead::setting_changes(&String::from_utf8_lossy(sql)));
+            if txn_mode && matches!(tag, b'Q' | b'P') && flow != Flow::Drop {
+                // Parse: statement name, then the query text.
+                let mut parts = body.split(|b| *b == 0);
+                let sql = if tag == b'P' { parts.nth(1) } else { parts.next() }.unwrap_or_default();
+                let sql = String::from_utf8_lossy(sql);
+                changes.extend(sqlhead::setting_changes(&sql));
+                full_reset |= sqlhead::needs_full_reset(&sql);
             }
             flow
         });
+        conn.needs_reset |= full_reset;
         self.note_settings(conn, changes);
         let scan = match scanned {
             Ok(scan) => scan,
@@ -336,37 +355,52 @@ impl Session {
         stop
     }
 
-    /// A client's SET/RESET in transaction mode: the setting follows the
-    /// client (replayed on whatever server it gets next), and this server
-    /// is re-synced before anyone else uses it, so nothing leaks.
+    /// A client's SET/RESET in transaction mode: this server is marked for
+    /// re-sync at once (nothing leaks to the next client); the client's own
+    /// settings change when the server confirms (ReadyForQuery idle, no
+    /// error, no rollback), and then follow it to every server it gets.
     fn note_settings(&mut self, conn: &mut ServerConn, changes: Vec<sqlhead::SettingChange>) {
         use sqlhead::SettingChange;
-        let dirty = |conn: &mut ServerConn, k: &str| {
-            conn.applied.insert(k.to_string(), UNKNOWN_SETTING.to_string());
-        };
-        for change in changes {
-            match change {
-                SettingChange::Set { name, value } => {
-                    let k = name.to_ascii_lowercase();
-                    dirty(conn, &k);
-                    match value {
-                        Some(v) => self.wanted.insert(k, v),
-                        None => self.wanted.remove(&k),
-                    };
+        for change in &changes {
+            let keys: Vec<String> = match change {
+                SettingChange::Set { name, .. } | SettingChange::Reset(name) => vec![name.to_ascii_lowercase()],
+                SettingChange::ResetAll => conn.applied.keys().chain(self.startup.keys()).cloned().collect(),
+            };
+            for k in keys {
+                conn.applied.insert(k, UNKNOWN_SETTING.to_string());
+            }
+        }
+        self.pending_settings.extend(changes);
+    }
+
+    /// Settle pending SET/RESETs on the server's replies: `events` holds
+    /// b'E' (error), b'R' (ROLLBACK done) and ReadyForQuery statuses.
+    fn settle_settings(&mut self, events: &[(u8, u8)]) {
+        use sqlhead::SettingChange;
+        for &(ev, status) in events {
+            match (ev, status) {
+                (b'E', _) | (b'R', _) | (b'Z', b'E') => self.settings_failed = true,
+                (b'Z', b'I') => {
+                    let changes = std::mem::take(&mut self.pending_settings);
+                    if !std::mem::take(&mut self.settings_failed) {
+                        for change in changes {
+                            match change {
+                                SettingChange::Set { name, value: Some(v) } => {
+                                    self.wanted.insert(name.to_ascii_lowercase(), v);
+                                }
+                                SettingChange::Set { name, value: None } | SettingChange::Reset(name) => {
+                                    let k = name.to_ascii_lowercase();
+                                    match self.startup.get(&k) {
+                                        Some(v) => self.wanted.insert(k, v.clone()),
+                                        None => self.wanted.remove(&k),
+                                    };
+                                }
+                                SettingChange::ResetAll => self.wanted = self.startup.clone(),
+                            }
+                        }
+                    }
                 }
-                SettingChange::Reset(name) => {
-                    let k = name.to_ascii_lowercase();
-                    dirty(conn, &k);
-                    match self.startup.get(&k) {
-                        Some(v) => self.wanted.insert(k, v.clone()),
-                        None => self.wanted.remove(&k),
-                    };
-                }
-                SettingChange::ResetAll => {
-                    let keys: Vec<String> = conn.applied.keys().chain(self.startup.keys()).cloned().collect();
-                    keys.iter().for_each(|k| dirty(conn, k));
-                    self.wanted = self.startup.clone();
-                }
+                _ => {}
             }
         }
     }
@@ -382,11 +416,28 @@ impl Session {
         let track = self.track;
         let tracker = &mut self.tracker;
         let mut cx = Ctx::new(&mut self.stmts, &mut conn.prepared, self.pool.settings.max_prepared_statements);
-        let needs_body = |t: u8| if track { t != b'D' && t != b'd' } else { t == b'Z' || t == b'S' };
+        let txn_mode = self.mode == PoolMode::Transaction;
+        let watch_settings = !self.pending_settings.is_empty();
+        let mut settle: Vec<(u8, u8)> = Vec::new();
+        let needs_body = |t: u8| {
+            if track {
+                t != b'D' && t != b'd'
+            } else {
+                t == b'Z' || t == b'S' || (txn_mode && t == b'C')
+            }
+        };
         let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
             flight.server(tag, body);
             if tag == b'S' {
                 changed.push((body.as_ptr() as usize - base, body.len()));
+            }
+            if watch_settings {
+                match tag {
+                    b'E' => settle.push((b'E', 0)),
+                    b'C' if body == b"ROLLBACK\0" => settle.push((b'R', 0)),
+                    b'Z' => settle.push((b'Z', body.first().copied().unwrap_or(b'I'))),
+                    _ => {}
+                }
             }
             if !track {
                 return Flow::Forward;
@@ -395,6 +446,7 @@ impl Session {
             match event {
                 prepared::Event::DiscardAll => discarded = true,
                 prepared::Event::Prepared(h) => learned.push(h),
+                prepared::Event::Skipped(n) => flight.pending = flight.pending.saturating_sub(n),
                 prepared::Event::None => {}
             }
             flow
@@ -403,6 +455,7 @@ impl Session {
             Ok(scan) => scan,
             Err(e) => return Some(Relayed::ServerGone(format!("invalid message from server: {e}"))),
         };
+        self.settle_settings(&settle);
         for h in learned {
             self.pool.learn_statement(h);
         }

@@ -21,7 +21,7 @@ pub struct Flight {
     pub exec_extended: bool,
     /// CopyDone/CopyFail arrived before the server's CopyInResponse (a
     /// pipelined COPY), with the Syncs sent before it.
-    pub early_copy_end: Option<usize>,
+    pub early_copy_end: std::collections::VecDeque<usize>,
     /// Transaction status of the last ReadyForQuery.
     pub status: u8,
 }
@@ -34,7 +34,7 @@ impl Flight {
             copy_in: false,
             syncs_after_exec: 0,
             exec_extended: false,
-            early_copy_end: None,
+            early_copy_end: std::collections::VecDeque::new(),
             status: b'I',
         }
     }
@@ -57,9 +57,11 @@ impl Flight {
                 self.unsynced = false;
                 self.syncs_after_exec += 1;
             }
-            b'P' | b'B' | b'D' | b'C' | b'H' => self.unsynced = true,
+            b'P' | b'B' | b'D' | b'C' => self.unsynced = true,
             b'c' | b'f' if self.copy_in => self.copy_in = false,
-            b'c' | b'f' => self.early_copy_end = Some(self.syncs_after_exec),
+            // A COPY may still start only if something is unanswered;
+            // otherwise the server ignores a stray CopyDone/CopyFail.
+            b'c' | b'f' if self.pending > 0 || self.unsynced => self.early_copy_end.push_back(self.syncs_after_exec),
             _ => {}
         }
     }
@@ -69,12 +71,15 @@ impl Flight {
             b'Z' => {
                 self.pending = self.pending.saturating_sub(1);
                 self.status = body.first().copied().unwrap_or(b'?');
-                self.early_copy_end = None;
+                if self.pending == 0 {
+                    // Every COPY that could start has started or failed.
+                    self.early_copy_end.clear();
+                }
             }
             b'G' => {
                 // Syncs sent behind the COPY's Execute, before CopyDone,
                 // are ignored by the server; the one after CopyDone counts.
-                let ignored = match self.early_copy_end.take() {
+                let ignored = match self.early_copy_end.pop_front() {
                     Some(before_end) => before_end,
                     None => {
                         self.copy_in = true;

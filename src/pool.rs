@@ -210,7 +210,9 @@ impl Checkout {
     /// Give a clean, idle connection back for reuse.
     pub fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
-            if conn.created.elapsed() >= self.pool.settings.lifetime {
+            // Unread server bytes mean a reply is still in flight: never
+            // hand such a connection to another client.
+            if conn.created.elapsed() >= self.pool.settings.lifetime || !conn.rbuf.is_empty() || conn.is_broken() {
                 self.pool.forget(conn);
                 return;
             }

@@ -37,6 +37,8 @@ use crate::statements::{put_cstr, split_cstr, tiny};
 struct Undo {
     hash: Option<u64>,
     client_name: Option<String>,
+    /// A client statement pgmux dropped (Close, DEALLOCATE) to put back.
+    restore: Option<(String, Arc<Statement>)>,
 }
 
 #[derive(Debug)]
@@ -54,9 +56,13 @@ enum Expect {
     Execute,
     Close {
         hidden: bool,
+        /// The statement an eviction Close removes from the server set.
+        victim: Option<u64>,
     },
     /// The client ended a COPY IN before the server started it (pipelined).
     CopyEnd,
+    /// A reply (by tag) to a message pgmux injected: not for the client.
+    Hidden(u8),
     Sync,
     Query,
     FunctionCall,
@@ -70,6 +76,10 @@ pub enum Event {
     DiscardAll,
     /// A server prepared this statement: its SQL is valid.
     Prepared(u64),
+    /// The server will skip this many Query/FunctionCall messages (sent
+    /// after an extended-protocol error, before Sync): no ReadyForQuery
+    /// comes for them.
+    Skipped(usize),
 }
 
 /// The reply queue of one attached server connection.
@@ -78,8 +88,6 @@ pub struct Tracker {
     expect: VecDeque<Expect>,
     /// After an extended-protocol error the server ignores all until Sync.
     server_skipping: bool,
-    /// pgmux reported an error itself: drop client messages until Sync.
-    client_skipping: bool,
     /// The server is in COPY IN, where it ignores Sync and Flush.
     copy_in: bool,
     status: u8,
@@ -87,13 +95,7 @@ pub struct Tracker {
 
 impl Default for Tracker {
     fn default() -> Self {
-        Tracker {
-            expect: VecDeque::new(),
-            server_skipping: false,
-            client_skipping: false,
-            copy_in: false,
-            status: b'I',
-        }
+        Tracker { expect: VecDeque::new(), server_skipping: false, copy_in: false, status: b'I' }
     }
 }
 
@@ -113,7 +115,7 @@ impl<'a> Ctx<'a> {
 impl Tracker {
     /// Nothing outstanding: the connection may go back to the pool.
     pub fn idle(&self) -> bool {
-        self.expect.is_empty() && !self.server_skipping && !self.client_skipping
+        self.expect.is_empty() && !self.server_skipping
     }
 
     /// A Parse is in flight whose outcome the bookkeeping depends on.
@@ -124,7 +126,6 @@ impl Tracker {
     pub fn reset(&mut self, status: u8) {
         self.expect.clear();
         self.server_skipping = false;
-        self.client_skipping = false;
         self.copy_in = false;
         self.status = status;
     }
@@ -149,10 +150,28 @@ impl Tracker {
         }
     }
 
+    /// Report an error pgmux detects in the extended protocol. The server
+    /// raises it (an unnamed `DO` that raises it, run in place of the
+    /// message), so the transaction is aborted and the rest of the batch
+    /// skipped exactly as PostgreSQL would.
     fn emulate_error(&mut self, err: PgError) -> Flow {
-        self.expect.push_back(Expect::Synthetic(err.to_bytes(), None));
-        self.client_skipping = true;
-        Flow::Drop
+        let mut out = BytesMut::new();
+        let at = start_message(&mut out, b'P');
+        out.put_u8(0);
+        put_cstr(&mut out, &raise_sql(&err));
+        out.put_i16(0);
+        finish_message(&mut out, at);
+        let at = start_message(&mut out, b'B');
+        out.put_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        finish_message(&mut out, at);
+        let at = start_message(&mut out, b'E');
+        out.put_u8(0);
+        out.put_i32(0);
+        finish_message(&mut out, at);
+        self.expect.push_back(Expect::Parse { undo: None, hidden: true });
+        self.expect.push_back(Expect::Hidden(b'2'));
+        self.expect.push_back(Expect::Execute);
+        Flow::Replace(out)
     }
 
     /// A client message on its way to the server (body present for every
@@ -164,20 +183,21 @@ impl Tracker {
             }
             return Flow::Forward;
         }
-        if matches!(tag, b'c' | b'f') {
-            self.expect.push_back(Expect::CopyEnd);
-            return Flow::Forward;
-        }
         if tag == b'S' {
             self.server_skipping = false;
-            self.client_skipping = false;
             self.expect.push_back(Expect::Sync);
             return Flow::Forward;
         }
-        if self.client_skipping {
-            return if tag == b'd' { Flow::Forward } else { Flow::Drop };
-        }
         if self.server_skipping {
+            return Flow::Forward;
+        }
+        if matches!(tag, b'c' | b'f') {
+            // A pipelined CopyDone before the COPY started; a stray one
+            // (nothing that could start a COPY is pending) is ignored by
+            // the server and expects nothing.
+            if self.expect.iter().any(|e| matches!(e, Expect::Execute | Expect::Query)) {
+                self.expect.push_back(Expect::CopyEnd);
+            }
             return Flow::Forward;
         }
         match tag {
@@ -225,7 +245,7 @@ impl Tracker {
         let stmt = Arc::new(Statement::new(rest));
         cx.stmts.map.insert(name.to_string(), stmt.clone());
         if cx.server.touch(stmt.hash) {
-            let undo = Undo { hash: None, client_name: Some(name.to_string()) };
+            let undo = Undo { hash: None, client_name: Some(name.to_string()), restore: None };
             self.expect.push_back(Expect::Synthetic(tiny(b'1'), Some(undo)));
             return Flow::Drop;
         }
@@ -247,10 +267,10 @@ impl Tracker {
             out.put_u8(b'S');
             put_cstr(out, &server_name(victim));
             finish_message(out, at);
-            self.expect.push_back(Expect::Close { hidden: true });
+            self.expect.push_back(Expect::Close { hidden: true, victim: Some(victim) });
         }
         out.extend_from_slice(&stmt.parse);
-        let undo = Undo { hash: Some(stmt.hash), client_name: client.map(str::to_string) };
+        let undo = Undo { hash: Some(stmt.hash), client_name: client.map(str::to_string), restore: None };
         self.expect.push_back(Expect::Parse { undo: Some(undo), hidden });
     }
 
@@ -309,38 +329,42 @@ impl Tracker {
                 if !name.is_empty() {
                     // The server copy stays for other clients; the LRU
                     // closes it when it is no longer wanted.
-                    cx.stmts.map.remove(name);
-                    self.expect.push_back(Expect::Synthetic(tiny(b'3'), None));
+                    let restore = cx.stmts.map.remove(name).map(|st| (name.to_string(), st));
+                    let undo = Undo { hash: None, client_name: None, restore };
+                    self.expect.push_back(Expect::Synthetic(tiny(b'3'), Some(undo)));
                     return Flow::Drop;
                 }
             }
         }
-        self.expect.push_back(Expect::Close { hidden: false });
+        self.expect.push_back(Expect::Close { hidden: false, victim: None });
         Flow::Forward
     }
 
     fn query(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
         let sql = split_cstr(body).map(|(s, _)| s).unwrap_or("");
+        if crate::sqlhead::has_sql_prepare(sql) {
+            let err = PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "SQL PREPARE/EXECUTE is not supported in transaction pooling mode",
+            )
+            .with_hint(
+                "Use protocol-level prepared statements (every driver's prepare does), or pool_mode = \"session\".",
+            );
+            // The server raises it: an explicit transaction fails as it
+            // would on PostgreSQL itself.
+            let mut out = BytesMut::new();
+            crate::protocol::messages::query(&mut out, &raise_sql(&err));
+            self.expect.push_back(Expect::Query);
+            return Flow::Replace(out);
+        }
         match crate::sqlhead::leading_command(sql) {
             crate::sqlhead::Command::Deallocate(name) if cx.stmts.map.contains_key(&name) => {
-                cx.stmts.map.remove(&name);
+                let restore = cx.stmts.map.remove(&name).map(|st| (name, st));
                 let mut b = BytesMut::new();
                 let at = start_message(&mut b, b'C');
                 put_cstr(&mut b, "DEALLOCATE");
                 finish_message(&mut b, at);
-                self.expect.push_back(Expect::Synthetic(b, None));
-                self.expect.push_back(Expect::SyntheticReady);
-                Flow::Drop
-            }
-            crate::sqlhead::Command::Prepare | crate::sqlhead::Command::Execute => {
-                let err = PgError::error(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    "SQL PREPARE/EXECUTE is not supported in transaction pooling mode",
-                )
-                .with_hint(
-                    "Use protocol-level prepared statements (every driver's prepare does), or pool_mode = \"session\".",
-                );
-                self.expect.push_back(Expect::Synthetic(err.to_bytes(), None));
+                self.expect.push_back(Expect::Synthetic(b, Some(Undo { hash: None, client_name: None, restore })));
                 self.expect.push_back(Expect::SyntheticReady);
                 Flow::Drop
             }
@@ -369,8 +393,12 @@ impl Tracker {
             b'2' if matches!(head, Some(Expect::Bind)) => {
                 self.expect.pop_front();
             }
+            b'2' if matches!(head, Some(Expect::Hidden(b'2'))) => {
+                self.expect.pop_front();
+                hide = true;
+            }
             b'3' if matches!(head, Some(Expect::Close { .. })) => {
-                if let Some(Expect::Close { hidden }) = self.expect.pop_front() {
+                if let Some(Expect::Close { hidden, .. }) = self.expect.pop_front() {
                     hide = hidden;
                 }
             }
@@ -408,7 +436,10 @@ impl Tracker {
             }
             b'E' => {
                 self.copy_in = false;
-                self.on_error(cx);
+                let skipped = self.on_error(cx);
+                if skipped > 0 {
+                    event = Event::Skipped(skipped);
+                }
             }
             b'Z' => {
                 self.expect.pop_front();
@@ -440,14 +471,21 @@ impl Tracker {
         (flow, event)
     }
 
-    fn on_error(&mut self, cx: &mut Ctx) {
+    /// Returns how many Query/FunctionCall messages the server will skip.
+    fn on_error(&mut self, cx: &mut Ctx) -> usize {
+        let mut skipped = 0;
         match self.expect.front() {
-            None | Some(Expect::Query | Expect::FunctionCall | Expect::Sync) => {}
+            None | Some(Expect::Query | Expect::FunctionCall | Expect::Sync | Expect::CopyEnd) => {}
             Some(_) => {
                 // Extended protocol: the server skips to the next Sync.
                 while !matches!(self.expect.front(), None | Some(Expect::Sync)) {
                     match self.expect.pop_front() {
                         Some(Expect::Parse { undo: Some(u), .. }) | Some(Expect::Synthetic(_, Some(u))) => undo(u, cx),
+                        // The server skipped the eviction Close: it still has it.
+                        Some(Expect::Close { victim: Some(h), .. }) => {
+                            cx.server.insert(h, usize::MAX);
+                        }
+                        Some(Expect::Query | Expect::FunctionCall) => skipped += 1,
                         _ => {}
                     }
                 }
@@ -456,10 +494,30 @@ impl Tracker {
                 }
             }
         }
+        skipped
     }
 }
 
+/// SQL that makes the server raise `err` (SQLSTATE, message, hint).
+fn raise_sql(err: &PgError) -> String {
+    use crate::protocol::messages::quote_literal;
+    let clean = |t: &str| t.replace("$pgmux_raise$", "");
+    let mut sql = format!(
+        "DO $pgmux_raise$BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}",
+        quote_literal(&clean(&err.code)),
+        quote_literal(&clean(&err.message))
+    );
+    if let Some(h) = &err.hint {
+        sql.push_str(&format!(", HINT = {}", quote_literal(&clean(h))));
+    }
+    sql.push_str("; END$pgmux_raise$");
+    sql
+}
+
 fn undo(u: Undo, cx: &mut Ctx) {
+    if let Some((name, stmt)) = u.restore {
+        cx.stmts.map.insert(name, stmt);
+    }
     if let Some(h) = u.hash {
         cx.server.remove(h);
     }

@@ -131,14 +131,22 @@ fn duplicate_name_and_close_are_emulated() {
     let mut w = World::new();
     let _ = w.client(b'P', &parse_body("d", "SELECT 4"));
     w.server(b'1', b"");
-    assert_eq!(w.client(b'P', &parse_body("d", "SELECT 4")), Flow::Drop);
-    let err = w.t.due().expect("error due").to_vec();
-    assert_eq!(err[0], b'E');
-    assert!(String::from_utf8_lossy(&err).contains("42P05"));
-    // Skipped until Sync like PostgreSQL would.
-    assert_eq!(w.client(b'B', &bind_body("d")), Flow::Drop);
+    // The server is made to raise the error itself (so a transaction
+    // aborts as on PostgreSQL): an unnamed DO, its replies hidden.
+    let out = replaced(w.client(b'P', &parse_body("d", "SELECT 4")));
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("RAISE EXCEPTION") && text.contains("42P05") && text.contains("\"d\" already exists"),
+        "{text}"
+    );
+    assert!(w.t.due().is_none());
+    let _ = w.client(b'B', &bind_body("d"));
     assert_eq!(w.client(b'S', b""), Flow::Forward);
-    w.server(b'Z', b"I");
+    assert_eq!(w.server(b'1', b""), Flow::Drop);
+    assert_eq!(w.server(b'2', b""), Flow::Drop);
+    assert_eq!(w.server(b'E', b"C42P05\0\0"), Flow::Forward);
+    assert_eq!(w.server(b'Z', b"E"), Flow::Forward);
+    assert!(w.t.idle());
     // Close of a statement: answered by pgmux, the server copy stays.
     let mut close = vec![b'S'];
     close.extend_from_slice(b"d\0");
@@ -174,10 +182,11 @@ fn lru_eviction_closes_lazily() {
 #[test]
 fn sql_prepare_refused_and_deallocate_emulated() {
     let mut w = World::new();
-    assert_eq!(w.client(b'Q', b"PREPARE p AS SELECT 1\0"), Flow::Drop);
-    let out = w.t.due().unwrap().to_vec();
-    assert!(String::from_utf8_lossy(&out).contains("0A000"));
-    assert!(out.ends_with(&msg(b'Z', b"I")));
+    let out = replaced(w.client(b'Q', b"SELECT 1; PREPARE p AS SELECT 1\0"));
+    assert!(out.starts_with(b"Q") && String::from_utf8_lossy(&out).contains("0A000"));
+    w.server(b'E', b"C0A000\0\0");
+    w.server(b'Z', b"I");
+    assert!(w.t.idle());
     let _ = w.client(b'P', &parse_body("s", "SELECT 5"));
     w.server(b'1', b"");
     assert_eq!(w.client(b'Q', b"DEALLOCATE s\0"), Flow::Drop);

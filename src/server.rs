@@ -95,6 +95,9 @@ pub struct ServerConn {
     pub applied: BTreeMap<String, String>,
     /// Statements pgmux has prepared here (transaction mode).
     pub prepared: ServerStatements,
+    /// A client changed session state pgmux cannot replay (role, ...):
+    /// reset everything before the next client.
+    pub needs_reset: bool,
     pub created: Instant,
     pub last_used: Instant,
 }
@@ -124,6 +127,7 @@ impl ServerConn {
             reported: BTreeMap::new(),
             applied: BTreeMap::new(),
             prepared: ServerStatements::default(),
+            needs_reset: false,
             created: now,
             last_used: now,
         };
@@ -301,6 +305,11 @@ impl ServerConn {
     /// what this connection has but the client does not. One round trip,
     /// none when nothing differs.
     pub async fn sync_params(&mut self, wanted: &BTreeMap<String, String>) -> Result<(), ServerError> {
+        if self.needs_reset {
+            self.run("SET SESSION AUTHORIZATION DEFAULT; RESET ALL").await?;
+            self.applied.clear();
+            self.needs_reset = false;
+        }
         let mut sets = Vec::new();
         let mut resets = Vec::new();
         for (k, v) in wanted {

@@ -120,8 +120,13 @@ pub fn statements(sql: &str) -> Vec<&str> {
         match b[i] {
             b'\'' | b'"' => {
                 let q = b[i];
+                // E'...' strings take backslash escapes.
+                let escapes = q == b'\'' && i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e');
                 i += 1;
                 while i < b.len() && b[i] != q {
+                    if escapes && b[i] == b'\\' {
+                        i += 1;
+                    }
                     i += 1;
                 }
             }
@@ -243,6 +248,10 @@ fn one_change(stmt: &str) -> Option<SettingChange> {
                     name = "client_encoding".into();
                     rest
                 }
+                "schema" => {
+                    name = "search_path".into();
+                    rest
+                }
                 _ => {
                     let r = skip_blank(rest);
                     match r.strip_prefix('=') {
@@ -268,10 +277,45 @@ fn one_change(stmt: &str) -> Option<SettingChange> {
     }
 }
 
+fn mentions(sql: &str, word: &[u8]) -> bool {
+    sql.as_bytes().windows(word.len()).any(|w| w.eq_ignore_ascii_case(word))
+}
+
+/// Whether any statement of the string is a SQL-level PREPARE or EXECUTE.
+pub fn has_sql_prepare(sql: &str) -> bool {
+    (mentions(sql, b"prepare") || mentions(sql, b"execute"))
+        && statements(sql).into_iter().any(|st| matches!(leading_command(st), Command::Prepare | Command::Execute))
+}
+
+/// Whether the string changes session state pgmux cannot replay (role,
+/// session authorization or characteristics, `set_config(...)`): the
+/// connection must be reset before anyone else uses it.
+pub fn needs_full_reset(sql: &str) -> bool {
+    if mentions(sql, b"set_config") {
+        return true;
+    }
+    if !mentions(sql, b"role") && !mentions(sql, b"authorization") && !mentions(sql, b"characteristics") {
+        return false;
+    }
+    statements(sql).into_iter().any(|st| {
+        let Some((kw, rest)) = word(st) else { return false };
+        if kw != "set" && kw != "reset" {
+            return false;
+        }
+        let Some((mut next, rest)) = word(rest) else { return false };
+        if next == "session" || next == "local" {
+            match word(rest) {
+                Some((n, _)) => next = n,
+                None => return false,
+            }
+        }
+        matches!(next.as_str(), "role" | "authorization" | "characteristics")
+    })
+}
+
 /// Session-level SET / RESET statements of a query string, in order.
 pub fn setting_changes(sql: &str) -> Vec<SettingChange> {
-    let has_set = sql.as_bytes().windows(3).any(|w| w.eq_ignore_ascii_case(b"set"));
-    if !has_set {
+    if !mentions(sql, b"set") {
         return Vec::new();
     }
     statements(sql).into_iter().filter_map(one_change).collect()
@@ -301,6 +345,17 @@ mod tests {
         assert_eq!(setting_changes("SET LOCAL work_mem = '1MB'"), vec![]);
         assert_eq!(setting_changes("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), vec![]);
         assert_eq!(setting_changes("SET ROLE admin"), vec![]);
+        assert_eq!(setting_changes("SET SCHEMA 'x'"), vec![set("search_path", "x")]);
+        assert!(needs_full_reset("SET ROLE admin"));
+        assert!(needs_full_reset("select 1; SET SESSION AUTHORIZATION bob"));
+        assert!(needs_full_reset("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE"));
+        assert!(needs_full_reset("SELECT set_config('work_mem', '1MB', false)"));
+        assert!(!needs_full_reset("SELECT rolname FROM pg_roles"));
+        assert_eq!(
+            setting_changes("SELECT E'\\''; SET statement_timeout = 5"),
+            vec![set("statement_timeout", "5")],
+            "E'' escapes do not hide what follows"
+        );
         assert_eq!(setting_changes("SELECT 'SET x = 1'"), vec![]);
         assert_eq!(
             setting_changes("SET x = now()"),
