@@ -237,6 +237,40 @@ pub struct Database {
     pub pool_size: Option<usize>,
     #[serde(default)]
     pub min_pool_size: Option<usize>,
+    /// Send reads to healthy replicas within the lag bounds (needs
+    /// `monitor_user` and at least one replica).
+    #[serde(default = "yes")]
+    pub read_routing: bool,
+    /// The `[[users]]` entry whose password the lag monitor logs in with.
+    #[serde(default)]
+    pub monitor_user: Option<String>,
+    /// Replicas further behind the primary than this many WAL bytes get no reads.
+    #[serde(default = "default_lag_bytes")]
+    pub max_lag_bytes: u64,
+    /// Replicas further behind than this get no reads.
+    #[serde(default = "default_lag")]
+    pub max_lag: Dur,
+    #[serde(default = "default_check_interval")]
+    pub check_interval: Dur,
+    /// How long a failing replica is left out before it is probed again.
+    #[serde(default = "default_ban_time")]
+    pub ban_time: Dur,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_lag_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_lag() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_check_interval() -> Dur {
+    Dur(Duration::from_millis(500))
+}
+fn default_ban_time() -> Dur {
+    Dur(Duration::from_secs(30))
 }
 
 /// The validated configuration.
@@ -354,8 +388,27 @@ impl Config {
             if name == crate::ADMIN_DB {
                 return Err(err(&format!("databases.{name}"), "this name is reserved for the admin console"));
             }
+            if let Some(m) = &db.monitor_user {
+                if self.monitor_login(m).is_none() {
+                    return Err(err(
+                        &format!("databases.{name}.monitor_user"),
+                        &format!("\"{m}\" must be a [[users]] entry with a plain-text password or a server_password"),
+                    ));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// (user, password) the lag monitor logs in with.
+    pub fn monitor_login(&self, name: &str) -> Option<(String, String)> {
+        let u = self.users.get(name)?;
+        let pw = match (&u.server_password, &u.secret) {
+            (Some(p), _) => p.clone(),
+            (None, Some(Secret::Plain(p))) => p.clone(),
+            _ => return None,
+        };
+        Some((u.name.clone(), pw))
     }
 
     /// Resolve the settings of the pool for (database, user).

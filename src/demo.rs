@@ -39,6 +39,8 @@ password = "{DEMO_PASSWORD}"
 [databases.{DEMO_DB}]
 primary = "{primary}"
 replicas = [{replicas}]
+monitor_user = "{DEMO_USER}"
+check_interval = "200ms"
 "#,
         primary = cluster.primary.addr(),
         replicas = replicas.join(", "),
@@ -85,6 +87,9 @@ pub async fn run(install: bool, port: Option<u16>) -> Result<(), DemoError> {
         println!("  replica   {}", r.addr());
     }
     println!("  pgmux     {}", running.addr);
+    println!();
+    println!("Reads go to the replicas (lag-aware, read-your-writes), writes and transactions");
+    println!("to the primary; try SELECT inet_server_port(), pg_is_in_recovery();");
     println!();
     println!("Connect with:");
     println!("  psql \"postgresql://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{port}/{DEMO_DB}\"");

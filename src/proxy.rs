@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -21,6 +21,9 @@ use crate::login::{self, LoginError, Startup};
 use crate::pool::{Pool, Pools};
 use crate::protocol::auth::{ScramCredentials, ScramVerifier, Secret};
 use crate::protocol::error::{sqlstate, PgError};
+use crate::replicas::monitor::{Backend, Monitor, MonitorConfig};
+use crate::router::classify::Classifier;
+use crate::router::route::Routing;
 use crate::server::Login;
 
 /// A client must finish its login within this time.
@@ -34,6 +37,10 @@ pub struct Proxy {
     /// SCRAM verifiers per user: configured ones, or derived once from a
     /// plain-text password.
     verifiers: HashMap<String, ScramVerifier>,
+    /// Lag/health monitors of databases that route reads to replicas.
+    monitors: HashMap<String, Arc<Monitor>>,
+    classifier: Arc<Classifier>,
+    routes: Mutex<HashMap<(String, String), Arc<Routing>>>,
 }
 
 /// A proxy serving in the background (tests, demo).
@@ -58,12 +65,40 @@ impl Proxy {
             .values()
             .filter_map(|u| Some((u.name.clone(), u.secret.as_ref()?.scram_verifier()?)))
             .collect();
+        let monitors = config
+            .databases
+            .iter()
+            .filter(|(_, db)| db.read_routing && !db.replicas.is_empty())
+            .filter_map(|(name, db)| {
+                let (user, password) = config.monitor_login(db.monitor_user.as_deref()?)?;
+                let backend = |i: usize, hp: &crate::config::HostPort| Backend {
+                    name: if i == 0 { format!("{name}/primary") } else { format!("{name}/replica{i}") },
+                    host: hp.host.clone(),
+                    port: hp.port,
+                };
+                let cfg = MonitorConfig {
+                    check_interval: db.check_interval.0,
+                    max_lag_bytes: Some(db.max_lag_bytes),
+                    max_lag: Some(db.max_lag.0),
+                    ban_time: db.ban_time.0,
+                    connect_timeout: config.pool.server_connect_timeout.0,
+                    user,
+                    password,
+                    dbname: db.server_dbname(name).to_string(),
+                };
+                let replicas = db.replicas.iter().enumerate().map(|(i, r)| backend(i + 1, r)).collect();
+                Some((name.clone(), Monitor::start(backend(0, &db.primary), replicas, cfg)))
+            })
+            .collect();
         Arc::new(Proxy {
             config,
             pools: Pools::default(),
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
             verifiers,
+            monitors,
+            classifier: Arc::new(Classifier::new(10_000, &[], false)),
+            routes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -145,20 +180,44 @@ impl Proxy {
             );
             return Session::fatal(&mut stream, &e).await;
         };
-        let pool = self.pool_for(&info.database, db, user);
+        let pool = self.pool_for(&info.database, db, user, 0);
+        let routing = self.routing_for(&info.database, db, user);
         if let (Some(client_key), Some(Secret::Scram(v))) = (client_key, &user.secret) {
-            pool.learn_scram(ScramCredentials::ClientKey { client_key, verifier: v.clone() });
+            let creds = ScramCredentials::ClientKey { client_key, verifier: v.clone() };
+            for p in routing.iter().flat_map(|r| r.replicas.iter()) {
+                p.learn_scram(creds.clone());
+            }
+            pool.learn_scram(creds);
         }
         let guard = self.cancels.register();
         let mut session = Session::new(stream, buf, pool, info.params, guard.slot.clone());
+        session.set_routing(routing);
         if let Err(e) = session.welcome(guard.key()).await {
             return session.close_with(&e).await;
         }
         session.run().await;
     }
 
-    fn pool_for(&self, name: &str, db: &Database, user: &User) -> Arc<Pool> {
-        self.pools.get_or_create(name, &user.name, || {
+    /// Read routing for (database, user), when the database has replicas
+    /// and a lag monitor.
+    fn routing_for(&self, name: &str, db: &Database, user: &User) -> Option<Arc<Routing>> {
+        let monitor = self.monitors.get(name)?.clone();
+        let mut routes = self.routes.lock().ok()?;
+        let route = routes.entry((name.to_string(), user.name.clone())).or_insert_with(|| {
+            let replicas = (1..=db.replicas.len()).map(|i| self.pool_for(name, db, user, i)).collect();
+            Arc::new(Routing::new(replicas, monitor, self.classifier.clone()))
+        });
+        Some(route.clone())
+    }
+
+    /// The pool of (database, user) on backend 0 (the primary) or replica
+    /// `backend - 1`.
+    fn pool_for(&self, name: &str, db: &Database, user: &User, backend: usize) -> Arc<Pool> {
+        let (key, addr) = match backend {
+            0 => (name.to_string(), &db.primary),
+            i => (format!("{name}#replica{i}"), &db.replicas[i - 1]),
+        };
+        self.pools.get_or_create(&key, &user.name, || {
             let plain = match &user.secret {
                 Some(Secret::Plain(p)) => Some(p.clone()),
                 _ => None,
@@ -174,7 +233,7 @@ impl Proxy {
                 scram: None,
             };
             let settings = self.config.pool_settings(db, user);
-            Pool::new(name.to_string(), user.name.clone(), db.primary.clone(), settings, login)
+            Pool::new(key.clone(), user.name.clone(), addr.clone(), settings, login)
         })
     }
 

@@ -33,6 +33,18 @@ pub fn server_name(hash: u64) -> String {
 }
 
 impl Statement {
+    /// The query text (for routing).
+    pub fn query(&self) -> &[u8] {
+        let after_name = self.parse.iter().skip(5).position(|&b| b == 0).map_or(self.parse.len(), |p| 5 + p + 1);
+        let rest = self.parse.get(after_name..).unwrap_or_default();
+        rest.split(|&b| b == 0).next().unwrap_or_default()
+    }
+
+    /// The client's statement of this name, if any.
+    pub fn lookup<'a>(stmts: &'a ClientStatements, name: &str) -> Option<&'a Arc<Statement>> {
+        stmts.map.get(name)
+    }
+
     pub fn new(query_and_types: &[u8]) -> Statement {
         let hash = statement_hash(query_and_types);
         let name = server_name(hash);

@@ -137,7 +137,11 @@ fn demo_brings_up_a_replicated_topology_and_tears_it_down() {
     assert_eq!(replicas.len(), 2, "{seen:?}");
     let url = psql_line.trim_start_matches("psql ").trim_matches('"').to_string();
     assert!(url.contains(&format!(":{port}/")), "{url}");
+    // Reads go to the replicas, writes (and hinted statements) to the primary.
     let text = run(tool("psql").arg(&url).args(["-X", "-A", "-t", "-c", "SELECT pg_is_in_recovery()"]));
+    assert_eq!(text.trim(), "t");
+    let text =
+        run(tool("psql").arg(&url).args(["-X", "-A", "-t", "-c", "/* pgmux: primary */ SELECT pg_is_in_recovery()"]));
     assert_eq!(text.trim(), "f");
     for r in &replicas {
         let (host, rport) = r.rsplit_once(':').unwrap();

@@ -97,7 +97,8 @@ pub struct BackendState {
     /// Set while banned (a past instant means the ban has expired).
     pub banned_until: Option<Instant>,
     pub last_error: Option<String>,
-    /// When the last successful sample was taken.
+    /// When the last successful sample began: its values are at least this
+    /// fresh (read-your-writes compares it with a commit time).
     pub sampled_at: Option<Instant>,
 }
 
@@ -366,7 +367,7 @@ async fn sample_loop(shared: Arc<Shared>, idx: usize) {
                 st.receive_lsn = s.receive_lsn;
                 st.banned_until = None;
                 st.last_error = None;
-                st.sampled_at = Some(done);
+                st.sampled_at = Some(started);
                 if let (0, Some(lsn)) = (idx, s.current_lsn) {
                     push_primary_lsn(&mut inner.ring, done, lsn);
                 }

@@ -3,3 +3,4 @@
 //! tested; routing reads to replicas is not wired into sessions yet.
 
 pub mod classify;
+pub mod route;

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,8 +23,11 @@ use crate::prepared::{self, ClientStatements, Ctx, Tracker};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{peek_header, Flow, FrameError, Relay, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
+use crate::router::route::Routing;
 use crate::server::{is_server_owned, ServerConn, ServerError};
 use crate::sqlhead;
+
+mod settings;
 
 /// What pgmux records for a server setting a client changed in a way it
 /// cannot read back: never equal to a real value, so the connection is
@@ -90,6 +93,10 @@ pub struct Session {
     /// SET/RESETs sent, waiting for the server to confirm them.
     pending_settings: Vec<sqlhead::SettingChange>,
     settings_failed: bool,
+    /// Read routing to replicas, when the database has it.
+    routing: Option<Arc<Routing>>,
+    /// When this client's last writing transaction ended.
+    last_write: Option<Instant>,
     /// ParameterStatus values this client has been told.
     told: BTreeMap<String, String>,
     cancel: Arc<CancelSlot>,
@@ -116,6 +123,8 @@ impl Session {
             tracker: Tracker::default(),
             pending_settings: Vec::new(),
             settings_failed: false,
+            routing: None,
+            last_write: None,
             startup: wanted.clone(),
             pool,
             wanted,
@@ -131,6 +140,30 @@ impl Session {
     pub async fn fatal(stream: &mut TcpStream, err: &PgError) {
         let _ = stream.write_all(&err.to_bytes()).await;
         let _ = stream.shutdown().await;
+    }
+
+    /// Route reads of this session by `routing` (None: all to the primary).
+    pub fn set_routing(&mut self, routing: Option<Arc<Routing>>) {
+        self.routing = routing;
+    }
+
+    /// The pool for the transaction whose first message is at the front of
+    /// the buffer: (pool, replica index, is a read).
+    fn pick(&self) -> (Arc<Pool>, Option<usize>, bool) {
+        let primary = (self.pool.clone(), None, false);
+        let Some(r) = &self.routing else { return primary };
+        if self.mode != PoolMode::Transaction {
+            return primary;
+        }
+        let Ok(Some((_, len))) = peek_header(&self.rbuf, MAX_MESSAGE_LEN) else { return primary };
+        let Some(first) = self.rbuf.get(..HEADER_LEN + len) else { return primary };
+        if !r.is_read(first, &self.stmts) {
+            return primary;
+        }
+        match r.replica_for_read(self.last_write) {
+            Some(i) => (r.replicas[i].clone(), Some(i), true),
+            None => (self.pool.clone(), None, true),
+        }
     }
 
     /// Refuse the session with an error.
@@ -206,9 +239,21 @@ impl Session {
                     continue;
                 }
             }
-            let mut server = match self.pool.get().await {
+            let (pool, replica, read) = self.pick();
+            let mut server = match pool.get().await {
                 Ok(s) => s,
-                Err(e) => return Self::fatal(&mut self.stream, &pool_error(e)).await,
+                Err(e) => match (replica, &self.routing) {
+                    // A replica that cannot serve: leave it out, read from
+                    // the primary; the client never sees it.
+                    (Some(i), Some(r)) => {
+                        r.monitor.ban(i, &e.to_string());
+                        match self.pool.get().await {
+                            Ok(s) => s,
+                            Err(e) => return Self::fatal(&mut self.stream, &pool_error(e)).await,
+                        }
+                    }
+                    _ => return Self::fatal(&mut self.stream, &pool_error(e)).await,
+                },
             };
             if let Err(e) = self.attach(server.conn()).await {
                 let err = match e {
@@ -223,7 +268,14 @@ impl Session {
             let outcome = self.relay(server.conn()).await;
             self.cancel.clear();
             match outcome {
-                Relayed::Released => server.release(),
+                Relayed::Released => {
+                    if replica.is_none() && !read {
+                        // Read-your-writes: later reads wait for replicas
+                        // to replay past this point.
+                        self.last_write = Some(Instant::now());
+                    }
+                    server.release()
+                }
                 Relayed::ClientGone => return self.abandon(server).await,
                 Relayed::ServerGone(why) => {
                     tracing::warn!(pool = %self.pool.name(), "server connection lost mid-transaction: {why}");
@@ -353,56 +405,6 @@ impl Session {
             }
         }
         stop
-    }
-
-    /// A client's SET/RESET in transaction mode: this server is marked for
-    /// re-sync at once (nothing leaks to the next client); the client's own
-    /// settings change when the server confirms (ReadyForQuery idle, no
-    /// error, no rollback), and then follow it to every server it gets.
-    fn note_settings(&mut self, conn: &mut ServerConn, changes: Vec<sqlhead::SettingChange>) {
-        use sqlhead::SettingChange;
-        for change in &changes {
-            let keys: Vec<String> = match change {
-                SettingChange::Set { name, .. } | SettingChange::Reset(name) => vec![name.to_ascii_lowercase()],
-                SettingChange::ResetAll => conn.applied.keys().chain(self.startup.keys()).cloned().collect(),
-            };
-            for k in keys {
-                conn.applied.insert(k, UNKNOWN_SETTING.to_string());
-            }
-        }
-        self.pending_settings.extend(changes);
-    }
-
-    /// Settle pending SET/RESETs on the server's replies: `events` holds
-    /// b'E' (error), b'R' (ROLLBACK done) and ReadyForQuery statuses.
-    fn settle_settings(&mut self, events: &[(u8, u8)]) {
-        use sqlhead::SettingChange;
-        for &(ev, status) in events {
-            match (ev, status) {
-                (b'E', _) | (b'R', _) | (b'Z', b'E') => self.settings_failed = true,
-                (b'Z', b'I') => {
-                    let changes = std::mem::take(&mut self.pending_settings);
-                    if !std::mem::take(&mut self.settings_failed) {
-                        for change in changes {
-                            match change {
-                                SettingChange::Set { name, value: Some(v) } => {
-                                    self.wanted.insert(name.to_ascii_lowercase(), v);
-                                }
-                                SettingChange::Set { name, value: None } | SettingChange::Reset(name) => {
-                                    let k = name.to_ascii_lowercase();
-                                    match self.startup.get(&k) {
-                                        Some(v) => self.wanted.insert(k, v.clone()),
-                                        None => self.wanted.remove(&k),
-                                    };
-                                }
-                                SettingChange::ResetAll => self.wanted = self.startup.clone(),
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
     }
 
     /// Pass server messages to the client, noting ReadyForQuery status and
