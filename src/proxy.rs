@@ -137,6 +137,9 @@ impl Proxy {
         for pool in self.pools.all() {
             pool.close_idle();
         }
+        for monitor in self.monitors.values() {
+            monitor.stop();
+        }
     }
 
     async fn handle(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
