@@ -7,11 +7,14 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use pgmux::config::Config;
 use pgmux::pgcluster::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
-use pgmux::proxy::{Proxy, RunningProxy};
+use pgmux::proxy::RunningProxy;
 use support::{scalar, APP};
 use tokio_postgres::types::Type;
+
+/// The tests here each start a cluster; one at a time, so that their free
+/// ports cannot collide.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn cluster() -> Cluster {
     let spec = ClusterSpec {
@@ -51,7 +54,7 @@ max_lag_bytes = 1024
         primary = c.primary.addr(),
         replicas = replicas.join(", "),
     );
-    let p = Proxy::start(Config::parse(&text, "routing test").unwrap()).await.unwrap();
+    let p = support::start_proxy(&text).await;
     // Let the monitor take its first samples.
     tokio::time::sleep(Duration::from_millis(500)).await;
     p
@@ -63,6 +66,7 @@ async fn client(p: &RunningProxy) -> tokio_postgres::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_to_replicas_writes_and_transactions_to_primary() {
+    let _serial = SERIAL.lock().await;
     let c = cluster();
     let p = proxy(&c, "").await;
     let cl = client(&p).await;
@@ -108,6 +112,7 @@ async fn reads_to_replicas_writes_and_transactions_to_primary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_never_reads_stale() {
+    let _serial = SERIAL.lock().await;
     let c = cluster();
     let p = proxy(&c, "").await;
     let cl = client(&p).await;
@@ -135,6 +140,7 @@ async fn read_your_writes_never_reads_stale() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_replica_gets_no_reads_until_it_catches_up() {
+    let _serial = SERIAL.lock().await;
     let c = cluster();
     let p = proxy(&c, "").await;
     let cl = client(&p).await;

@@ -108,9 +108,20 @@ primary = "{primary}"
 }
 
 /// Start pgmux with the given config text.
+/// A port picked free may be taken before pgmux binds it (clusters start
+/// in parallel tests): then another is tried.
 pub async fn start_proxy(text: &str) -> RunningProxy {
-    let config = Config::parse(text, "test config").unwrap_or_else(|e| panic!("bad test config: {e}\n{text}"));
-    Proxy::start(config).await.expect("start pgmux")
+    let mut config = Config::parse(text, "test config").unwrap_or_else(|e| panic!("bad test config: {e}\n{text}"));
+    for _ in 0..10 {
+        match Proxy::start(config.clone()).await {
+            Ok(p) => return p,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                config.general.listen.port = free_port().expect("free port");
+            }
+            Err(e) => panic!("start pgmux: {e}"),
+        }
+    }
+    panic!("no free port for pgmux after 10 tries")
 }
 
 /// pgmux in front of `db` with `pool` settings.
