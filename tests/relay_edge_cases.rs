@@ -65,6 +65,23 @@ async fn raw_login(port: u16, db: &str) -> Raw {
     Raw::login(port, APP.0, APP.1, db, &[]).await
 }
 
+/// A fresh database with table `t (x int)`, and a superuser client to it.
+async fn db_with_t(prefix: &str) -> (String, tokio_postgres::Client) {
+    let db = support::fresh_db(prefix);
+    let direct = support::direct(&db).await;
+    direct.batch_execute("CREATE TABLE t (x int); GRANT ALL ON t TO PUBLIC").await.unwrap();
+    (db, direct)
+}
+
+/// Two COPY FROM STDIN with their data and CopyDone right behind each Query.
+fn two_pipelined_copies(b: &mut BytesMut) {
+    for v in [b"1\n", b"2\n"] {
+        q(b, "COPY t FROM STDIN");
+        raw::copy_data(b, v);
+        raw::copy_done(b);
+    }
+}
+
 // ---------------------------------------------------------------- settings
 
 /// Session state set by client A must not be visible to client B, which gets
@@ -221,9 +238,7 @@ async fn close_skipped_after_error_keeps_the_statement() {
 /// same Sync batch is rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emulated_error_aborts_the_implicit_transaction() {
-    let db = support::fresh_db("rv_dup");
-    let direct = support::direct(&db).await;
-    direct.batch_execute("CREATE TABLE t (x int); GRANT ALL ON t TO PUBLIC").await.unwrap();
+    let (db, direct) = db_with_t("rv_dup").await;
     let p = support::proxy(&db, "default_pool_size = 1").await;
     let mut a = raw_login(p.addr.port(), &db).await;
     let mut b = BytesMut::new();
@@ -270,9 +285,7 @@ async fn sql_prepare_in_multi_statement_leaks() {
 /// and later synthetic replies come after ReadyForQuery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_copy_error_midstream_releases_and_stays_in_sync() {
-    let db = support::fresh_db("rv_xcopy");
-    let direct = support::direct(&db).await;
-    direct.batch_execute("CREATE TABLE t (x int); GRANT ALL ON t TO PUBLIC").await.unwrap();
+    let (db, _direct) = db_with_t("rv_xcopy").await;
     let p = support::proxy(&db, "default_pool_size = 1\nquery_wait_timeout = \"2s\"").await;
     let mut a = raw_login(p.addr.port(), &db).await;
     // s1 prepared on the server, so a later Parse of the same text is synthetic.
@@ -322,9 +335,7 @@ async fn extended_copy_error_midstream_releases_and_stays_in_sync() {
 /// after the client's next query.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simple_copy_error_midstream_then_copy_done() {
-    let db = support::fresh_db("rv_scopy");
-    let direct = support::direct(&db).await;
-    direct.batch_execute("CREATE TABLE t (x int); GRANT ALL ON t TO PUBLIC").await.unwrap();
+    let (db, _direct) = db_with_t("rv_scopy").await;
     let p = support::proxy(&db, "default_pool_size = 1\nquery_wait_timeout = \"2s\"").await;
     let mut a = raw_login(p.addr.port(), &db).await;
     let mut b = BytesMut::new();
@@ -358,17 +369,11 @@ async fn simple_copy_error_midstream_then_copy_done() {
 /// behind each Query).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pipelined_copies_release() {
-    let db = support::fresh_db("rv_2copy");
-    let direct = support::direct(&db).await;
-    direct.batch_execute("CREATE TABLE t (x int); GRANT ALL ON t TO PUBLIC").await.unwrap();
+    let (db, _direct) = db_with_t("rv_2copy").await;
     let p = support::proxy(&db, "default_pool_size = 1\nquery_wait_timeout = \"2s\"").await;
     let mut a = raw_login(p.addr.port(), &db).await;
     let mut b = BytesMut::new();
-    for v in [b"1\n", b"2\n"] {
-        q(&mut b, "COPY t FROM STDIN");
-        raw::copy_data(&mut b, v);
-        raw::copy_done(&mut b);
-    }
+    two_pipelined_copies(&mut b);
     a.send(&b).await;
     for _ in 0..2 {
         let (_, errs) = raw::rows_and_errors(&a.until_ready().await);
@@ -420,9 +425,7 @@ async fn query_skipped_after_extended_error_releases() {
 /// PREPARE) must leave the transaction failed ('E'), so COMMIT rolls back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emulated_error_fails_the_explicit_transaction() {
-    let db = support::fresh_db("rv_prepx");
-    let direct = support::direct(&db).await;
-    direct.batch_execute("CREATE TABLE t (x int); GRANT ALL ON t TO PUBLIC").await.unwrap();
+    let (db, direct) = db_with_t("rv_prepx").await;
     let p = support::proxy(&db, "default_pool_size = 1").await;
     let mut a = raw_login(p.addr.port(), &db).await;
     for sql in ["BEGIN", "INSERT INTO t VALUES (1)"] {
@@ -452,17 +455,11 @@ async fn emulated_error_fails_the_explicit_transaction() {
 /// The next client gets a stray ReadyForQuery and its answers shift by one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_after_pipelined_copies_next_client_in_sync() {
-    let db = support::fresh_db("rv_dirty");
-    let direct = support::direct(&db).await;
-    direct.batch_execute("CREATE TABLE t (x int); GRANT ALL ON t TO PUBLIC").await.unwrap();
+    let (db, _direct) = db_with_t("rv_dirty").await;
     let p = support::proxy(&db, "default_pool_size = 1\nquery_wait_timeout = \"20s\"").await;
     let mut a = raw_login(p.addr.port(), &db).await;
     let mut b = BytesMut::new();
-    for v in [b"1\n", b"2\n"] {
-        q(&mut b, "COPY t FROM STDIN");
-        raw::copy_data(&mut b, v);
-        raw::copy_done(&mut b);
-    }
+    two_pipelined_copies(&mut b);
     a.send(&b).await;
     a.until_ready().await;
     a.until_ready().await;
