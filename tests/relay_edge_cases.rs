@@ -143,9 +143,8 @@ async fn session_settings_never_leak_to_the_next_client() {
     assert!(failures.is_empty(), "session state leaked:\n{}", failures.join("\n"));
 }
 
-/// A SET that fails on the server (bad value, unknown parameter) must leave
-/// the session usable; pgmux replays it on the next checkout and kills the
-/// client with FATAL.
+/// A SET that fails on the server (bad value, unknown parameter) leaves the
+/// session usable: pgmux must not replay it on the next checkout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_set_does_not_kill_the_session() {
     let db = support::fresh_db("rv_badset");
@@ -172,35 +171,24 @@ async fn set_in_rolled_back_transaction_is_undone() {
 // ------------------------------------------------------- prepared tracking
 
 /// LRU eviction (Close of the victim) queued behind a failing message is
-/// skipped by the server, but pgmux forgets the victim anyway; re-preparing
-/// it then fails with 42P05 on that server connection, for every client.
+/// skipped by the server: pgmux must keep the victim as prepared there (else
+/// re-preparing it fails with 42P05 on that connection, for every client).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eviction_skipped_after_error_breaks_the_statement() {
     let db = support::fresh_db("rv_evict");
     let p = support::proxy(&db, "default_pool_size = 1\nmax_prepared_statements = 1").await;
     let mut a = raw_login(p.addr.port(), &db).await;
-    let mut b = BytesMut::new();
-    raw::parse(&mut b, "a", "SELECT 1");
-    raw::sync(&mut b);
-    a.send(&b).await;
-    a.until_ready().await;
+    a.prepare("a", "SELECT 1").await;
     // Error first, then a Parse that evicts "a".
     let mut b = BytesMut::new();
-    raw::parse(&mut b, "", "SELECT 1/0");
-    raw::bind(&mut b, "", "", &[]);
-    raw::execute(&mut b, "", 0);
+    raw::failing_execute(&mut b);
     raw::parse(&mut b, "b", "SELECT 2");
     raw::sync(&mut b);
     a.send(&b).await;
     let (_, errs) = raw::rows_and_errors(&a.until_ready().await);
     assert_eq!(errs.len(), 1, "{errs:?}");
     // "a" still exists as far as PostgreSQL is concerned.
-    let mut b = BytesMut::new();
-    raw::bind(&mut b, "", "a", &[]);
-    raw::execute(&mut b, "", 0);
-    raw::sync(&mut b);
-    a.send(&b).await;
-    assert_eq!(raw::rows_and_errors(&a.until_ready().await), (vec!["1".to_string()], vec![]));
+    assert_eq!(a.run_prepared("a").await, (vec!["1".to_string()], vec![]));
     p.stop().await;
 }
 
@@ -210,26 +198,15 @@ async fn close_skipped_after_error_keeps_the_statement() {
     let db = support::fresh_db("rv_close");
     let p = support::proxy(&db, "default_pool_size = 1").await;
     let mut a = raw_login(p.addr.port(), &db).await;
+    a.prepare("s1", "SELECT 7").await;
     let mut b = BytesMut::new();
-    raw::parse(&mut b, "s1", "SELECT 7");
-    raw::sync(&mut b);
-    a.send(&b).await;
-    a.until_ready().await;
-    let mut b = BytesMut::new();
-    raw::parse(&mut b, "", "SELECT 1/0");
-    raw::bind(&mut b, "", "", &[]);
-    raw::execute(&mut b, "", 0);
+    raw::failing_execute(&mut b);
     close_stmt(&mut b, "s1");
     raw::sync(&mut b);
     a.send(&b).await;
     let (_, errs) = raw::rows_and_errors(&a.until_ready().await);
     assert_eq!(errs.len(), 1, "{errs:?}");
-    let mut b = BytesMut::new();
-    raw::bind(&mut b, "", "s1", &[]);
-    raw::execute(&mut b, "", 0);
-    raw::sync(&mut b);
-    a.send(&b).await;
-    assert_eq!(raw::rows_and_errors(&a.until_ready().await), (vec!["7".to_string()], vec![]));
+    assert_eq!(a.run_prepared("s1").await, (vec!["7".to_string()], vec![]));
     p.stop().await;
 }
 
@@ -241,11 +218,7 @@ async fn emulated_error_aborts_the_implicit_transaction() {
     let (db, direct) = db_with_t("rv_dup").await;
     let p = support::proxy(&db, "default_pool_size = 1").await;
     let mut a = raw_login(p.addr.port(), &db).await;
-    let mut b = BytesMut::new();
-    raw::parse(&mut b, "s1", "SELECT 1");
-    raw::sync(&mut b);
-    a.send(&b).await;
-    a.until_ready().await;
+    a.prepare("s1", "SELECT 1").await;
     let mut b = BytesMut::new();
     raw::parse(&mut b, "", "INSERT INTO t VALUES (1)");
     raw::bind(&mut b, "", "", &[]);
@@ -259,8 +232,8 @@ async fn emulated_error_aborts_the_implicit_transaction() {
     p.stop().await;
 }
 
-/// SQL PREPARE outside the leading position is not refused and leaves a
-/// client-named statement on the pooled server connection.
+/// SQL PREPARE outside the leading position is refused too: no client-named
+/// statement may stay on the pooled server connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_prepare_in_multi_statement_leaks() {
     let db = support::fresh_db("rv_prep");
@@ -281,19 +254,15 @@ async fn sql_prepare_in_multi_statement_leaks() {
 
 /// Extended-protocol COPY that fails mid-stream, the client's remaining
 /// CopyData/CopyDone/Sync arriving after the server's error (a large
-/// upload): the reply queue goes one off, the connection is never released,
-/// and later synthetic replies come after ReadyForQuery.
+/// upload): the reply queue must stay in step, the connection be released,
+/// and later synthetic replies come in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_copy_error_midstream_releases_and_stays_in_sync() {
     let (db, _direct) = db_with_t("rv_xcopy").await;
     let p = support::proxy(&db, "default_pool_size = 1\nquery_wait_timeout = \"2s\"").await;
     let mut a = raw_login(p.addr.port(), &db).await;
     // s1 prepared on the server, so a later Parse of the same text is synthetic.
-    let mut b = BytesMut::new();
-    raw::parse(&mut b, "s1", "SELECT 5");
-    raw::sync(&mut b);
-    a.send(&b).await;
-    a.until_ready().await;
+    a.prepare("s1", "SELECT 5").await;
     let mut b = BytesMut::new();
     raw::parse(&mut b, "", "COPY t FROM STDIN");
     raw::bind(&mut b, "", "", &[]);
@@ -400,7 +369,7 @@ async fn flush_then_simple_query_releases() {
 
 /// A simple Query pipelined after an extended-protocol error and before the
 /// Sync is ignored by PostgreSQL (ignore till Sync): only one ReadyForQuery
-/// comes. Flight counts two and pins the connection forever.
+/// comes, and the connection must still be released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_skipped_after_extended_error_releases() {
     let db = support::fresh_db("rv_skipq");
@@ -449,10 +418,9 @@ async fn emulated_error_fails_the_explicit_transaction() {
     p.stop().await;
 }
 
-/// Consequence of the stuck Flight.copy_in after two pipelined COPYs: a
-/// client's later Sync is not counted, so when it disconnects pgmux drains
-/// too few ReadyForQuery and returns the connection with one still coming.
-/// The next client gets a stray ReadyForQuery and its answers shift by one.
+/// After two pipelined COPYs, a client that disconnects with a query in
+/// flight: pgmux must drain every ReadyForQuery (or close the connection)
+/// so the next client never gets a stray reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_after_pipelined_copies_next_client_in_sync() {
     let (db, _direct) = db_with_t("rv_dirty").await;

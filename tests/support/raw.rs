@@ -252,3 +252,33 @@ pub fn copy_done(b: &mut BytesMut) {
     b.put_u8(b'c');
     b.put_i32(4);
 }
+
+impl Raw {
+    /// Parse a named statement (Parse + Sync) and wait for ReadyForQuery.
+    pub async fn prepare(&mut self, name: &str, sql: &str) -> Vec<(u8, BytesMut)> {
+        let mut b = BytesMut::new();
+        parse(&mut b, name, sql);
+        sync(&mut b);
+        self.send(&b).await;
+        self.until_ready().await
+    }
+
+    /// Bind + Execute + Sync of a named statement (no parameters): its rows
+    /// and errors.
+    pub async fn run_prepared(&mut self, name: &str) -> (Vec<String>, Vec<String>) {
+        let mut b = BytesMut::new();
+        bind(&mut b, "", name, &[]);
+        execute(&mut b, "", 0);
+        sync(&mut b);
+        self.send(&b).await;
+        rows_and_errors(&self.until_ready().await)
+    }
+}
+
+/// Parse + Bind + Execute of an unnamed statement that fails (division by
+/// zero), for errors in the middle of a pipeline.
+pub fn failing_execute(b: &mut BytesMut) {
+    parse(b, "", "SELECT 1/0");
+    bind(b, "", "", &[]);
+    execute(b, "", 0);
+}
