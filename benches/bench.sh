@@ -34,6 +34,7 @@
 #                                                     [simple extended prepared]
 #   SKIP_BUILD=1  use the existing target/release/pgmux as is          [unset]
 #   PGMUX_THREADS pgmux worker threads (0 = one per core)              [0]
+#   REPLICAS  streaming replicas for the read-scaling run (0 = skip)    [2]
 #
 # Adding a scenario: add its name to MODES and, if it is not a plain pgbench
 # `-M` protocol, a branch to mode_args(). Each (target, mode) pair becomes one
@@ -49,6 +50,9 @@ WARMUP=${WARMUP:-2}
 POOL=${POOL:-20}
 MODES=${MODES:-simple extended prepared}
 SKIP_BUILD=${SKIP_BUILD:-}
+REPLICAS=${REPLICAS:-2}
+REPLICA_DIRS=()
+REPLICA_PORTS=()
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$SCRIPT_DIR")
@@ -119,6 +123,10 @@ cleanup() {
         kill -KILL "$PGMUX_PID" 2>/dev/null
         wait "$PGMUX_PID" 2>/dev/null
     fi
+    local rdir
+    for rdir in "${REPLICA_DIRS[@]}"; do
+        as_pg "$PGBIN/pg_ctl" -D "$rdir" stop -m immediate -w >/dev/null 2>&1
+    done
     if [[ -n "$PG_STARTED" && -n "$PGDATA" ]]; then
         log "stopping PostgreSQL"
         as_pg "$PGBIN/pg_ctl" -D "$PGDATA" stop -m immediate -w >/dev/null 2>&1
@@ -223,6 +231,7 @@ logging_collector = off
 EOF
     cat >"$PGDATA/pg_hba.conf" <<EOF
 local all all trust
+host  replication postgres 127.0.0.1/32 trust
 host  all all 127.0.0.1/32 scram-sha-256
 EOF
     if is_root; then chown postgres:postgres "$PGDATA/postgresql.conf" "$PGDATA/pg_hba.conf"; fi
@@ -240,6 +249,32 @@ EOF
 }
 
 # ------------------------------------------------------------------ pgmux ---
+# pgmux database "bench_rw": the same data, reads routed to the replicas.
+replica_database() {
+    ((${#REPLICA_PORTS[@]} > 0)) || return 0
+    local list="" p
+    for p in "${REPLICA_PORTS[@]}"; do list+="${list:+, }\"127.0.0.1:$p\""; done
+    printf '[databases.bench_rw]\nprimary = "127.0.0.1:%s"\ndbname = "bench"\nreplicas = [%s]\nmonitor_user = "bench"\n' \
+        "$PG_PORT" "$list"
+}
+
+# Streaming replicas of the primary (pg_basebackup -R), for the read-scaling run.
+start_replicas() {
+    local i dir port
+    for ((i = 1; i <= REPLICAS; i++)); do
+        dir="$WORK/replica$i"
+        port=$(free_port)
+        log "pg_basebackup -R -> replica $i on 127.0.0.1:$port"
+        as_pg "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U postgres -D "$dir" -R -X stream -c fast \
+            >"$WORK/basebackup$i.log" 2>&1 || { cat "$WORK/basebackup$i.log" >&2; die "pg_basebackup failed"; }
+        printf "port = %s\n" "$port" | as_pg tee -a "$dir/postgresql.auto.conf" >/dev/null
+        as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$WORK/replica$i.log" -w -t 60 start >/dev/null \
+            || { cat "$WORK/replica$i.log" >&2; die "replica $i did not start"; }
+        REPLICA_DIRS+=("$dir")
+        REPLICA_PORTS+=("$port")
+    done
+}
+
 start_pgmux() {
     PGMUX_PORT=$(free_port)
     local cfg="$WORK/pgmux.toml"
@@ -259,6 +294,7 @@ password = "bench"
 
 [databases.bench]
 primary = "127.0.0.1:$PG_PORT"
+$(replica_database)
 EOF
     PGMUX_LOG="$WORK/pgmux.log"
     log "starting pgmux on 127.0.0.1:$PGMUX_PORT (pool $POOL)"
@@ -336,7 +372,7 @@ cpu_ticks() {
 # The proxy process behind a target name (none for direct).
 proxy_pid() {
     case $1 in
-        pgmux) echo "$PGMUX_PID" ;;
+        pgmux*) echo "$PGMUX_PID" ;;
         PgBouncer) cat "$PGBOUNCER_PIDFILE" 2>/dev/null ;;
     esac
 }
@@ -436,6 +472,11 @@ summary() {
             "$(ratio "$(lookup_tps pgmux "$mode")" "$(lookup_tps direct "$mode")")" \
             "$(ratio "$(lookup_tps PgBouncer "$mode")" "$(lookup_tps direct "$mode")")"
     done
+    if ((${#REPLICA_PORTS[@]} > 0)); then
+        printf 'readscale pgmux with %s replicas / pgmux primary only = %sx   (on %s cores pgbench, PostgreSQL x%s and pgmux share the CPU: reads cannot scale here)\n' \
+            "${#REPLICA_PORTS[@]}" "$(ratio "$(lookup_tps pgmux+replicas readscale)" "$(lookup_tps pgmux readscale)")" \
+            "$(nproc)" "$((${#REPLICA_PORTS[@]} + 1))"
+    fi
     printf 'prepared  pgmux(-M prepared)/PgBouncer(-S simple) = %sx\n' \
         "$(ratio "$(lookup_tps pgmux prepared)" "$(lookup_tps PgBouncer simple)")"
     echo "goal: pgmux >= 1.00x PgBouncer (project goal 1.15x), >= 0.70x direct;"
@@ -461,6 +502,7 @@ main() {
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/pgmux-bench.XXXXXX")
     chmod 755 "$WORK"
     start_postgres
+    start_replicas
     start_pgmux
     start_pgbouncer
 
@@ -484,6 +526,14 @@ main() {
             run_pgbench "$t" "$port" "$db" "${args[@]}"
         done
     done
+
+    if ((${#REPLICA_PORTS[@]} > 0)); then
+        # Read scaling: the same -S load through pgmux, primary only vs
+        # reads spread over the replicas.
+        CURRENT_MODE=readscale
+        run_pgbench "pgmux" "$PGMUX_PORT" bench -S -M simple
+        run_pgbench "pgmux+replicas" "$PGMUX_PORT" bench_rw -S -M simple
+    fi
 
     if ! kill -0 "$PGMUX_PID" 2>/dev/null; then
         log "pgmux exited during the benchmark!"
