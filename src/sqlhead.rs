@@ -161,6 +161,48 @@ pub fn statements(sql: &str) -> Vec<&str> {
     out
 }
 
+/// The statement with its literals blanked (`'…'` → `'?'`, numbers → `0`),
+/// comments kept: statements of one shape route alike, so a cache keyed by
+/// this serves queries that differ only in their values.
+pub fn literal_shape(sql: &str) -> String {
+    let b = sql.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let prev_ident = i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] == b'$');
+        if c == b'\'' {
+            let escapes = i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e');
+            i += 1;
+            while i < b.len() {
+                if escapes && b[i] == b'\\' {
+                    i += 2;
+                    continue;
+                }
+                if b[i] == b'\'' {
+                    if b.get(i + 1) == Some(&b'\'') {
+                        i += 2;
+                        continue;
+                    }
+                    break;
+                }
+                i += 1;
+            }
+            out.extend_from_slice(b"'?'");
+            i += 1;
+        } else if c.is_ascii_digit() && !prev_ident {
+            while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.') {
+                i += 1;
+            }
+            out.push(b'0');
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| sql.to_string())
+}
+
 /// A possibly dotted parameter name.
 fn param_name(s: &str) -> Option<(String, &str)> {
     let (mut name, mut rest) = word(s)?;
@@ -324,6 +366,17 @@ pub fn setting_changes(sql: &str) -> Vec<SettingChange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn literal_shapes() {
+        assert_eq!(
+            literal_shape("SELECT abalance FROM t1 WHERE aid = 4217 AND name = 'it''s'"),
+            "SELECT abalance FROM t1 WHERE aid = 0 AND name = '?'"
+        );
+        assert_eq!(literal_shape("/* pgmux: primary */ SELECT 1.5"), "/* pgmux: primary */ SELECT 0");
+        assert_eq!(literal_shape("SELECT E'a\\'b', x2"), "SELECT E'?', x2");
+        assert_eq!(literal_shape("SELECT '"), "SELECT '?'");
+    }
 
     #[test]
     fn splits_statements_outside_quotes_and_comments() {

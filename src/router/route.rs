@@ -3,9 +3,12 @@
 //! the client's last write. Decided once per transaction, from its first
 //! message, before a server connection is checked out.
 
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use lru::LruCache;
 
 use crate::pool::Pool;
 use crate::replicas::monitor::Monitor;
@@ -18,7 +21,13 @@ pub struct Routing {
     pub monitor: Arc<Monitor>,
     pub classifier: Arc<Classifier>,
     next: AtomicUsize,
+    /// Read-or-not by statement shape (literals blanked): simple-protocol
+    /// queries that differ only in their values are classified once.
+    shapes: Mutex<LruCache<String, bool>>,
 }
+
+/// Statement shapes remembered per (database, user).
+const SHAPES: usize = 10_000;
 
 fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
     match b.iter().position(|&c| c == 0) {
@@ -29,7 +38,8 @@ fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
 
 impl Routing {
     pub fn new(replicas: Vec<Arc<Pool>>, monitor: Arc<Monitor>, classifier: Arc<Classifier>) -> Self {
-        Routing { replicas, monitor, classifier, next: AtomicUsize::new(0) }
+        let cap = NonZeroUsize::new(SHAPES).unwrap_or(NonZeroUsize::MIN);
+        Routing { replicas, monitor, classifier, next: AtomicUsize::new(0), shapes: Mutex::new(LruCache::new(cap)) }
     }
 
     /// Whether the transaction starting with the whole message `msg` (tag,
@@ -55,6 +65,22 @@ impl Routing {
 
     fn sql_is_read(&self, sql: &[u8]) -> bool {
         let Ok(sql) = std::str::from_utf8(sql) else { return false };
+        // EXPLAIN (ANALYZE 0|1) is the one place a literal decides.
+        if sql.as_bytes().windows(7).any(|w| w.eq_ignore_ascii_case(b"explain")) {
+            return self.classify_read(sql);
+        }
+        let shape = crate::sqlhead::literal_shape(sql);
+        if let Some(read) = self.shapes.lock().ok().and_then(|mut c| c.get(&shape).copied()) {
+            return read;
+        }
+        let read = self.classify_read(sql);
+        if let Ok(mut c) = self.shapes.lock() {
+            c.put(shape, read);
+        }
+        read
+    }
+
+    fn classify_read(&self, sql: &str) -> bool {
         match self.classifier.classify(sql) {
             Ok(c) => match c.hint {
                 Some(Hint::Primary) => false,
