@@ -108,6 +108,15 @@ async fn reads_to_replicas_writes_and_transactions_to_primary() {
     let port = scalar(&cl, "SELECT inet_server_port()").await;
     cl.simple_query("COMMIT").await.unwrap();
     assert!(replicas.contains(&port), "BEGIN READ ONLY went to {port}");
+    // The session setting pgmux.route overrides; a SET is no write, so
+    // read-your-writes does not hold reads back afterwards.
+    cl.simple_query("SET pgmux.route = 'primary'").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(scalar(&cl, "SELECT inet_server_port()").await, primary);
+    }
+    cl.simple_query("SET pgmux.route = 'auto'").await.unwrap();
+    let port = scalar(&cl, "SELECT inet_server_port()").await;
+    assert!(replicas.contains(&port), "after pgmux.route = 'auto' a read went to {port}");
     p.stop().await;
 }
 

@@ -23,7 +23,7 @@ use crate::prepared::{self, ClientStatements, Ctx, Tracker};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{peek_header, Flow, FrameError, Relay, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
-use crate::router::route::Routing;
+use crate::router::route::{Decision, Routing};
 use crate::server::{is_server_owned, ServerConn, ServerError};
 use crate::sqlhead;
 
@@ -148,21 +148,30 @@ impl Session {
     }
 
     /// The pool for the transaction whose first message is at the front of
-    /// the buffer: (pool, replica index, is a read).
-    fn pick(&self) -> (Arc<Pool>, Option<usize>, bool) {
-        let primary = (self.pool.clone(), None, false);
-        let Some(r) = &self.routing else { return primary };
+    /// the buffer: (pool, replica index, what it does). The session setting
+    /// `pgmux.route` = 'primary' | 'replica' | 'auto' overrides the
+    /// classification.
+    fn pick(&self) -> (Arc<Pool>, Option<usize>, Decision) {
+        let Some(r) = &self.routing else { return (self.pool.clone(), None, Decision::Write) };
+        let Ok(Some((_, len))) = peek_header(&self.rbuf, MAX_MESSAGE_LEN) else {
+            return (self.pool.clone(), None, Decision::Write);
+        };
         if self.mode != PoolMode::Transaction {
-            return primary;
+            return (self.pool.clone(), None, Decision::Write);
         }
-        let Ok(Some((_, len))) = peek_header(&self.rbuf, MAX_MESSAGE_LEN) else { return primary };
-        let Some(first) = self.rbuf.get(..HEADER_LEN + len) else { return primary };
-        if !r.is_read(first, &self.stmts) {
-            return primary;
+        let first = self.rbuf.get(..HEADER_LEN + len).unwrap_or_default();
+        let mut decision = r.decide(first, &self.stmts);
+        match self.wanted.get("pgmux.route").map(String::as_str) {
+            Some("primary") => return (self.pool.clone(), None, decision),
+            Some("replica") => decision = Decision::Read,
+            _ => {}
+        }
+        if decision != Decision::Read {
+            return (self.pool.clone(), None, decision);
         }
         match r.replica_for_read(self.last_write) {
-            Some(i) => (r.replicas[i].clone(), Some(i), true),
-            None => (self.pool.clone(), None, true),
+            Some(i) => (r.replicas[i].clone(), Some(i), decision),
+            None => (self.pool.clone(), None, decision),
         }
     }
 
@@ -239,7 +248,7 @@ impl Session {
                     continue;
                 }
             }
-            let (pool, replica, read) = self.pick();
+            let (pool, replica, decision) = self.pick();
             let mut server = match pool.get().await {
                 Ok(s) => s,
                 Err(e) => match (replica, &self.routing) {
@@ -269,7 +278,7 @@ impl Session {
             self.cancel.clear();
             match outcome {
                 Relayed::Released => {
-                    if replica.is_none() && !read {
+                    if replica.is_none() && decision == Decision::Write {
                         // Read-your-writes: later reads wait for replicas
                         // to replay past this point.
                         self.last_write = Some(Instant::now());

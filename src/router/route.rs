@@ -15,6 +15,17 @@ use crate::replicas::monitor::Monitor;
 use crate::router::classify::{Classifier, Hint, Kind};
 use crate::statements::{ClientStatements, Statement};
 
+/// What a transaction does, judged by its first statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Only reads: a replica may serve it.
+    Read,
+    /// Primary, but changes no data (session settings, COMMIT, hinted read).
+    Other,
+    /// Primary, and may write: read-your-writes applies afterwards.
+    Write,
+}
+
 /// Read routing of one (database, user).
 pub struct Routing {
     pub replicas: Vec<Arc<Pool>>,
@@ -23,7 +34,7 @@ pub struct Routing {
     next: AtomicUsize,
     /// Read-or-not by statement shape (literals blanked): simple-protocol
     /// queries that differ only in their values are classified once.
-    shapes: Mutex<LruCache<String, bool>>,
+    shapes: Mutex<LruCache<String, Decision>>,
 }
 
 /// Statement shapes remembered per (database, user).
@@ -42,11 +53,12 @@ impl Routing {
         Routing { replicas, monitor, classifier, next: AtomicUsize::new(0), shapes: Mutex::new(LruCache::new(cap)) }
     }
 
-    /// Whether the transaction starting with the whole message `msg` (tag,
-    /// length, body) only reads: a simple query, a Parse, or a Bind of a
-    /// named statement, classified (with hints) by its SQL.
-    pub fn is_read(&self, msg: &[u8], stmts: &ClientStatements) -> bool {
-        let Some((&tag, rest)) = msg.split_first() else { return false };
+    /// What the transaction starting with the whole message `msg` (tag,
+    /// length, body) does: a simple query, a Parse, or a Bind of a named
+    /// statement, classified (with hints) by its SQL; anything else may
+    /// write.
+    pub fn decide(&self, msg: &[u8], stmts: &ClientStatements) -> Decision {
+        let Some((&tag, rest)) = msg.split_first() else { return Decision::Write };
         let body = rest.get(4..).unwrap_or_default();
         let sql: &[u8] = match tag {
             b'Q' => cstr(body).0,
@@ -54,40 +66,41 @@ impl Routing {
             b'B' => {
                 let stmt = cstr(cstr(body).1).0;
                 match std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(stmts, n)) {
-                    Some(s) => return self.sql_is_read(s.query()),
-                    None => return false,
+                    Some(s) => return self.decide_sql(s.query()),
+                    None => return Decision::Write,
                 }
             }
-            _ => return false,
+            _ => return Decision::Write,
         };
-        self.sql_is_read(sql)
+        self.decide_sql(sql)
     }
 
-    fn sql_is_read(&self, sql: &[u8]) -> bool {
-        let Ok(sql) = std::str::from_utf8(sql) else { return false };
+    fn decide_sql(&self, sql: &[u8]) -> Decision {
+        let Ok(sql) = std::str::from_utf8(sql) else { return Decision::Write };
         // EXPLAIN (ANALYZE 0|1) is the one place a literal decides.
         if sql.as_bytes().windows(7).any(|w| w.eq_ignore_ascii_case(b"explain")) {
-            return self.classify_read(sql);
+            return self.classify(sql);
         }
         let shape = crate::sqlhead::literal_shape(sql);
-        if let Some(read) = self.shapes.lock().ok().and_then(|mut c| c.get(&shape).copied()) {
-            return read;
+        if let Some(d) = self.shapes.lock().ok().and_then(|mut c| c.get(&shape).copied()) {
+            return d;
         }
-        let read = self.classify_read(sql);
+        let d = self.classify(sql);
         if let Ok(mut c) = self.shapes.lock() {
-            c.put(shape, read);
+            c.put(shape, d);
         }
-        read
+        d
     }
 
-    fn classify_read(&self, sql: &str) -> bool {
-        match self.classifier.classify(sql) {
-            Ok(c) => match c.hint {
-                Some(Hint::Primary) => false,
-                Some(Hint::Replica) => true,
-                _ => matches!(c.kind, Kind::Read | Kind::BeginReadOnly),
-            },
-            Err(_) => false,
+    fn classify(&self, sql: &str) -> Decision {
+        let Ok(c) = self.classifier.classify(sql) else { return Decision::Write };
+        let reads = matches!(c.kind, Kind::Read | Kind::BeginReadOnly);
+        match (c.hint, &c.kind) {
+            (Some(Hint::Replica), _) => Decision::Read,
+            (Some(Hint::Primary), _) if reads => Decision::Other,
+            (_, Kind::SessionState(_) | Kind::SetLocal | Kind::TxnEnd) => Decision::Other,
+            (_, _) if reads => Decision::Read,
+            _ => Decision::Write,
         }
     }
 
