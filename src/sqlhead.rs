@@ -319,7 +319,8 @@ fn one_change(stmt: &str) -> Option<SettingChange> {
     }
 }
 
-fn mentions(sql: &str, word: &[u8]) -> bool {
+/// Whether `word` occurs anywhere in `sql`, ignoring ASCII case.
+pub fn mentions(sql: &str, word: &[u8]) -> bool {
     sql.as_bytes().windows(word.len()).any(|w| w.eq_ignore_ascii_case(word))
 }
 

@@ -191,7 +191,7 @@ impl Session {
                 Ok(_) => c.release(),
                 Err(ServerError::Query(body)) => {
                     c.release();
-                    return Err(server_error_as_fatal(&body));
+                    return Err(PgError::fatal_from_server(&body));
                 }
                 Err(e) => return Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())),
             }
@@ -268,7 +268,7 @@ impl Session {
                 let err = match e {
                     ServerError::Query(body) => {
                         server.release();
-                        server_error_as_fatal(&body)
+                        PgError::fatal_from_server(&body)
                     }
                     e => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {e}")),
                 };
@@ -549,21 +549,8 @@ fn frame_error(e: FrameError) -> PgError {
 pub fn pool_error(e: PoolError) -> PgError {
     match e {
         PoolError::WaitTimeout(_) => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
-        PoolError::Server(ServerError::Rejected(body)) => server_error_as_fatal(&body),
+        PoolError::Server(ServerError::Rejected(body)) => PgError::fatal_from_server(&body),
         PoolError::Server(e) => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgmux: {e}")),
         PoolError::Closed => PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down"),
     }
-}
-
-/// Re-issue a server's ErrorResponse to a client as FATAL, keeping its
-/// SQLSTATE and text.
-fn server_error_as_fatal(body: &[u8]) -> PgError {
-    use crate::protocol::error::parse_fields;
-    let fields = parse_fields(body);
-    let get = |c: u8| fields.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone());
-    let code = get(b'C').unwrap_or_else(|| sqlstate::INTERNAL_ERROR.to_string());
-    let mut err = PgError::fatal(code, get(b'M').unwrap_or_default());
-    err.detail = get(b'D');
-    err.hint = get(b'H');
-    err
 }

@@ -132,17 +132,31 @@ pub fn parse_fields(body: &[u8]) -> Vec<(u8, String)> {
     out
 }
 
+/// One field (by its code byte) of parsed ErrorResponse fields.
+pub fn field(fields: &[(u8, String)], code: u8) -> Option<&str> {
+    fields.iter().find(|(k, _)| *k == code).map(|(_, v)| v.as_str())
+}
+
 /// "SEVERITY CODE: message" of a server ErrorResponse body, for logs and
 /// errors that cross module boundaries.
 pub fn describe_server_error(body: &[u8]) -> String {
     let fields = parse_fields(body);
-    let get = |c: u8| fields.iter().find(|(k, _)| *k == c).map(|(_, v)| v.as_str()).unwrap_or("");
+    let get = |c| field(&fields, c).unwrap_or("");
     format!("{} {}: {}", get(b'S'), get(b'C'), get(b'M'))
 }
 
-/// SQLSTATE of a server ErrorResponse body.
-pub fn server_error_code(body: &[u8]) -> Option<String> {
-    parse_fields(body).into_iter().find(|(k, _)| *k == b'C').map(|(_, v)| v)
+impl PgError {
+    /// A server's ErrorResponse re-issued as FATAL, keeping its SQLSTATE,
+    /// message, detail and hint.
+    pub fn fatal_from_server(body: &[u8]) -> PgError {
+        let fields = parse_fields(body);
+        let get = |c| field(&fields, c).map(str::to_string);
+        let code = get(b'C').unwrap_or_else(|| sqlstate::INTERNAL_ERROR.to_string());
+        let mut err = PgError::fatal(code, get(b'M').unwrap_or_default());
+        err.detail = get(b'D');
+        err.hint = get(b'H');
+        err
+    }
 }
 
 #[cfg(test)]
@@ -161,6 +175,7 @@ mod tests {
         assert!(fields.contains(&(b'C', "28P01".into())));
         assert!(fields.contains(&(b'S', "FATAL".into())));
         assert!(fields.contains(&(b'H', "check it".into())));
-        assert_eq!(server_error_code(&b[5..]).as_deref(), Some("28P01"));
+        assert_eq!(PgError::fatal_from_server(&b[5..]), e);
+        assert_eq!(describe_server_error(&b[5..]), "FATAL 28P01: password authentication failed for user \"x\"");
     }
 }

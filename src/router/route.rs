@@ -78,7 +78,7 @@ impl Routing {
     fn decide_sql(&self, sql: &[u8]) -> Decision {
         let Ok(sql) = std::str::from_utf8(sql) else { return Decision::Write };
         // EXPLAIN (ANALYZE 0|1) is the one place a literal decides.
-        if sql.as_bytes().windows(7).any(|w| w.eq_ignore_ascii_case(b"explain")) {
+        if crate::sqlhead::mentions(sql, b"explain") {
             return self.classify(sql);
         }
         let shape = crate::sqlhead::literal_shape(sql);

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use pgmux::protocol::auth;
-use pgmux::protocol::error::parse_fields;
+use pgmux::protocol::error::{field, parse_fields};
 use pgmux::protocol::frame::{read_message, MAX_MESSAGE_LEN};
 use pgmux::protocol::messages as msg;
 
@@ -179,8 +179,7 @@ pub fn rows_and_errors(msgs: &[(u8, BytesMut)]) -> (Vec<String>, Vec<String>) {
 /// "SQLSTATE message" of an ErrorResponse body.
 pub fn error_text(body: &[u8]) -> String {
     let f = parse_fields(body);
-    let get = |c: u8| f.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone()).unwrap_or_default();
-    format!("{} {}", get(b'C'), get(b'M'))
+    format!("{} {}", field(&f, b'C').unwrap_or_default(), field(&f, b'M').unwrap_or_default())
 }
 
 fn put_cstr(b: &mut BytesMut, s: &str) {
