@@ -114,6 +114,11 @@ impl Pool {
         self.total.load(Ordering::Relaxed)
     }
 
+    /// Connections lent to clients now.
+    pub fn in_use(&self) -> usize {
+        self.settings.size.saturating_sub(self.permits.available_permits())
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.lock().map(|v| v.len()).unwrap_or(0)
     }

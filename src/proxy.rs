@@ -23,7 +23,7 @@ use crate::protocol::auth::{ScramCredentials, ScramVerifier, Secret};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::replicas::monitor::{Backend, Monitor, MonitorConfig};
 use crate::router::classify::Classifier;
-use crate::router::route::Routing;
+use crate::router::route::{RouteOptions, Routing};
 use crate::server::Login;
 
 /// A client must finish its login within this time.
@@ -39,7 +39,8 @@ pub struct Proxy {
     verifiers: HashMap<String, ScramVerifier>,
     /// Lag/health monitors of databases that route reads to replicas.
     monitors: HashMap<String, Arc<Monitor>>,
-    classifier: Arc<Classifier>,
+    /// Statement classifiers of those databases (their write functions).
+    classifiers: HashMap<String, Arc<Classifier>>,
     routes: Mutex<HashMap<(String, String), Arc<Routing>>>,
 }
 
@@ -79,15 +80,23 @@ impl Proxy {
                 let cfg = MonitorConfig {
                     check_interval: db.check_interval.0,
                     max_lag_bytes: Some(db.max_lag_bytes),
-                    max_lag: Some(db.max_lag.0),
+                    max_lag: Some(db.lag_bound()),
                     ban_time: db.ban_time.0,
                     connect_timeout: config.pool.server_connect_timeout.0,
                     user,
                     password,
                     dbname: db.server_dbname(name).to_string(),
                 };
-                let replicas = db.replicas.iter().enumerate().map(|(i, r)| backend(i + 1, r)).collect();
+                let replicas = db.replicas.iter().enumerate().map(|(i, r)| backend(i + 1, &r.addr)).collect();
                 Some((name.clone(), Monitor::start(backend(0, &db.primary), replicas, cfg)))
+            })
+            .collect::<HashMap<_, _>>();
+        let classifiers = monitors
+            .keys()
+            .filter_map(|name| {
+                let db = config.databases.get(name)?;
+                let c = Classifier::new(10_000, &db.write_functions, db.functions_are_writes);
+                Some((name.clone(), Arc::new(c)))
             })
             .collect();
         Arc::new(Proxy {
@@ -97,7 +106,7 @@ impl Proxy {
             clients: AtomicUsize::new(0),
             verifiers,
             monitors,
-            classifier: Arc::new(Classifier::new(10_000, &[], false)),
+            classifiers,
             routes: Mutex::new(HashMap::new()),
         })
     }
@@ -205,10 +214,12 @@ impl Proxy {
     /// and a lag monitor.
     fn routing_for(&self, name: &str, db: &Database, user: &User) -> Option<Arc<Routing>> {
         let monitor = self.monitors.get(name)?.clone();
+        let classifier = self.classifiers.get(name)?.clone();
         let mut routes = self.routes.lock().ok()?;
         let route = routes.entry((name.to_string(), user.name.clone())).or_insert_with(|| {
+            let primary = self.pool_for(name, db, user, 0);
             let replicas = (1..=db.replicas.len()).map(|i| self.pool_for(name, db, user, i)).collect();
-            Arc::new(Routing::new(replicas, monitor, self.classifier.clone()))
+            Arc::new(Routing::new(name, primary, replicas, monitor, classifier, RouteOptions::of(db)))
         });
         Some(route.clone())
     }
@@ -218,7 +229,7 @@ impl Proxy {
     fn pool_for(&self, name: &str, db: &Database, user: &User, backend: usize) -> Arc<Pool> {
         let (key, addr) = match backend {
             0 => (name.to_string(), &db.primary),
-            i => (format!("{name}#replica{i}"), &db.replicas[i - 1]),
+            i => (format!("{name}#replica{i}"), &db.replicas[i - 1].addr),
         };
         self.pools.get_or_create(&key, &user.name, || {
             let plain = match &user.secret {

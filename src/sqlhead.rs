@@ -330,6 +330,39 @@ pub fn has_sql_prepare(sql: &str) -> bool {
         && statements(sql).into_iter().any(|st| matches!(leading_command(st), Command::Prepare | Command::Execute))
 }
 
+/// Whether the string creates session state that outlives the transaction
+/// and cannot be replayed on another server connection: `LISTEN`, `LOAD`,
+/// temporary objects, `DECLARE ... WITH HOLD`, session-level advisory
+/// locks. The client then keeps its server connection (it is pinned).
+pub fn pins_session(sql: &str) -> bool {
+    if mentions(sql, b"pg_advisory_lock") || mentions(sql, b"pg_try_advisory_lock") {
+        return true;
+    }
+    let cheap = [&b"listen"[..], b"load", b"temp", b"hold"];
+    if !cheap.iter().any(|w| mentions(sql, w)) {
+        return false;
+    }
+    statements(sql).into_iter().any(|st| {
+        let Some((kw, rest)) = word(st) else { return false };
+        match kw.as_str() {
+            "listen" | "load" => true,
+            "create" => {
+                let mut rest = rest;
+                for _ in 0..3 {
+                    match word(rest) {
+                        Some((w, r)) if w == "global" || w == "local" || w == "or" || w == "replace" => rest = r,
+                        Some((w, _)) => return w == "temp" || w == "temporary",
+                        None => return false,
+                    }
+                }
+                false
+            }
+            "declare" => mentions(st, b"with hold"),
+            _ => false,
+        }
+    })
+}
+
 /// Whether the string changes session state pgmux cannot replay (role,
 /// session authorization or characteristics, `set_config(...)`): the
 /// connection must be reset before anyone else uses it.
@@ -367,6 +400,34 @@ pub fn setting_changes(sql: &str) -> Vec<SettingChange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_pinning_statements() {
+        for sql in [
+            "LISTEN jobs",
+            "select 1; listen \"Jobs\"",
+            "CREATE TEMP TABLE t (x int)",
+            "create global temporary table t (x int)",
+            "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+            "SELECT pg_advisory_lock(42)",
+            "select pg_try_advisory_lock_shared(1)",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "LOAD 'auto_explain'",
+        ] {
+            assert!(pins_session(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT pg_advisory_xact_lock(1)",
+            "SELECT pg_advisory_unlock(1)",
+            "CREATE TABLE temp (x int)",
+            "SELECT 'listen'",
+            "UNLISTEN *",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "NOTIFY jobs",
+        ] {
+            assert!(!pins_session(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn literal_shapes() {

@@ -91,7 +91,7 @@ async fn reads_to_replicas_writes_and_transactions_to_primary() {
     for sql in [
         "INSERT INTO t VALUES (1, 'a') RETURNING inet_server_port()",
         "SELECT inet_server_port() FROM t WHERE id = 1 FOR UPDATE",
-        "SELECT inet_server_port() FROM (SELECT pg_advisory_lock(1), pg_advisory_unlock(1)) x",
+        "SELECT inet_server_port() FROM (SELECT pg_advisory_xact_lock(1)) x",
     ] {
         assert_eq!(scalar(&cl, sql).await, primary, "{sql}");
     }

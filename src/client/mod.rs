@@ -20,14 +20,18 @@ use crate::config::PoolMode;
 use crate::flight::Flight;
 use crate::pool::{Checkout, Pool, PoolError};
 use crate::prepared::{self, ClientStatements, Ctx, Tracker};
-use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::error::{sqlstate, PgError, Severity};
 use crate::protocol::frame::{peek_header, Flow, FrameError, Relay, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
 use crate::router::route::{Decision, Routing};
 use crate::server::{is_server_owned, ServerConn, ServerError};
 use crate::sqlhead;
 
+mod route;
 mod settings;
+
+/// Client bytes of a replica read kept for a retry elsewhere, at most.
+const REPLAY_LIMIT: usize = 1 << 20;
 
 /// What pgmux records for a server setting a client changed in a way it
 /// cannot read back: never equal to a real value, so the connection is
@@ -97,6 +101,14 @@ pub struct Session {
     routing: Option<Arc<Routing>>,
     /// When this client's last writing transaction ended.
     last_write: Option<Instant>,
+    /// A BEGIN answered by pgmux, waiting for the first statement.
+    deferred: Option<route::Deferred>,
+    /// The client keeps its server connection (session state pgmux cannot
+    /// replay: LISTEN, temporary tables, session advisory locks, ...).
+    pinned: bool,
+    /// A read on a replica: the client bytes sent so far, while no byte of
+    /// the answer reached the client (None: no retry possible).
+    replay: Option<BytesMut>,
     /// ParameterStatus values this client has been told.
     told: BTreeMap<String, String>,
     cancel: Arc<CancelSlot>,
@@ -125,6 +137,9 @@ impl Session {
             settings_failed: false,
             routing: None,
             last_write: None,
+            deferred: None,
+            pinned: false,
+            replay: None,
             startup: wanted.clone(),
             pool,
             wanted,
@@ -147,34 +162,6 @@ impl Session {
         self.routing = routing;
     }
 
-    /// The pool for the transaction whose first message is at the front of
-    /// the buffer: (pool, replica index, what it does). The session setting
-    /// `pgmux.route` = 'primary' | 'replica' | 'auto' overrides the
-    /// classification.
-    fn pick(&self) -> (Arc<Pool>, Option<usize>, Decision) {
-        let Some(r) = &self.routing else { return (self.pool.clone(), None, Decision::Write) };
-        let Ok(Some((_, len))) = peek_header(&self.rbuf, MAX_MESSAGE_LEN) else {
-            return (self.pool.clone(), None, Decision::Write);
-        };
-        if self.mode != PoolMode::Transaction {
-            return (self.pool.clone(), None, Decision::Write);
-        }
-        let first = self.rbuf.get(..HEADER_LEN + len).unwrap_or_default();
-        let mut decision = r.decide(first, &self.stmts);
-        match self.wanted.get("pgmux.route").map(String::as_str) {
-            Some("primary") => return (self.pool.clone(), None, decision),
-            Some("replica") => decision = Decision::Read,
-            _ => {}
-        }
-        if decision != Decision::Read {
-            return (self.pool.clone(), None, decision);
-        }
-        match r.replica_for_read(self.last_write) {
-            Some(i) => (r.replicas[i].clone(), Some(i), decision),
-            None => (self.pool.clone(), None, decision),
-        }
-    }
-
     /// Refuse the session with an error.
     pub async fn close_with(mut self, err: &PgError) {
         Self::fatal(&mut self.stream, err).await
@@ -184,9 +171,9 @@ impl Session {
     /// ReadyForQuery. Parameters outside [`KNOWN_PARAMS`] are tried on a
     /// server first so that an invalid one fails the login.
     pub async fn welcome(&mut self, key: (i32, i32)) -> Result<(), PgError> {
-        let base = self.pool.welcome_params().await.map_err(pool_error)?;
+        let base = self.pool.welcome_params().await.map_err(|e| pool_error(e, false))?;
         if self.wanted.keys().any(|k| !KNOWN_PARAMS.contains(&k.as_str())) {
-            let mut c = self.pool.get().await.map_err(pool_error)?;
+            let mut c = self.pool.get().await.map_err(|e| pool_error(e, false))?;
             match c.conn().sync_params(&self.wanted).await {
                 Ok(_) => c.release(),
                 Err(ServerError::Query(body)) => {
@@ -248,42 +235,60 @@ impl Session {
                     continue;
                 }
             }
-            let (pool, replica, decision) = self.pick();
-            let mut server = match pool.get().await {
-                Ok(s) => s,
-                Err(e) => match (replica, &self.routing) {
-                    // A replica that cannot serve: leave it out, read from
-                    // the primary; the client never sees it.
-                    (Some(i), Some(r)) => {
-                        r.monitor.ban(i, &e.to_string());
-                        match self.pool.get().await {
-                            Ok(s) => s,
-                            Err(e) => return Self::fatal(&mut self.stream, &pool_error(e)).await,
-                        }
+            let (target, decision) = match self.plan() {
+                route::Plan::Go { target, decision } => (target, decision),
+                route::Plan::Answer(out) => {
+                    if self.stream.write_all(&out).await.is_err() {
+                        return;
                     }
-                    _ => return Self::fatal(&mut self.stream, &pool_error(e)).await,
-                },
+                    continue;
+                }
+                route::Plan::Refuse(e) => {
+                    if !self.refuse(&e).await {
+                        return;
+                    }
+                    continue;
+                }
             };
-            if let Err(e) = self.attach(server.conn()).await {
-                let err = match e {
-                    ServerError::Query(body) => {
-                        server.release();
-                        PgError::fatal_from_server(&body)
+            let (mut server, replica) = match self.checkout(target, decision).await {
+                Ok(s) => s,
+                Err(e) if e.severity == Severity::Error => {
+                    if !self.refuse(&e).await {
+                        return;
                     }
-                    e => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {e}")),
-                };
+                    continue;
+                }
+                Err(e) => return Self::fatal(&mut self.stream, &e).await,
+            };
+            if let Err(e) = self.begin_deferred(&mut server).await {
+                let err = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {e}"));
                 return Self::fatal(&mut self.stream, &err).await;
             }
+            self.replay = replica.map(|_| BytesMut::new());
             let outcome = self.relay(server.conn()).await;
             self.cancel.clear();
+            let replay = self.replay.take();
             match outcome {
                 Relayed::Released => {
-                    if replica.is_none() && decision == Decision::Write {
+                    if replica.is_none() && matches!(decision, Decision::Write | Decision::Begin) {
                         // Read-your-writes: later reads wait for replicas
                         // to replay past this point.
                         self.last_write = Some(Instant::now());
                     }
                     server.release()
+                }
+                Relayed::ServerGone(why) if replay.is_some() && replica.is_some() => {
+                    // Nothing of the answer reached the client: ban the
+                    // replica and run the read elsewhere.
+                    if let (Some(r), Some(i), Some(mut sent)) = (&self.routing, replica, replay) {
+                        r.monitor.ban(i, &why);
+                        server.pool().close_idle();
+                        drop(server);
+                        sent.extend_from_slice(&self.rbuf);
+                        self.rbuf = sent;
+                        self.crelay = Relay::default();
+                        self.srelay = Relay::default();
+                    }
                 }
                 Relayed::ClientGone => return self.abandon(server).await,
                 Relayed::ServerGone(why) => {
@@ -336,7 +341,7 @@ impl Session {
             return end;
         }
         loop {
-            if self.mode == PoolMode::Transaction && self.releasable(conn) {
+            if self.mode == PoolMode::Transaction && !self.pinned && self.releasable(conn) {
                 return Relayed::Released;
             }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
@@ -370,6 +375,8 @@ impl Session {
         let txn_mode = self.mode == PoolMode::Transaction;
         let mut changes = Vec::new();
         let mut full_reset = false;
+        let mut unreplayable = false;
+        let mut pin = false;
         let needs_body = |t: u8| (track && t != b'd') || (txn_mode && matches!(t, b'Q' | b'P'));
         let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
             if !matches!(tag, b'Q' | b'F' | b'S' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'd' | b'c' | b'f') {
@@ -385,6 +392,8 @@ impl Session {
             }
             let flow = if track { tracker.on_client(tag, body, &mut cx) } else { Flow::Forward };
             flight.client(tag, flow != Flow::Drop);
+            // A retry elsewhere must not redo pgmux's own bookkeeping.
+            unreplayable |= flow == Flow::Drop || (tag == b'P' && body.first() != Some(&0));
             if txn_mode && matches!(tag, b'Q' | b'P') && flow != Flow::Drop {
                 // Parse: statement name, then the query text.
                 let mut parts = body.split(|b| *b == 0);
@@ -392,10 +401,15 @@ impl Session {
                 let sql = String::from_utf8_lossy(sql);
                 changes.extend(sqlhead::setting_changes(&sql));
                 full_reset |= sqlhead::needs_full_reset(&sql);
+                pin |= sqlhead::pins_session(&sql);
             }
             flow
         });
         conn.needs_reset |= full_reset;
+        if pin && !self.pinned {
+            tracing::debug!(pool = %self.pool.name(), "client pinned to its server connection");
+            self.pinned = true;
+        }
         self.note_settings(conn, changes);
         let scan = match scanned {
             Ok(scan) => scan,
@@ -407,8 +421,16 @@ impl Session {
                 return Some(Relayed::ServerGone(e.to_string()));
             }
         }
+        if let Some(sent) = &mut self.replay {
+            if unreplayable || sent.len() + scan.consumed > REPLAY_LIMIT {
+                self.replay = None;
+            } else {
+                sent.extend_from_slice(&self.rbuf[..scan.consumed]);
+            }
+        }
         self.rbuf.advance(scan.consumed);
         if let Some(answers) = self.tracker.due() {
+            self.replay = None;
             if self.stream.write_all(&answers).await.is_err() {
                 return Some(Relayed::ClientGone);
             }
@@ -486,6 +508,9 @@ impl Session {
             }
         }
         let out = scan.rewritten.as_deref().unwrap_or(&conn.rbuf[..scan.consumed]);
+        if !out.is_empty() {
+            self.replay = None;
+        }
         let sent = out.is_empty() || self.stream.write_all(out).await.is_ok();
         conn.rbuf.advance(scan.consumed);
         if !sent {
@@ -501,6 +526,7 @@ impl Session {
             return; // dropping the checkout closes the connection
         }
         let mode = self.mode;
+        let pinned = self.pinned;
         let reset = self.pool.settings.reset_query.clone();
         let Flight { pending, unsynced, copy_in, status, .. } = self.flight;
         let conn = server.conn();
@@ -524,7 +550,10 @@ impl Session {
             if status != b'I' {
                 conn.run("ROLLBACK").await?;
             }
-            if mode == PoolMode::Session {
+            if pinned {
+                // Whatever pinned it (LISTEN, temp tables, locks) goes.
+                conn.reset("DISCARD ALL").await?;
+            } else if mode == PoolMode::Session {
                 conn.reset(&reset).await?;
             }
             Ok::<(), ServerError>(())
@@ -545,12 +574,15 @@ fn frame_error(e: FrameError) -> PgError {
     PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid message from client: {e}"))
 }
 
-/// What a client sees when no server connection could be had.
-pub fn pool_error(e: PoolError) -> PgError {
+/// What a client sees when no server connection could be had; with
+/// `keep`, a failed connect is an ERROR and the session goes on.
+pub fn pool_error(e: PoolError, keep: bool) -> PgError {
+    let severity = if keep { Severity::Error } else { Severity::Fatal };
     match e {
         PoolError::WaitTimeout(_) => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+        PoolError::Server(ServerError::Rejected(body)) if keep => PgError::error_from_server(&body),
         PoolError::Server(ServerError::Rejected(body)) => PgError::fatal_from_server(&body),
-        PoolError::Server(e) => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgmux: {e}")),
+        PoolError::Server(e) => PgError::new(severity, sqlstate::CONNECTION_FAILURE, format!("pgmux: {e}")),
         PoolError::Closed => PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down"),
     }
 }

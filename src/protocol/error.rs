@@ -27,6 +27,10 @@ pub mod sqlstate {
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     pub const INTERNAL_ERROR: &str = "XX000";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,10 +153,19 @@ impl PgError {
     /// A server's ErrorResponse re-issued as FATAL, keeping its SQLSTATE,
     /// message, detail and hint.
     pub fn fatal_from_server(body: &[u8]) -> PgError {
+        Self::from_server(body, Severity::Fatal)
+    }
+
+    /// A server's ErrorResponse re-issued as ERROR (the session goes on).
+    pub fn error_from_server(body: &[u8]) -> PgError {
+        Self::from_server(body, Severity::Error)
+    }
+
+    fn from_server(body: &[u8], severity: Severity) -> PgError {
         let fields = parse_fields(body);
         let get = |c| field(&fields, c).map(str::to_string);
         let code = get(b'C').unwrap_or_else(|| sqlstate::INTERNAL_ERROR.to_string());
-        let mut err = PgError::fatal(code, get(b'M').unwrap_or_default());
+        let mut err = PgError::new(severity, code, get(b'M').unwrap_or_default());
         err.detail = get(b'D');
         err.hint = get(b'H');
         err

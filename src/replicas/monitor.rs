@@ -348,7 +348,9 @@ async fn sample_loop(shared: Arc<Shared>, idx: usize) {
     loop {
         ticker.tick().await;
         let started = Instant::now();
-        let banned = shared.lock().slots[idx].state.banned(started);
+        // A banned replica rests until its ban ends; the primary is always
+        // probed, so its return (or demotion) is seen at once.
+        let banned = idx != 0 && shared.lock().slots[idx].state.banned(started);
         let result = if banned { None } else { Some(sample(&mut client, backend, cfg).await) };
         let done = Instant::now();
         let mut inner = shared.lock();

@@ -6,13 +6,16 @@
 //! `[databases.NAME]` with a `primary` and a `replicas` list.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
+
+mod types;
+pub use types::{
+    parse_duration, Dur, HostPort, LoadBalancing, PrimaryReads, ReadYourWrites, Replica, TransactionRouting,
+};
 
 use crate::protocol::auth::Secret;
 
@@ -47,70 +50,6 @@ pub enum AuthMethod {
     Password,
     #[serde(rename = "trust")]
     Trust,
-}
-
-/// A duration written as seconds (`30`) or with a unit (`"500ms"`, `"2m"`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(s) => Ok(Dur(Duration::from_secs(s))),
-            Raw::Str(s) => parse_duration(&s).map(Dur).map_err(de::Error::custom),
-        }
-    }
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration \"{s}\" (use e.g. 500ms, 30s, 5m, 1h)"))?;
-    let ms = match unit.trim() {
-        "ms" => n,
-        "" | "s" => n.saturating_mul(1000),
-        "m" | "min" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
-        u => return Err(format!("invalid duration unit \"{u}\" in \"{s}\" (use ms, s, m or h)")),
-    };
-    Ok(Duration::from_millis(ms))
-}
-
-/// A backend address `host:port`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HostPort {
-    pub host: String,
-    pub port: u16,
-}
-
-impl fmt::Display for HostPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
-}
-
-impl<'de> Deserialize<'de> for HostPort {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let (host, port) = s.rsplit_once(':').ok_or_else(|| de::Error::custom(format!("\"{s}\" is not host:port")))?;
-        let port = port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| de::Error::custom(format!("invalid port in \"{s}\"")))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(de::Error::custom(format!("missing host in \"{s}\"")));
-        }
-        Ok(HostPort { host: host.to_string(), port })
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -227,7 +166,7 @@ pub struct User {
 pub struct Database {
     pub primary: HostPort,
     #[serde(default)]
-    pub replicas: Vec<HostPort>,
+    pub replicas: Vec<Replica>,
     /// Database name on the servers (defaults to the key).
     #[serde(default)]
     pub dbname: Option<String>,
@@ -250,11 +189,34 @@ pub struct Database {
     /// Replicas further behind than this get no reads.
     #[serde(default = "default_lag")]
     pub max_lag: Dur,
+    /// `max_lag` in milliseconds (give one or the other).
+    #[serde(default)]
+    pub max_lag_ms: Option<u64>,
     #[serde(default = "default_check_interval")]
     pub check_interval: Dur,
     /// How long a failing replica is left out before it is probed again.
     #[serde(default = "default_ban_time")]
     pub ban_time: Dur,
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+    #[serde(default)]
+    pub primary_reads: PrimaryReads,
+    #[serde(default)]
+    pub read_your_writes: ReadYourWrites,
+    #[serde(default)]
+    pub transaction_routing: TransactionRouting,
+    /// Functions (unqualified names) whose calls make a statement a write,
+    /// on top of the built-in list (nextval, pg_advisory_lock, ...).
+    #[serde(default)]
+    pub write_functions: Vec<String>,
+    /// A call of any function not known to be read-only makes a statement a
+    /// write.
+    #[serde(default)]
+    pub functions_are_writes: bool,
+    /// Send writes to a replica that was promoted while the primary is down
+    /// or in recovery.
+    #[serde(default)]
+    pub follow_promotion: bool,
 }
 
 fn yes() -> bool {
@@ -388,6 +350,15 @@ impl Config {
             if name == crate::ADMIN_DB {
                 return Err(err(&format!("databases.{name}"), "this name is reserved for the admin console"));
             }
+            if db.max_lag_ms.is_some() && db.max_lag != default_lag() {
+                return Err(err(&format!("databases.{name}.max_lag_ms"), "give max_lag or max_lag_ms, not both"));
+            }
+            if let Some(f) = db.write_functions.iter().find(|f| f.trim().is_empty() || f.contains('(')) {
+                return Err(err(
+                    &format!("databases.{name}.write_functions"),
+                    &format!("\"{f}\" is not a function name (give names without arguments)"),
+                ));
+            }
             if let Some(m) = &db.monitor_user {
                 if self.monitor_login(m).is_none() {
                     return Err(err(
@@ -430,6 +401,11 @@ impl Config {
 }
 
 impl Database {
+    /// The time-lag bound: `max_lag_ms` when given, else `max_lag`.
+    pub fn lag_bound(&self) -> Duration {
+        self.max_lag_ms.map(Duration::from_millis).unwrap_or(self.max_lag.0)
+    }
+
     pub fn server_dbname<'a>(&'a self, key: &'a str) -> &'a str {
         self.dbname.as_deref().unwrap_or(key)
     }

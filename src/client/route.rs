@@ -1,0 +1,240 @@
+//! The session's routing step: which backend the next transaction goes to,
+//! the answers pgmux gives without a server (a refused batch, a deferred
+//! `BEGIN`, the end of a transaction that never reached a server), and the
+//! checkout that retries a read elsewhere when a replica fails before any
+//! byte of its answer reached the client.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{pool_error, Session};
+use crate::config::{PoolMode, TransactionRouting};
+use crate::pool::{Checkout, Pool, PoolError};
+use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::frame::{peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
+use crate::protocol::messages as msg;
+use crate::router::route::{Decision, Target};
+use crate::server::ServerError;
+
+/// A `BEGIN` pgmux answered itself, to send along with the transaction's
+/// first statement once that has chosen the backend
+/// (`transaction_routing = "first_statement"`).
+pub(super) struct Deferred {
+    pub sql: String,
+    /// A statement of it was refused: only its end is accepted now.
+    pub failed: bool,
+}
+
+/// What to do with the transaction at the front of the buffer.
+pub(super) enum Plan {
+    /// Check out a connection of this backend (`None`: the session's pool).
+    Go { target: Option<Target>, decision: Decision },
+    /// Answer an error in place of the batch.
+    Refuse(PgError),
+    /// pgmux consumed the message and answers it with these bytes.
+    Answer(BytesMut),
+}
+
+/// The whole first message of `buf`, if it is there.
+fn first_message(buf: &[u8]) -> Option<(u8, &[u8])> {
+    let (tag, len) = peek_header(buf, MAX_MESSAGE_LEN).ok()??;
+    Some((tag, buf.get(HEADER_LEN..HEADER_LEN + len)?))
+}
+
+/// `COMMIT` / `ROLLBACK` (and synonyms) alone in a query: its command tag.
+fn txn_end_tag(sql: &str) -> Option<&'static str> {
+    let sql = sql.trim().trim_end_matches(';').to_ascii_lowercase();
+    let mut words = sql.split_whitespace();
+    let tag = match words.next()? {
+        "commit" | "end" => "COMMIT",
+        "rollback" | "abort" => "ROLLBACK",
+        _ => return None,
+    };
+    words.all(|w| w == "work" || w == "transaction").then_some(tag)
+}
+
+fn command_reply(tag: &str, status: u8) -> BytesMut {
+    let mut out = BytesMut::new();
+    let at = msg::start_message(&mut out, b'C');
+    out.extend_from_slice(tag.as_bytes());
+    out.extend_from_slice(b"\0");
+    msg::finish_message(&mut out, at);
+    msg::ready_for_query(&mut out, status);
+    out
+}
+
+impl Session {
+    /// Decide the transaction at the front of the buffer (a whole first
+    /// message is there). The session setting `pgmux.route` = 'primary' |
+    /// 'replica' | 'auto' overrides the classification.
+    pub(super) fn plan(&mut self) -> Plan {
+        let Some(r) = self.routing.clone() else { return Plan::Go { target: None, decision: Decision::Write } };
+        if self.mode != PoolMode::Transaction || self.pinned {
+            return Plan::Go { target: None, decision: Decision::Write };
+        }
+        let Some((tag, body)) = first_message(&self.rbuf) else {
+            return Plan::Go { target: None, decision: Decision::Write };
+        };
+        let query = (tag == b'Q').then(|| String::from_utf8_lossy(body.split(|&b| b == 0).next().unwrap_or_default()));
+        if let (Some(d), Some(end)) = (&self.deferred, query.as_deref().and_then(txn_end_tag)) {
+            // The transaction never reached a server: nothing to commit.
+            let tag = if d.failed { "ROLLBACK" } else { end };
+            self.deferred = None;
+            self.consume_first();
+            return Plan::Answer(command_reply(tag, b'I'));
+        }
+        if self.deferred.as_ref().is_some_and(|d| d.failed) {
+            return Plan::Refuse(PgError::error(
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
+        }
+        let mut decision = match r.decide(&self.rbuf, &self.stmts) {
+            Ok(d) => d,
+            Err(e) => return Plan::Refuse(e),
+        };
+        let read_only = self.wanted.get("default_transaction_read_only").is_some_and(|v| v == "on");
+        if decision == Decision::Begin && read_only {
+            decision = Decision::Read;
+        }
+        if decision == Decision::Begin
+            && self.deferred.is_none()
+            && r.options.transaction_routing == TransactionRouting::FirstStatement
+        {
+            if let Some(sql) = query {
+                self.deferred = Some(Deferred { sql: sql.into_owned(), failed: false });
+                self.consume_first();
+                return Plan::Answer(command_reply("BEGIN", b'T'));
+            }
+        }
+        match self.wanted.get("pgmux.route").map(|v| v.to_ascii_lowercase()).as_deref() {
+            Some("primary") => decision = if decision == Decision::Read { Decision::Other } else { decision },
+            Some("replica") => decision = Decision::Read,
+            _ => {}
+        }
+        let target = match decision {
+            Decision::Read => r.read_target(self.last_write),
+            Decision::Write | Decision::Begin => r.write_target(true),
+            Decision::Other => r.write_target(false),
+        };
+        match target {
+            Ok(t) => Plan::Go { target: Some(t), decision },
+            Err(e) => Plan::Refuse(e),
+        }
+    }
+
+    fn consume_first(&mut self) {
+        if let Ok(Some((_, len))) = peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
+            self.rbuf.advance(HEADER_LEN + len);
+        }
+    }
+
+    /// Answer `err` in place of the batch at the front of the buffer: a
+    /// Query, or extended-protocol messages up to their Sync (read as they
+    /// come), as PostgreSQL answers a failed batch. The session stays.
+    /// `false`: the client went away.
+    pub(super) async fn refuse(&mut self, err: &PgError) -> bool {
+        if self.stream.write_all(&err.to_bytes()).await.is_err() {
+            return false;
+        }
+        loop {
+            match first_message(&self.rbuf) {
+                Some((tag, _)) => {
+                    self.consume_first();
+                    if matches!(tag, b'Q' | b'S') {
+                        break;
+                    }
+                }
+                None => {
+                    if let Err(e) = peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
+                        let _ = self.stream.write_all(&super::frame_error(e).to_bytes()).await;
+                        return false;
+                    }
+                    self.rbuf.reserve(8192);
+                    if !matches!(self.stream.read_buf(&mut self.rbuf).await, Ok(n) if n > 0) {
+                        return false;
+                    }
+                }
+            }
+        }
+        let status = match &mut self.deferred {
+            Some(d) => {
+                d.failed = true;
+                b'E'
+            }
+            None => b'I',
+        };
+        let mut out = BytesMut::new();
+        msg::ready_for_query(&mut out, status);
+        self.stream.write_all(&out).await.is_ok()
+    }
+
+    /// A server connection for the planned backend, made this client's
+    /// (settings, cancel target, a deferred BEGIN run). A replica that
+    /// fails is banned and the read goes to another replica or the
+    /// primary. Returns the connection and the replica it is on.
+    pub(super) async fn checkout(
+        &mut self,
+        mut target: Option<Target>,
+        decision: Decision,
+    ) -> Result<(Checkout, Option<usize>), PgError> {
+        let mut tries = self.routing.as_ref().map_or(0, |r| r.replicas.len());
+        loop {
+            let pool: Arc<Pool> = match (&self.routing, target) {
+                (Some(r), Some(t)) => r.pool(t).clone(),
+                _ => self.pool.clone(),
+            };
+            let replica = match target {
+                Some(Target::Replica(i)) if decision == Decision::Read => Some(i),
+                _ => None,
+            };
+            let failure = match pool.get().await {
+                Ok(mut server) => match self.attach(server.conn()).await {
+                    Ok(()) => return Ok((server, replica)),
+                    Err(ServerError::Query(body)) => {
+                        server.release();
+                        return Err(PgError::error_from_server(&body));
+                    }
+                    Err(e) => PoolError::Server(e),
+                },
+                Err(e) => e,
+            };
+            let (Some(i), Some(r), true) = (replica, self.routing.clone(), tries > 0) else {
+                return Err(pool_error(failure, self.mode == PoolMode::Transaction));
+            };
+            tries -= 1;
+            r.monitor.ban(i, &failure.to_string());
+            pool.close_idle();
+            target = Some(r.read_target(self.last_write)?);
+        }
+    }
+
+    /// Run the deferred `BEGIN` on a connection just checked out for the
+    /// transaction's first statement.
+    pub(super) async fn begin_deferred(&mut self, server: &mut Checkout) -> Result<(), ServerError> {
+        if let Some(d) = self.deferred.take() {
+            server.conn().run(&d.sql).await?;
+            self.tracker.reset(b'T');
+            self.flight.status = b'T';
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::txn_end_tag;
+
+    #[test]
+    fn transaction_ends() {
+        assert_eq!(txn_end_tag("COMMIT"), Some("COMMIT"));
+        assert_eq!(txn_end_tag(" end work; "), Some("COMMIT"));
+        assert_eq!(txn_end_tag("ROLLBACK TRANSACTION"), Some("ROLLBACK"));
+        assert_eq!(txn_end_tag("abort"), Some("ROLLBACK"));
+        assert_eq!(txn_end_tag("ROLLBACK TO SAVEPOINT a"), None);
+        assert_eq!(txn_end_tag("COMMIT AND CHAIN"), None);
+        assert_eq!(txn_end_tag("SELECT 1"), None);
+    }
+}
