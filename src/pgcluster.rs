@@ -243,9 +243,18 @@ impl Cluster {
 
     /// `pg_ctl stop -m fast -w`.
     pub fn stop_node(&self, node: &Node) -> Result<(), ClusterError> {
+        self.pg_ctl_stop(node, "fast")
+    }
+
+    /// `pg_ctl stop -m immediate -w`: a crash, as far as clients can tell.
+    pub fn kill_node(&self, node: &Node) -> Result<(), ClusterError> {
+        self.pg_ctl_stop(node, "immediate")
+    }
+
+    fn pg_ctl_stop(&self, node: &Node, mode: &str) -> Result<(), ClusterError> {
         let mut cmd = self.server_cmd("pg_ctl");
-        cmd.arg("stop").arg("-D").arg(&node.data_dir);
-        run(cmd.args("-m fast -w -t 30 -s".split(' '))).map(drop)
+        cmd.arg("stop").arg("-D").arg(&node.data_dir).args(["-m", mode]);
+        run(cmd.args("-w -t 30 -s".split(' '))).map(drop)
     }
 
     /// `pg_ctl start -w -l <log_file>`, then wait until `pg_isready` succeeds.

@@ -111,6 +111,11 @@ impl Proxy {
         })
     }
 
+    /// The health/lag monitor of a database that routes reads.
+    pub fn monitor(&self, database: &str) -> Option<Arc<Monitor>> {
+        self.monitors.get(database).cloned()
+    }
+
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
     }

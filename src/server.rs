@@ -256,20 +256,30 @@ impl ServerConn {
     /// an ErrorResponse (after draining to ReadyForQuery, so the connection
     /// stays usable) or a non-idle final status.
     pub async fn run(&mut self, sql: &str) -> Result<(), ServerError> {
+        self.run_expecting(sql, b'I').await
+    }
+
+    /// Run pgmux's own simple query that must leave the transaction
+    /// status `status` (`b'T'` for a BEGIN).
+    pub async fn run_expecting(&mut self, sql: &str, status: u8) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
         msg::query(&mut out, sql);
         self.stream.write_all(&out).await?;
-        self.drain(1).await
+        self.drain_expecting(1, status).await
     }
 
     /// Read and discard until `pending` ReadyForQuery messages have arrived;
     /// fails if any ErrorResponse came or the final status is not idle.
     pub async fn drain(&mut self, pending: usize) -> Result<(), ServerError> {
+        self.drain_expecting(pending, b'I').await
+    }
+
+    async fn drain_expecting(&mut self, pending: usize, expected: u8) -> Result<(), ServerError> {
         let (status, err) = self.drain_inner(pending).await?;
         if let Some(body) = err {
             return Err(ServerError::Query(body));
         }
-        if status != b'I' {
+        if status != expected {
             return Err(ServerError::Protocol(format!("status '{}' after pgmux query", status as char)));
         }
         Ok(())

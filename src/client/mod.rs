@@ -108,7 +108,7 @@ pub struct Session {
     pinned: bool,
     /// A read on a replica: the client bytes sent so far, while no byte of
     /// the answer reached the client (None: no retry possible).
-    replay: Option<BytesMut>,
+    replay: Option<route::Replay>,
     /// ParameterStatus values this client has been told.
     told: BTreeMap<String, String>,
     cancel: Arc<CancelSlot>,
@@ -264,7 +264,7 @@ impl Session {
                 let err = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {e}"));
                 return Self::fatal(&mut self.stream, &err).await;
             }
-            self.replay = replica.map(|_| BytesMut::new());
+            self.replay = replica.map(|_| route::Replay::default());
             let outcome = self.relay(server.conn()).await;
             self.cancel.clear();
             let replay = self.replay.take();
@@ -280,14 +280,12 @@ impl Session {
                 Relayed::ServerGone(why) if replay.is_some() && replica.is_some() => {
                     // Nothing of the answer reached the client: ban the
                     // replica and run the read elsewhere.
-                    if let (Some(r), Some(i), Some(mut sent)) = (&self.routing, replica, replay) {
+                    if let (Some(r), Some(i), Some(replay)) = (&self.routing, replica, replay) {
+                        tracing::info!(pool = %server.pool().name(), "read retried elsewhere: {why}");
                         r.monitor.ban(i, &why);
                         server.pool().close_idle();
                         drop(server);
-                        sent.extend_from_slice(&self.rbuf);
-                        self.rbuf = sent;
-                        self.crelay = Relay::default();
-                        self.srelay = Relay::default();
+                        self.restore(replay);
                     }
                 }
                 Relayed::ClientGone => return self.abandon(server).await,
@@ -375,7 +373,7 @@ impl Session {
         let txn_mode = self.mode == PoolMode::Transaction;
         let mut changes = Vec::new();
         let mut full_reset = false;
-        let mut unreplayable = false;
+        let mut named = Vec::new();
         let mut pin = false;
         let needs_body = |t: u8| (track && t != b'd') || (txn_mode && matches!(t, b'Q' | b'P'));
         let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
@@ -390,10 +388,16 @@ impl Session {
                 });
                 return Flow::Stop;
             }
+            if tag == b'P' && track {
+                // A retry elsewhere forgets the names this batch created.
+                let name = body.split(|&b| b == 0).next().unwrap_or_default();
+                let name = String::from_utf8_lossy(name);
+                if !name.is_empty() && !cx.stmts.map.contains_key(name.as_ref()) {
+                    named.push(name.into_owned());
+                }
+            }
             let flow = if track { tracker.on_client(tag, body, &mut cx) } else { Flow::Forward };
             flight.client(tag, flow != Flow::Drop);
-            // A retry elsewhere must not redo pgmux's own bookkeeping.
-            unreplayable |= flow == Flow::Drop || (tag == b'P' && body.first() != Some(&0));
             if txn_mode && matches!(tag, b'Q' | b'P') && flow != Flow::Drop {
                 // Parse: statement name, then the query text.
                 let mut parts = body.split(|b| *b == 0);
@@ -421,11 +425,12 @@ impl Session {
                 return Some(Relayed::ServerGone(e.to_string()));
             }
         }
-        if let Some(sent) = &mut self.replay {
-            if unreplayable || sent.len() + scan.consumed > REPLAY_LIMIT {
+        if let Some(replay) = &mut self.replay {
+            if replay.sent.len() + scan.consumed > REPLAY_LIMIT {
                 self.replay = None;
             } else {
-                sent.extend_from_slice(&self.rbuf[..scan.consumed]);
+                replay.sent.extend_from_slice(&self.rbuf[..scan.consumed]);
+                replay.names.extend(named);
             }
         }
         self.rbuf.advance(scan.consumed);
@@ -441,6 +446,12 @@ impl Session {
     /// Pass server messages to the client, noting ReadyForQuery status and
     /// ParameterStatus changes.
     async fn forward_server(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
+        if self.replay.is_some() {
+            if let Some(why) = route::fatal_first(&conn.rbuf) {
+                // A replica shutting down: its goodbye is not the answer.
+                return Some(Relayed::ServerGone(why));
+            }
+        }
         let flight = &mut self.flight;
         let mut changed: Vec<(usize, usize)> = Vec::new();
         let mut discarded = false;

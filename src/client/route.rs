@@ -27,6 +27,31 @@ pub(super) struct Deferred {
     pub failed: bool,
 }
 
+/// A read on a replica, kept for a retry elsewhere while no byte of its
+/// answer has reached the client.
+#[derive(Default)]
+pub(super) struct Replay {
+    /// The client's bytes sent to the server.
+    pub sent: BytesMut,
+    /// Statement names those bytes created (a retry creates them again).
+    pub names: Vec<String>,
+}
+
+/// The text of a server's goodbye at the front of `buf`, if one is there
+/// whole: a FATAL ErrorResponse, or the notice (class 57, operator
+/// intervention) a backend sends when its server shuts down.
+pub(super) fn fatal_first(buf: &[u8]) -> Option<String> {
+    use crate::protocol::error::{describe_server_error, field, parse_fields};
+    let (tag, body) = first_message(buf)?;
+    if tag != b'E' && tag != b'N' {
+        return None;
+    }
+    let fields = parse_fields(body);
+    let severity = field(&fields, b'V').or(field(&fields, b'S'));
+    let shutdown = field(&fields, b'C').is_some_and(|c| c.starts_with("57P"));
+    (shutdown || (tag == b'E' && matches!(severity, Some("FATAL" | "PANIC")))).then(|| describe_server_error(body))
+}
+
 /// What to do with the transaction at the front of the buffer.
 pub(super) enum Plan {
     /// Check out a connection of this backend (`None`: the session's pool).
@@ -211,11 +236,24 @@ impl Session {
         }
     }
 
+    /// Put a failed read's bytes back in front of the buffer, as if they
+    /// had not been sent.
+    pub(super) fn restore(&mut self, replay: Replay) {
+        for name in &replay.names {
+            self.stmts.map.remove(name);
+        }
+        let mut buf = replay.sent;
+        buf.extend_from_slice(&self.rbuf);
+        self.rbuf = buf;
+        self.crelay = Default::default();
+        self.srelay = Default::default();
+    }
+
     /// Run the deferred `BEGIN` on a connection just checked out for the
     /// transaction's first statement.
     pub(super) async fn begin_deferred(&mut self, server: &mut Checkout) -> Result<(), ServerError> {
         if let Some(d) = self.deferred.take() {
-            server.conn().run(&d.sql).await?;
+            server.conn().run_expecting(&d.sql, b'T').await?;
             self.tracker.reset(b'T');
             self.flight.status = b'T';
         }

@@ -146,7 +146,9 @@ const READ_ONLY_FUNCTIONS: &[&str] = &[
     "lower", "ltrim", "max", "md5", "min", "mod", "now", "nullif", "position", "power", "random", "rank", "replace",
     "right", "round", "row_number", "row_to_json", "rtrim", "session_user", "sqrt", "statement_timestamp",
     "string_agg", "substr", "substring", "sum", "to_char", "to_date", "to_json", "to_jsonb", "to_timestamp",
-    "transaction_timestamp", "trim", "unnest", "upper", "version",
+    "transaction_timestamp", "trim", "unnest", "upper", "version", "inet_server_port", "inet_server_addr",
+    "inet_client_addr", "pg_backend_pid", "pg_is_in_recovery", "pg_postmaster_start_time", "pg_typeof",
+    "pg_last_wal_replay_lsn", "pg_last_wal_receive_lsn", "pg_last_xact_replay_timestamp", "current_setting",
 ];
 
 /// Results by exact text; an error is kept as its hint text.

@@ -377,3 +377,4 @@ fn route_of_kind() {
     assert_eq!(Kind::Write.route(), Route::Primary);
     assert_eq!(Kind::SetLocal.route(), Route::Primary);
 }
+

@@ -1,0 +1,120 @@
+//! Faults on a real primary + 2 streaming replicas: a replica killed under
+//! read load (no client sees it), the primary down (writes fail fast and
+//! clearly, reads go on), a replica promoted (writes follow it), and a
+//! primary that is in fact a standby (never sent a write).
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::replicated::{self, client, port_of, SERIAL};
+use support::{code, scalar, text};
+
+const PORT: &str = "SELECT inet_server_port()";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_mid_load_no_read_fails() {
+    let _serial = SERIAL.lock().await;
+    let c = replicated::cluster();
+    let p = replicated::start(&replicated::config(&c, "", "")).await;
+    let killed = c.replicas[0].port;
+    let stop = Instant::now() + Duration::from_secs(4);
+    let reads = Arc::new(AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for n in 0..8 {
+        let cl = client(&p).await;
+        let reads = reads.clone();
+        readers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while Instant::now() < stop {
+                // Simple and extended protocol alike.
+                let port = if n % 2 == 0 {
+                    cl.simple_query(PORT).await.map(|m| match &m[1] {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap_or("").parse().unwrap_or(0),
+                        _ => 0,
+                    })
+                } else {
+                    cl.query_one("SELECT inet_server_port()::int", &[]).await.map(|r| r.get::<_, i32>(0) as u16)
+                };
+                let port = port.unwrap_or_else(|e| panic!("a read failed: {}", text(&e)));
+                seen.push((Instant::now(), port));
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.kill_node(&c.replicas[0]).unwrap();
+    let killed_at = Instant::now();
+    let mut after = HashSet::new();
+    for r in readers {
+        for (at, port) in r.await.expect("no reader may fail") {
+            if at > killed_at {
+                after.insert(port);
+            }
+        }
+    }
+    assert!(!after.contains(&killed), "reads went to the killed replica after it died");
+    assert!(after.contains(&c.replicas[1].port), "the surviving replica took the reads: {after:?}");
+    let m = p.proxy.monitor("app").unwrap();
+    assert!(!m.replica(0).reachable || m.replica(0).banned_until.is_some());
+    eprintln!("{} reads, none failed", reads.load(Ordering::Relaxed));
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_down_then_promotion_is_followed() {
+    let _serial = SERIAL.lock().await;
+    let c = replicated::cluster();
+    let text_cfg = replicated::config(&c, "server_connect_timeout = \"1s\"", "follow_promotion = true");
+    let p = replicated::start(&text_cfg).await;
+    let cl = client(&p).await;
+    cl.simple_query("CREATE TABLE f (x int)").await.unwrap();
+    c.wait_replicas_caught_up().unwrap();
+    c.stop_node(&c.primary).unwrap();
+    // Writes fail fast with a clear error; the session and reads go on.
+    let t0 = Instant::now();
+    let e = cl.simple_query("INSERT INTO f VALUES (1)").await.unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(3), "write took {:?}", t0.elapsed());
+    assert!(code(&e).starts_with("08"), "{}", text(&e));
+    let replicas = HashSet::from([c.replicas[0].port, c.replicas[1].port]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        assert!(replicas.contains(&port_of(&cl, PORT).await));
+    }
+    // Promote replica 0: writes follow within a few check intervals.
+    c.psql(&c.replicas[0], "postgres", "SELECT pg_promote()").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let port = loop {
+        match cl.simple_query("INSERT INTO f VALUES (2) RETURNING inet_server_port()").await {
+            Ok(m) => match &m[1] {
+                tokio_postgres::SimpleQueryMessage::Row(r) => break r.get(0).unwrap_or("").to_string(),
+                other => panic!("unexpected {other:?}"),
+            },
+            Err(e) => assert!(Instant::now() < deadline, "writes never followed the promotion: {}", text(&e)),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(port, c.replicas[0].port.to_string());
+    assert_eq!(scalar(&cl, "/* pgmux: primary */ SELECT pg_is_in_recovery()").await, "f");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_as_primary_is_never_sent_a_write() {
+    let _serial = SERIAL.lock().await;
+    let c = replicated::cluster();
+    let text_cfg = replicated::config(&c, "", "")
+        .replacen(&format!("primary = \"{}\"", c.primary.addr()), &format!("primary = \"{}\"", c.replicas[1].addr()), 1);
+    let p = replicated::start(&text_cfg).await;
+    let cl = client(&p).await;
+    let e = cl.simple_query("CREATE TABLE nope (x int)").await.unwrap_err();
+    assert_eq!(code(&e), "25006", "{}", text(&e));
+    assert!(text(&e).contains("pgmux") && text(&e).contains("recovery"), "{}", text(&e));
+    // Reads still work.
+    assert_eq!(scalar(&cl, "SELECT 'read'").await, "read");
+    p.stop().await;
+}
