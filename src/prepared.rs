@@ -342,21 +342,6 @@ impl Tracker {
 
     fn query(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
         let sql = split_cstr(body).map(|(s, _)| s).unwrap_or("");
-        if crate::sqlhead::has_sql_prepare(sql) {
-            let err = PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "SQL PREPARE/EXECUTE is not supported in transaction pooling mode",
-            )
-            .with_hint(
-                "Use protocol-level prepared statements (every driver's prepare does), or pool_mode = \"session\".",
-            );
-            // The server raises it: an explicit transaction fails as it
-            // would on PostgreSQL itself.
-            let mut out = BytesMut::new();
-            crate::protocol::messages::query(&mut out, &raise_sql(&err));
-            self.expect.push_back(Expect::Query);
-            return Flow::Replace(out);
-        }
         match crate::sqlhead::leading_command(sql) {
             crate::sqlhead::Command::Deallocate(name) if cx.stmts.map.contains_key(&name) => {
                 let restore = cx.stmts.map.remove(&name).map(|st| (name, st));

@@ -324,28 +324,23 @@ pub fn mentions(sql: &str, word: &[u8]) -> bool {
     sql.as_bytes().windows(word.len()).any(|w| w.eq_ignore_ascii_case(word))
 }
 
-/// Whether any statement of the string is a SQL-level PREPARE or EXECUTE.
-pub fn has_sql_prepare(sql: &str) -> bool {
-    (mentions(sql, b"prepare") || mentions(sql, b"execute"))
-        && statements(sql).into_iter().any(|st| matches!(leading_command(st), Command::Prepare | Command::Execute))
-}
 
 /// Whether the string creates session state that outlives the transaction
 /// and cannot be replayed on another server connection: `LISTEN`, `LOAD`,
-/// temporary objects, `DECLARE ... WITH HOLD`, session-level advisory
-/// locks. The client then keeps its server connection (it is pinned).
+/// SQL `PREPARE`, temporary objects, `DECLARE ... WITH HOLD`, session-level
+/// advisory locks. The client then keeps its server connection (pinned).
 pub fn pins_session(sql: &str) -> bool {
     if mentions(sql, b"pg_advisory_lock") || mentions(sql, b"pg_try_advisory_lock") {
         return true;
     }
-    let cheap = [&b"listen"[..], b"load", b"temp", b"hold"];
+    let cheap = [&b"listen"[..], b"load", b"temp", b"hold", b"prepare"];
     if !cheap.iter().any(|w| mentions(sql, w)) {
         return false;
     }
     statements(sql).into_iter().any(|st| {
         let Some((kw, rest)) = word(st) else { return false };
         match kw.as_str() {
-            "listen" | "load" => true,
+            "listen" | "load" | "prepare" => true,
             "create" => {
                 let mut rest = rest;
                 for _ in 0..3 {
@@ -413,6 +408,7 @@ mod tests {
             "select pg_try_advisory_lock_shared(1)",
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
             "LOAD 'auto_explain'",
+            "SELECT 1; PREPARE p AS SELECT 1",
         ] {
             assert!(pins_session(sql), "{sql}");
         }
@@ -424,6 +420,8 @@ mod tests {
             "UNLISTEN *",
             "DECLARE c CURSOR FOR SELECT 1",
             "NOTIFY jobs",
+            "EXECUTE p",
+            "DEALLOCATE p",
         ] {
             assert!(!pins_session(sql), "{sql}");
         }

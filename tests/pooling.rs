@@ -294,3 +294,44 @@ async fn set_follows_its_client_and_never_leaks() {
     assert_ne!(scalar(&b, "SHOW work_mem").await, "3MB");
     p.stop().await;
 }
+
+/// Session state that cannot follow a client to another server connection
+/// (temporary tables, LISTEN, session advisory locks) pins the client to
+/// its connection until it leaves; then the connection is reset and reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_pins_the_client_until_it_leaves() {
+    let db = support::fresh_db("pool_pin");
+    let p = support::proxy(&db, "default_pool_size = 3").await;
+    let direct = support::direct(&db).await;
+    let a = support::app(&p, &db).await;
+    a.simple_query("CREATE TEMP TABLE scratch (x int)").await.unwrap();
+    let pid_a = scalar(&a, "SELECT pg_backend_pid()").await;
+    // Without pinning, this transaction would take A's idle connection
+    // (the pool hands out the most recently used one first).
+    let b = support::app(&p, &db).await;
+    b.simple_query("BEGIN").await.unwrap();
+    assert_ne!(scalar(&b, "SELECT pg_backend_pid()").await, pid_a);
+    a.simple_query("INSERT INTO scratch VALUES (1)").await.unwrap();
+    assert_eq!(scalar(&a, "SELECT count(*) FROM scratch").await, "1");
+    assert_eq!(scalar(&a, "SELECT pg_backend_pid()").await, pid_a);
+    b.simple_query("COMMIT").await.unwrap();
+    // LISTEN and a session advisory lock pin too.
+    let c = support::app(&p, &db).await;
+    c.simple_query("LISTEN jobs; SELECT pg_advisory_lock(7)").await.unwrap();
+    let pid_c = scalar(&c, "SELECT pg_backend_pid()").await;
+    let held = format!("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = {pid_c}");
+    assert_eq!(scalar(&direct, &held).await, "1");
+    assert_eq!(scalar(&c, "SELECT pg_backend_pid()").await, pid_c);
+    // Leaving resets the connection (DISCARD ALL) and returns it.
+    let connections = support::backends(&direct, &db).await;
+    drop((a, c));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(scalar(&direct, &held).await, "0", "advisory lock survived the client");
+    let listening = format!("SELECT count(*) FROM pg_stat_activity WHERE pid IN ({pid_a}, {pid_c})");
+    assert_eq!(scalar(&direct, &listening).await, "2", "pinned connections were closed, not reused");
+    assert_eq!(support::backends(&direct, &db).await, connections);
+    let d = support::app(&p, &db).await;
+    let temp = "SELECT count(*) FROM pg_class WHERE relname = 'scratch' AND relpersistence = 't'";
+    assert_eq!(scalar(&d, temp).await, "0", "temporary table survived the client");
+    p.stop().await;
+}
