@@ -324,7 +324,6 @@ pub fn mentions(sql: &str, word: &[u8]) -> bool {
     sql.as_bytes().windows(word.len()).any(|w| w.eq_ignore_ascii_case(word))
 }
 
-
 /// Whether the string creates session state that outlives the transaction
 /// and cannot be replayed on another server connection: `LISTEN`, `LOAD`,
 /// SQL `PREPARE`, temporary objects, `DECLARE ... WITH HOLD`, session-level

@@ -107,8 +107,11 @@ async fn primary_down_then_promotion_is_followed() {
 async fn a_standby_as_primary_is_never_sent_a_write() {
     let _serial = SERIAL.lock().await;
     let c = replicated::cluster();
-    let text_cfg = replicated::config(&c, "", "")
-        .replacen(&format!("primary = \"{}\"", c.primary.addr()), &format!("primary = \"{}\"", c.replicas[1].addr()), 1);
+    let text_cfg = replicated::config(&c, "", "").replacen(
+        &format!("primary = \"{}\"", c.primary.addr()),
+        &format!("primary = \"{}\"", c.replicas[1].addr()),
+        1,
+    );
     let p = replicated::start(&text_cfg).await;
     let cl = client(&p).await;
     let e = cl.simple_query("CREATE TABLE nope (x int)").await.unwrap_err();

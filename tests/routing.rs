@@ -158,3 +158,33 @@ async fn lagging_replica_gets_no_reads_until_it_catches_up() {
     }
     p.stop().await;
 }
+
+/// An extended-protocol batch is routed at its first Execute/Sync/Flush,
+/// by every Parse before it: a read's Parse and Bind sent ahead, then a
+/// write's, in another packet, all go to the primary together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_batch_routed_at_its_first_execute() {
+    use bytes::BytesMut;
+    use support::raw::{self, Raw};
+    let _serial = SERIAL.lock().await;
+    let c = cluster();
+    let p = proxy(&c, 16 * 1024 * 1024).await;
+    client(&p).await.simple_query("CREATE TABLE eb (x int)").await.unwrap();
+    let mut r = Raw::login(p.addr.port(), support::APP.0, support::APP.1, "app", &[]).await;
+    let mut b = BytesMut::new();
+    raw::parse(&mut b, "", "SELECT inet_server_port()::text");
+    raw::bind(&mut b, "p1", "", &[]);
+    r.send(&b).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut b = BytesMut::new();
+    raw::parse(&mut b, "", "INSERT INTO eb VALUES (1) RETURNING inet_server_port()::text");
+    raw::bind(&mut b, "p2", "", &[]);
+    raw::execute(&mut b, "p1", 0);
+    raw::execute(&mut b, "p2", 0);
+    raw::sync(&mut b);
+    r.send(&b).await;
+    let (rows, errors) = raw::rows_and_errors(&r.until_ready().await);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(rows, vec![c.primary.port.to_string(); 2]);
+    p.stop().await;
+}

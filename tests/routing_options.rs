@@ -93,7 +93,10 @@ async fn unreachable_replicas_and_primary_reads_never() {
     let e = cl.query_typed(PORT, &[]).await.unwrap_err();
     assert_eq!(code(&e), "57P03", "{}", text(&e));
     cl.simple_query("CREATE TABLE never_t (x int)").await.unwrap();
-    assert_eq!(scalar(&cl, "INSERT INTO never_t VALUES (1) RETURNING inet_server_port()").await, c.primary.port.to_string());
+    assert_eq!(
+        scalar(&cl, "INSERT INTO never_t VALUES (1) RETURNING inet_server_port()").await,
+        c.primary.port.to_string()
+    );
     p.stop().await;
 }
 

@@ -199,10 +199,12 @@ impl Session {
     /// Serve the client until it leaves.
     pub async fn run(mut self) {
         loop {
-            // Idle: no server connection until a whole message is here.
+            // Idle: no server connection until a whole message is here (a
+            // routed extended-protocol batch: up to its Execute/Sync/Flush).
             loop {
                 match peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
-                    Ok(Some((_, len))) if self.rbuf.len() >= HEADER_LEN + len => break,
+                    Ok(Some((_, len))) if self.rbuf.len() >= HEADER_LEN + len && !self.batch_incomplete() => break,
+                    Ok(Some((_, len))) if self.rbuf.len() >= HEADER_LEN + len => self.rbuf.reserve(8192),
                     Ok(Some((_, len))) => self.rbuf.reserve(HEADER_LEN + len - self.rbuf.len()),
                     Ok(None) => self.rbuf.reserve(8192),
                     Err(e) => return Self::fatal(&mut self.stream, &frame_error(e)).await,

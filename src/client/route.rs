@@ -18,6 +18,9 @@ use crate::protocol::messages as msg;
 use crate::router::route::{Decision, Target};
 use crate::server::ServerError;
 
+/// An extended-protocol batch larger than this is routed on what has come.
+const BATCH_WAIT_LIMIT: usize = 1 << 20;
+
 /// A `BEGIN` pgmux answered itself, to send along with the transaction's
 /// first statement once that has chosen the backend
 /// (`transaction_routing = "first_statement"`).
@@ -148,6 +151,26 @@ impl Session {
             Ok(t) => Plan::Go { target: Some(t), decision },
             Err(e) => Plan::Refuse(e),
         }
+    }
+
+    /// Whether routing waits for more of an extended-protocol batch: it is
+    /// routed at its first Execute, Sync or Flush, when every Parse and
+    /// Bind before it can be classified (up to [`BATCH_WAIT_LIMIT`] bytes).
+    pub(super) fn batch_incomplete(&self) -> bool {
+        if self.routing.is_none() || self.mode != PoolMode::Transaction || self.pinned {
+            return false;
+        }
+        let mut rest: &[u8] = &self.rbuf;
+        if !matches!(rest.first(), Some(b'P' | b'B' | b'D' | b'C')) || rest.len() >= BATCH_WAIT_LIMIT {
+            return false;
+        }
+        while let Some((tag, body)) = first_message(rest) {
+            if !matches!(tag, b'P' | b'B' | b'D' | b'C') {
+                return false;
+            }
+            rest = &rest[HEADER_LEN + body.len()..];
+        }
+        true
     }
 
     fn consume_first(&mut self) {

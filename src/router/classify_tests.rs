@@ -377,4 +377,3 @@ fn route_of_kind() {
     assert_eq!(Kind::Write.route(), Route::Primary);
     assert_eq!(Kind::SetLocal.route(), Route::Primary);
 }
-

@@ -187,10 +187,8 @@ impl Routing {
     }
 
     fn classify(&self, sql: &str) -> Result<Decision, PgError> {
-        let c = self
-            .classifier
-            .classify(sql)
-            .map_err(|e| PgError::error(sqlstate::SYNTAX_ERROR, format!("pgmux: {e}")))?;
+        let c =
+            self.classifier.classify(sql).map_err(|e| PgError::error(sqlstate::SYNTAX_ERROR, format!("pgmux: {e}")))?;
         let reads = matches!(c.kind, Kind::Read | Kind::BeginReadOnly);
         Ok(match (c.hint, &c.kind) {
             (_, Kind::SessionState(SessionKind::Set { name, value })) if name == "pgmux.route" => {
@@ -239,9 +237,14 @@ impl Routing {
         if standby && refuse_standby {
             return Err(PgError::error(
                 sqlstate::READ_ONLY_SQL_TRANSACTION,
-                format!("pgmux: the primary of database \"{}\" reports that it is in recovery; writes are refused", self.name),
+                format!(
+                    "pgmux: the primary of database \"{}\" reports that it is in recovery; writes are refused",
+                    self.name
+                ),
             )
-            .with_hint("Promote a server and point the primary of this database at it, or set follow_promotion = true."));
+            .with_hint(
+                "Promote a server and point the primary of this database at it, or set follow_promotion = true.",
+            ));
         }
         Ok(Target::Primary)
     }
@@ -302,10 +305,7 @@ impl Routing {
             LoadBalancing::LeastConnections => {
                 // Ties go round robin, so an idle database still spreads.
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..n)
-                    .map(|k| (start + k) % n)
-                    .min_by_key(|&k| self.pool(cands[k]).in_use())
-                    .unwrap_or(0)
+                (0..n).map(|k| (start + k) % n).min_by_key(|&k| self.pool(cands[k]).in_use()).unwrap_or(0)
             }
             LoadBalancing::Weighted => {
                 let total: u64 = cands.iter().map(|&t| u64::from(self.weight(t))).sum();

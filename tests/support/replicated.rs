@@ -48,7 +48,11 @@ check_interval = "100ms"
         user = APP.0,
         pw = APP.1,
         primary = c.primary.addr(),
-        db = if db.contains("replicas") { db.to_string() } else { format!("replicas = [{}]\n{db}", replicas.join(", ")) },
+        db = if db.contains("replicas") {
+            db.to_string()
+        } else {
+            format!("replicas = [{}]\n{db}", replicas.join(", "))
+        },
     )
 }
 
