@@ -478,6 +478,46 @@ replicas = ["127.0.0.1:5433", "localhost:5434"]
     }
 
     #[test]
+    fn routing_options() {
+        let c = Config::parse(
+            &GOOD.replace(
+                "replicas = [\"127.0.0.1:5433\", \"localhost:5434\"]",
+                "replicas = [\"127.0.0.1:5433\", { addr = \"localhost:5434\", weight = 3 }]\n\
+             load_balancing = \"weighted\"\nprimary_reads = \"always_eligible\"\nread_your_writes = \"off\"\n\
+             transaction_routing = \"first_statement\"\nwrite_functions = [\"bump\"]\nmax_lag_ms = 250\n\
+             follow_promotion = true",
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        let db = &c.databases["app"];
+        assert_eq!(db.replicas.iter().map(|r| r.weight).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(db.replicas[1].addr.to_string(), "localhost:5434");
+        assert_eq!(db.load_balancing, LoadBalancing::Weighted);
+        assert_eq!(db.primary_reads, PrimaryReads::AlwaysEligible);
+        assert_eq!(db.read_your_writes, ReadYourWrites::Off);
+        assert_eq!(db.transaction_routing, TransactionRouting::FirstStatement);
+        assert_eq!(db.lag_bound(), Duration::from_millis(250));
+        assert!(db.follow_promotion && db.write_functions == ["bump"]);
+        let defaults = &Config::parse(GOOD, "t.toml").unwrap().databases["app"];
+        assert_eq!(
+            (defaults.load_balancing, defaults.primary_reads),
+            (LoadBalancing::RoundRobin, PrimaryReads::Fallback)
+        );
+        assert_eq!(defaults.lag_bound(), Duration::from_secs(1));
+        for (extra, key) in [
+            ("load_balancing = \"fastest\"", "load_balancing"),
+            ("max_lag = \"2s\"\nmax_lag_ms = 100", "max_lag_ms"),
+            ("write_functions = [\"f(int)\"]", "write_functions"),
+            ("replicas = [{ addr = \"h:1\", wieght = 2 }]", "wieght"),
+        ] {
+            let text = GOOD.replace("replicas = [\"127.0.0.1:5433\", \"localhost:5434\"]", extra);
+            let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
