@@ -327,9 +327,14 @@ pub fn mentions(sql: &str, word: &[u8]) -> bool {
 /// Whether the string creates session state that outlives the transaction
 /// and cannot be replayed on another server connection: `LISTEN`, `LOAD`,
 /// SQL `PREPARE`, temporary objects, `DECLARE ... WITH HOLD`, session-level
-/// advisory locks. The client then keeps its server connection (pinned).
+/// advisory locks, `SET ROLE` / `SESSION AUTHORIZATION` / `SESSION
+/// CHARACTERISTICS` and `set_config(..., false)`. The client then keeps its
+/// server connection (pinned).
 pub fn pins_session(sql: &str) -> bool {
     if mentions(sql, b"pg_advisory_lock") || mentions(sql, b"pg_try_advisory_lock") {
+        return true;
+    }
+    if (mentions(sql, b"set_config") && lasting_set_config(sql)) || identity_changes(sql).contains(&true) {
         return true;
     }
     let cheap = [&b"listen"[..], b"load", b"temp", b"hold", b"prepare"];
@@ -361,26 +366,68 @@ pub fn pins_session(sql: &str) -> bool {
 /// session authorization or characteristics, `set_config(...)`): the
 /// connection must be reset before anyone else uses it.
 pub fn needs_full_reset(sql: &str) -> bool {
-    if mentions(sql, b"set_config") {
-        return true;
-    }
+    mentions(sql, b"set_config") || !identity_changes(sql).is_empty()
+}
+
+/// SET/RESET of role, session authorization or session characteristics in
+/// the string: `true` for one that lasts beyond the transaction (a `SET`
+/// without `LOCAL`).
+fn identity_changes(sql: &str) -> Vec<bool> {
     if !mentions(sql, b"role") && !mentions(sql, b"authorization") && !mentions(sql, b"characteristics") {
-        return false;
+        return Vec::new();
     }
-    statements(sql).into_iter().any(|st| {
-        let Some((kw, rest)) = word(st) else { return false };
-        if kw != "set" && kw != "reset" {
-            return false;
+    statements(sql)
+        .into_iter()
+        .filter_map(|st| {
+            let (kw, rest) = word(st)?;
+            if kw != "set" && kw != "reset" {
+                return None;
+            }
+            let (mut next, rest) = word(rest)?;
+            let local = next == "local";
+            if next == "session" || local {
+                next = word(rest)?.0;
+            }
+            matches!(next.as_str(), "role" | "authorization" | "characteristics").then_some(kw == "set" && !local)
+        })
+        .collect()
+}
+
+/// Whether some `set_config(...)` call in the string may outlast the
+/// transaction: its last argument is not the literal `true` (is_local).
+fn lasting_set_config(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("set_config") {
+        let start = from + i + "set_config".len();
+        from = start;
+        let Some(open) = lower[start..].find('(').map(|o| start + o) else { return true };
+        if !lower[start..open].trim().is_empty() {
+            continue;
         }
-        let Some((mut next, rest)) = word(rest) else { return false };
-        if next == "session" || next == "local" {
-            match word(rest) {
-                Some((n, _)) => next = n,
-                None => return false,
+        let (mut depth, mut quoted, mut last_arg) = (0usize, false, open + 1);
+        let mut close = None;
+        for (k, c) in lower[open..].char_indices() {
+            match c {
+                '\'' => quoted = !quoted,
+                '(' if !quoted => depth += 1,
+                ')' if !quoted => {
+                    depth -= 1;
+                    if depth == 0 {
+                        close = Some(open + k);
+                        break;
+                    }
+                }
+                ',' if !quoted && depth == 1 => last_arg = open + k + 1,
+                _ => {}
             }
         }
-        matches!(next.as_str(), "role" | "authorization" | "characteristics")
-    })
+        match close {
+            Some(end) if lower[last_arg..end].trim() == "true" => {}
+            _ => return true,
+        }
+    }
+    false
 }
 
 /// Session-level SET / RESET statements of a query string, in order.
@@ -408,6 +455,11 @@ mod tests {
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
             "LOAD 'auto_explain'",
             "SELECT 1; PREPARE p AS SELECT 1",
+            "SET ROLE admin",
+            "SET SESSION AUTHORIZATION bob",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "SELECT set_config('app.tenant', '42', false)",
+            "SELECT set_config('a', x, $1)",
         ] {
             assert!(pins_session(sql), "{sql}");
         }
@@ -421,6 +473,10 @@ mod tests {
             "NOTIFY jobs",
             "EXECUTE p",
             "DEALLOCATE p",
+            "SET LOCAL ROLE admin",
+            "RESET ROLE",
+            "SELECT set_config('app.tenant', concat('4', '2'), true)",
+            "SELECT SET_CONFIG('a', 'b', TRUE), set_config('c', 'd,e', true)",
         ] {
             assert!(!pins_session(sql), "{sql}");
         }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::replicated::{self, client, port_of, SERIAL};
+use support::replicated::{self, client, SERIAL};
 use support::{code, scalar, text};
 
 const PORT: &str = "SELECT inet_server_port()";
@@ -82,8 +82,23 @@ async fn primary_down_then_promotion_is_followed() {
     assert!(code(&e).starts_with("08"), "{}", text(&e));
     let replicas = HashSet::from([c.replicas[0].port, c.replicas[1].port]);
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = p.proxy.monitor("app").unwrap();
     for _ in 0..5 {
-        assert!(replicas.contains(&port_of(&cl, PORT).await));
+        match cl.simple_query(PORT).await {
+            Ok(rows) => match &rows[1] {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    assert!(replicas.contains(&r.get(0).unwrap_or("").parse().unwrap_or(0)))
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            Err(e) => panic!(
+                "a read failed with the primary down: {}\nprimary {:?}\nreplica 0 {:?}\nreplica 1 {:?}",
+                text(&e),
+                m.primary(),
+                m.replica(0),
+                m.replica(1)
+            ),
+        }
     }
     // Promote replica 0: writes follow within a few check intervals.
     c.psql(&c.replicas[0], "postgres", "SELECT pg_promote()").unwrap();
@@ -99,6 +114,9 @@ async fn primary_down_then_promotion_is_followed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(port, c.replicas[0].port.to_string());
+    // Read-your-writes follows too: the read sees the write (replica 1
+    // still follows the dead primary and has not got it).
+    assert_eq!(scalar(&cl, "SELECT count(*) FROM f").await, "1");
     assert_eq!(scalar(&cl, "/* pgmux: primary */ SELECT pg_is_in_recovery()").await, "f");
     p.stop().await;
 }

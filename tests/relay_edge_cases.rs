@@ -132,12 +132,13 @@ async fn session_settings_never_leak_to_the_next_client() {
         a.send(&b).await;
         let (_, errs) = raw::rows_and_errors(&a.until_ready().await);
         assert!(errs.is_empty(), "{label}: {errs:?}");
+        // (Some of these pin A to the connection: B gets it when A leaves.)
+        drop(a);
         let c = support::app(&p, &db).await;
         let got = support::scalar(&c, check).await;
         if got != want {
             failures.push(format!("{label}: next client sees {check} = {got:?}, want {want:?}"));
         }
-        drop(a);
         p.stop().await;
     }
     assert!(failures.is_empty(), "session state leaked:\n{}", failures.join("\n"));

@@ -261,7 +261,7 @@ impl Routing {
         }
         let mut held_back = false;
         if let (ReadYourWrites::Session, Some(written)) = (o.read_your_writes, last_write) {
-            let before = cands.len();
+            let all = cands.clone();
             let primary = self.monitor.primary();
             match (primary.sampled_at, primary.current_lsn) {
                 (Some(at), Some(lsn)) if at > written => {
@@ -270,7 +270,18 @@ impl Routing {
                 }
                 _ => cands.clear(),
             }
-            held_back = cands.len() < before;
+            held_back = cands.len() < all.len();
+            let down = !primary.reachable && primary.last_error.is_some();
+            if cands.is_empty() && down && self.write_target(false)? == Target::Primary {
+                // The primary is down (and no promoted replica took over):
+                // it cannot serve the read either. The replica that has
+                // replayed the most has all that survives.
+                let replay = |t: &Target| match t {
+                    Target::Replica(i) => self.monitor.replica(*i).replay_lsn,
+                    Target::Primary => None,
+                };
+                cands.extend(all.iter().max_by_key(|t| replay(t)).copied());
+            }
         }
         let primary_too = match o.primary_reads {
             PrimaryReads::AlwaysEligible => true,
