@@ -244,7 +244,12 @@ impl Classifier {
             let parsed = Parser::new(&dialect).with_tokens(chunk).parse_statements();
             match parsed {
                 Ok(stmts) if stmts.len() == 1 => kinds.extend(stmts.iter().map(|s| self.statement_kind(s))),
-                _ => kinds.push(Kind::Write),
+                parsed => {
+                    let why = parsed.err().map_or_else(|| "several statements".to_string(), |e| e.to_string());
+                    let head: String = sql.chars().take(80).collect();
+                    tracing::debug!(statement = %head, "not understood, routed to the primary: {why}");
+                    kinds.push(Kind::Write);
+                }
             }
         }
         if kinds.is_empty() {
