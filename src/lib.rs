@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod replicas;
 pub mod router;
 pub mod server;
+pub mod shard;
 pub mod sqlhead;
 pub mod statements;
 

@@ -25,6 +25,7 @@ use crate::replicas::monitor::{Backend, Monitor, MonitorConfig};
 use crate::router::classify::Classifier;
 use crate::router::route::{RouteOptions, Routing};
 use crate::server::Login;
+use crate::shard::{ShardBackend, ShardRouter};
 
 /// A client must finish its login within this time.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,11 +38,13 @@ pub struct Proxy {
     /// SCRAM verifiers per user: configured ones, or derived once from a
     /// plain-text password.
     verifiers: HashMap<String, ScramVerifier>,
-    /// Lag/health monitors of databases that route reads to replicas.
+    /// Lag/health monitors of groups that route reads to replicas.
     monitors: HashMap<String, Arc<Monitor>>,
     /// Statement classifiers of those databases (their write functions).
     classifiers: HashMap<String, Arc<Classifier>>,
     routes: Mutex<HashMap<(String, String), Arc<Routing>>>,
+    /// Shard routers of sharded databases, per (database, user).
+    sharded: Mutex<HashMap<(String, String), Arc<ShardRouter>>>,
 }
 
 /// A proxy serving in the background (tests, demo).
@@ -66,8 +69,10 @@ impl Proxy {
             .values()
             .filter_map(|u| Some((u.name.clone(), u.secret.as_ref()?.scram_verifier()?)))
             .collect();
-        let monitors = config
-            .databases
+        // Every backend group: a database, or each shard of a sharded one.
+        let groups: HashMap<String, Database> =
+            config.databases.iter().flat_map(|(name, db)| db.groups(name)).collect();
+        let monitors = groups
             .iter()
             .filter(|(_, db)| db.read_routing && !db.replicas.is_empty())
             .filter_map(|(name, db)| {
@@ -88,13 +93,13 @@ impl Proxy {
                     dbname: db.server_dbname(name).to_string(),
                 };
                 let replicas = db.replicas.iter().enumerate().map(|(i, r)| backend(i + 1, &r.addr)).collect();
-                Some((name.clone(), Monitor::start(backend(0, &db.primary), replicas, cfg)))
+                Some((name.clone(), Monitor::start(backend(0, &db.primary_addr()), replicas, cfg)))
             })
             .collect::<HashMap<_, _>>();
         let classifiers = monitors
             .keys()
             .filter_map(|name| {
-                let db = config.databases.get(name)?;
+                let db = groups.get(name)?;
                 let c = Classifier::new(10_000, &db.write_functions, db.functions_are_writes);
                 Some((name.clone(), Arc::new(c)))
             })
@@ -108,6 +113,7 @@ impl Proxy {
             monitors,
             classifiers,
             routes: Mutex::new(HashMap::new()),
+            sharded: Mutex::new(HashMap::new()),
         })
     }
 
@@ -197,26 +203,51 @@ impl Proxy {
             );
             return Session::fatal(&mut stream, &e).await;
         };
-        let pool = self.pool_for(&info.database, db, user, 0);
-        let routing = self.routing_for(&info.database, db, user);
+        let backends = self.backends_for(&info.database, db, user);
+        let (pool, routing) = (backends[0].primary.clone(), backends[0].routing.clone());
         if let (Some(client_key), Some(Secret::Scram(v))) = (client_key, &user.secret) {
             let creds = ScramCredentials::ClientKey { client_key, verifier: v.clone() };
-            for p in routing.iter().flat_map(|r| r.replicas.iter()) {
-                p.learn_scram(creds.clone());
+            for b in &backends {
+                for p in b.routing.iter().flat_map(|r| r.replicas.iter()).chain([&b.primary]) {
+                    p.learn_scram(creds.clone());
+                }
             }
-            pool.learn_scram(creds);
         }
         let guard = self.cancels.register();
         let mut session = Session::new(stream, buf, pool, info.params, guard.slot.clone());
         session.set_routing(routing);
+        if !db.shards.is_empty() {
+            session.set_sharding(self.shard_router(&info.database, db, user, backends));
+        }
         if let Err(e) = session.welcome(guard.key()).await {
             return session.close_with(&e).await;
         }
         session.run().await;
     }
 
-    /// Read routing for (database, user), when the database has replicas
-    /// and a lag monitor.
+    /// The backend groups of a database for a user: its primary pool and
+    /// read routing, one per shard of a sharded database.
+    fn backends_for(&self, name: &str, db: &Database, user: &User) -> Vec<ShardBackend> {
+        db.groups(name)
+            .iter()
+            .map(|(group, gdb)| ShardBackend {
+                name: group.rsplit('/').next().unwrap_or(group).to_string(),
+                primary: self.pool_for(group, gdb, user, 0),
+                routing: self.routing_for(group, gdb, user),
+            })
+            .collect()
+    }
+
+    fn shard_router(&self, name: &str, db: &Database, user: &User, backends: Vec<ShardBackend>) -> Arc<ShardRouter> {
+        let mut routers = self.sharded.lock().unwrap_or_else(|e| e.into_inner());
+        routers
+            .entry((name.to_string(), user.name.clone()))
+            .or_insert_with(|| Arc::new(ShardRouter::new(name, db, backends)))
+            .clone()
+    }
+
+    /// Read routing for (group, user), when the group has replicas and a
+    /// lag monitor.
     fn routing_for(&self, name: &str, db: &Database, user: &User) -> Option<Arc<Routing>> {
         let monitor = self.monitors.get(name)?.clone();
         let classifier = self.classifiers.get(name)?.clone();
@@ -233,7 +264,7 @@ impl Proxy {
     /// `backend - 1`.
     fn pool_for(&self, name: &str, db: &Database, user: &User, backend: usize) -> Arc<Pool> {
         let (key, addr) = match backend {
-            0 => (name.to_string(), &db.primary),
+            0 => (name.to_string(), &db.primary_addr()),
             i => (format!("{name}#replica{i}"), &db.replicas[i - 1].addr),
         };
         self.pools.get_or_create(&key, &user.name, || {

@@ -236,7 +236,7 @@ impl ServerConn {
         Ok(())
     }
 
-    async fn read_message(&mut self) -> Result<(u8, BytesMut), ServerError> {
+    pub async fn read_message(&mut self) -> Result<(u8, BytesMut), ServerError> {
         Ok(frame::read_message(&mut self.stream, &mut self.rbuf, frame::MAX_MESSAGE_LEN.min(MAX_PREAUTH_LEN * 64))
             .await?)
     }

@@ -29,6 +29,7 @@ use crate::sqlhead;
 
 mod route;
 mod settings;
+mod shard;
 mod welcome;
 
 /// Client bytes of a replica read kept for a retry elsewhere, at most.
@@ -76,8 +77,11 @@ pub struct Session {
     /// SET/RESETs sent, waiting for the server to confirm them.
     pending_settings: Vec<sqlhead::SettingChange>,
     settings_failed: bool,
-    /// Read routing to replicas, when the database has it.
+    /// Read routing to replicas, when the database (or the current shard)
+    /// has it.
     routing: Option<Arc<Routing>>,
+    /// The shards of a sharded database.
+    sharding: Option<Arc<crate::shard::ShardRouter>>,
     /// When this client's last writing transaction ended.
     last_write: Option<Instant>,
     /// A BEGIN answered by pgmux, waiting for the first statement.
@@ -115,6 +119,7 @@ impl Session {
             pending_settings: Vec::new(),
             settings_failed: false,
             routing: None,
+            sharding: None,
             last_write: None,
             deferred: None,
             pinned: false,
@@ -139,6 +144,11 @@ impl Session {
     /// Route reads of this session by `routing` (None: all to the primary).
     pub fn set_routing(&mut self, routing: Option<Arc<Routing>>) {
         self.routing = routing;
+    }
+
+    /// Route statements over the shards of a sharded database.
+    pub fn set_sharding(&mut self, sharding: Arc<crate::shard::ShardRouter>) {
+        self.sharding = Some(sharding);
     }
 
     /// Refuse the session with an error.
@@ -197,6 +207,12 @@ impl Session {
                 }
                 route::Plan::Refuse(e) => {
                     if !self.refuse(&e).await {
+                        return;
+                    }
+                    continue;
+                }
+                route::Plan::Scatter(plan) => {
+                    if !self.scatter(&plan).await {
                         return;
                     }
                     continue;

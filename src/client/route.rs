@@ -63,10 +63,12 @@ pub(super) enum Plan {
     Refuse(PgError),
     /// pgmux consumed the message and answers it with these bytes.
     Answer(BytesMut),
+    /// A read for every shard, merged.
+    Scatter(Box<crate::shard::merge::MergePlan>),
 }
 
 /// The whole first message of `buf`, if it is there.
-fn first_message(buf: &[u8]) -> Option<(u8, &[u8])> {
+pub(super) fn first_message(buf: &[u8]) -> Option<(u8, &[u8])> {
     let (tag, len) = peek_header(buf, MAX_MESSAGE_LEN).ok()??;
     Some((tag, buf.get(HEADER_LEN..HEADER_LEN + len)?))
 }
@@ -83,7 +85,7 @@ fn txn_end_tag(sql: &str) -> Option<&'static str> {
     words.all(|w| w == "work" || w == "transaction").then_some(tag)
 }
 
-fn command_reply(tag: &str, status: u8) -> BytesMut {
+pub(super) fn command_reply(tag: &str, status: u8) -> BytesMut {
     let mut out = BytesMut::new();
     let at = msg::start_message(&mut out, b'C');
     out.extend_from_slice(tag.as_bytes());
@@ -98,14 +100,14 @@ impl Session {
     /// message is there). The session setting `pgmux.route` = 'primary' |
     /// 'replica' | 'auto' overrides the classification.
     pub(super) fn plan(&mut self) -> Plan {
-        let Some(r) = self.routing.clone() else { return Plan::Go { target: None, decision: Decision::Write } };
-        if self.mode != PoolMode::Transaction || self.pinned {
+        if self.mode != PoolMode::Transaction || self.pinned || (self.routing.is_none() && self.sharding.is_none()) {
             return Plan::Go { target: None, decision: Decision::Write };
         }
         let Some((tag, body)) = first_message(&self.rbuf) else {
             return Plan::Go { target: None, decision: Decision::Write };
         };
-        let query = (tag == b'Q').then(|| String::from_utf8_lossy(body.split(|&b| b == 0).next().unwrap_or_default()));
+        let query = (tag == b'Q')
+            .then(|| String::from_utf8_lossy(body.split(|&b| b == 0).next().unwrap_or_default()).into_owned());
         if let (Some(d), Some(end)) = (&self.deferred, query.as_deref().and_then(txn_end_tag)) {
             // The transaction never reached a server: nothing to commit.
             let tag = if d.failed { "ROLLBACK" } else { end };
@@ -119,6 +121,12 @@ impl Session {
                 "current transaction is aborted, commands ignored until end of transaction block",
             ));
         }
+        if let Some(sh) = self.sharding.clone() {
+            if let Some(plan) = self.shard_step(&sh, query.as_deref()) {
+                return plan;
+            }
+        }
+        let Some(r) = self.routing.clone() else { return Plan::Go { target: None, decision: Decision::Write } };
         let mut decision = match r.decide(&self.rbuf, &self.stmts) {
             Ok(d) => d,
             Err(e) => return Plan::Refuse(e),
@@ -132,7 +140,7 @@ impl Session {
             && r.options.transaction_routing == TransactionRouting::FirstStatement
         {
             if let Some(sql) = query {
-                self.deferred = Some(Deferred { sql: sql.into_owned(), failed: false });
+                self.deferred = Some(Deferred { sql, failed: false });
                 self.consume_first();
                 return Plan::Answer(command_reply("BEGIN", b'T'));
             }
@@ -157,7 +165,7 @@ impl Session {
     /// routed at its first Execute, Sync or Flush, when every Parse and
     /// Bind before it can be classified (up to [`BATCH_WAIT_LIMIT`] bytes).
     pub(super) fn batch_incomplete(&self) -> bool {
-        if self.routing.is_none() || self.mode != PoolMode::Transaction || self.pinned {
+        if (self.routing.is_none() && self.sharding.is_none()) || self.mode != PoolMode::Transaction || self.pinned {
             return false;
         }
         let mut rest: &[u8] = &self.rbuf;
@@ -173,7 +181,7 @@ impl Session {
         true
     }
 
-    fn consume_first(&mut self) {
+    pub(super) fn consume_first(&mut self) {
         if let Ok(Some((_, len))) = peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
             self.rbuf.advance(HEADER_LEN + len);
         }

@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod shards;
 mod types;
+pub use shards::{KeyType, MapConfig, RawKey, Shard, ShardedTable};
 pub use types::{
     parse_duration, Dur, HostPort, LoadBalancing, PrimaryReads, ReadYourWrites, Replica, TransactionRouting,
 };
@@ -164,7 +166,9 @@ pub struct User {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Database {
-    pub primary: HostPort,
+    /// The primary (unsharded databases; a sharded one names each shard's).
+    #[serde(default)]
+    pub primary: Option<HostPort>,
     #[serde(default)]
     pub replicas: Vec<Replica>,
     /// Database name on the servers (defaults to the key).
@@ -217,6 +221,22 @@ pub struct Database {
     /// or in recovery.
     #[serde(default)]
     pub follow_promotion: bool,
+    /// Sharding (see [`shards`]): the shards, each a primary with replicas.
+    #[serde(default)]
+    pub shards: Vec<Shard>,
+    /// Sharded tables: key column and map.
+    #[serde(default)]
+    pub tables: Vec<ShardedTable>,
+    #[serde(default)]
+    pub maps: BTreeMap<String, MapConfig>,
+    /// Tables with the same rows on every shard: reads go to one shard,
+    /// writes are refused (they would have to reach every shard at once).
+    #[serde(default)]
+    pub reference_tables: Vec<String>,
+    /// Writes without a key, or to several shards, run on each shard (not
+    /// atomically) instead of being refused.
+    #[serde(default)]
+    pub allow_cross_shard_writes: bool,
 }
 
 fn yes() -> bool {
@@ -350,6 +370,23 @@ impl Config {
             if name == crate::ADMIN_DB {
                 return Err(err(&format!("databases.{name}"), "this name is reserved for the admin console"));
             }
+            match (&db.primary, db.shards.is_empty()) {
+                (Some(_), false) => {
+                    return Err(err(&format!("databases.{name}.shards"), "give primary or shards, not both"))
+                }
+                (None, true) => return Err(err(&format!("databases.{name}.primary"), "missing (or give shards)")),
+                (None, false) if !db.replicas.is_empty() => {
+                    return Err(err(
+                        &format!("databases.{name}.replicas"),
+                        "a sharded database lists replicas per shard",
+                    ))
+                }
+                (Some(_), true) if !db.tables.is_empty() || !db.maps.is_empty() => {
+                    return Err(err(&format!("databases.{name}.tables"), "tables and maps need shards"))
+                }
+                _ => {}
+            }
+            shards::check(name, db).map_err(|(key, message)| err(&key, &message))?;
             if db.max_lag_ms.is_some() && db.max_lag != default_lag() {
                 return Err(err(&format!("databases.{name}.max_lag_ms"), "give max_lag or max_lag_ms, not both"));
             }
@@ -408,6 +445,34 @@ impl Database {
 
     pub fn server_dbname<'a>(&'a self, key: &'a str) -> &'a str {
         self.dbname.as_deref().unwrap_or(key)
+    }
+
+    /// The backend groups behind this database: (name, database with one
+    /// primary and its replicas). One for an unsharded database (its own
+    /// name); `NAME/SHARD` per shard of a sharded one, with the shard's
+    /// servers and every other setting of the database.
+    pub fn groups(&self, name: &str) -> Vec<(String, Database)> {
+        if self.shards.is_empty() {
+            return vec![(name.to_string(), self.clone())];
+        }
+        self.shards
+            .iter()
+            .map(|s| {
+                let mut db = self.clone();
+                db.primary = Some(s.primary.clone());
+                db.replicas = s.replicas.clone();
+                db.dbname = Some(s.dbname.clone().unwrap_or_else(|| self.server_dbname(name).to_string()));
+                db.shards = Vec::new();
+                db.tables = Vec::new();
+                db.maps = BTreeMap::new();
+                (format!("{name}/{}", s.name), db)
+            })
+            .collect()
+    }
+
+    /// The primary of a group (see [`Database::groups`]).
+    pub fn primary_addr(&self) -> HostPort {
+        self.primary.clone().unwrap_or_else(|| HostPort { host: "invalid".into(), port: 1 })
     }
 }
 

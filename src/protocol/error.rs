@@ -31,6 +31,9 @@ pub mod sqlstate {
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
     pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+    pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";
+    pub const CHECK_VIOLATION: &str = "23514";
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

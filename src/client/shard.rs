@@ -1,0 +1,247 @@
+//! The session's sharding step: which shard the transaction at the front
+//! of the buffer goes to (its key from the query text or the Bind, a hint,
+//! `SET pgmux.shard`), a deferred `BEGIN` until that is known, and reads
+//! that run on every shard with their rows merged.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+use super::route::{first_message, Deferred, Plan};
+use super::Session;
+use crate::pool::Checkout;
+use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::frame::HEADER_LEN;
+use crate::protocol::messages as msg;
+use crate::router::route::{Decision, Target};
+use crate::shard::merge::{self, MergePlan, Row};
+use crate::shard::{ShardRouter, ShardTarget};
+use crate::statements::Statement;
+
+/// Rows a merge may hold, in bytes.
+const SCATTER_LIMIT: usize = 256 << 20;
+
+fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
+    match b.iter().position(|&c| c == 0) {
+        Some(i) => (&b[..i], &b[i + 1..]),
+        None => (b, &[]),
+    }
+}
+
+/// The parameter values of a Bind body: (value, binary).
+fn bind_params(body: &[u8]) -> Vec<(Option<&[u8]>, bool)> {
+    let rest = cstr(cstr(body).1).1;
+    let read_i16 = |b: &[u8], at: usize| b.get(at..at + 2).map(|x| i16::from_be_bytes([x[0], x[1]]));
+    let Some(nf) = read_i16(rest, 0) else { return Vec::new() };
+    let formats: Vec<i16> = (0..nf.max(0) as usize).filter_map(|i| read_i16(rest, 2 + 2 * i)).collect();
+    let mut at = 2 + 2 * formats.len();
+    let Some(np) = read_i16(rest, at) else { return Vec::new() };
+    at += 2;
+    let mut out = Vec::new();
+    for i in 0..np.max(0) as usize {
+        let Some(len) = rest.get(at..at + 4).map(|x| i32::from_be_bytes([x[0], x[1], x[2], x[3]])) else { break };
+        at += 4;
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0] == 1,
+            _ => formats.get(i) == Some(&1),
+        };
+        if len < 0 {
+            out.push((None, binary));
+        } else {
+            let v = rest.get(at..at + len as usize);
+            at += len as usize;
+            out.push((v, binary));
+        }
+    }
+    out
+}
+
+impl Session {
+    /// `None`: routing goes on within the chosen shard (now `self.pool`
+    /// and `self.routing`); `Some`: the plan for this batch.
+    pub(super) fn shard_step(&mut self, sh: &Arc<ShardRouter>, query: Option<&str>) -> Option<Plan> {
+        if let (Some(q), None) = (query, &self.deferred) {
+            // A transaction's shard is that of its first statement.
+            if sh.begins_transaction(q) {
+                self.deferred = Some(Deferred { sql: q.to_string(), failed: false });
+                self.consume_first();
+                return Some(Plan::Answer(super::route::command_reply("BEGIN", b'T')));
+            }
+        }
+        let target = match self.batch_target(sh) {
+            Ok(t) => t,
+            Err(e) => return Some(Plan::Refuse(e)),
+        };
+        match target {
+            ShardTarget::One(i) => {
+                let b = &sh.backends[i];
+                self.pool = b.primary.clone();
+                self.routing = b.routing.clone();
+                None
+            }
+            ShardTarget::Any => None,
+            ShardTarget::All(_) if self.deferred.is_some() => Some(Plan::Refuse(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "pgmux: a read across shards cannot run inside a transaction",
+            ))),
+            ShardTarget::All(plan) if query.is_some() => Some(Plan::Scatter(plan)),
+            ShardTarget::All(_) => Some(Plan::Refuse(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "pgmux: a read across shards needs the simple query protocol (for now)",
+            ))),
+        }
+    }
+
+    /// The shard target of the batch at the front of the buffer: its
+    /// first Query, Parse (with the Bind that follows) or Bind.
+    fn batch_target(&self, sh: &ShardRouter) -> Result<ShardTarget, PgError> {
+        let session_shard = self.wanted.get("pgmux.shard").map(String::as_str);
+        let mut rest: &[u8] = &self.rbuf;
+        let mut parsed: Option<(String, &[u8])> = None;
+        while let Some((tag, body)) = first_message(rest) {
+            rest = &rest[HEADER_LEN + body.len()..];
+            match tag {
+                b'Q' => return sh.route(&String::from_utf8_lossy(cstr(body).0), &[], session_shard),
+                b'P' => {
+                    let (name, after) = cstr(body);
+                    parsed = Some((String::from_utf8_lossy(cstr(after).0).into_owned(), name));
+                }
+                b'B' => {
+                    let stmt = cstr(cstr(body).1).0;
+                    let params = bind_params(body);
+                    let sql = match &parsed {
+                        Some((sql, name)) if *name == stmt => sql.clone(),
+                        _ => match std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(&self.stmts, n)) {
+                            Some(s) => String::from_utf8_lossy(s.query()).into_owned(),
+                            None => continue,
+                        },
+                    };
+                    return sh.route(&sql, &params, session_shard);
+                }
+                b'S' | b'H' | b'E' => break,
+                _ => {}
+            }
+        }
+        match parsed {
+            Some((sql, _)) => sh.route(&sql, &[], session_shard).or(Ok(ShardTarget::Any)),
+            None => Ok(ShardTarget::Any),
+        }
+    }
+
+    /// Run a read on every shard and answer with the merged rows. `false`:
+    /// the client went away.
+    pub(super) async fn scatter(&mut self, plan: &MergePlan) -> bool {
+        let Some(sh) = self.sharding.clone() else { return false };
+        self.consume_first();
+        let result = self.gather(&sh, plan).await;
+        let mut out = BytesMut::new();
+        match result {
+            Ok((desc, rows)) => {
+                out.extend_from_slice(&desc);
+                for row in &rows {
+                    let body = merge::row_body(row);
+                    let at = msg::start_message(&mut out, b'D');
+                    out.extend_from_slice(&body);
+                    msg::finish_message(&mut out, at);
+                }
+                let at = msg::start_message(&mut out, b'C');
+                out.extend_from_slice(format!("SELECT {}\0", rows.len()).as_bytes());
+                msg::finish_message(&mut out, at);
+            }
+            Err(e) => e.encode(&mut out),
+        }
+        msg::ready_for_query(&mut out, b'I');
+        self.stream.write_all(&out).await.is_ok()
+    }
+
+    /// Send `plan.sql` to a connection of every shard (a replica where the
+    /// shard's routing allows), read all answers, merge. Connections go
+    /// back to their pools idle, or are closed.
+    async fn gather(&mut self, sh: &ShardRouter, plan: &MergePlan) -> Result<(BytesMut, Vec<Row>), PgError> {
+        let mut conns: Vec<Checkout> = Vec::new();
+        for b in &sh.backends {
+            self.pool = b.primary.clone();
+            self.routing = b.routing.clone();
+            let target = match &b.routing {
+                Some(r) => Some(r.read_target(self.last_write)?),
+                None => Some(Target::Primary),
+            };
+            let (server, _) = self.checkout(target, Decision::Read).await?;
+            conns.push(server);
+        }
+        let mut q = BytesMut::new();
+        msg::query(&mut q, &plan.sql);
+        let sends = conns.iter_mut().map(|c| async {
+            let conn = c.conn();
+            conn.stream.write_all(&q).await?;
+            read_answer(conn).await
+        });
+        let answers = futures_util::future::join_all(sends).await;
+        let mut desc: Option<BytesMut> = None;
+        let mut shards_rows = Vec::new();
+        let mut error = None;
+        let mut held = 0usize;
+        for (answer, c) in answers.into_iter().zip(conns) {
+            match answer {
+                Ok(a) => {
+                    c.release();
+                    if let (None, Some(e)) = (&error, &a.error) {
+                        error = Some(PgError::error_from_server(e));
+                    }
+                    held += a.rows.iter().map(Vec::len).sum::<usize>();
+                    desc = desc.or(a.desc);
+                    shards_rows.push(a.rows);
+                }
+                Err(e) => {
+                    error.get_or_insert(PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgmux: shard: {e}")));
+                }
+            }
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        if held > SCATTER_LIMIT {
+            return Err(PgError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, "pgmux: result across shards too large"));
+        }
+        let desc = desc.ok_or_else(|| PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "pgmux: no rows description"))?;
+        let cols = merge::columns(&desc[HEADER_LEN..])
+            .ok_or_else(|| PgError::error(sqlstate::PROTOCOL_VIOLATION, "pgmux: bad RowDescription"))?;
+        let parsed: Vec<Vec<Row>> =
+            shards_rows.into_iter().map(|rows| rows.iter().filter_map(|r| merge::parse_row(r)).collect()).collect();
+        let rows = merge::finish(plan, &cols, parsed)
+            .map_err(|why| PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, format!("pgmux: {why}")))?;
+        Ok((desc, rows))
+    }
+}
+
+/// One shard's answer to a simple query.
+struct Answer {
+    /// The whole RowDescription message.
+    desc: Option<BytesMut>,
+    /// DataRow bodies.
+    rows: Vec<Vec<u8>>,
+    error: Option<BytesMut>,
+}
+
+async fn read_answer(conn: &mut crate::server::ServerConn) -> Result<Answer, crate::server::ServerError> {
+    let mut a = Answer { desc: None, rows: Vec::new(), error: None };
+    loop {
+        let (tag, body) = conn.read_message().await?;
+        match tag {
+            b'T' => {
+                let mut whole = BytesMut::with_capacity(body.len() + HEADER_LEN);
+                let at = msg::start_message(&mut whole, b'T');
+                whole.extend_from_slice(&body);
+                msg::finish_message(&mut whole, at);
+                a.desc = Some(whole);
+            }
+            b'D' => a.rows.push(body.to_vec()),
+            b'E' => a.error = Some(body),
+            b'Z' if body.first() == Some(&b'I') => return Ok(a),
+            b'Z' => return Err(crate::server::ServerError::Protocol("shard left a transaction open".into())),
+            _ => {}
+        }
+    }
+}

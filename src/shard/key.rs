@@ -1,0 +1,232 @@
+//! Which shards a statement needs, from its AST: the sharded tables it
+//! names and the values its top-level `WHERE` (or `INSERT ... VALUES`)
+//! gives their key columns — literals, `$n` parameters (resolved from the
+//! Bind), `IN (...)` lists, `AND`/`OR` of those.
+
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    BinaryOperator, Expr, InTarget, ObjectName, Query, SetExpr, Statement, TableObject, UnaryOperator, Value, Visit,
+    Visitor,
+};
+
+/// A key value as written: a literal's text, or parameter `$n` (1-based).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyExpr {
+    Lit(String),
+    Param(usize),
+}
+
+/// What a statement needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// No sharded table: any shard serves it (reference tables, catalogs,
+    /// `SELECT 1`).
+    Unsharded,
+    /// The shards of these keys of map `map`.
+    Keys { map: usize, keys: Vec<KeyExpr> },
+    /// Sharded tables (of map `map`) without a usable key: every shard.
+    All { map: usize },
+    /// Tables sharded by different maps in one statement.
+    Mixed(Vec<String>),
+}
+
+/// Sharded-table lookup: lower-cased table name (unqualified) → (key
+/// column, lower-cased; map index).
+pub trait Tables {
+    fn sharded(&self, table: &str) -> Option<(&str, usize)>;
+}
+
+fn last_ident(name: &ObjectName) -> String {
+    name.0.last().and_then(|p| p.as_ident()).map(|i| fold(&i.value, i.quote_style.is_some())).unwrap_or_default()
+}
+
+fn fold(s: &str, quoted: bool) -> String {
+    if quoted {
+        s.to_string()
+    } else {
+        s.to_lowercase()
+    }
+}
+
+struct Relations<'a, T: Tables> {
+    tables: &'a T,
+    /// (table, key column, map)
+    found: Vec<(String, String, usize)>,
+}
+
+impl<T: Tables> Visitor for Relations<'_, T> {
+    type Break = ();
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        let name = last_ident(relation);
+        if let Some((key, map)) = self.tables.sharded(&name) {
+            self.found.push((name, key.to_string(), map));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The scope of one statement.
+pub fn scope(stmt: &Statement, tables: &impl Tables) -> Scope {
+    let mut rel = Relations { tables, found: Vec::new() };
+    let _ = stmt.visit(&mut rel);
+    let Some(map) = rel.found.first().map(|f| f.2) else { return Scope::Unsharded };
+    if rel.found.iter().any(|f| f.2 != map) {
+        let mut names: Vec<String> = rel.found.into_iter().map(|f| f.0).collect();
+        names.dedup();
+        return Scope::Mixed(names);
+    }
+    let key_cols: Vec<&str> = rel.found.iter().map(|f| f.1.as_str()).collect();
+    let keys = match stmt {
+        Statement::Query(q) => query_keys(q, &key_cols),
+        Statement::Update(u) => u.selection.as_ref().and_then(|e| keys_in(e, &key_cols)),
+        Statement::Delete(d) => d.selection.as_ref().and_then(|e| keys_in(e, &key_cols)),
+        Statement::Insert(i) => insert_keys(i, tables),
+        _ => None,
+    };
+    match keys {
+        Some(keys) if !keys.is_empty() => Scope::Keys { map, keys },
+        _ => Scope::All { map },
+    }
+}
+
+fn query_keys(q: &Query, key_cols: &[&str]) -> Option<Vec<KeyExpr>> {
+    match q.body.as_ref() {
+        SetExpr::Select(s) => s.selection.as_ref().and_then(|e| keys_in(e, key_cols)),
+        SetExpr::Query(inner) => query_keys(inner, key_cols),
+        _ => None,
+    }
+}
+
+fn insert_keys(i: &sqlparser::ast::Insert, tables: &impl Tables) -> Option<Vec<KeyExpr>> {
+    let TableObject::TableName(name) = &i.table else { return None };
+    let (key, _) = tables.sharded(&last_ident(name))?;
+    let at = i.columns.iter().position(|c| last_ident(c) == key)?;
+    let SetExpr::Values(values) = i.source.as_ref()?.body.as_ref() else { return None };
+    values.rows.iter().map(|row| row.get(at).and_then(value)).collect()
+}
+
+fn is_key(e: &Expr, key_cols: &[&str]) -> bool {
+    match e {
+        Expr::Identifier(i) => key_cols.contains(&fold(&i.value, i.quote_style.is_some()).as_str()),
+        Expr::CompoundIdentifier(parts) => {
+            parts.last().is_some_and(|i| key_cols.contains(&fold(&i.value, i.quote_style.is_some()).as_str()))
+        }
+        Expr::Nested(inner) => is_key(inner, key_cols),
+        _ => false,
+    }
+}
+
+/// A constant key value: a literal (possibly cast or negated) or `$n`.
+fn value(e: &Expr) -> Option<KeyExpr> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => Some(KeyExpr::Lit(n.clone())),
+            Value::SingleQuotedString(s) => Some(KeyExpr::Lit(s.clone())),
+            Value::Placeholder(p) => p.strip_prefix('$')?.parse().ok().map(KeyExpr::Param),
+            _ => None,
+        },
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => value(expr),
+        Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match value(expr)? {
+            KeyExpr::Lit(n) => Some(KeyExpr::Lit(format!("-{n}"))),
+            KeyExpr::Param(_) => None,
+        },
+        _ => None,
+    }
+}
+
+/// The key values a condition restricts the key to (None: not restricted).
+fn keys_in(e: &Expr, key_cols: &[&str]) -> Option<Vec<KeyExpr>> {
+    match e {
+        Expr::BinaryOp { left, op: BinaryOperator::Eq, right } => {
+            if is_key(left, key_cols) {
+                value(right).map(|v| vec![v])
+            } else if is_key(right, key_cols) {
+                value(left).map(|v| vec![v])
+            } else {
+                None
+            }
+        }
+        Expr::BinaryOp { left, op: BinaryOperator::And, right } => {
+            keys_in(left, key_cols).or_else(|| keys_in(right, key_cols))
+        }
+        Expr::BinaryOp { left, op: BinaryOperator::Or, right } => {
+            let mut l = keys_in(left, key_cols)?;
+            l.extend(keys_in(right, key_cols)?);
+            Some(l)
+        }
+        Expr::In { expr, target: InTarget::List(list), negated: false, .. } if is_key(expr, key_cols) => {
+            list.iter().map(value).collect()
+        }
+        Expr::Nested(inner) => keys_in(inner, key_cols),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlparser::dialect::PostgreSqlDialect;
+    use sqlparser::parser::Parser;
+
+    struct T;
+    impl Tables for T {
+        fn sharded(&self, table: &str) -> Option<(&str, usize)> {
+            match table {
+                "users" => Some(("id", 0)),
+                "orders" => Some(("user_id", 0)),
+                "events" => Some(("tenant", 1)),
+                _ => None,
+            }
+        }
+    }
+
+    fn scope_of(sql: &str) -> Scope {
+        let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap();
+        scope(&stmts[0], &T)
+    }
+
+    fn lits(v: &[&str]) -> Vec<KeyExpr> {
+        v.iter().map(|s| KeyExpr::Lit(s.to_string())).collect()
+    }
+
+    #[test]
+    fn keys_from_where_insert_and_params() {
+        assert_eq!(scope_of("SELECT * FROM users WHERE id = 42"), Scope::Keys { map: 0, keys: lits(&["42"]) });
+        assert_eq!(
+            scope_of("SELECT * FROM users u WHERE 7 = u.id AND name = 'x'"),
+            Scope::Keys { map: 0, keys: lits(&["7"]) }
+        );
+        assert_eq!(
+            scope_of("SELECT * FROM users WHERE id IN (1, 2) OR id = -3"),
+            Scope::Keys { map: 0, keys: lits(&["1", "2", "-3"]) }
+        );
+        assert_eq!(
+            scope_of("UPDATE users SET n = 1 WHERE id = $2"),
+            Scope::Keys { map: 0, keys: vec![KeyExpr::Param(2)] }
+        );
+        assert_eq!(
+            scope_of("DELETE FROM orders WHERE user_id = '9'::bigint"),
+            Scope::Keys { map: 0, keys: lits(&["9"]) }
+        );
+        assert_eq!(
+            scope_of("INSERT INTO users (name, id) VALUES ('a', 1), ('b', $1)"),
+            Scope::Keys { map: 0, keys: vec![KeyExpr::Lit("1".into()), KeyExpr::Param(1)] }
+        );
+        assert_eq!(
+            scope_of("SELECT * FROM users JOIN orders ON orders.user_id = users.id WHERE users.id = 5"),
+            Scope::Keys { map: 0, keys: lits(&["5"]) }
+        );
+    }
+
+    #[test]
+    fn no_key_mixed_and_unsharded() {
+        assert_eq!(scope_of("SELECT count(*) FROM users"), Scope::All { map: 0 });
+        assert_eq!(scope_of("SELECT * FROM users WHERE id > 5"), Scope::All { map: 0 });
+        assert_eq!(scope_of("SELECT * FROM users WHERE id = 1 OR name = 'x'"), Scope::All { map: 0 });
+        assert_eq!(scope_of("INSERT INTO users VALUES (1, 'a')"), Scope::All { map: 0 });
+        assert_eq!(scope_of("SELECT * FROM countries"), Scope::Unsharded);
+        assert_eq!(scope_of("SELECT 1"), Scope::Unsharded);
+        assert!(matches!(scope_of("SELECT * FROM users, events WHERE id = 1"), Scope::Mixed(_)));
+    }
+}

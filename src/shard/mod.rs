@@ -1,0 +1,245 @@
+//! Sharding: a sharded database's shards (each a primary with its read
+//! routing), its compiled shard maps, and the decision of which shards a
+//! statement goes to — one (by its key, a hint or `SET pgmux.shard`), or
+//! all of them (a read merged by [`merge`], or a refusal).
+
+pub mod hash;
+pub mod key;
+pub mod map;
+pub mod merge;
+pub mod values;
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use crate::config::{Database, KeyType};
+use crate::pool::Pool;
+use crate::protocol::error::{sqlstate, PgError};
+use crate::router::classify::{Classifier, Hint, Kind};
+use crate::router::route::Routing;
+use key::{KeyExpr, Scope};
+use map::{Key, ShardMap};
+
+/// One shard as a session uses it.
+#[derive(Clone)]
+pub struct ShardBackend {
+    pub name: String,
+    pub primary: Arc<Pool>,
+    pub routing: Option<Arc<Routing>>,
+}
+
+/// Where a statement goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardTarget {
+    /// This shard.
+    One(usize),
+    /// Any shard will do (no sharded table).
+    Any,
+    /// Every shard, results merged.
+    All(Box<merge::MergePlan>),
+}
+
+/// The analysis of one statement text, cached.
+#[derive(Clone, Debug)]
+enum Analysis {
+    Scope(Scope, bool),
+    Scatter(Box<merge::MergePlan>),
+    Refused(String),
+    Hinted(Hint),
+}
+
+struct TableMap {
+    tables: HashMap<String, (String, usize)>,
+}
+
+impl key::Tables for TableMap {
+    fn sharded(&self, table: &str) -> Option<(&str, usize)> {
+        self.tables.get(table).map(|(k, m)| (k.as_str(), *m))
+    }
+}
+
+/// A sharded database, for one user.
+pub struct ShardRouter {
+    pub name: String,
+    pub backends: Vec<ShardBackend>,
+    maps: Vec<ShardMap>,
+    tables: TableMap,
+    classifier: Classifier,
+    allow_cross_shard_writes: bool,
+    cache: Mutex<LruCache<String, Analysis>>,
+}
+
+fn feature(message: impl Into<String>) -> PgError {
+    PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message)
+}
+
+impl ShardRouter {
+    pub fn new(name: &str, db: &Database, backends: Vec<ShardBackend>) -> ShardRouter {
+        let shard_index = |s: &str| db.shards.iter().position(|x| x.name == s).unwrap_or(0);
+        let mut maps = Vec::new();
+        let mut map_index = HashMap::new();
+        for (map_name, cfg) in &db.maps {
+            match ShardMap::compile(cfg, db.shards.len(), shard_index) {
+                Ok(m) => {
+                    map_index.insert(map_name.clone(), maps.len());
+                    maps.push(m);
+                }
+                Err(e) => tracing::error!(database = name, map = %map_name, "shard map unusable: {e}"),
+            }
+        }
+        let tables = db
+            .tables
+            .iter()
+            .filter_map(|t| Some((t.name.to_lowercase(), (t.key.to_lowercase(), *map_index.get(&t.map)?))))
+            .collect();
+        let cap = NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN);
+        ShardRouter {
+            name: name.to_string(),
+            backends,
+            maps,
+            tables: TableMap { tables },
+            classifier: Classifier::new(0, &db.write_functions, db.functions_are_writes),
+            allow_cross_shard_writes: db.allow_cross_shard_writes,
+            cache: Mutex::new(LruCache::new(cap)),
+        }
+    }
+
+    /// A lone `BEGIN` / `START TRANSACTION` (any mode): its shard is that
+    /// of the transaction's first statement.
+    pub fn begins_transaction(&self, sql: &str) -> bool {
+        self.classifier
+            .classify(sql)
+            .is_ok_and(|c| c.statements == 1 && matches!(c.kind, Kind::Begin | Kind::BeginReadOnly))
+    }
+
+    fn shard_named(&self, s: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.name == s).or_else(|| s.parse().ok().filter(|&i| i < self.backends.len()))
+    }
+
+    fn analyze(&self, sql: &str) -> Analysis {
+        let classified = match self.classifier.classify(sql) {
+            Ok(c) => c,
+            Err(e) => return Analysis::Refused(e.to_string()),
+        };
+        let read = matches!(classified.kind, Kind::Read);
+        if let Some(h @ (Hint::Shard(_) | Hint::Key(_))) = classified.hint {
+            return Analysis::Hinted(h);
+        }
+        let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+            return Analysis::Scope(Scope::Unsharded, read);
+        };
+        if stmts.len() > 1 {
+            let scopes: Vec<Scope> = stmts.iter().map(|s| key::scope(s, &self.tables)).collect();
+            if scopes.iter().all(|s| *s == Scope::Unsharded) {
+                return Analysis::Scope(Scope::Unsharded, read);
+            }
+            return Analysis::Refused(
+                "several statements in one query on a sharded database: send them one by one".into(),
+            );
+        }
+        let Some(stmt) = stmts.first() else { return Analysis::Scope(Scope::Unsharded, read) };
+        match key::scope(stmt, &self.tables) {
+            Scope::All { .. } if read => match merge::plan(stmt, sql) {
+                Ok(plan) => Analysis::Scatter(Box::new(plan)),
+                Err(why) => Analysis::Refused(why),
+            },
+            scope => Analysis::Scope(scope, read),
+        }
+    }
+
+    /// Where the statement `sql` goes; `params` are the Bind values (text
+    /// or binary per `formats`) for `$n` keys; `session_shard` is the
+    /// session's `pgmux.shard` setting.
+    pub fn route(
+        &self,
+        sql: &str,
+        params: &[(Option<&[u8]>, bool)],
+        session_shard: Option<&str>,
+    ) -> Result<ShardTarget, PgError> {
+        if let Some(s) = session_shard.filter(|s| !s.is_empty() && *s != "auto") {
+            return self.shard_named(s).map(ShardTarget::One).ok_or_else(|| {
+                PgError::error(sqlstate::INVALID_PARAMETER_VALUE, format!("pgmux.shard: no shard \"{s}\""))
+            });
+        }
+        let cached = self.cache.lock().ok().and_then(|mut c| c.get(sql).cloned());
+        let analysis = match cached {
+            Some(a) => a,
+            None => {
+                let a = self.analyze(sql);
+                if sql.len() <= crate::router::classify::MAX_CACHED_LEN {
+                    if let Ok(mut c) = self.cache.lock() {
+                        c.put(sql.to_string(), a.clone());
+                    }
+                }
+                a
+            }
+        };
+        match analysis {
+            Analysis::Refused(why) => Err(feature(format!("pgmux: {why}"))),
+            Analysis::Scatter(plan) => Ok(ShardTarget::All(plan)),
+            Analysis::Hinted(Hint::Shard(n)) => usize::try_from(n)
+                .ok()
+                .filter(|&i| i < self.backends.len())
+                .map(ShardTarget::One)
+                .ok_or_else(|| PgError::error(sqlstate::INVALID_PARAMETER_VALUE, format!("pgmux: no shard {n}"))),
+            Analysis::Hinted(Hint::Key(k)) => {
+                let map = self.maps.first().ok_or_else(|| feature("pgmux: this database has no shard map"))?;
+                let key = Key::from_text(map.key_type(), &k).map_err(key_error)?;
+                map.shard_of(&key).map(ShardTarget::One).map_err(key_error)
+            }
+            Analysis::Hinted(_) | Analysis::Scope(Scope::Unsharded, _) => Ok(ShardTarget::Any),
+            Analysis::Scope(Scope::Mixed(tables), _) => Err(feature(format!(
+                "pgmux: tables sharded by different maps ({}) cannot be used in one statement",
+                tables.join(", ")
+            ))),
+            Analysis::Scope(Scope::All { .. }, _) => Err(feature(
+                "pgmux: a write to a sharded table needs its shard key (WHERE key = ... or the key column in INSERT)",
+            )
+            .with_hint("Or name the shard: /* pgmux: shard=N */ or SET pgmux.shard = N.")),
+            Analysis::Scope(Scope::Keys { map, keys }, read) => {
+                let map = &self.maps[map];
+                let mut shards = Vec::new();
+                for k in &keys {
+                    let key = resolve(map.key_type(), k, params)?;
+                    let s = map.shard_of(&key).map_err(key_error)?;
+                    if !shards.contains(&s) {
+                        shards.push(s);
+                    }
+                }
+                match shards.as_slice() {
+                    [one] => Ok(ShardTarget::One(*one)),
+                    _ if read => Err(feature("pgmux: keys on several shards in one read are not supported yet")),
+                    _ if self.allow_cross_shard_writes => {
+                        Err(feature("pgmux: a write spanning shards must be split per shard"))
+                    }
+                    _ => Err(feature("pgmux: a write spanning shards is refused (allow_cross_shard_writes = false)")),
+                }
+            }
+        }
+    }
+}
+
+fn key_error(e: map::KeyError) -> PgError {
+    match e {
+        map::KeyError::Invalid(..) => PgError::error(sqlstate::INVALID_TEXT_REPRESENTATION, format!("pgmux: {e}")),
+        map::KeyError::NoShard(_) => PgError::error(sqlstate::CHECK_VIOLATION, format!("pgmux: {e}"))
+            .with_hint("The shard map has no range or list entry for this key."),
+    }
+}
+
+fn resolve(kt: KeyType, k: &KeyExpr, params: &[(Option<&[u8]>, bool)]) -> Result<Key, PgError> {
+    match k {
+        KeyExpr::Lit(s) => Key::from_text(kt, s).map_err(key_error),
+        KeyExpr::Param(n) => match params.get(n.wrapping_sub(1)) {
+            Some((Some(v), true)) => Key::from_binary(kt, v).map_err(key_error),
+            Some((Some(v), false)) => Key::from_text(kt, &String::from_utf8_lossy(v)).map_err(key_error),
+            Some((None, _)) => Err(feature("pgmux: a NULL shard key")),
+            None => Err(PgError::error(sqlstate::PROTOCOL_VIOLATION, format!("pgmux: no value for ${n}"))),
+        },
+    }
+}
