@@ -212,7 +212,17 @@ impl Session {
             shards_rows.into_iter().map(|rows| rows.iter().filter_map(|r| merge::parse_row(r)).collect()).collect();
         let rows = merge::finish(plan, &cols, parsed)
             .map_err(|why| PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, format!("pgmux: {why}")))?;
-        Ok((desc, rows))
+        if plan.hidden == 0 {
+            return Ok((desc, rows));
+        }
+        let keep = cols.len().saturating_sub(plan.hidden);
+        let body = merge::trim_description(&desc[HEADER_LEN..], keep)
+            .ok_or_else(|| PgError::error(sqlstate::PROTOCOL_VIOLATION, "pgmux: bad RowDescription"))?;
+        let mut trimmed = BytesMut::new();
+        let at = msg::start_message(&mut trimmed, b'T');
+        trimmed.extend_from_slice(&body);
+        msg::finish_message(&mut trimmed, at);
+        Ok((trimmed, rows))
     }
 }
 

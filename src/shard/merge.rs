@@ -26,8 +26,9 @@ pub enum Agg {
     Group,
     Count,
     Sum,
-    Min,
-    Max,
+    /// `min` / `max`; `true`: of text under `COLLATE "C"` (bytewise).
+    Min(bool),
+    Max(bool),
 }
 
 /// A sort key: output column (by position or by name) and direction.
@@ -44,6 +45,9 @@ pub struct SortKey {
 pub enum ColumnRef {
     Position(usize),
     Name(String),
+    /// The `k`-th column pgmux appended to the shards' select list (a sort
+    /// key the client did not select); dropped before the client sees it.
+    Hidden(usize),
 }
 
 /// The merge of one scatter-gather read.
@@ -56,6 +60,8 @@ pub struct MergePlan {
     pub offset: u64,
     /// Per output column, when the query aggregates.
     pub aggs: Option<Vec<Agg>>,
+    /// Sort-key columns appended to the select list (see [`ColumnRef::Hidden`]).
+    pub hidden: usize,
 }
 
 fn number(e: &Expr) -> Option<u64> {
@@ -123,6 +129,8 @@ pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
     } else {
         None
     };
+    let wildcard = exprs.iter().any(String::is_empty);
+    let mut hidden = Vec::new();
     let mut order = Vec::new();
     if let Some(ob) = &q.order_by {
         let OrderByKind::Expressions(items) = &ob.kind else { return refuse("ORDER BY ALL is not supported") };
@@ -136,6 +144,12 @@ pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
                 ColumnRef::Position(n.checked_sub(1).ok_or("ORDER BY position 0")?)
             } else if let Some(i) = exprs.iter().position(|t| *t == expr.to_string()) {
                 ColumnRef::Position(i)
+            } else if !wildcard
+                && aggs.is_none()
+                && !matches!(expr, Expr::Identifier(id) if select_alias(select, &id.value))
+            {
+                hidden.push(SelectItem::UnnamedExpr(expr.clone()));
+                ColumnRef::Hidden(hidden.len() - 1)
             } else {
                 match expr {
                     Expr::Identifier(id) => ColumnRef::Name(id.value.to_lowercase()),
@@ -172,7 +186,13 @@ pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
     if q.fetch.is_some() {
         return refuse("FETCH FIRST across shards is not supported (use LIMIT)");
     }
-    let rewrite = offset > 0 || (aggregating && limit.is_some());
+    let n_hidden = hidden.len();
+    if !hidden.is_empty() {
+        if let SetExpr::Select(sel) = q.body.as_mut() {
+            sel.projection.extend(hidden);
+        }
+    }
+    let rewrite = offset > 0 || (aggregating && limit.is_some()) || n_hidden > 0;
     let sql = if rewrite {
         q.limit_clause = match (aggregating, limit) {
             // Groups combine after the merge: every shard sends all.
@@ -187,7 +207,15 @@ pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
     } else {
         sql.to_string()
     };
-    Ok(MergePlan { sql, order, limit, offset, aggs })
+    Ok(MergePlan { sql, order, limit, offset, aggs, hidden: n_hidden })
+}
+
+/// Whether the select list has an item aliased `name`.
+fn select_alias(select: &sqlparser::ast::Select, name: &str) -> bool {
+    select
+        .projection
+        .iter()
+        .any(|item| matches!(item, SelectItem::ExprWithAlias { alias, .. } if alias.value.eq_ignore_ascii_case(name)))
 }
 
 /// The aggregate an output expression is, if any; errors for aggregates
@@ -201,11 +229,12 @@ fn aggregate(e: &Expr) -> Result<Option<Agg>, String> {
         };
     };
     let name = f.name.to_string().to_lowercase();
+    let bytewise = f.args.to_string().to_ascii_uppercase().replace(' ', "").ends_with("COLLATE\"C\")");
     let agg = match name.as_str() {
         "count" => Agg::Count,
         "sum" => Agg::Sum,
-        "min" => Agg::Min,
-        "max" => Agg::Max,
+        "min" => Agg::Min(bytewise),
+        "max" => Agg::Max(bytewise),
         "avg" => return refuse("avg() across shards is not supported; use sum() and count()"),
         "stddev" | "variance" | "array_agg" | "string_agg" | "json_agg" | "jsonb_agg" | "bool_and" | "bool_or"
         | "every" | "percentile_cont" | "percentile_disc" | "mode" => {
@@ -300,6 +329,7 @@ pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row
         .map(|k| {
             let i = match &k.column {
                 ColumnRef::Position(i) => Some(*i),
+                ColumnRef::Hidden(h) => Some(cols.len().saturating_sub(plan.hidden) + h),
                 ColumnRef::Name(n) => {
                     let mut hits = cols.iter().enumerate().filter(|(_, c)| c.0 == *n);
                     match (hits.next(), hits.next()) {
@@ -358,7 +388,27 @@ pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row
     }
     let skip = usize::try_from(plan.offset).unwrap_or(usize::MAX);
     let take = plan.limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-    Ok(rows.into_iter().skip(skip).take(take).collect())
+    let visible = cols.len().saturating_sub(plan.hidden);
+    Ok(rows
+        .into_iter()
+        .skip(skip)
+        .take(take)
+        .map(|mut r| {
+            r.truncate(visible);
+            r
+        })
+        .collect())
+}
+
+/// A RowDescription body with only its first `keep` fields.
+pub fn trim_description(body: &[u8], keep: usize) -> Option<Vec<u8>> {
+    let mut at = 2;
+    for _ in 0..keep {
+        at += body.get(at..)?.iter().position(|&b| b == 0)? + 1 + 18;
+    }
+    let mut out = (keep as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(body.get(2..at)?);
+    Some(out)
 }
 
 /// Aggregate rows of all shards per group.
@@ -371,7 +421,7 @@ fn combine(aggs: &[Agg], cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> 
             Agg::Sum if !matches!(c.1, oid::INT8 | oid::NUMERIC) => {
                 return refuse("sum() across shards of floating-point values is not exact; cast to numeric")
             }
-            Agg::Min | Agg::Max if !values::comparable(c.1, false) => {
+            Agg::Min(b) | Agg::Max(b) if !values::comparable(c.1, *b) => {
                 return refuse("min()/max() across shards of this type is not supported")
             }
             Agg::Group
@@ -406,8 +456,8 @@ fn combine(aggs: &[Agg], cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> 
                         .ok_or("sum() across shards of NaN or infinite values is not supported")?;
                     Some(sum.into_bytes())
                 }
-                (Agg::Min, Some(x), Some(y)) => Some(if values::compare(cols[i].1, &y, &x).is_lt() { y } else { x }),
-                (Agg::Max, Some(x), Some(y)) => Some(if values::compare(cols[i].1, &y, &x).is_gt() { y } else { x }),
+                (Agg::Min(_), Some(x), Some(y)) => Some(if values::compare(cols[i].1, &y, &x).is_lt() { y } else { x }),
+                (Agg::Max(_), Some(x), Some(y)) => Some(if values::compare(cols[i].1, &y, &x).is_gt() { y } else { x }),
             };
         }
     }

@@ -1,0 +1,177 @@
+//! Sharding on 2 real shard primaries: rows land on the shard their key
+//! hashes to (PostgreSQL's hash), keyed statements go to one shard (key
+//! from literals, IN lists, INSERT VALUES, Bind parameters; hints and
+//! `SET pgmux.shard`), list maps, transactions follow their first
+//! statement, and reads without a key run on every shard with results
+//! equal to the same query on one unsharded database.
+
+mod support;
+
+use pgmux::pgcluster::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
+use pgmux::proxy::RunningProxy;
+use pgmux::shard::hash::{hash_remainder, KeyValue};
+use support::{code, scalar, text, APP};
+use tokio_postgres::SimpleQueryMessage;
+
+const SCHEMA: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text, score int, balance numeric);
+     CREATE TABLE orders (id bigint, user_id bigint, amount numeric);
+     CREATE TABLE events (region text, what text);
+     CREATE TABLE countries (code text PRIMARY KEY, name text);
+     INSERT INTO countries VALUES ('ch', 'Switzerland'), ('us', 'United States');";
+
+fn cluster() -> Cluster {
+    let spec = ClusterSpec {
+        extra_primaries: 1,
+        roles: vec![Role::new(APP.0, APP.1, HbaMethod::Scram)],
+        databases: vec!["shop".into(), "ref".into()],
+        ..ClusterSpec::default()
+    };
+    let c = Cluster::start(&spec).expect("two shard primaries");
+    for node in [&c.primary, &c.extra_primaries[0]] {
+        c.psql(node, "shop", SCHEMA).unwrap();
+        c.psql(node, "shop", &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}", APP.0)).unwrap();
+    }
+    c.psql(&c.primary, "ref", SCHEMA).unwrap();
+    c.psql(&c.primary, "ref", &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}", APP.0)).unwrap();
+    c
+}
+
+async fn proxy(c: &Cluster) -> RunningProxy {
+    let text = format!(
+        r#"[pgmux]
+listen = "127.0.0.1:{port}"
+log_level = "warn"
+
+[[users]]
+name = "{user}"
+password = "{pw}"
+
+[databases.shop]
+shards = [{{ name = "s0", primary = "{s0}" }}, {{ name = "s1", primary = "{s1}" }}]
+tables = [
+  {{ name = "users", key = "id", map = "by_user" }},
+  {{ name = "orders", key = "user_id", map = "by_user" }},
+  {{ name = "events", key = "region", map = "by_region" }},
+]
+reference_tables = ["countries"]
+
+[databases.shop.maps.by_user]
+kind = "hash"
+type = "int8"
+
+[databases.shop.maps.by_region]
+kind = "list"
+type = "text"
+lists = [{{ values = ["eu", "ch"], shard = "s0" }}, {{ values = ["us"], shard = "s1" }}]
+default = "s0"
+
+[databases.ref]
+primary = "{s0}"
+"#,
+        port = free_port().unwrap(),
+        user = APP.0,
+        pw = APP.1,
+        s0 = c.primary.addr(),
+        s1 = c.extra_primaries[0].addr(),
+    );
+    support::start_proxy(&text).await
+}
+
+async fn client(p: &RunningProxy, db: &str) -> tokio_postgres::Client {
+    support::connect_str(&support::conn_str(p.addr.port(), APP.0, APP.1, db)).await.unwrap()
+}
+
+fn shard_of(id: i64) -> usize {
+    hash_remainder(&KeyValue::Int8(id), 2) as usize
+}
+
+/// All rows of a simple query, as text.
+async fn rows(c: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", text(&e)));
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_routing_and_scatter_gather() {
+    let c = cluster();
+    let p = proxy(&c).await;
+    let cl = client(&p, "shop").await;
+    let reference = client(&p, "ref").await;
+    let ports = [c.primary.port.to_string(), c.extra_primaries[0].port.to_string()];
+    // Writes by key: each row on the shard its key hashes to.
+    for id in 1..=200i64 {
+        let sql = format!(
+            "INSERT INTO users (id, name, score, balance) VALUES ({id}, 'user{id:03}', {}, {}.{:02})",
+            id % 7,
+            id * 3,
+            id % 100
+        );
+        cl.simple_query(&sql).await.unwrap();
+        reference.simple_query(&sql).await.unwrap();
+    }
+    for (i, node) in [&c.primary, &c.extra_primaries[0]].into_iter().enumerate() {
+        let ids = c.psql(node, "shop", "SELECT string_agg(id::text, ',') FROM users").unwrap();
+        for id in ids.split(',').filter(|s| !s.is_empty()) {
+            assert_eq!(shard_of(id.parse().unwrap()), i, "user {id} on shard {i}");
+        }
+    }
+    // Keyed reads: one shard, by literal, IN list on one shard, parameter.
+    for id in [1i64, 2, 77, 150] {
+        let port = scalar(&cl, &format!("SELECT inet_server_port() FROM users WHERE id = {id}")).await;
+        assert_eq!(port, ports[shard_of(id)], "id {id}");
+        let row = cl.query_one("SELECT name, inet_server_port()::text FROM users WHERE id = $1", &[&id]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), format!("user{id:03}"));
+        assert_eq!(row.get::<_, String>(1), ports[shard_of(id)]);
+    }
+    // Co-located tables: orders follow their user.
+    cl.simple_query("INSERT INTO orders (id, user_id, amount) VALUES (1, 77, 9.50)").await.unwrap();
+    let joined = "SELECT u.name, o.amount FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = 77";
+    assert_eq!(rows(&cl, joined).await, vec![vec![Some("user077".into()), Some("9.50".into())]]);
+    // Hints and the session setting.
+    assert_eq!(scalar(&cl, "/* pgmux: shard=1 */ SELECT inet_server_port()").await, ports[1]);
+    assert_eq!(scalar(&cl, "/* pgmux: key=77 */ SELECT inet_server_port()").await, ports[shard_of(77)]);
+    cl.simple_query("SET pgmux.shard = 's1'").await.unwrap();
+    assert_eq!(scalar(&cl, "SELECT inet_server_port()").await, ports[1]);
+    cl.simple_query("SET pgmux.shard = 'auto'").await.unwrap();
+    // List map.
+    cl.simple_query("INSERT INTO events (region, what) VALUES ('us', 'signup')").await.unwrap();
+    cl.simple_query("INSERT INTO events (region, what) VALUES ('fr', 'login')").await.unwrap();
+    assert_eq!(c.psql(&c.extra_primaries[0], "shop", "SELECT string_agg(what, ',') FROM events").unwrap(), "signup");
+    assert_eq!(c.psql(&c.primary, "shop", "SELECT string_agg(what, ',') FROM events").unwrap(), "login");
+    // A transaction goes where its first statement goes, all of it.
+    cl.simple_query("BEGIN").await.unwrap();
+    cl.simple_query("INSERT INTO users (id, name, score, balance) VALUES (1001, 'late', 1, 0)").await.unwrap();
+    assert_eq!(scalar(&cl, "SELECT inet_server_port()").await, ports[shard_of(1001)]);
+    cl.simple_query("ROLLBACK").await.unwrap();
+    // Reference tables: any shard.
+    assert_eq!(scalar(&cl, "SELECT name FROM countries WHERE code = 'ch'").await, "Switzerland");
+    // Scatter-gather equals one database with the same rows.
+    for sql in [
+        "SELECT count(*) FROM users",
+        "SELECT count(*), sum(score), min(score), max(balance), sum(balance) FROM users",
+        "SELECT id, name FROM users ORDER BY id LIMIT 10 OFFSET 5",
+        "SELECT id FROM users WHERE score > 4 ORDER BY score DESC, id",
+        "SELECT score, count(*), sum(id), max(name COLLATE \"C\") FROM users GROUP BY score ORDER BY score",
+        "SELECT name FROM users ORDER BY name COLLATE \"C\" DESC LIMIT 3",
+        "SELECT count(*) FROM users WHERE id > 1000",
+    ] {
+        assert_eq!(rows(&cl, sql).await, rows(&reference, sql).await, "{sql}");
+    }
+    // What cannot be merged exactly is refused, and the session goes on.
+    for sql in [
+        "SELECT avg(score) FROM users",
+        "SELECT name FROM users ORDER BY name",
+        "SELECT DISTINCT score FROM users",
+        "UPDATE users SET score = 0",
+    ] {
+        let e = cl.simple_query(sql).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{sql}: {}", text(&e));
+    }
+    assert_eq!(scalar(&cl, "SELECT count(*) FROM users WHERE id = 5").await, "1");
+    p.stop().await;
+}
