@@ -174,6 +174,22 @@ impl Tracker {
         Flow::Replace(out)
     }
 
+    /// Refuse the client message `tag` (a Query, or a Bind/Parse/Describe/
+    /// Execute) with `err`: the server raises it in the message's place,
+    /// so the transaction fails as it would on PostgreSQL.
+    pub fn refuse(&mut self, tag: u8, body: &[u8], cx: &mut Ctx, err: PgError) -> Flow {
+        if self.copy_in || self.server_skipping || !matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E') {
+            return self.on_client(tag, body, cx);
+        }
+        if tag != b'Q' {
+            return self.emulate_error(err);
+        }
+        let mut out = BytesMut::new();
+        crate::protocol::messages::query(&mut out, &raise_sql(&err));
+        self.expect.push_back(Expect::Query);
+        Flow::Replace(out)
+    }
+
     /// A client message on its way to the server (body present for every
     /// tag but CopyData). Returns what to send instead, if anything.
     pub fn on_client(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Flow {

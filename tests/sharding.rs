@@ -100,7 +100,7 @@ async fn rows(c: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>>
 async fn sharded_routing_and_scatter_gather() {
     let c = cluster();
     let p = proxy(&c).await;
-    let cl = client(&p, "shop").await;
+    let mut cl = client(&p, "shop").await;
     let reference = client(&p, "ref").await;
     let ports = [c.primary.port.to_string(), c.extra_primaries[0].port.to_string()];
     // Writes by key: each row on the shard its key hashes to.
@@ -148,6 +148,23 @@ async fn sharded_routing_and_scatter_gather() {
     cl.simple_query("INSERT INTO users (id, name, score, balance) VALUES (1001, 'late', 1, 0)").await.unwrap();
     assert_eq!(scalar(&cl, "SELECT inet_server_port()").await, ports[shard_of(1001)]);
     cl.simple_query("ROLLBACK").await.unwrap();
+    // A statement for another shard cannot join a transaction: refused,
+    // the transaction fails (nothing runs on the wrong shard).
+    let (a, b) = ((1..).find(|&i| shard_of(i) == 0).unwrap(), (1..).find(|&i| shard_of(i) == 1).unwrap());
+    cl.simple_query("BEGIN").await.unwrap();
+    cl.simple_query(&format!("UPDATE users SET score = 100 WHERE id = {a}")).await.unwrap();
+    let e = cl.simple_query(&format!("UPDATE users SET score = 100 WHERE id = {b}")).await.unwrap_err();
+    assert_eq!(code(&e), "0A000", "{}", text(&e));
+    let e = cl.query_one("SELECT name FROM users WHERE id = $1", &[&b]).await.unwrap_err();
+    assert_eq!(code(&e), "25P02", "{}", text(&e));
+    cl.simple_query("COMMIT").await.unwrap();
+    assert_eq!(scalar(&cl, &format!("SELECT score FROM users WHERE id = {a}")).await, (a % 7).to_string());
+    // Pipelined extended-protocol transaction on one shard, keys in Binds.
+    let tx = cl.transaction().await.unwrap();
+    tx.execute("UPDATE users SET score = score + 1 WHERE id = $1", &[&a]).await.unwrap();
+    let e = tx.execute("UPDATE users SET score = score + 1 WHERE id = $1", &[&b]).await.unwrap_err();
+    assert_eq!(code(&e), "0A000", "{}", text(&e));
+    drop(tx);
     // Reference tables: any shard.
     assert_eq!(scalar(&cl, "SELECT name FROM countries WHERE code = 'ch'").await, "Switzerland");
     // Scatter-gather equals one database with the same rows.

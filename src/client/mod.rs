@@ -82,6 +82,8 @@ pub struct Session {
     routing: Option<Arc<Routing>>,
     /// The shards of a sharded database.
     sharding: Option<Arc<crate::shard::ShardRouter>>,
+    /// The shard whose pools `pool` and `routing` are (sharded databases).
+    shard_at: usize,
     /// When this client's last writing transaction ended.
     last_write: Option<Instant>,
     /// A BEGIN answered by pgmux, waiting for the first statement.
@@ -120,6 +122,7 @@ impl Session {
             settings_failed: false,
             routing: None,
             sharding: None,
+            shard_at: 0,
             last_write: None,
             deferred: None,
             pinned: false,
@@ -333,6 +336,7 @@ impl Session {
     /// Pass complete client messages (and streamed bodies) to the server in
     /// one write.
     async fn forward_client(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
+        let mut guard = self.shard_guard();
         let flight = &mut self.flight;
         let mut stop: Option<Relayed> = None;
         let track = self.track;
@@ -364,7 +368,12 @@ impl Session {
                     named.push(name.into_owned());
                 }
             }
-            let flow = if track { tracker.on_client(tag, body, &mut cx) } else { Flow::Forward };
+            let veto = guard.as_mut().and_then(|g| g.check(tag, body, cx.stmts));
+            let flow = match (track, veto) {
+                (true, Some(err)) => tracker.refuse(tag, body, &mut cx, err),
+                (true, None) => tracker.on_client(tag, body, &mut cx),
+                (false, _) => Flow::Forward,
+            };
             flight.client(tag, flow != Flow::Drop);
             if txn_mode && matches!(tag, b'Q' | b'P') && flow != Flow::Drop {
                 // Parse: statement name, then the query text.

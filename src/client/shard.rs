@@ -58,7 +58,78 @@ fn bind_params(body: &[u8]) -> Vec<(Option<&[u8]>, bool)> {
     out
 }
 
+/// Checks, in a transaction on one shard, that each statement sent
+/// belongs there: a statement for another shard (or for all of them) is
+/// refused instead of running on the wrong one.
+pub(super) struct ShardGuard {
+    router: Arc<ShardRouter>,
+    shard: usize,
+    session_shard: Option<String>,
+    /// The last unnamed Parse's text (its Bind carries the key).
+    unnamed: Option<String>,
+}
+
+impl ShardGuard {
+    pub(super) fn check(&mut self, tag: u8, body: &[u8], stmts: &crate::statements::ClientStatements) -> Option<PgError> {
+        let ss = self.session_shard.as_deref();
+        let target = match tag {
+            b'Q' => self.router.route(&String::from_utf8_lossy(cstr(body).0), &[], ss),
+            b'P' => {
+                let (name, after) = cstr(body);
+                if name.is_empty() {
+                    self.unnamed = Some(String::from_utf8_lossy(cstr(after).0).into_owned());
+                }
+                return None;
+            }
+            b'B' => {
+                let stmt = cstr(cstr(body).1).0;
+                let sql = if stmt.is_empty() {
+                    self.unnamed.clone()?
+                } else {
+                    let s = std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(stmts, n))?;
+                    String::from_utf8_lossy(s.query()).into_owned()
+                };
+                self.router.route(&sql, &bind_params(body), ss)
+            }
+            _ => return None,
+        };
+        let here = &self.router.backends[self.shard].name;
+        match target {
+            Ok(ShardTarget::Any) => None,
+            Ok(ShardTarget::One(i)) if i == self.shard => None,
+            Ok(ShardTarget::One(i)) => Some(
+                PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "pgmux: this transaction runs on shard {here}; a statement for shard {} cannot join it",
+                        self.router.backends[i].name
+                    ),
+                )
+                .with_hint("Transactions spanning shards are not supported: one transaction per shard."),
+            ),
+            Ok(ShardTarget::All(_)) => Some(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("pgmux: this transaction runs on shard {here}; a read across shards cannot join it"),
+            )),
+            Err(e) => Some(e),
+        }
+    }
+}
+
 impl Session {
+    pub(super) fn shard_guard(&self) -> Option<ShardGuard> {
+        let router = self.sharding.clone()?;
+        let session_shard = self.wanted.get("pgmux.shard").cloned();
+        Some(ShardGuard { router, shard: self.shard_at, session_shard, unnamed: None })
+    }
+
+    fn use_shard(&mut self, sh: &ShardRouter, i: usize) {
+        let b = &sh.backends[i];
+        self.pool = b.primary.clone();
+        self.routing = b.routing.clone();
+        self.shard_at = i;
+    }
+
     /// `None`: routing goes on within the chosen shard (now `self.pool`
     /// and `self.routing`); `Some`: the plan for this batch.
     pub(super) fn shard_step(&mut self, sh: &Arc<ShardRouter>, query: Option<&str>) -> Option<Plan> {
@@ -76,9 +147,7 @@ impl Session {
         };
         match target {
             ShardTarget::One(i) => {
-                let b = &sh.backends[i];
-                self.pool = b.primary.clone();
-                self.routing = b.routing.clone();
+                self.use_shard(sh, i);
                 None
             }
             ShardTarget::Any => None,
@@ -161,9 +230,8 @@ impl Session {
     /// back to their pools idle, or are closed.
     async fn gather(&mut self, sh: &ShardRouter, plan: &MergePlan) -> Result<(BytesMut, Vec<Row>), PgError> {
         let mut conns: Vec<Checkout> = Vec::new();
-        for b in &sh.backends {
-            self.pool = b.primary.clone();
-            self.routing = b.routing.clone();
+        for (i, b) in sh.backends.iter().enumerate() {
+            self.use_shard(sh, i);
             let target = match &b.routing {
                 Some(r) => Some(r.read_target(self.last_write)?),
                 None => Some(Target::Primary),
