@@ -95,6 +95,8 @@ fn cli_help_and_check_config() {
     std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgmux.toml"), &good).unwrap();
     let text = run(pgmux().arg("check-config").arg(&good));
     assert!(text.contains("ok"), "{text}");
+    let text = run(pgmux().arg("check-config").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sharded.toml")));
+    assert!(text.contains("ok"), "{text}");
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[pool]\ndefault_pool_size = \"many\"\n").unwrap();
     let out = pgmux().arg("check-config").arg(&bad).output().unwrap();

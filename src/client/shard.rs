@@ -70,7 +70,12 @@ pub(super) struct ShardGuard {
 }
 
 impl ShardGuard {
-    pub(super) fn check(&mut self, tag: u8, body: &[u8], stmts: &crate::statements::ClientStatements) -> Option<PgError> {
+    pub(super) fn check(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        stmts: &crate::statements::ClientStatements,
+    ) -> Option<PgError> {
         let ss = self.session_shard.as_deref();
         let target = match tag {
             b'Q' => self.router.route(&String::from_utf8_lossy(cstr(body).0), &[], ss),
