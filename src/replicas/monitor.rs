@@ -5,7 +5,7 @@
 //! others) holding one persistent control connection, re-established on failure
 //! (bounded by [`MonitorConfig::connect_timeout`], which also bounds each query).
 //! Every [`MonitorConfig::check_interval`] it runs one simple query that reports
-//! `pg_is_in_recovery()`, the primary's `pg_current_wal_lsn()` and a replica's
+//! `pg_is_in_recovery()`, the primary's `pg_current_wal_insert_lsn()` and a replica's
 //! replay/receive LSNs. A failed sample marks the backend unreachable and bans it
 //! for [`MonitorConfig::ban_time`]; a banned backend is not probed until its ban
 //! expires (the proxy may also [`Monitor::ban`] a replica itself).
@@ -35,10 +35,29 @@ const RING_MAX_SAMPLES: usize = 1200;
 /// ...and none older than this (the newest one is always kept).
 const RING_MAX_AGE: Duration = Duration::from_secs(600);
 
-/// The single query of a sample; `pg_current_wal_lsn()` fails during recovery.
+/// The single query of a sample (the LSN functions of a primary fail during
+/// recovery). Besides the write position (for lag), the primary's *insert*
+/// position: with `synchronous_commit = off` a commit returns before its
+/// record is written, and read-your-writes must wait for replicas to replay
+/// it. WAL page and segment sizes normalize the insert position.
 const SAMPLE_SQL: &str = "SELECT pg_is_in_recovery(), \
     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END, \
-    pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text";
+    pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text, \
+    CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END, \
+    current_setting('wal_block_size'), pg_size_bytes(current_setting('wal_segment_size'))::text";
+
+/// The end of the last WAL record inserted, from the insert position: at a
+/// page start that position is past the page header (24 bytes; 40 on a
+/// segment's first page), where no record ends.
+pub fn insert_end(insert: u64, page: u64, segment: u64) -> u64 {
+    if segment > 0 && insert % segment == 40 {
+        insert - 40
+    } else if page > 0 && insert % page == 24 {
+        insert - 24
+    } else {
+        insert
+    }
+}
 
 /// A PostgreSQL server to watch.
 #[derive(Clone, Debug)]
@@ -88,6 +107,9 @@ pub struct BackendState {
     pub in_recovery: Option<bool>,
     /// `pg_current_wal_lsn()` (not in recovery only).
     pub current_lsn: Option<u64>,
+    /// The end of the last record inserted (see [`insert_end`]): every
+    /// transaction committed before the sample began ends at or before it.
+    pub insert_lsn: Option<u64>,
     /// `pg_last_wal_replay_lsn()` / `pg_last_wal_receive_lsn()` (replicas).
     pub replay_lsn: Option<u64>,
     pub receive_lsn: Option<u64>,
@@ -335,6 +357,7 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 struct Sample {
     in_recovery: bool,
     current_lsn: Option<u64>,
+    insert_lsn: Option<u64>,
     replay_lsn: Option<u64>,
     receive_lsn: Option<u64>,
 }
@@ -365,6 +388,7 @@ async fn sample_loop(shared: Arc<Shared>, idx: usize) {
                 st.reachable = true;
                 st.in_recovery = Some(s.in_recovery);
                 st.current_lsn = s.current_lsn;
+                st.insert_lsn = s.insert_lsn;
                 st.replay_lsn = s.replay_lsn;
                 st.receive_lsn = s.receive_lsn;
                 st.banned_until = None;
@@ -437,7 +461,9 @@ async fn sample(
         Some("f") => false,
         other => return Err(SampleError::Parse(format!("pg_is_in_recovery() = {other:?}"))),
     };
-    Ok(Sample { in_recovery, current_lsn: lsn(1)?, replay_lsn: lsn(2)?, receive_lsn: lsn(3)? })
+    let size = |i: usize| -> u64 { row.try_get(i).ok().flatten().and_then(|s| s.parse().ok()).unwrap_or(0) };
+    let insert_lsn = lsn(4)?.map(|l| insert_end(l, size(5), size(6)));
+    Ok(Sample { in_recovery, current_lsn: lsn(1)?, insert_lsn, replay_lsn: lsn(2)?, receive_lsn: lsn(3)? })
 }
 
 #[cfg(test)]
@@ -446,6 +472,16 @@ mod tests {
 
     fn ring(t0: Instant, samples: &[(u64, u64)]) -> VecDeque<(Instant, u64)> {
         samples.iter().map(|&(ms, lsn)| (t0 + Duration::from_millis(ms), lsn)).collect()
+    }
+
+    #[test]
+    fn insert_position_to_record_end() {
+        let seg = 16 << 20;
+        assert_eq!(insert_end(3 * 8192 + 24, 8192, seg), 3 * 8192);
+        assert_eq!(insert_end(2 * seg + 40, 8192, seg), 2 * seg);
+        assert_eq!(insert_end(3 * 8192 + 100, 8192, seg), 3 * 8192 + 100);
+        // A record can end 40 bytes into a page that has a short header.
+        assert_eq!(insert_end(3 * 8192 + 40, 8192, seg), 3 * 8192 + 40);
     }
 
     #[test]

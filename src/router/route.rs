@@ -263,7 +263,7 @@ impl Routing {
         if let (ReadYourWrites::Session, Some(written)) = (o.read_your_writes, last_write) {
             let all = cands.clone();
             let primary = self.monitor.primary();
-            match (primary.sampled_at, primary.current_lsn) {
+            match (primary.sampled_at, primary.insert_lsn.or(primary.current_lsn)) {
                 (Some(at), Some(lsn)) if at > written => {
                     let caught_up = self.monitor.replicas_at(lsn);
                     cands.retain(|t| matches!(t, Target::Replica(i) if caught_up.contains(i)));
