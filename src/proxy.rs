@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::cancel::CancelRegistry;
 use crate::client::Session;
-use crate::config::{Config, Database, User};
+use crate::config::{Config, Database, MapConfig, User};
 use crate::login::{self, LoginError, Startup};
 use crate::pool::{Pool, Pools};
 use crate::protocol::auth::{ScramCredentials, ScramVerifier, Secret};
@@ -25,6 +25,7 @@ use crate::replicas::monitor::{Backend, Monitor, MonitorConfig};
 use crate::router::classify::Classifier;
 use crate::router::route::{RouteOptions, Routing};
 use crate::server::Login;
+use crate::shard::directory::{Directory, DirectoryConfig};
 use crate::shard::{ShardBackend, ShardRouter};
 
 /// A client must finish its login within this time.
@@ -45,6 +46,8 @@ pub struct Proxy {
     routes: Mutex<HashMap<(String, String), Arc<Routing>>>,
     /// Shard routers of sharded databases, per (database, user).
     sharded: Mutex<HashMap<(String, String), Arc<ShardRouter>>>,
+    /// Key directories, per (database, map).
+    directories: Mutex<HashMap<(String, String), Arc<Directory>>>,
 }
 
 /// A proxy serving in the background (tests, demo).
@@ -114,6 +117,7 @@ impl Proxy {
             classifiers,
             routes: Mutex::new(HashMap::new()),
             sharded: Mutex::new(HashMap::new()),
+            directories: Mutex::new(HashMap::new()),
         })
     }
 
@@ -239,11 +243,47 @@ impl Proxy {
     }
 
     fn shard_router(&self, name: &str, db: &Database, user: &User, backends: Vec<ShardBackend>) -> Arc<ShardRouter> {
+        let directories = self.directories_for(name, db);
         let mut routers = self.sharded.lock().unwrap_or_else(|e| e.into_inner());
         routers
             .entry((name.to_string(), user.name.clone()))
-            .or_insert_with(|| Arc::new(ShardRouter::new(name, db, backends)))
+            .or_insert_with(|| Arc::new(ShardRouter::new(name, db, backends, &directories)))
             .clone()
+    }
+
+    /// The directories of a sharded database's `directory` maps (started
+    /// on first use, shared by every user).
+    fn directories_for(&self, name: &str, db: &Database) -> HashMap<String, Arc<Directory>> {
+        let mut all = self.directories.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = HashMap::new();
+        for (map, cfg) in &db.maps {
+            let MapConfig::Directory { backend, dbname, table, user, weights, cache_size, .. } = cfg else { continue };
+            let login = user.as_deref().or(db.monitor_user.as_deref()).and_then(|u| self.config.monitor_login(u));
+            let Some((user, password)) = login else {
+                tracing::error!(database = name, map = %map, "shard directory: no usable login");
+                continue;
+            };
+            let dir = all.entry((name.to_string(), map.clone())).or_insert_with(|| {
+                Directory::start(DirectoryConfig {
+                    map: map.clone(),
+                    host: backend.host.clone(),
+                    port: backend.port,
+                    user,
+                    password,
+                    dbname: dbname.clone().unwrap_or_else(|| db.server_dbname(name).to_string()),
+                    table: table.clone(),
+                    shards: db
+                        .shards
+                        .iter()
+                        .map(|s| (s.name.clone(), weights.get(&s.name).copied().unwrap_or(1)))
+                        .collect(),
+                    cache_size: *cache_size,
+                    connect_timeout: self.config.pool.server_connect_timeout.0,
+                })
+            });
+            out.insert(map.clone(), dir.clone());
+        }
+        out
     }
 
     /// Read routing for (group, user), when the group has replicas and a

@@ -17,6 +17,7 @@ const SCHEMA: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text, scor
      CREATE TABLE orders (id bigint, user_id bigint, amount numeric);
      CREATE TABLE events (region text, what text);
      CREATE TABLE countries (code text PRIMARY KEY, name text);
+     CREATE TABLE tenants (tenant_id text PRIMARY KEY, name text);
      INSERT INTO countries VALUES ('ch', 'Switzerland'), ('us', 'United States');";
 
 fn cluster() -> Cluster {
@@ -36,6 +37,10 @@ fn cluster() -> Cluster {
     c
 }
 
+/// The tests here each start their servers; one at a time, so that their
+/// free ports cannot collide.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn proxy(c: &Cluster) -> RunningProxy {
     let text = format!(
         r#"[pgmux]
@@ -52,6 +57,7 @@ tables = [
   {{ name = "users", key = "id", map = "by_user" }},
   {{ name = "orders", key = "user_id", map = "by_user" }},
   {{ name = "events", key = "region", map = "by_region" }},
+  {{ name = "tenants", key = "tenant_id", map = "by_tenant" }},
 ]
 reference_tables = ["countries"]
 
@@ -64,6 +70,12 @@ kind = "list"
 type = "text"
 lists = [{{ values = ["eu", "ch"], shard = "s0" }}, {{ values = ["us"], shard = "s1" }}]
 default = "s0"
+
+[databases.shop.maps.by_tenant]
+kind = "directory"
+type = "text"
+backend = "{s0}"
+user = "{user}"
 
 [databases.ref]
 primary = "{s0}"
@@ -98,6 +110,7 @@ async fn rows(c: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_routing_and_scatter_gather() {
+    let _serial = SERIAL.lock().await;
     let c = cluster();
     let p = proxy(&c).await;
     let mut cl = client(&p, "shop").await;
@@ -191,4 +204,72 @@ async fn sharded_routing_and_scatter_gather() {
     }
     assert_eq!(scalar(&cl, "SELECT count(*) FROM users WHERE id = 5").await, "1");
     p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_assigns_new_keys_and_follows_changes() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster();
+    let p = proxy(&c).await;
+    let q = proxy(&c).await;
+    let cl = client(&p, "shop").await;
+    let nodes = [&c.primary, &c.extra_primaries[0]];
+    let ports = [c.primary.port.to_string(), c.extra_primaries[0].port.to_string()];
+    // New keys go to the least-loaded shard: 20 tenants split 10/10.
+    for i in 0..20 {
+        cl.simple_query(&format!("INSERT INTO tenants (tenant_id, name) VALUES ('t{i}', 'tenant {i}')")).await.unwrap();
+    }
+    let on = |n: usize| c.psql(nodes[n], "shop", "SELECT count(*) FROM tenants").unwrap();
+    assert_eq!((on(0), on(1)), ("10".to_string(), "10".to_string()));
+    // Each key is where the directory says, and reads find it there.
+    let dir = c
+        .psql(&c.primary, "shop", "SELECT string_agg(key || '=' || shard, ',' ORDER BY key) FROM pgmux_directory")
+        .unwrap();
+    for entry in dir.split(',') {
+        let (key, shard) = entry.split_once('=').unwrap();
+        let i = usize::from(shard == "s1");
+        let port = scalar(&cl, &format!("SELECT inet_server_port() FROM tenants WHERE tenant_id = '{key}'")).await;
+        assert_eq!(port, ports[i], "{key}");
+        let row = cl.query_one("SELECT name FROM tenants WHERE tenant_id = $1", &[&key]).await.unwrap();
+        assert!(row.get::<_, String>(0).starts_with("tenant"));
+    }
+    // A key nobody inserted: no rows, no error.
+    assert!(rows(&cl, "SELECT * FROM tenants WHERE tenant_id = 'nobody'").await.is_empty());
+    // Two pgmux instances racing on one new key agree on its shard.
+    let other = client(&q, "shop").await;
+    let a = cl.simple_query("INSERT INTO tenants (tenant_id, name) VALUES ('race', 'a') ON CONFLICT DO NOTHING");
+    let b = other.simple_query("INSERT INTO tenants (tenant_id, name) VALUES ('race', 'b') ON CONFLICT DO NOTHING");
+    let (ra, rb) = tokio::join!(a, b);
+    ra.unwrap();
+    rb.unwrap();
+    let total: i64 = (0..2)
+        .map(|n| {
+            c.psql(nodes[n], "shop", "SELECT count(*) FROM tenants WHERE tenant_id = 'race'")
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(total, 1, "the race left rows on both shards");
+    let via = |cl| async move { scalar(cl, "SELECT inet_server_port() FROM tenants WHERE tenant_id = 'race'").await };
+    assert_eq!(via(&cl).await, via(&other).await);
+    // A change of the directory reaches every pgmux (LISTEN/NOTIFY).
+    let from = c.psql(&c.primary, "shop", "SELECT shard FROM pgmux_directory WHERE key = 't0'").unwrap();
+    let (src, dst, to) = if from == "s0" { (0, 1, "s1") } else { (1, 0, "s0") };
+    c.psql(nodes[dst], "shop", "INSERT INTO tenants VALUES ('t0', 'tenant 0 moved')").unwrap();
+    c.psql(nodes[src], "shop", "DELETE FROM tenants WHERE tenant_id = 't0'").unwrap();
+    c.psql(&c.primary, "shop", &format!("UPDATE pgmux_directory SET shard = '{to}' WHERE key = 't0'")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for client in [&cl, &other] {
+        loop {
+            let got = rows(client, "SELECT name FROM tenants WHERE tenant_id = 't0'").await;
+            if got == vec![vec![Some("tenant 0 moved".to_string())]] {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "directory change not seen: {got:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    p.stop().await;
+    q.stop().await;
 }

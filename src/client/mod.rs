@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use crate::cancel::CancelSlot;
 use crate::config::PoolMode;
 use crate::flight::Flight;
-use crate::pool::{Checkout, Pool, PoolError};
+use crate::pool::{Pool, PoolError};
 use crate::prepared::{self, ClientStatements, Ctx, Tracker};
 use crate::protocol::error::{sqlstate, PgError, Severity};
 use crate::protocol::frame::{peek_header, Flow, FrameError, Relay, HEADER_LEN, MAX_MESSAGE_LEN};
@@ -27,6 +27,7 @@ use crate::router::route::{Decision, Routing};
 use crate::server::{is_server_owned, ServerConn, ServerError};
 use crate::sqlhead;
 
+mod abandon;
 mod route;
 mod settings;
 mod shard;
@@ -84,6 +85,10 @@ pub struct Session {
     sharding: Option<Arc<crate::shard::ShardRouter>>,
     /// The shard whose pools `pool` and `routing` are (sharded databases).
     shard_at: usize,
+    /// Directory keys looked up for the current transaction.
+    resolved: crate::shard::Resolved,
+    /// Client messages left in the buffer for after the current batch.
+    held: bool,
     /// When this client's last writing transaction ended.
     last_write: Option<Instant>,
     /// A BEGIN answered by pgmux, waiting for the first statement.
@@ -123,6 +128,8 @@ impl Session {
             routing: None,
             sharding: None,
             shard_at: 0,
+            resolved: Default::default(),
+            held: false,
             last_write: None,
             deferred: None,
             pinned: false,
@@ -199,6 +206,12 @@ impl Session {
                     }
                     continue;
                 }
+            }
+            if let Err(e) = self.resolve_directory().await {
+                if !self.refuse(&e).await {
+                    return;
+                }
+                continue;
             }
             let (target, decision) = match self.plan() {
                 route::Plan::Go { target, decision } => (target, decision),
@@ -325,7 +338,18 @@ impl Session {
                 Event::Client(Ok(_)) => self.forward_client(conn).await,
                 Event::Server(Ok(0)) => return Relayed::ServerGone("server closed the connection unexpectedly".into()),
                 Event::Server(Err(e)) => return Relayed::ServerGone(e.to_string()),
-                Event::Server(Ok(_)) => self.forward_server(conn).await,
+                Event::Server(Ok(_)) => match self.forward_server(conn).await {
+                    // A batch held back: send it once this one is answered,
+                    // unless the transaction ended (it is routed anew).
+                    None if self.held
+                        && self.flight.pending == 0
+                        && !self.flight.copy_in
+                        && (self.flight.status != b'I' || self.pinned) =>
+                    {
+                        self.forward_client(conn).await
+                    }
+                    end => end,
+                },
             };
             if let Some(end) = end {
                 return end;
@@ -336,6 +360,8 @@ impl Session {
     /// Pass complete client messages (and streamed bodies) to the server in
     /// one write.
     async fn forward_client(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
+        self.held = false;
+        let outstanding = self.flight.pending > 0 && !self.flight.unsynced && !self.flight.copy_in;
         let mut guard = self.shard_guard();
         let flight = &mut self.flight;
         let mut stop: Option<Relayed> = None;
@@ -348,7 +374,18 @@ impl Session {
         let mut named = Vec::new();
         let mut pin = false;
         let needs_body = |t: u8| (track && t != b'd') || (txn_mode && matches!(t, b'Q' | b'P'));
+        // Sharded: one batch at a time (the next may belong to another
+        // shard and is routed after this one's transaction ends).
+        let hold = self.sharding.is_some() && txn_mode && !self.pinned;
+        // A batch still unanswered counts as this call's first.
+        let mut batch_done = hold && outstanding;
+        let mut held = false;
         let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
+            if hold && batch_done && matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'F' | b'H') {
+                held = true;
+                return Flow::Stop;
+            }
+            batch_done |= matches!(tag, b'Q' | b'S');
             if !matches!(tag, b'Q' | b'F' | b'S' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'd' | b'c' | b'f') {
                 stop = Some(if tag == b'X' {
                     Relayed::ClientGone
@@ -411,6 +448,7 @@ impl Session {
             }
         }
         self.rbuf.advance(scan.consumed);
+        self.held = held;
         if let Some(answers) = self.tracker.due() {
             self.replay = None;
             if self.stream.write_all(&answers).await.is_err() {
@@ -505,56 +543,6 @@ impl Session {
             return Some(Relayed::ClientGone);
         }
         None
-    }
-
-    /// The client left while holding a server connection: bring it back to
-    /// idle (finish what is running, roll back, reset) or close it.
-    async fn abandon(mut self, mut server: Checkout) {
-        if self.crelay.mid_message() || self.srelay.mid_message() || self.tracker.parse_in_flight() {
-            return; // dropping the checkout closes the connection
-        }
-        let mode = self.mode;
-        let pinned = self.pinned;
-        let reset = self.pool.settings.reset_query.clone();
-        let Flight { pending, unsynced, copy_in, status, .. } = self.flight;
-        let conn = server.conn();
-        let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, async {
-            let mut pending = pending;
-            let mut out = BytesMut::new();
-            if copy_in {
-                msg::copy_fail(&mut out, "client disconnected");
-            }
-            if unsynced {
-                out.extend_from_slice(b"S\0\0\0\x04");
-                pending += 1;
-            }
-            if !out.is_empty() {
-                conn.stream.write_all(&out).await?;
-            }
-            let mut status = status;
-            if pending > 0 {
-                status = conn.drain_status(pending).await?;
-            }
-            if status != b'I' {
-                conn.run("ROLLBACK").await?;
-            }
-            if pinned {
-                // Whatever pinned it (LISTEN, temp tables, locks) goes.
-                conn.reset("DISCARD ALL").await?;
-            } else if mode == PoolMode::Session {
-                conn.reset(&reset).await?;
-            }
-            Ok::<(), ServerError>(())
-        })
-        .await;
-        match cleaned {
-            Ok(Ok(())) => server.release(),
-            Ok(Err(e)) => tracing::debug!(pool = %self.pool.name(), "closing abandoned server connection: {e}"),
-            Err(_) => {
-                tracing::debug!(pool = %self.pool.name(), "closing abandoned server connection: cleanup timed out")
-            }
-        }
-        self.rbuf.clear();
     }
 }
 

@@ -63,6 +63,7 @@ fn bind_params(body: &[u8]) -> Vec<(Option<&[u8]>, bool)> {
 /// refused instead of running on the wrong one.
 pub(super) struct ShardGuard {
     router: Arc<ShardRouter>,
+    resolved: crate::shard::Resolved,
     shard: usize,
     session_shard: Option<String>,
     /// The last unnamed Parse's text (its Bind carries the key).
@@ -78,7 +79,7 @@ impl ShardGuard {
     ) -> Option<PgError> {
         let ss = self.session_shard.as_deref();
         let target = match tag {
-            b'Q' => self.router.route(&String::from_utf8_lossy(cstr(body).0), &[], ss),
+            b'Q' => self.router.route(&String::from_utf8_lossy(cstr(body).0), &[], ss, &self.resolved),
             b'P' => {
                 let (name, after) = cstr(body);
                 if name.is_empty() {
@@ -94,13 +95,20 @@ impl ShardGuard {
                     let s = std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(stmts, n))?;
                     String::from_utf8_lossy(s.query()).into_owned()
                 };
-                self.router.route(&sql, &bind_params(body), ss)
+                self.router.route(&sql, &bind_params(body), ss, &self.resolved)
             }
             _ => return None,
         };
         let here = &self.router.backends[self.shard].name;
         match target {
             Ok(ShardTarget::Any) => None,
+            Ok(ShardTarget::Lookup { key, .. }) => Some(
+                PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!("pgmux: key {key} is not in the shard directory cache; it cannot join this transaction"),
+                )
+                .with_hint("Start a transaction with a statement for that key."),
+            ),
             Ok(ShardTarget::One(i)) if i == self.shard => None,
             Ok(ShardTarget::One(i)) => Some(
                 PgError::error(
@@ -125,7 +133,8 @@ impl Session {
     pub(super) fn shard_guard(&self) -> Option<ShardGuard> {
         let router = self.sharding.clone()?;
         let session_shard = self.wanted.get("pgmux.shard").cloned();
-        Some(ShardGuard { router, shard: self.shard_at, session_shard, unnamed: None })
+        let resolved = self.resolved.clone();
+        Some(ShardGuard { router, resolved, shard: self.shard_at, session_shard, unnamed: None })
     }
 
     fn use_shard(&mut self, sh: &ShardRouter, i: usize) {
@@ -156,6 +165,10 @@ impl Session {
                 None
             }
             ShardTarget::Any => None,
+            ShardTarget::Lookup { key, .. } => Some(Plan::Refuse(PgError::error(
+                sqlstate::CONNECTION_FAILURE,
+                format!("pgmux: the shard directory did not resolve key {key}"),
+            ))),
             ShardTarget::All(_) if self.deferred.is_some() => Some(Plan::Refuse(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "pgmux: a read across shards cannot run inside a transaction",
@@ -177,7 +190,7 @@ impl Session {
         while let Some((tag, body)) = first_message(rest) {
             rest = &rest[HEADER_LEN + body.len()..];
             match tag {
-                b'Q' => return sh.route(&String::from_utf8_lossy(cstr(body).0), &[], session_shard),
+                b'Q' => return sh.route(&String::from_utf8_lossy(cstr(body).0), &[], session_shard, &self.resolved),
                 b'P' => {
                     let (name, after) = cstr(body);
                     parsed = Some((String::from_utf8_lossy(cstr(after).0).into_owned(), name));
@@ -192,16 +205,42 @@ impl Session {
                             None => continue,
                         },
                     };
-                    return sh.route(&sql, &params, session_shard);
+                    return sh.route(&sql, &params, session_shard, &self.resolved);
                 }
                 b'S' | b'H' | b'E' => break,
                 _ => {}
             }
         }
         match parsed {
-            Some((sql, _)) => sh.route(&sql, &[], session_shard).or(Ok(ShardTarget::Any)),
+            Some((sql, _)) => sh.route(&sql, &[], session_shard, &self.resolved).or(Ok(ShardTarget::Any)),
             None => Ok(ShardTarget::Any),
         }
+    }
+
+    /// Look up (and for an INSERT assign) the directory keys the batch at
+    /// the front of the buffer needs, so that routing it finds them
+    /// cached. A failure is the batch's error.
+    pub(super) async fn resolve_directory(&mut self) -> Result<(), PgError> {
+        let Some(sh) = self.sharding.clone() else { return Ok(()) };
+        if self.mode != crate::config::PoolMode::Transaction || self.pinned {
+            return Ok(());
+        }
+        if self.deferred.is_none() {
+            // A new transaction: forget the last one's keys.
+            self.resolved.clear();
+        }
+        for _ in 0..8 {
+            match self.batch_target(&sh) {
+                Ok(ShardTarget::Lookup { map, key, assign }) => {
+                    let mut resolved = std::mem::take(&mut self.resolved);
+                    let looked = sh.lookup(map, &key, assign, &mut resolved).await;
+                    self.resolved = resolved;
+                    looked?;
+                }
+                _ => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
     /// Run a read on every shard and answer with the merged rows. `false`:

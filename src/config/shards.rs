@@ -104,14 +104,43 @@ pub enum MapConfig {
         #[serde(default)]
         default: Option<String>,
     },
+    /// A key → shard table in PostgreSQL (see `shard::directory`).
+    Directory {
+        #[serde(rename = "type")]
+        key_type: KeyType,
+        /// The server holding the directory table.
+        backend: HostPort,
+        /// Its database (default: the sharded database's name).
+        #[serde(default)]
+        dbname: Option<String>,
+        #[serde(default = "directory_table")]
+        table: String,
+        /// The `[[users]]` entry to log in as (default: `monitor_user`).
+        #[serde(default)]
+        user: Option<String>,
+        /// Weights of shards for new keys (default 1; 0: no new keys).
+        #[serde(default)]
+        weights: std::collections::BTreeMap<String, u32>,
+        #[serde(default = "directory_cache")]
+        cache_size: usize,
+    },
+}
+
+fn directory_table() -> String {
+    "pgmux_directory".into()
+}
+
+fn directory_cache() -> usize {
+    100_000
 }
 
 impl MapConfig {
     pub fn key_type(&self) -> KeyType {
         match self {
-            MapConfig::Hash { key_type } | MapConfig::Range { key_type, .. } | MapConfig::List { key_type, .. } => {
-                *key_type
-            }
+            MapConfig::Hash { key_type }
+            | MapConfig::Range { key_type, .. }
+            | MapConfig::List { key_type, .. }
+            | MapConfig::Directory { key_type, .. } => *key_type,
         }
     }
 }
@@ -143,6 +172,22 @@ pub fn check(db: &str, k: &Database) -> Result<(), (String, String)> {
         };
         match map {
             MapConfig::Hash { .. } => {}
+            MapConfig::Directory { table, weights, user, .. } => {
+                let at = key(&format!("maps.{name}"));
+                let ident = |t: &str| {
+                    t.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                        && t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                };
+                if !ident(table) {
+                    return Err((format!("{at}.table"), "must be a lower-case identifier".into()));
+                }
+                for w in weights.keys() {
+                    known_shard(format!("{at}.weights"), w)?;
+                }
+                if user.is_none() && k.monitor_user.is_none() {
+                    return Err((format!("{at}.user"), "needed (or the database's monitor_user)".into()));
+                }
+            }
             MapConfig::Range { ranges, .. } => {
                 for (i, r) in ranges.iter().enumerate() {
                     let at = key(&format!("maps.{name}.ranges[{i}]"));

@@ -54,6 +54,15 @@ pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
 }
 
 impl Key {
+    /// The key as the directory stores it (text).
+    pub fn directory_text(&self) -> String {
+        match self {
+            Key::Int(i) => i.to_string(),
+            Key::Text(s) => s.clone(),
+            Key::Uuid(u) => format_uuid(u),
+        }
+    }
+
     /// A value written as text (a literal, or a text-format parameter).
     pub fn from_text(kt: KeyType, s: &str) -> Result<Key, KeyError> {
         let bad = || KeyError::Invalid(kt, s.to_string());
@@ -108,9 +117,23 @@ fn cmp_key(a: &Key, b: &Key) -> Ordering {
 /// A compiled shard map.
 #[derive(Debug)]
 pub enum ShardMap {
-    Hash { key_type: KeyType, shards: u64 },
-    Range { key_type: KeyType, ranges: Vec<(Option<Key>, Option<Key>, usize)> },
-    List { key_type: KeyType, lists: Vec<(Key, usize)>, default: Option<usize> },
+    Hash {
+        key_type: KeyType,
+        shards: u64,
+    },
+    Range {
+        key_type: KeyType,
+        ranges: Vec<(Option<Key>, Option<Key>, usize)>,
+    },
+    List {
+        key_type: KeyType,
+        lists: Vec<(Key, usize)>,
+        default: Option<usize>,
+    },
+    /// Looked up in the map's [`crate::shard::directory::Directory`].
+    Directory {
+        key_type: KeyType,
+    },
 }
 
 impl ShardMap {
@@ -135,14 +158,16 @@ impl ShardMap {
                 }
                 ShardMap::List { key_type: *key_type, lists: out, default: default.as_deref().map(&shard) }
             }
+            MapConfig::Directory { key_type, .. } => ShardMap::Directory { key_type: *key_type },
         })
     }
 
     pub fn key_type(&self) -> KeyType {
         match self {
-            ShardMap::Hash { key_type, .. } | ShardMap::Range { key_type, .. } | ShardMap::List { key_type, .. } => {
-                *key_type
-            }
+            ShardMap::Hash { key_type, .. }
+            | ShardMap::Range { key_type, .. }
+            | ShardMap::List { key_type, .. }
+            | ShardMap::Directory { key_type } => *key_type,
         }
     }
 
@@ -174,6 +199,7 @@ impl ShardMap {
                 .map(|l| l.1)
                 .or(*default)
                 .ok_or_else(|| KeyError::NoShard(key.to_string())),
+            ShardMap::Directory { .. } => Err(KeyError::NoShard(key.to_string())),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! statement goes to — one (by its key, a hint or `SET pgmux.shard`), or
 //! all of them (a read merged by [`merge`], or a refusal).
 
+pub mod directory;
 pub mod hash;
 pub mod key;
 pub mod map;
@@ -25,6 +26,10 @@ use crate::router::route::Routing;
 use key::{KeyExpr, Scope};
 use map::{Key, ShardMap};
 
+/// Directory keys a session looked up for its current transaction:
+/// (map, key) → shard (None: not in the directory).
+pub type Resolved = HashMap<(usize, String), Option<usize>>;
+
 /// One shard as a session uses it.
 #[derive(Clone)]
 pub struct ShardBackend {
@@ -42,12 +47,16 @@ pub enum ShardTarget {
     Any,
     /// Every shard, results merged.
     All(Box<merge::MergePlan>),
+    /// Look `key` up in directory map `map` first (`assign`: an INSERT,
+    /// which gives a new key a shard), then route again.
+    Lookup { map: usize, key: String, assign: bool },
 }
 
 /// The analysis of one statement text, cached.
 #[derive(Clone, Debug)]
 enum Analysis {
-    Scope(Scope, bool),
+    /// Scope, read, insert.
+    Scope(Scope, bool, bool),
     Scatter(Box<merge::MergePlan>),
     Refused(String),
     Hinted(Hint),
@@ -69,6 +78,8 @@ pub struct ShardRouter {
     pub backends: Vec<ShardBackend>,
     maps: Vec<ShardMap>,
     tables: TableMap,
+    /// Directories of `directory` maps, by map index.
+    directories: HashMap<usize, Arc<directory::Directory>>,
     classifier: Classifier,
     allow_cross_shard_writes: bool,
     cache: Mutex<LruCache<String, Analysis>>,
@@ -79,7 +90,13 @@ fn feature(message: impl Into<String>) -> PgError {
 }
 
 impl ShardRouter {
-    pub fn new(name: &str, db: &Database, backends: Vec<ShardBackend>) -> ShardRouter {
+    /// `directories`: the started directories of `directory` maps, by map name.
+    pub fn new(
+        name: &str,
+        db: &Database,
+        backends: Vec<ShardBackend>,
+        directories: &HashMap<String, Arc<directory::Directory>>,
+    ) -> ShardRouter {
         let shard_index = |s: &str| db.shards.iter().position(|x| x.name == s).unwrap_or(0);
         let mut maps = Vec::new();
         let mut map_index = HashMap::new();
@@ -92,6 +109,7 @@ impl ShardRouter {
                 Err(e) => tracing::error!(database = name, map = %map_name, "shard map unusable: {e}"),
             }
         }
+        let directories = map_index.iter().filter_map(|(name, &i)| Some((i, directories.get(name)?.clone()))).collect();
         let tables = db
             .tables
             .iter()
@@ -103,6 +121,7 @@ impl ShardRouter {
             backends,
             maps,
             tables: TableMap { tables },
+            directories,
             classifier: Classifier::new(0, &db.write_functions, db.functions_are_writes),
             allow_cross_shard_writes: db.allow_cross_shard_writes,
             cache: Mutex::new(LruCache::new(cap)),
@@ -131,24 +150,25 @@ impl ShardRouter {
             return Analysis::Hinted(h);
         }
         let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
-            return Analysis::Scope(Scope::Unsharded, read);
+            return Analysis::Scope(Scope::Unsharded, read, false);
         };
         if stmts.len() > 1 {
             let scopes: Vec<Scope> = stmts.iter().map(|s| key::scope(s, &self.tables)).collect();
             if scopes.iter().all(|s| *s == Scope::Unsharded) {
-                return Analysis::Scope(Scope::Unsharded, read);
+                return Analysis::Scope(Scope::Unsharded, read, false);
             }
             return Analysis::Refused(
                 "several statements in one query on a sharded database: send them one by one".into(),
             );
         }
-        let Some(stmt) = stmts.first() else { return Analysis::Scope(Scope::Unsharded, read) };
+        let Some(stmt) = stmts.first() else { return Analysis::Scope(Scope::Unsharded, read, false) };
+        let insert = matches!(stmt, sqlparser::ast::Statement::Insert(_));
         match key::scope(stmt, &self.tables) {
             Scope::All { .. } if read => match merge::plan(stmt, sql) {
                 Ok(plan) => Analysis::Scatter(Box::new(plan)),
                 Err(why) => Analysis::Refused(why),
             },
-            scope => Analysis::Scope(scope, read),
+            scope => Analysis::Scope(scope, read, insert),
         }
     }
 
@@ -160,6 +180,7 @@ impl ShardRouter {
         sql: &str,
         params: &[(Option<&[u8]>, bool)],
         session_shard: Option<&str>,
+        resolved: &Resolved,
     ) -> Result<ShardTarget, PgError> {
         if let Some(s) = session_shard.filter(|s| !s.is_empty() && *s != "auto") {
             return self.shard_named(s).map(ShardTarget::One).ok_or_else(|| {
@@ -190,28 +211,38 @@ impl ShardRouter {
             Analysis::Hinted(Hint::Key(k)) => {
                 let map = self.maps.first().ok_or_else(|| feature("pgmux: this database has no shard map"))?;
                 let key = Key::from_text(map.key_type(), &k).map_err(key_error)?;
-                map.shard_of(&key).map(ShardTarget::One).map_err(key_error)
+                match self.shard_for(0, &key, false, resolved)? {
+                    KeyShard::At(i) => Ok(ShardTarget::One(i)),
+                    KeyShard::Absent => Ok(ShardTarget::Any),
+                    KeyShard::Lookup(t) => Ok(t),
+                }
             }
-            Analysis::Hinted(_) | Analysis::Scope(Scope::Unsharded, _) => Ok(ShardTarget::Any),
-            Analysis::Scope(Scope::Mixed(tables), _) => Err(feature(format!(
+            Analysis::Hinted(_) | Analysis::Scope(Scope::Unsharded, ..) => Ok(ShardTarget::Any),
+            Analysis::Scope(Scope::Mixed(tables), ..) => Err(feature(format!(
                 "pgmux: tables sharded by different maps ({}) cannot be used in one statement",
                 tables.join(", ")
             ))),
-            Analysis::Scope(Scope::All { .. }, _) => Err(feature(
+            Analysis::Scope(Scope::All { .. }, ..) => Err(feature(
                 "pgmux: a write to a sharded table needs its shard key (WHERE key = ... or the key column in INSERT)",
             )
             .with_hint("Or name the shard: /* pgmux: shard=N */ or SET pgmux.shard = N.")),
-            Analysis::Scope(Scope::Keys { map, keys }, read) => {
-                let map = &self.maps[map];
+            Analysis::Scope(Scope::Keys { map: m, keys }, read, insert) => {
+                let map = &self.maps[m];
                 let mut shards = Vec::new();
                 for k in &keys {
                     let key = resolve(map.key_type(), k, params)?;
-                    let s = map.shard_of(&key).map_err(key_error)?;
+                    let s = match self.shard_for(m, &key, insert, resolved)? {
+                        KeyShard::At(s) => s,
+                        KeyShard::Absent => continue,
+                        KeyShard::Lookup(t) => return Ok(t),
+                    };
                     if !shards.contains(&s) {
                         shards.push(s);
                     }
                 }
                 match shards.as_slice() {
+                    // Keys the directory does not have: no rows anywhere.
+                    [] => Ok(ShardTarget::Any),
                     [one] => Ok(ShardTarget::One(*one)),
                     _ if read => Err(feature("pgmux: keys on several shards in one read are not supported yet")),
                     _ if self.allow_cross_shard_writes => {
@@ -221,6 +252,42 @@ impl ShardRouter {
                 }
             }
         }
+    }
+}
+
+/// Where one key is.
+enum KeyShard {
+    At(usize),
+    /// Not in the directory (and not to be assigned).
+    Absent,
+    Lookup(ShardTarget),
+}
+
+impl ShardRouter {
+    fn shard_for(&self, map: usize, key: &Key, insert: bool, resolved: &Resolved) -> Result<KeyShard, PgError> {
+        let m = self.maps.get(map).ok_or_else(|| feature("pgmux: unknown shard map"))?;
+        if !matches!(m, ShardMap::Directory { .. }) {
+            return m.shard_of(key).map(KeyShard::At).map_err(key_error);
+        }
+        let dir = self.directories.get(&map).ok_or_else(|| feature("pgmux: shard directory not configured"))?;
+        let text = key.directory_text();
+        let known = resolved.get(&(map, text.clone())).copied().or_else(|| dir.cached(&text));
+        Ok(match known {
+            Some(Some(i)) => KeyShard::At(i),
+            Some(None) if !insert => KeyShard::Absent,
+            _ => KeyShard::Lookup(ShardTarget::Lookup { map, key: text, assign: insert }),
+        })
+    }
+
+    /// Resolve a [`ShardTarget::Lookup`] into `resolved`.
+    pub async fn lookup(&self, map: usize, key: &str, assign: bool, resolved: &mut Resolved) -> Result<(), PgError> {
+        let dir = self.directories.get(&map).ok_or_else(|| feature("pgmux: shard directory not configured"))?;
+        let shard = dir
+            .lookup(key, assign)
+            .await
+            .map_err(|e| PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgmux: {e}")))?;
+        resolved.insert((map, key.to_string()), shard);
+        Ok(())
     }
 }
 
