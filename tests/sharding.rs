@@ -178,8 +178,19 @@ async fn sharded_routing_and_scatter_gather() {
     let e = tx.execute("UPDATE users SET score = score + 1 WHERE id = $1", &[&b]).await.unwrap_err();
     assert_eq!(code(&e), "0A000", "{}", text(&e));
     drop(tx);
-    // Reference tables: any shard.
+    // Reference tables: reads on any shard, writes refused (they would
+    // reach one shard only).
     assert_eq!(scalar(&cl, "SELECT name FROM countries WHERE code = 'ch'").await, "Switzerland");
+    let e = cl.simple_query("UPDATE countries SET name = 'CH' WHERE code = 'ch'").await.unwrap_err();
+    assert_eq!(code(&e), "0A000", "{}", text(&e));
+    // Tables neither sharded nor reference live on the first shard.
+    c.psql(&c.primary, "shop", &format!("CREATE TABLE notes (n int); GRANT ALL ON notes TO {}", APP.0)).unwrap();
+    cl.simple_query("INSERT INTO notes VALUES (1)").await.unwrap();
+    assert_eq!(scalar(&cl, "SELECT inet_server_port() FROM notes").await, ports[0]);
+    // Keys on several shards: those shards, merged.
+    let (x, y) = ((1..).find(|&i| shard_of(i) == 0).unwrap(), (1..).find(|&i| shard_of(i) == 1).unwrap());
+    let sql = format!("SELECT id, name FROM users WHERE id IN ({x}, {y}, 1) ORDER BY id");
+    assert_eq!(rows(&cl, &sql).await, rows(&reference, &sql).await);
     // Scatter-gather equals one database with the same rows.
     for sql in [
         "SELECT count(*) FROM users",

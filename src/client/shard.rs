@@ -275,6 +275,9 @@ impl Session {
     async fn gather(&mut self, sh: &ShardRouter, plan: &MergePlan) -> Result<(BytesMut, Vec<Row>), PgError> {
         let mut conns: Vec<Checkout> = Vec::new();
         for (i, b) in sh.backends.iter().enumerate() {
+            if plan.shards.as_ref().is_some_and(|s| !s.contains(&i)) {
+                continue;
+            }
             self.use_shard(sh, i);
             let target = match &b.routing {
                 Some(r) => Some(r.read_target(self.last_write)?),

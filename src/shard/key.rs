@@ -66,6 +66,47 @@ impl<T: Tables> Visitor for Relations<'_, T> {
     }
 }
 
+struct Names(Vec<String>);
+
+impl Visitor for Names {
+    type Break = ();
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        self.0.push(last_ident(relation));
+        ControlFlow::Continue(())
+    }
+}
+
+/// Every table (or view) the statement names, unqualified, folded.
+pub fn relations(stmt: &Statement) -> Vec<String> {
+    let mut names = Names(Vec::new());
+    let _ = stmt.visit(&mut names);
+    names.0
+}
+
+/// The table an INSERT, UPDATE or DELETE writes.
+pub fn write_target(stmt: &Statement) -> Option<String> {
+    match stmt {
+        Statement::Insert(i) => match &i.table {
+            TableObject::TableName(n) => Some(last_ident(n)),
+            _ => None,
+        },
+        Statement::Update(u) => match &u.table.relation {
+            sqlparser::ast::TableFactor::Table { name, .. } => Some(last_ident(name)),
+            _ => None,
+        },
+        Statement::Delete(d) => {
+            let from = match &d.from {
+                sqlparser::ast::FromTable::WithFromKeyword(t) | sqlparser::ast::FromTable::WithoutKeyword(t) => t,
+            };
+            match &from.first()?.relation {
+                sqlparser::ast::TableFactor::Table { name, .. } => Some(last_ident(name)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// The scope of one statement.
 pub fn scope(stmt: &Statement, tables: &impl Tables) -> Scope {
     let mut rel = Relations { tables, found: Vec::new() };

@@ -62,6 +62,8 @@ pub struct MergePlan {
     pub aggs: Option<Vec<Agg>>,
     /// Sort-key columns appended to the select list (see [`ColumnRef::Hidden`]).
     pub hidden: usize,
+    /// The shards to ask (None: all).
+    pub shards: Option<Vec<usize>>,
 }
 
 fn number(e: &Expr) -> Option<u64> {
@@ -207,7 +209,7 @@ pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
     } else {
         sql.to_string()
     };
-    Ok(MergePlan { sql, order, limit, offset, aggs, hidden: n_hidden })
+    Ok(MergePlan { sql, order, limit, offset, aggs, hidden: n_hidden, shards: None })
 }
 
 /// Whether the select list has an item aliased `name`.

@@ -55,8 +55,15 @@ pub enum ShardTarget {
 /// The analysis of one statement text, cached.
 #[derive(Clone, Debug)]
 enum Analysis {
-    /// Scope, read, insert.
-    Scope(Scope, bool, bool),
+    Scope {
+        scope: Scope,
+        read: bool,
+        insert: bool,
+        /// Names tables neither sharded nor reference: the first shard's.
+        home: bool,
+        /// How a read merges when its keys are on several shards.
+        merge: Option<Result<Box<merge::MergePlan>, String>>,
+    },
     Scatter(Box<merge::MergePlan>),
     Refused(String),
     Hinted(Hint),
@@ -64,6 +71,8 @@ enum Analysis {
 
 struct TableMap {
     tables: HashMap<String, (String, usize)>,
+    /// Reference tables, folded.
+    reference: std::collections::HashSet<String>,
 }
 
 impl key::Tables for TableMap {
@@ -120,7 +129,7 @@ impl ShardRouter {
             name: name.to_string(),
             backends,
             maps,
-            tables: TableMap { tables },
+            tables: TableMap { tables, reference: db.reference_tables.iter().map(|t| t.to_lowercase()).collect() },
             directories,
             classifier: Classifier::new(0, &db.write_functions, db.functions_are_writes),
             allow_cross_shard_writes: db.allow_cross_shard_writes,
@@ -150,25 +159,39 @@ impl ShardRouter {
             return Analysis::Hinted(h);
         }
         let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
-            return Analysis::Scope(Scope::Unsharded, read, false);
+            return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
         };
         if stmts.len() > 1 {
             let scopes: Vec<Scope> = stmts.iter().map(|s| key::scope(s, &self.tables)).collect();
             if scopes.iter().all(|s| *s == Scope::Unsharded) {
-                return Analysis::Scope(Scope::Unsharded, read, false);
+                return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
             }
             return Analysis::Refused(
                 "several statements in one query on a sharded database: send them one by one".into(),
             );
         }
-        let Some(stmt) = stmts.first() else { return Analysis::Scope(Scope::Unsharded, read, false) };
+        let Some(stmt) = stmts.first() else {
+            return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
+        };
         let insert = matches!(stmt, sqlparser::ast::Statement::Insert(_));
+        if let Some(t) = key::write_target(stmt).filter(|t| self.tables.reference.contains(t)) {
+            return Analysis::Refused(format!(
+                "{t} is a reference table (the same rows on every shard): change it on each shard directly"
+            ));
+        }
+        let home = key::relations(stmt)
+            .iter()
+            .any(|t| !self.tables.reference.contains(t) && !self.tables.tables.contains_key(t));
         match key::scope(stmt, &self.tables) {
             Scope::All { .. } if read => match merge::plan(stmt, sql) {
                 Ok(plan) => Analysis::Scatter(Box::new(plan)),
                 Err(why) => Analysis::Refused(why),
             },
-            scope => Analysis::Scope(scope, read, insert),
+            scope @ Scope::Keys { .. } if read => {
+                let merge = Some(merge::plan(stmt, sql).map(Box::new));
+                Analysis::Scope { scope, read, insert, home, merge }
+            }
+            scope => Analysis::Scope { scope, read, insert, home, merge: None },
         }
     }
 
@@ -217,16 +240,17 @@ impl ShardRouter {
                     KeyShard::Lookup(t) => Ok(t),
                 }
             }
-            Analysis::Hinted(_) | Analysis::Scope(Scope::Unsharded, ..) => Ok(ShardTarget::Any),
-            Analysis::Scope(Scope::Mixed(tables), ..) => Err(feature(format!(
+            Analysis::Scope { scope: Scope::Unsharded, home: true, .. } => Ok(ShardTarget::One(0)),
+            Analysis::Hinted(_) | Analysis::Scope { scope: Scope::Unsharded, .. } => Ok(ShardTarget::Any),
+            Analysis::Scope { scope: Scope::Mixed(tables), .. } => Err(feature(format!(
                 "pgmux: tables sharded by different maps ({}) cannot be used in one statement",
                 tables.join(", ")
             ))),
-            Analysis::Scope(Scope::All { .. }, ..) => Err(feature(
+            Analysis::Scope { scope: Scope::All { .. }, .. } => Err(feature(
                 "pgmux: a write to a sharded table needs its shard key (WHERE key = ... or the key column in INSERT)",
             )
             .with_hint("Or name the shard: /* pgmux: shard=N */ or SET pgmux.shard = N.")),
-            Analysis::Scope(Scope::Keys { map: m, keys }, read, insert) => {
+            Analysis::Scope { scope: Scope::Keys { map: m, keys }, read, insert, merge, .. } => {
                 let map = &self.maps[m];
                 let mut shards = Vec::new();
                 for k in &keys {
@@ -244,7 +268,15 @@ impl ShardRouter {
                     // Keys the directory does not have: no rows anywhere.
                     [] => Ok(ShardTarget::Any),
                     [one] => Ok(ShardTarget::One(*one)),
-                    _ if read => Err(feature("pgmux: keys on several shards in one read are not supported yet")),
+                    _ if read => match merge {
+                        Some(Ok(mut plan)) => {
+                            shards.sort_unstable();
+                            plan.shards = Some(shards);
+                            Ok(ShardTarget::All(plan))
+                        }
+                        Some(Err(why)) => Err(feature(format!("pgmux: keys on several shards: {why}"))),
+                        None => Err(feature("pgmux: keys on several shards in one read")),
+                    },
                     _ if self.allow_cross_shard_writes => {
                         Err(feature("pgmux: a write spanning shards must be split per shard"))
                     }
