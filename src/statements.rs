@@ -40,6 +40,12 @@ impl Statement {
         rest.split(|&b| b == 0).next().unwrap_or_default()
     }
 
+    /// The Parse body after the name: query text and parameter types.
+    pub fn query_and_types(&self) -> &[u8] {
+        let after_name = self.parse.iter().skip(5).position(|&b| b == 0).map_or(self.parse.len(), |p| 5 + p + 1);
+        self.parse.get(after_name..).unwrap_or_default()
+    }
+
     /// The client's statement of this name, if any.
     pub fn lookup<'a>(stmts: &'a ClientStatements, name: &str) -> Option<&'a Arc<Statement>> {
         stmts.map.get(name)

@@ -97,6 +97,18 @@ fn shard_of(id: i64) -> usize {
     hash_remainder(&KeyValue::Int8(id), 2) as usize
 }
 
+async fn extended_count(c: &tokio_postgres::Client) -> Result<(i64, i32, i64), String> {
+    let sql = "SELECT count(*), min(score), max(id) FROM users WHERE score >= $1";
+    let r = c.query_one(sql, &[&2i32]).await.map_err(|e| text(&e))?;
+    Ok((r.get(0), r.get(1), r.get(2)))
+}
+
+/// (bigint, text) rows of an extended-protocol query with one int4 parameter (3).
+async fn extended_rows(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<(i64, String)>, String> {
+    let rows = c.query(sql, &[&3i32]).await.map_err(|e| text(&e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// All rows of a simple query, as text.
 async fn rows(c: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
     let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", text(&e)));
@@ -203,6 +215,19 @@ async fn sharded_routing_and_scatter_gather() {
     ] {
         assert_eq!(rows(&cl, sql).await, rows(&reference, sql).await, "{sql}");
     }
+    // The same over the extended protocol (binary results).
+    assert_eq!(extended_count(&cl).await, extended_count(&reference).await);
+    for sql in [
+        "SELECT id, name FROM users WHERE score > $1 ORDER BY id DESC LIMIT 5 OFFSET 2",
+        "SELECT id, name FROM users WHERE score = $1 ORDER BY name COLLATE \"C\"",
+        "SELECT score::int8, max(name COLLATE \"C\") FROM users WHERE score <> $1 GROUP BY 1 ORDER BY 1",
+    ] {
+        assert_eq!(extended_rows(&cl, sql).await, extended_rows(&reference, sql).await, "{sql}");
+    }
+    let typed = cl.query_typed("SELECT count(*) FROM users", &[]).await.unwrap();
+    assert_eq!(typed[0].get::<_, i64>(0), 200);
+    let e = cl.query("SELECT sum(balance) FROM users", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "0A000", "{}", text(&e));
     // What cannot be merged exactly is refused, and the session goes on.
     for sql in [
         "SELECT avg(score) FROM users",

@@ -29,6 +29,7 @@ use crate::sqlhead;
 
 mod abandon;
 mod route;
+mod scatter;
 mod settings;
 mod shard;
 mod welcome;
@@ -229,6 +230,12 @@ impl Session {
                 }
                 route::Plan::Scatter(plan) => {
                     if !self.scatter(&plan).await {
+                        return;
+                    }
+                    continue;
+                }
+                route::Plan::ScatterExtended(plan) => {
+                    if !self.scatter_extended(&plan).await {
                         return;
                     }
                     continue;

@@ -65,6 +65,8 @@ pub(super) enum Plan {
     Answer(BytesMut),
     /// A read for every shard, merged.
     Scatter(Box<crate::shard::merge::MergePlan>),
+    /// The same, as an extended-protocol batch.
+    ScatterExtended(Box<crate::shard::merge::MergePlan>),
 }
 
 /// The whole first message of `buf`, if it is there.

@@ -5,22 +5,12 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-
 use super::route::{first_message, Deferred, Plan};
 use super::Session;
-use crate::pool::Checkout;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::HEADER_LEN;
-use crate::protocol::messages as msg;
-use crate::router::route::{Decision, Target};
-use crate::shard::merge::{self, MergePlan, Row};
 use crate::shard::{ShardRouter, ShardTarget};
 use crate::statements::Statement;
-
-/// Rows a merge may hold, in bytes.
-const SCATTER_LIMIT: usize = 256 << 20;
 
 fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
     match b.iter().position(|&c| c == 0) {
@@ -137,7 +127,7 @@ impl Session {
         Some(ShardGuard { router, resolved, shard: self.shard_at, session_shard, unnamed: None })
     }
 
-    fn use_shard(&mut self, sh: &ShardRouter, i: usize) {
+    pub(super) fn use_shard(&mut self, sh: &ShardRouter, i: usize) {
         let b = &sh.backends[i];
         self.pool = b.primary.clone();
         self.routing = b.routing.clone();
@@ -174,11 +164,24 @@ impl Session {
                 "pgmux: a read across shards cannot run inside a transaction",
             ))),
             ShardTarget::All(plan) if query.is_some() => Some(Plan::Scatter(plan)),
-            ShardTarget::All(_) => Some(Plan::Refuse(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "pgmux: a read across shards needs the simple query protocol (for now)",
-            ))),
+            // Parse / Describe alone: any shard answers them alike.
+            ShardTarget::All(_) if !self.batch_executes() => None,
+            ShardTarget::All(plan) => Some(Plan::ScatterExtended(plan)),
         }
+    }
+
+    /// Whether the batch at the front of the buffer has an Execute.
+    fn batch_executes(&self) -> bool {
+        let mut rest: &[u8] = &self.rbuf;
+        while let Some((tag, body)) = first_message(rest) {
+            rest = &rest[HEADER_LEN + body.len()..];
+            match tag {
+                b'E' => return true,
+                b'S' | b'Q' => return false,
+                _ => {}
+            }
+        }
+        false
     }
 
     /// The shard target of the batch at the front of the buffer: its
@@ -241,132 +244,5 @@ impl Session {
             }
         }
         Ok(())
-    }
-
-    /// Run a read on every shard and answer with the merged rows. `false`:
-    /// the client went away.
-    pub(super) async fn scatter(&mut self, plan: &MergePlan) -> bool {
-        let Some(sh) = self.sharding.clone() else { return false };
-        self.consume_first();
-        let result = self.gather(&sh, plan).await;
-        let mut out = BytesMut::new();
-        match result {
-            Ok((desc, rows)) => {
-                out.extend_from_slice(&desc);
-                for row in &rows {
-                    let body = merge::row_body(row);
-                    let at = msg::start_message(&mut out, b'D');
-                    out.extend_from_slice(&body);
-                    msg::finish_message(&mut out, at);
-                }
-                let at = msg::start_message(&mut out, b'C');
-                out.extend_from_slice(format!("SELECT {}\0", rows.len()).as_bytes());
-                msg::finish_message(&mut out, at);
-            }
-            Err(e) => e.encode(&mut out),
-        }
-        msg::ready_for_query(&mut out, b'I');
-        self.stream.write_all(&out).await.is_ok()
-    }
-
-    /// Send `plan.sql` to a connection of every shard (a replica where the
-    /// shard's routing allows), read all answers, merge. Connections go
-    /// back to their pools idle, or are closed.
-    async fn gather(&mut self, sh: &ShardRouter, plan: &MergePlan) -> Result<(BytesMut, Vec<Row>), PgError> {
-        let mut conns: Vec<Checkout> = Vec::new();
-        for (i, b) in sh.backends.iter().enumerate() {
-            if plan.shards.as_ref().is_some_and(|s| !s.contains(&i)) {
-                continue;
-            }
-            self.use_shard(sh, i);
-            let target = match &b.routing {
-                Some(r) => Some(r.read_target(self.last_write)?),
-                None => Some(Target::Primary),
-            };
-            let (server, _) = self.checkout(target, Decision::Read).await?;
-            conns.push(server);
-        }
-        let mut q = BytesMut::new();
-        msg::query(&mut q, &plan.sql);
-        let sends = conns.iter_mut().map(|c| async {
-            let conn = c.conn();
-            conn.stream.write_all(&q).await?;
-            read_answer(conn).await
-        });
-        let answers = futures_util::future::join_all(sends).await;
-        let mut desc: Option<BytesMut> = None;
-        let mut shards_rows = Vec::new();
-        let mut error = None;
-        let mut held = 0usize;
-        for (answer, c) in answers.into_iter().zip(conns) {
-            match answer {
-                Ok(a) => {
-                    c.release();
-                    if let (None, Some(e)) = (&error, &a.error) {
-                        error = Some(PgError::error_from_server(e));
-                    }
-                    held += a.rows.iter().map(Vec::len).sum::<usize>();
-                    desc = desc.or(a.desc);
-                    shards_rows.push(a.rows);
-                }
-                Err(e) => {
-                    error.get_or_insert(PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgmux: shard: {e}")));
-                }
-            }
-        }
-        if let Some(e) = error {
-            return Err(e);
-        }
-        if held > SCATTER_LIMIT {
-            return Err(PgError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, "pgmux: result across shards too large"));
-        }
-        let desc = desc.ok_or_else(|| PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "pgmux: no rows description"))?;
-        let cols = merge::columns(&desc[HEADER_LEN..])
-            .ok_or_else(|| PgError::error(sqlstate::PROTOCOL_VIOLATION, "pgmux: bad RowDescription"))?;
-        let parsed: Vec<Vec<Row>> =
-            shards_rows.into_iter().map(|rows| rows.iter().filter_map(|r| merge::parse_row(r)).collect()).collect();
-        let rows = merge::finish(plan, &cols, parsed)
-            .map_err(|why| PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, format!("pgmux: {why}")))?;
-        if plan.hidden == 0 {
-            return Ok((desc, rows));
-        }
-        let keep = cols.len().saturating_sub(plan.hidden);
-        let body = merge::trim_description(&desc[HEADER_LEN..], keep)
-            .ok_or_else(|| PgError::error(sqlstate::PROTOCOL_VIOLATION, "pgmux: bad RowDescription"))?;
-        let mut trimmed = BytesMut::new();
-        let at = msg::start_message(&mut trimmed, b'T');
-        trimmed.extend_from_slice(&body);
-        msg::finish_message(&mut trimmed, at);
-        Ok((trimmed, rows))
-    }
-}
-
-/// One shard's answer to a simple query.
-struct Answer {
-    /// The whole RowDescription message.
-    desc: Option<BytesMut>,
-    /// DataRow bodies.
-    rows: Vec<Vec<u8>>,
-    error: Option<BytesMut>,
-}
-
-async fn read_answer(conn: &mut crate::server::ServerConn) -> Result<Answer, crate::server::ServerError> {
-    let mut a = Answer { desc: None, rows: Vec::new(), error: None };
-    loop {
-        let (tag, body) = conn.read_message().await?;
-        match tag {
-            b'T' => {
-                let mut whole = BytesMut::with_capacity(body.len() + HEADER_LEN);
-                let at = msg::start_message(&mut whole, b'T');
-                whole.extend_from_slice(&body);
-                msg::finish_message(&mut whole, at);
-                a.desc = Some(whole);
-            }
-            b'D' => a.rows.push(body.to_vec()),
-            b'E' => a.error = Some(body),
-            b'Z' if body.first() == Some(&b'I') => return Ok(a),
-            b'Z' => return Err(crate::server::ServerError::Protocol("shard left a transaction open".into())),
-            _ => {}
-        }
     }
 }

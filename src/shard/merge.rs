@@ -112,6 +112,14 @@ pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
         exprs.push(expr.to_string());
         aggs.push(aggregate(expr)?);
     }
+    // GROUP BY 2 names the second select-list item.
+    let group_by: Vec<String> = group_by
+        .into_iter()
+        .map(|g| match g.parse::<usize>() {
+            Ok(n) if n >= 1 && n <= exprs.len() => exprs[n - 1].clone(),
+            _ => g,
+        })
+        .collect();
     let aggregating = !group_by.is_empty() || aggs.iter().any(|a| a.is_some());
     let aggs = if aggregating {
         let mut out = Vec::new();
@@ -322,9 +330,6 @@ pub fn columns(body: &[u8]) -> Option<Vec<(String, u32, i16)>> {
 /// Combine the shards' rows (each shard's in its own order) into the
 /// answer. `cols` from the RowDescription.
 pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> Result<Vec<Row>, String> {
-    if cols.iter().any(|c| c.2 != 0) {
-        return refuse("binary result columns across shards are not supported");
-    }
     let keys: Vec<(usize, &SortKey)> = plan
         .order
         .iter()
@@ -341,7 +346,10 @@ pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row
                 }
             };
             match i {
-                Some(i) if i < cols.len() && values::comparable(cols[i].1, k.bytewise) => Ok((i, k)),
+                Some(i) if i < cols.len() && cols[i].2 == 1 && values::comparable_binary(cols[i].1, k.bytewise) => {
+                    Ok((i, k))
+                }
+                Some(i) if i < cols.len() && cols[i].2 == 0 && values::comparable(cols[i].1, k.bytewise) => Ok((i, k)),
                 Some(_) if k.bytewise => refuse("ORDER BY across shards on a column of this type is not supported"),
                 Some(_) => refuse("ORDER BY across shards on text needs COLLATE \"C\" (pgmux merges bytewise)"),
                 None => refuse("ORDER BY across shards must name select-list columns"),
@@ -373,7 +381,7 @@ pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row
                         }
                     }
                     (Some(x), Some(y)) => {
-                        let o = values::compare(cols[*i].1, x, y);
+                        let o = compare(&cols[*i], x, y);
                         if k.desc {
                             o.reverse()
                         } else {
@@ -413,17 +421,33 @@ pub fn trim_description(body: &[u8], keep: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Compare two values of output column `col` in its format.
+fn compare(col: &(String, u32, i16), a: &[u8], b: &[u8]) -> Ordering {
+    if col.2 == 1 {
+        values::compare_binary(col.1, a, b)
+    } else {
+        values::compare(col.1, a, b)
+    }
+}
+
 /// Aggregate rows of all shards per group.
 fn combine(aggs: &[Agg], cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> Result<Vec<Row>, String> {
     if aggs.len() != cols.len() {
         return refuse("result columns do not match the select list");
     }
     for (a, c) in aggs.iter().zip(cols) {
+        let binary = c.2 == 1;
         match a {
             Agg::Sum if !matches!(c.1, oid::INT8 | oid::NUMERIC) => {
                 return refuse("sum() across shards of floating-point values is not exact; cast to numeric")
             }
-            Agg::Min(b) | Agg::Max(b) if !values::comparable(c.1, *b) => {
+            Agg::Count | Agg::Sum if binary && c.1 != oid::INT8 => {
+                return refuse("sum() across shards of numeric values in binary format is not supported")
+            }
+            Agg::Min(b) | Agg::Max(b) if binary && !values::comparable_binary(c.1, *b) => {
+                return refuse("min()/max() across shards of this type is not supported")
+            }
+            Agg::Min(b) | Agg::Max(b) if !binary && !values::comparable(c.1, *b) => {
                 return refuse("min()/max() across shards of this type is not supported")
             }
             Agg::Group
@@ -453,13 +477,16 @@ fn combine(aggs: &[Agg], cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> 
             acc[i] = match (a, x, y) {
                 (Agg::Group, x, _) => x,
                 (_, None, y) | (_, y @ Some(_), None) => y,
+                (Agg::Count | Agg::Sum, Some(x), Some(y)) if cols[i].2 == 1 => {
+                    Some(values::add_int8_binary(&x, &y).ok_or("count/sum across shards overflows")?)
+                }
                 (Agg::Count | Agg::Sum, Some(x), Some(y)) => {
                     let sum = values::add_decimal(&String::from_utf8_lossy(&x), &String::from_utf8_lossy(&y))
                         .ok_or("sum() across shards of NaN or infinite values is not supported")?;
                     Some(sum.into_bytes())
                 }
-                (Agg::Min(_), Some(x), Some(y)) => Some(if values::compare(cols[i].1, &y, &x).is_lt() { y } else { x }),
-                (Agg::Max(_), Some(x), Some(y)) => Some(if values::compare(cols[i].1, &y, &x).is_gt() { y } else { x }),
+                (Agg::Min(_), Some(x), Some(y)) => Some(if compare(&cols[i], &y, &x).is_lt() { y } else { x }),
+                (Agg::Max(_), Some(x), Some(y)) => Some(if compare(&cols[i], &y, &x).is_gt() { y } else { x }),
             };
         }
     }

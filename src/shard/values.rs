@@ -69,6 +69,57 @@ pub fn compare(type_oid: u32, a: &[u8], b: &[u8]) -> Ordering {
     }
 }
 
+/// Whether binary-format values of type `oid` can be ordered here; text
+/// types only when the order is bytewise (`COLLATE "C"`).
+pub fn comparable_binary(type_oid: u32, bytewise_text: bool) -> bool {
+    use oid::*;
+    match type_oid {
+        BOOL | INT2 | INT4 | INT8 | OID | FLOAT4 | FLOAT8 | UUID | DATE | TIMESTAMP | TIMESTAMPTZ => true,
+        TEXT | VARCHAR | BPCHAR | NAME => bytewise_text,
+        _ => false,
+    }
+}
+
+/// Compare two non-NULL binary-format values of a [`comparable_binary`]
+/// type (text types bytewise, as `COLLATE "C"`).
+pub fn compare_binary(type_oid: u32, a: &[u8], b: &[u8]) -> Ordering {
+    use oid::*;
+    fn int(v: &[u8]) -> i64 {
+        match v.len() {
+            2 => i64::from(i16::from_be_bytes([v[0], v[1]])),
+            4 => i64::from(i32::from_be_bytes([v[0], v[1], v[2], v[3]])),
+            8 => i64::from_be_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]]),
+            _ => 0,
+        }
+    }
+    let float = |v: &[u8]| match v.len() {
+        4 => f64::from(f32::from_be_bytes([v[0], v[1], v[2], v[3]])),
+        8 => f64::from_be_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]]),
+        _ => f64::NAN,
+    };
+    match type_oid {
+        INT2 | INT4 | INT8 | DATE | TIMESTAMP | TIMESTAMPTZ => int(a).cmp(&int(b)),
+        OID => (int(a) as u32).cmp(&(int(b) as u32)),
+        FLOAT4 | FLOAT8 => {
+            let (x, y) = (float(a), float(b));
+            match (x.is_nan(), y.is_nan()) {
+                (true, true) => Ordering::Equal,
+                (true, false) => Ordering::Greater,
+                (false, true) => Ordering::Less,
+                _ => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
+            }
+        }
+        _ => a.cmp(b),
+    }
+}
+
+/// `a + b` for binary int8 values (`count`, `sum` of int2/int4).
+pub fn add_int8_binary(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
+    let x = i64::from_be_bytes(a.try_into().ok()?);
+    let y = i64::from_be_bytes(b.try_into().ok()?);
+    Some(x.checked_add(y)?.to_be_bytes().to_vec())
+}
+
 /// A decimal as (negative, integer digits, fraction digits), without
 /// leading/trailing zeros; `None` for NaN / infinities.
 fn decimal(s: &str) -> Option<(bool, Vec<u8>, Vec<u8>)> {
