@@ -109,6 +109,15 @@ async fn extended_rows(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<(i64
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// COPY `data` in through `sql`; the rows taken, or the error's text.
+async fn copy_in(c: &tokio_postgres::Client, sql: &str, data: &str) -> Result<u64, String> {
+    use futures_util::SinkExt;
+    let sink = c.copy_in(sql).await.map_err(|e| text(&e))?;
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data.to_string())).await.map_err(|e| text(&e))?;
+    sink.finish().await.map_err(|e| text(&e))
+}
+
 /// All rows of a simple query, as text.
 async fn rows(c: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
     let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", text(&e)));
@@ -228,6 +237,64 @@ async fn sharded_routing_and_scatter_gather() {
     assert_eq!(typed[0].get::<_, i64>(0), 200);
     let e = cl.query("SELECT sum(balance) FROM users", &[]).await.unwrap_err();
     assert_eq!(code(&e), "0A000", "{}", text(&e));
+    // COPY FROM STDIN: rows split by key (text, then CSV with a header and
+    // no column list), counted as one COPY.
+    let mut tsv = String::new();
+    for id in 300..400 {
+        tsv.push_str(&format!("{id}\tcopied{id}\t{}\t{}\n", id % 7, id));
+    }
+    assert_eq!(copy_in(&cl, "COPY users (id, name, score, balance) FROM STDIN", &tsv).await, Ok(100));
+    let mut csv = String::from("id,name,score,balance\n");
+    for id in 400..450 {
+        csv.push_str(&format!("{id},\"csv, {id}\",{},{id}.5\n", id % 7));
+    }
+    assert_eq!(copy_in(&cl, "COPY users FROM STDIN WITH (FORMAT csv, HEADER true)", &csv).await, Ok(50));
+    for (i, node) in [&c.primary, &c.extra_primaries[0]].into_iter().enumerate() {
+        let ids = c.psql(node, "shop", "SELECT string_agg(id::text, ',') FROM users WHERE id >= 300").unwrap();
+        for id in ids.split(',').filter(|s| !s.is_empty()) {
+            assert_eq!(shard_of(id.parse().unwrap()), i, "copied user {id} on shard {i}");
+        }
+    }
+    assert_eq!(scalar(&cl, "SELECT count(*) FROM users WHERE id >= 300").await, "150");
+    assert_eq!(scalar(&cl, "SELECT name FROM users WHERE id = 401").await, "csv, 401");
+    // psql's \copy (simple query protocol).
+    let port = p.addr.port().to_string();
+    let out = std::process::Command::new("psql")
+        .env("PGPASSWORD", APP.1)
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", APP.0, "-d", "shop", "-v", "ON_ERROR_STOP=1"])
+        .args(["-c", "\\copy users (id, name, score, balance) from stdin with (format csv)"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all((450..460).map(|i| format!("{i},psql {i},1,1\n")).collect::<String>().as_bytes())?;
+            }
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("COPY 10"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(scalar(&cl, "SELECT count(*) FROM users WHERE id BETWEEN 450 AND 459").await, "10");
+    reference
+        .batch_execute("INSERT INTO users SELECT id, 'psql ' || id, 1, 1 FROM generate_series(450, 459) id")
+        .await
+        .unwrap();
+    // A bad key fails the whole COPY on every shard.
+    let bad = "500\tok\t1\t1\nnot-a-number\tbad\t1\t1\n";
+    let e = copy_in(&cl, "COPY users (id, name, score, balance) FROM STDIN", bad).await.unwrap_err();
+    assert!(e.starts_with("22P02"), "{e}");
+    assert_eq!(scalar(&cl, "SELECT count(*) FROM users WHERE id = 500").await, "0");
+    reference
+        .batch_execute("INSERT INTO users SELECT id, 'copied' || id, id % 7, id FROM generate_series(300, 399) id")
+        .await
+        .unwrap();
+    reference
+        .batch_execute("INSERT INTO users SELECT id, 'csv, ' || id, id % 7, id + 0.5 FROM generate_series(400, 449) id")
+        .await
+        .unwrap();
     // What cannot be merged exactly is refused, and the session goes on.
     for sql in [
         "SELECT avg(score) FROM users",

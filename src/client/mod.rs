@@ -28,6 +28,7 @@ use crate::server::{is_server_owned, ServerConn, ServerError};
 use crate::sqlhead;
 
 mod abandon;
+mod copy;
 mod route;
 mod scatter;
 mod settings;
@@ -230,6 +231,12 @@ impl Session {
                 }
                 route::Plan::Scatter(plan) => {
                     if !self.scatter(&plan).await {
+                        return;
+                    }
+                    continue;
+                }
+                route::Plan::CopyIn(copy, sql, extended) => {
+                    if !self.copy_into_shards(*copy, sql, extended).await {
                         return;
                     }
                     continue;

@@ -67,6 +67,9 @@ pub(super) enum Plan {
     Scatter(Box<crate::shard::merge::MergePlan>),
     /// The same, as an extended-protocol batch.
     ScatterExtended(Box<crate::shard::merge::MergePlan>),
+    /// COPY FROM STDIN split over the shards (the statement's text; sent
+    /// over the extended protocol).
+    CopyIn(Box<crate::shard::copy::CopyIn>, String, bool),
 }
 
 /// The whole first message of `buf`, if it is there.

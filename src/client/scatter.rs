@@ -311,20 +311,22 @@ fn bind_for_shards(body: &[u8], hidden: usize) -> Option<Vec<u8>> {
     Some(out.to_vec())
 }
 
-/// One shard's answer to a read.
-struct Answer {
+/// One shard's answer to a read (or a COPY).
+pub(super) struct Answer {
     /// The whole RowDescription message (of the portal).
     desc: Option<BytesMut>,
     /// ParameterDescription and RowDescription of a Describe of the
     /// statement, whole, if one was sent.
     stmt_desc: Vec<u8>,
     /// DataRow bodies.
-    rows: Vec<Vec<u8>>,
-    error: Option<BytesMut>,
+    pub(super) rows: Vec<Vec<u8>>,
+    pub(super) error: Option<BytesMut>,
+    /// Rows a COPY took (its CommandComplete).
+    pub(super) copied: u64,
 }
 
-async fn read_answer(conn: &mut crate::server::ServerConn) -> Result<Answer, crate::server::ServerError> {
-    let mut a = Answer { desc: None, stmt_desc: Vec::new(), rows: Vec::new(), error: None };
+pub(super) async fn read_answer(conn: &mut crate::server::ServerConn) -> Result<Answer, crate::server::ServerError> {
+    let mut a = Answer { desc: None, stmt_desc: Vec::new(), rows: Vec::new(), error: None, copied: 0 };
     let mut statement_next = false;
     loop {
         let (tag, body) = conn.read_message().await?;
@@ -347,6 +349,9 @@ async fn read_answer(conn: &mut crate::server::ServerConn) -> Result<Answer, cra
             b'T' => a.desc = Some(whole()),
             b'D' => a.rows.push(body.to_vec()),
             b'E' => a.error = Some(body),
+            b'C' if body.starts_with(b"COPY ") => {
+                a.copied = String::from_utf8_lossy(&body[5..]).trim_end_matches('\0').parse().unwrap_or(0);
+            }
             b'Z' if body.first() == Some(&b'I') => return Ok(a),
             b'Z' => return Err(crate::server::ServerError::Protocol("shard left a transaction open".into())),
             _ => {}

@@ -110,6 +110,10 @@ impl ShardGuard {
                 )
                 .with_hint("Transactions spanning shards are not supported: one transaction per shard."),
             ),
+            Ok(ShardTarget::CopyIn(_)) => Some(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("pgmux: this transaction runs on shard {here}; a COPY into a sharded table cannot join it"),
+            )),
             Ok(ShardTarget::All(_)) => Some(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("pgmux: this transaction runs on shard {here}; a read across shards cannot join it"),
@@ -155,6 +159,19 @@ impl Session {
                 None
             }
             ShardTarget::Any => None,
+            ShardTarget::CopyIn(_) if self.deferred.is_some() => Some(Plan::Refuse(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "pgmux: COPY into a sharded table cannot run inside a transaction",
+            ))),
+            ShardTarget::CopyIn(c) => match query {
+                Some(q) => Some(Plan::CopyIn(c, q.to_string(), false)),
+                None if self.batch_executes() => {
+                    let sql = self.batch_sql()?;
+                    Some(Plan::CopyIn(c, sql, true))
+                }
+                // Parse / Describe alone: any shard answers them alike.
+                None => None,
+            },
             ShardTarget::Lookup { key, .. } => Some(Plan::Refuse(PgError::error(
                 sqlstate::CONNECTION_FAILURE,
                 format!("pgmux: the shard directory did not resolve key {key}"),
@@ -168,6 +185,28 @@ impl Session {
             ShardTarget::All(_) if !self.batch_executes() => None,
             ShardTarget::All(plan) => Some(Plan::ScatterExtended(plan)),
         }
+    }
+
+    /// The statement text the batch at the front of the buffer executes.
+    fn batch_sql(&self) -> Option<String> {
+        let mut rest: &[u8] = &self.rbuf;
+        let mut parsed = None;
+        while let Some((tag, body)) = first_message(rest) {
+            rest = &rest[HEADER_LEN + body.len()..];
+            match tag {
+                b'P' => parsed = Some(String::from_utf8_lossy(cstr(cstr(body).1).0).into_owned()),
+                b'B' => {
+                    let stmt = cstr(cstr(body).1).0;
+                    if stmt.is_empty() {
+                        return parsed;
+                    }
+                    let s = std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(&self.stmts, n))?;
+                    return Some(String::from_utf8_lossy(s.query()).into_owned());
+                }
+                _ => {}
+            }
+        }
+        parsed
     }
 
     /// Whether the batch at the front of the buffer has an Execute.

@@ -3,6 +3,7 @@
 //! statement goes to — one (by its key, a hint or `SET pgmux.shard`), or
 //! all of them (a read merged by [`merge`], or a refusal).
 
+pub mod copy;
 pub mod directory;
 pub mod hash;
 pub mod key;
@@ -50,6 +51,8 @@ pub enum ShardTarget {
     /// Look `key` up in directory map `map` first (`assign`: an INSERT,
     /// which gives a new key a shard), then route again.
     Lookup { map: usize, key: String, assign: bool },
+    /// COPY FROM STDIN into a sharded table: rows split by key.
+    CopyIn(Box<copy::CopyIn>),
 }
 
 /// The analysis of one statement text, cached.
@@ -67,6 +70,7 @@ enum Analysis {
     Scatter(Box<merge::MergePlan>),
     Refused(String),
     Hinted(Hint),
+    CopyIn(Box<copy::CopyIn>),
 }
 
 struct TableMap {
@@ -173,6 +177,11 @@ impl ShardRouter {
         let Some(stmt) = stmts.first() else {
             return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
         };
+        match copy::copy_in(stmt) {
+            Some(Ok(c)) if self.tables.tables.contains_key(&c.table) => return Analysis::CopyIn(Box::new(c)),
+            Some(Err(why)) => return Analysis::Refused(why),
+            _ => {}
+        }
         let insert = matches!(stmt, sqlparser::ast::Statement::Insert(_));
         if let Some(t) = key::write_target(stmt).filter(|t| self.tables.reference.contains(t)) {
             return Analysis::Refused(format!(
@@ -225,6 +234,7 @@ impl ShardRouter {
         };
         match analysis {
             Analysis::Refused(why) => Err(feature(format!("pgmux: {why}"))),
+            Analysis::CopyIn(c) => Ok(ShardTarget::CopyIn(c)),
             Analysis::Scatter(plan) => Ok(ShardTarget::All(plan)),
             Analysis::Hinted(Hint::Shard(n)) => usize::try_from(n)
                 .ok()
@@ -309,6 +319,28 @@ impl ShardRouter {
             Some(None) if !insert => KeyShard::Absent,
             _ => KeyShard::Lookup(ShardTarget::Lookup { map, key: text, assign: insert }),
         })
+    }
+
+    /// A sharded table's key column and map.
+    pub fn sharded_table(&self, table: &str) -> Option<(String, usize)> {
+        self.tables.tables.get(table).cloned()
+    }
+
+    pub fn key_type(&self, map: usize) -> Option<KeyType> {
+        self.maps.get(map).map(ShardMap::key_type)
+    }
+
+    /// The shard of `key` in `map`, looked up (and assigned: the key is
+    /// being written) in a directory when it has to be.
+    pub async fn shard_of_key(&self, map: usize, key: &Key, resolved: &mut Resolved) -> Result<usize, PgError> {
+        for _ in 0..4 {
+            match self.shard_for(map, key, true, resolved)? {
+                KeyShard::At(i) => return Ok(i),
+                KeyShard::Absent => {}
+                KeyShard::Lookup(_) => self.lookup(map, &key.directory_text(), true, resolved).await?,
+            }
+        }
+        Err(PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgmux: the shard directory did not place key {key}")))
     }
 
     /// Resolve a [`ShardTarget::Lookup`] into `resolved`.
