@@ -35,6 +35,8 @@
 #   SKIP_BUILD=1  use the existing target/release/pgmux as is          [unset]
 #   PGMUX_THREADS pgmux worker threads (0 = one per core)              [0]
 #   REPLICAS  streaming replicas for the read-scaling run (0 = skip)    [2]
+#   SHARDS    2: a keyed-read run through pgmux over 2 shard databases
+#             (on the same server) vs one database; 0 = skip             [2]
 #
 # Adding a scenario: add its name to MODES and, if it is not a plain pgbench
 # `-M` protocol, a branch to mode_args(). Each (target, mode) pair becomes one
@@ -51,6 +53,7 @@ POOL=${POOL:-20}
 MODES=${MODES:-simple extended prepared}
 SKIP_BUILD=${SKIP_BUILD:-}
 REPLICAS=${REPLICAS:-2}
+SHARDS=${SHARDS:-2}
 REPLICA_DIRS=()
 REPLICA_PORTS=()
 
@@ -246,6 +249,35 @@ EOF
         >"$WORK/pgbench-init.log" 2>&1 \
         || { cat "$WORK/pgbench-init.log" >&2; die "pgbench -i failed"; }
     PGADMIN_DB=bench pg_admin -c "VACUUM ANALYZE" -c "CHECKPOINT"
+    [[ "$SHARDS" == 2 ]] && make_shards
+    return 0
+}
+
+# Two shard databases on the same server, bench_s0 and bench_s1, each with
+# the pgbench_accounts rows pgmux's hash map puts there: PostgreSQL's
+# PARTITION BY HASH with modulus 2 (remainder 0 iff the key's int4 hash
+# with the partition seed is odd, as the seed's combine constant is odd).
+make_shards() {
+    local i keep
+    for i in 0 1; do
+        log "shard database bench_s$i"
+        pg_admin -c "CREATE DATABASE bench_s$i TEMPLATE bench OWNER bench"
+        keep=$((1 - i))
+        PGADMIN_DB=bench_s$i pg_admin \
+            -c "DELETE FROM pgbench_accounts WHERE (hashint4extended(aid, 8816678312871386365) & 1) <> $keep" \
+            -c "VACUUM ANALYZE pgbench_accounts"
+    done
+    cat >"$WORK/keyed.sql" <<'EOS'
+\set aid random(1, 100000 * :scale)
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+EOS
+}
+
+# pgmux database "bench_sharded": pgbench_accounts over the two shard databases.
+sharded_database() {
+    [[ "$SHARDS" == 2 ]] || return 0
+    printf '[databases.bench_sharded]\nshards = [{ name = "s0", primary = "127.0.0.1:%s", dbname = "bench_s0" }, { name = "s1", primary = "127.0.0.1:%s", dbname = "bench_s1" }]\ntables = [{ name = "pgbench_accounts", key = "aid", map = "by_aid" }]\n[databases.bench_sharded.maps.by_aid]\nkind = "hash"\ntype = "int4"\n' \
+        "$PG_PORT" "$PG_PORT"
 }
 
 # ------------------------------------------------------------------ pgmux ---
@@ -295,6 +327,7 @@ password = "bench"
 [databases.bench]
 primary = "127.0.0.1:$PG_PORT"
 $(replica_database)
+$(sharded_database)
 EOF
     PGMUX_LOG="$WORK/pgmux.log"
     log "starting pgmux on 127.0.0.1:$PGMUX_PORT (pool $POOL)"
@@ -477,6 +510,10 @@ summary() {
             "${#REPLICA_PORTS[@]}" "$(ratio "$(lookup_tps pgmux+replicas readscale)" "$(lookup_tps pgmux readscale)")" \
             "$(nproc)" "$((${#REPLICA_PORTS[@]} + 1))"
     fi
+    if [[ "$SHARDS" == 2 ]]; then
+        printf 'sharded   pgmux over 2 shards / pgmux one database = %sx   (keyed reads, both shards on one server: the cost of routing by key)\n' \
+            "$(ratio "$(lookup_tps pgmux+shards sharded)" "$(lookup_tps pgmux sharded)")"
+    fi
     printf 'prepared  pgmux(-M prepared)/PgBouncer(-S simple) = %sx\n' \
         "$(ratio "$(lookup_tps pgmux prepared)" "$(lookup_tps PgBouncer simple)")"
     echo "goal: pgmux >= 1.00x PgBouncer (project goal 1.15x), >= 0.70x direct;"
@@ -533,6 +570,14 @@ main() {
         CURRENT_MODE=readscale
         run_pgbench "pgmux" "$PGMUX_PORT" bench -S -M simple
         run_pgbench "pgmux+replicas" "$PGMUX_PORT" bench_rw -S -M simple
+    fi
+
+    if [[ "$SHARDS" == 2 ]]; then
+        # Sharding: the same keyed reads (custom script on aid) through
+        # pgmux, one database vs two shards; the cost of routing by key.
+        CURRENT_MODE=sharded
+        run_pgbench "pgmux" "$PGMUX_PORT" bench -f "$WORK/keyed.sql" -D "scale=$SCALE" -M simple
+        run_pgbench "pgmux+shards" "$PGMUX_PORT" bench_sharded -f "$WORK/keyed.sql" -D "scale=$SCALE" -M simple
     fi
 
     if ! kill -0 "$PGMUX_PID" 2>/dev/null; then
