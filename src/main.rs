@@ -23,6 +23,11 @@ struct Cli {
 enum Command {
     /// Validate a config file and exit.
     CheckConfig { file: PathBuf },
+    /// Sharding operations.
+    Shard {
+        #[command(subcommand)]
+        op: ShardOp,
+    },
     /// Start a local primary + 2 streaming replicas from the installed
     /// PostgreSQL binaries, with pgmux in front; Ctrl-C tears it all down.
     Demo {
@@ -32,6 +37,31 @@ enum Command {
         /// pgmux port (default: 6432, or a free one when taken).
         #[arg(long)]
         port: Option<u16>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ShardOp {
+    /// Move every row of a key of a directory map to another shard, and
+    /// switch its directory entry (pgmux holds new transactions for the
+    /// key meanwhile).
+    Move {
+        /// The config pgmux runs with.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        database: String,
+        /// The directory map the key belongs to.
+        #[arg(long)]
+        map: String,
+        #[arg(long)]
+        key: String,
+        /// Target shard name.
+        #[arg(long)]
+        to: String,
+        /// Wait after marking the key moving, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        grace_ms: u64,
     },
 }
 
@@ -61,6 +91,36 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Command::Shard { op: ShardOp::Move { config, database, map, key, to, grace_ms } }) => {
+            init_logging("info");
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let req = pgmux::shard::mover::MoveRequest {
+                database,
+                map,
+                key,
+                to,
+                grace: std::time::Duration::from_millis(grace_ms),
+            };
+            let moved = runtime(0)
+                .map_err(|e| e.to_string())
+                .and_then(|rt| rt.block_on(pgmux::shard::mover::move_key(&config, &req)).map_err(|e| e.to_string()));
+            match moved {
+                Ok(n) => {
+                    println!("moved key {} to shard {}: {n} rows", req.key, req.to);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("shard move failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Demo { install, port }) => {
             init_logging("info");
             let rt = match runtime(0) {

@@ -20,6 +20,9 @@ use lru::LruCache;
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls};
 
+/// How long a lookup of a key being moved waits before it fails.
+const MOVE_WAIT: Duration = Duration::from_secs(30);
+
 /// The notification channel of every directory table.
 pub const CHANNEL: &str = "pgmux_directory";
 
@@ -119,6 +122,21 @@ impl Directory {
         if let Some(hit) = self.cached(key).filter(|hit| hit.is_some() || !assign) {
             return Ok(hit);
         }
+        // A key being moved (`pgmux shard move`) waits until it has moved.
+        let deadline = tokio::time::Instant::now() + MOVE_WAIT;
+        loop {
+            match self.lookup_once(key, assign).await? {
+                Some(found) => return Ok(found),
+                None if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                None => {
+                    return Err(self.unavailable(format!("key {key} is being moved to another shard; try again")));
+                }
+            }
+        }
+    }
+
+    /// One lookup: `None` while the key is being moved.
+    async fn lookup_once(&self, key: &str, assign: bool) -> Result<Option<Option<usize>>, DirectoryError> {
         let generation = self.generation.load(Ordering::SeqCst);
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
@@ -151,8 +169,11 @@ impl Directory {
             shard = rows.first().map(|r| r.get::<_, String>(0));
         }
         if shard.is_none() {
-            let sql = format!("SELECT shard FROM {t} WHERE map = $1 AND key = $2");
+            let sql = format!("SELECT shard, moving FROM {t} WHERE map = $1 AND key = $2");
             let rows = client.query(&sql, &[&self.cfg.map, &key]).await.map_err(|e| self.unavailable(e))?;
+            if rows.first().is_some_and(|r| r.get::<_, bool>(1)) {
+                return Ok(None);
+            }
             shard = rows.first().map(|r| r.get::<_, String>(0));
         }
         drop(guard);
@@ -166,7 +187,7 @@ impl Directory {
         if self.generation.load(Ordering::SeqCst) == generation {
             self.cache.lock().unwrap_or_else(|e| e.into_inner()).put(key.to_string(), index);
         }
-        Ok(index)
+        Ok(Some(index))
     }
 
     /// Stop listening (idempotent).
@@ -192,6 +213,7 @@ async fn setup(client: &tokio_postgres::Client, table: &str) -> Result<(), tokio
              SELECT pg_advisory_xact_lock(7426157);
              CREATE TABLE IF NOT EXISTS {table} (map text NOT NULL, key text NOT NULL, shard text NOT NULL,
                  PRIMARY KEY (map, key));
+             ALTER TABLE {table} ADD COLUMN IF NOT EXISTS moving boolean NOT NULL DEFAULT false;
              CREATE INDEX IF NOT EXISTS {table}_shard ON {table} (map, shard);
              CREATE OR REPLACE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $f$
              BEGIN

@@ -9,6 +9,7 @@ pub mod hash;
 pub mod key;
 pub mod map;
 pub mod merge;
+pub mod mover;
 pub mod values;
 
 use std::collections::HashMap;
