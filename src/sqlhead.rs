@@ -165,6 +165,28 @@ pub fn statements(sql: &str) -> Vec<&str> {
 /// comments kept: statements of one shape route alike, so a cache keyed by
 /// this serves queries that differ only in their values.
 pub fn literal_shape(sql: &str) -> String {
+    scan_literals(sql, |_, _| {})
+}
+
+/// The shape (see [`literal_shape`]) and the literals' values in order:
+/// numbers as written, strings without quotes (`''` → `'`). `None` when a
+/// string has escapes (`E'…'`).
+pub fn shape_and_literals(sql: &str) -> Option<(String, Vec<String>)> {
+    let mut literals = Vec::new();
+    let mut plain = true;
+    let shape = scan_literals(sql, |raw, escapes| {
+        plain &= !escapes;
+        literals.push(match raw.strip_prefix(b"'") {
+            Some(inner) => String::from_utf8_lossy(inner.strip_suffix(b"'").unwrap_or(inner)).replace("''", "'"),
+            None => String::from_utf8_lossy(raw).into_owned(),
+        });
+    });
+    plain.then_some((shape, literals))
+}
+
+/// Blank the literals of `sql`, passing each (as written; strings with
+/// their quotes, and whether they have escapes) to `literal`.
+fn scan_literals(sql: &str, mut literal: impl FnMut(&[u8], bool)) -> String {
     let b = sql.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -173,6 +195,7 @@ pub fn literal_shape(sql: &str) -> String {
         let prev_ident = i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] == b'$');
         if c == b'\'' {
             let escapes = i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e');
+            let start = i;
             i += 1;
             while i < b.len() {
                 if escapes && b[i] == b'\\' {
@@ -188,12 +211,15 @@ pub fn literal_shape(sql: &str) -> String {
                 }
                 i += 1;
             }
+            literal(b.get(start..=i).unwrap_or(&b[start..]), escapes);
             out.extend_from_slice(b"'?'");
             i += 1;
         } else if c.is_ascii_digit() && !prev_ident {
+            let start = i;
             while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.') {
                 i += 1;
             }
+            literal(&b[start..i], false);
             out.push(b'0');
         } else {
             out.push(c);
@@ -321,7 +347,18 @@ fn one_change(stmt: &str) -> Option<SettingChange> {
 
 /// Whether `word` occurs anywhere in `sql`, ignoring ASCII case.
 pub fn mentions(sql: &str, word: &[u8]) -> bool {
-    sql.as_bytes().windows(word.len()).any(|w| w.eq_ignore_ascii_case(word))
+    let Some((&first, rest)) = word.split_first() else { return true };
+    let (lower, upper) = (first.to_ascii_lowercase(), first.to_ascii_uppercase());
+    let b = sql.as_bytes();
+    let mut from = 0;
+    while let Some(p) = b.get(from..).and_then(|t| t.iter().position(|&c| c == lower || c == upper)) {
+        let at = from + p;
+        if b.get(at + 1..at + 1 + rest.len()).is_some_and(|w| w.eq_ignore_ascii_case(rest)) {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
 }
 
 /// Whether the string creates session state that outlives the transaction
@@ -491,6 +528,10 @@ mod tests {
         assert_eq!(literal_shape("/* pgmux: primary */ SELECT 1.5"), "/* pgmux: primary */ SELECT 0");
         assert_eq!(literal_shape("SELECT E'a\\'b', x2"), "SELECT E'?', x2");
         assert_eq!(literal_shape("SELECT '"), "SELECT '?'");
+        let (shape, lits) = shape_and_literals("INSERT INTO t VALUES (42, 'it''s', x1, 3.5)").unwrap();
+        assert_eq!(shape, "INSERT INTO t VALUES (0, '?', x1, 0)");
+        assert_eq!(lits, ["42", "it's", "3.5"]);
+        assert!(shape_and_literals("SELECT E'a\\'b'").is_none());
     }
 
     #[test]

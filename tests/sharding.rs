@@ -162,6 +162,17 @@ async fn sharded_routing_and_scatter_gather() {
         assert_eq!(row.get::<_, String>(0), format!("user{id:03}"));
         assert_eq!(row.get::<_, String>(1), ports[shard_of(id)]);
     }
+    // Statements of one shape take their key from their own text, even
+    // when a first one had the key's value twice.
+    let (k0, k1) = ((1..).find(|&i| shard_of(i) == 0).unwrap(), (1..).find(|&i| shard_of(i) == 1).unwrap());
+    for (score, id) in [(k0, k0), (k1, k0), (k0, k1), (k1, k1)] {
+        let sql = format!("SELECT inet_server_port() FROM users WHERE score = {score} AND id = {id}");
+        let got = rows(&cl, &sql).await;
+        assert!(got.is_empty() || got[0][0].as_deref() == Some(ports[shard_of(id)].as_str()), "{sql}: {got:?}");
+        let port =
+            scalar(&cl, &format!("SELECT inet_server_port() FROM users WHERE id = {id} AND {score} = {score}")).await;
+        assert_eq!(port, ports[shard_of(id)], "id {id}, score {score}");
+    }
     // Co-located tables: orders follow their user.
     cl.simple_query("INSERT INTO orders (id, user_id, amount) VALUES (1, 77, 9.50)").await.unwrap();
     let joined = "SELECT u.name, o.amount FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = 77";

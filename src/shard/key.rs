@@ -15,6 +15,8 @@ use sqlparser::ast::{
 pub enum KeyExpr {
     Lit(String),
     Param(usize),
+    /// The `n`-th literal of the text (in a cached analysis of a shape).
+    LitAt(usize),
 }
 
 /// What a statement needs.
@@ -170,7 +172,7 @@ fn value(e: &Expr) -> Option<KeyExpr> {
         Expr::Cast { expr, .. } | Expr::Nested(expr) => value(expr),
         Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match value(expr)? {
             KeyExpr::Lit(n) => Some(KeyExpr::Lit(format!("-{n}"))),
-            KeyExpr::Param(_) => None,
+            _ => None,
         },
         _ => None,
     }

@@ -97,6 +97,8 @@ pub struct ShardRouter {
     classifier: Classifier,
     allow_cross_shard_writes: bool,
     cache: Mutex<LruCache<String, Analysis>>,
+    /// Analyses by statement shape (see [`ShardRouter::analysis`]).
+    shapes: Mutex<LruCache<String, Analysis>>,
 }
 
 fn feature(message: impl Into<String>) -> PgError {
@@ -139,12 +141,17 @@ impl ShardRouter {
             classifier: Classifier::new(0, &db.write_functions, db.functions_are_writes),
             allow_cross_shard_writes: db.allow_cross_shard_writes,
             cache: Mutex::new(LruCache::new(cap)),
+            shapes: Mutex::new(LruCache::new(cap)),
         }
     }
 
     /// A lone `BEGIN` / `START TRANSACTION` (any mode): its shard is that
     /// of the transaction's first statement.
     pub fn begins_transaction(&self, sql: &str) -> bool {
+        let head = sql.trim_start().get(..5).unwrap_or_default();
+        if !head.eq_ignore_ascii_case("begin") && !head.eq_ignore_ascii_case("start") {
+            return false;
+        }
         self.classifier
             .classify(sql)
             .is_ok_and(|c| c.statements == 1 && matches!(c.kind, Kind::Begin | Kind::BeginReadOnly))
@@ -205,6 +212,63 @@ impl ShardRouter {
         }
     }
 
+    /// The analysis of `sql`: cached by its text, or by its shape (literals
+    /// blanked) with the key literals taken from this text by position.
+    fn analysis(&self, sql: &str) -> Analysis {
+        if let Some(a) = self.cache.lock().ok().and_then(|mut c| c.get(sql).cloned()) {
+            return a;
+        }
+        let shaped = crate::sqlhead::shape_and_literals(sql);
+        if let Some((shape, lits)) = &shaped {
+            let hit = self.shapes.lock().ok().and_then(|mut c| c.get(shape).cloned());
+            if let Some(Analysis::Scope { scope: Scope::Keys { map, keys }, read, insert, home, .. }) = hit {
+                let keys = keys
+                    .into_iter()
+                    .map(|k| match k {
+                        KeyExpr::LitAt(i) => KeyExpr::Lit(lits.get(i).cloned().unwrap_or_default()),
+                        k => k,
+                    })
+                    .collect();
+                return Analysis::Scope { scope: Scope::Keys { map, keys }, read, insert, home, merge: None };
+            }
+            if let Some(a) = hit {
+                return a;
+            }
+        }
+        let a = self.analyze(sql);
+        if sql.len() > crate::router::classify::MAX_CACHED_LEN {
+            return a;
+        }
+        // A shape is reusable when its key literals sit at known positions:
+        // every literal value of the text is distinct.
+        let template = shaped.and_then(|(shape, lits)| {
+            let distinct = lits.iter().enumerate().all(|(i, l)| !lits[..i].contains(l));
+            let t = match &a {
+                Analysis::Scope { scope: Scope::Keys { map, keys }, read, insert, home, .. } if distinct => {
+                    let keys = keys
+                        .iter()
+                        .map(|k| match k {
+                            KeyExpr::Lit(v) => lits.iter().position(|l| l == v).map(KeyExpr::LitAt),
+                            k => Some(k.clone()),
+                        })
+                        .collect::<Option<Vec<_>>>()?;
+                    let scope = Scope::Keys { map: *map, keys };
+                    Analysis::Scope { scope, read: *read, insert: *insert, home: *home, merge: None }
+                }
+                Analysis::Scope { scope: Scope::Unsharded | Scope::All { .. } | Scope::Mixed(_), .. } => a.clone(),
+                _ => return None,
+            };
+            Some((shape, t))
+        });
+        if let Ok(mut c) = self.cache.lock() {
+            c.put(sql.to_string(), a.clone());
+        }
+        if let (Some((shape, t)), Ok(mut c)) = (template, self.shapes.lock()) {
+            c.put(shape, t);
+        }
+        a
+    }
+
     /// Where the statement `sql` goes; `params` are the Bind values (text
     /// or binary per `formats`) for `$n` keys; `session_shard` is the
     /// session's `pgmux.shard` setting.
@@ -220,19 +284,7 @@ impl ShardRouter {
                 PgError::error(sqlstate::INVALID_PARAMETER_VALUE, format!("pgmux.shard: no shard \"{s}\""))
             });
         }
-        let cached = self.cache.lock().ok().and_then(|mut c| c.get(sql).cloned());
-        let analysis = match cached {
-            Some(a) => a,
-            None => {
-                let a = self.analyze(sql);
-                if sql.len() <= crate::router::classify::MAX_CACHED_LEN {
-                    if let Ok(mut c) = self.cache.lock() {
-                        c.put(sql.to_string(), a.clone());
-                    }
-                }
-                a
-            }
-        };
+        let analysis = self.analysis(sql);
         match analysis {
             Analysis::Refused(why) => Err(feature(format!("pgmux: {why}"))),
             Analysis::CopyIn(c) => Ok(ShardTarget::CopyIn(c)),
@@ -279,7 +331,11 @@ impl ShardRouter {
                     // Keys the directory does not have: no rows anywhere.
                     [] => Ok(ShardTarget::Any),
                     [one] => Ok(ShardTarget::One(*one)),
-                    _ if read => match merge {
+                    _ if read => match merge.or_else(|| match self.analyze(sql) {
+                        // From a shape: the merge plan is this text's own.
+                        Analysis::Scope { merge, .. } => merge,
+                        _ => None,
+                    }) {
                         Some(Ok(mut plan)) => {
                             shards.sort_unstable();
                             plan.shards = Some(shards);
@@ -367,6 +423,7 @@ fn key_error(e: map::KeyError) -> PgError {
 fn resolve(kt: KeyType, k: &KeyExpr, params: &[(Option<&[u8]>, bool)]) -> Result<Key, PgError> {
     match k {
         KeyExpr::Lit(s) => Key::from_text(kt, s).map_err(key_error),
+        KeyExpr::LitAt(_) => Err(feature("pgmux: unresolved key literal")),
         KeyExpr::Param(n) => match params.get(n.wrapping_sub(1)) {
             Some((Some(v), true)) => Key::from_binary(kt, v).map_err(key_error),
             Some((Some(v), false)) => Key::from_text(kt, &String::from_utf8_lossy(v)).map_err(key_error),
