@@ -62,7 +62,7 @@ impl Session {
             };
             match got {
                 Ok(c) => conns.push(c),
-                Err(e) => return self.copy_refused(&e).await,
+                Err(e) => return self.answer_error(&e).await,
             }
         }
         let result = self.copy_rows(&sh, &copy, &sql, &mut conns).await;
@@ -94,13 +94,6 @@ impl Session {
         if !extended {
             msg::ready_for_query(&mut out, b'I');
         }
-        self.stream.write_all(&out).await.is_ok()
-    }
-
-    async fn copy_refused(&mut self, e: &PgError) -> bool {
-        let mut out = BytesMut::new();
-        e.encode(&mut out);
-        msg::ready_for_query(&mut out, b'I');
         self.stream.write_all(&out).await.is_ok()
     }
 

@@ -217,32 +217,8 @@ impl Session {
             }
             let (target, decision) = match self.plan() {
                 route::Plan::Go { target, decision } => (target, decision),
-                route::Plan::Answer(out) => {
-                    if self.stream.write_all(&out).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                route::Plan::Refuse(e) => {
-                    if !self.refuse(&e).await {
-                        return;
-                    }
-                    continue;
-                }
-                route::Plan::Scatter(plan) => {
-                    if !self.scatter(&plan).await {
-                        return;
-                    }
-                    continue;
-                }
-                route::Plan::CopyIn(copy, sql, extended) => {
-                    if !self.copy_into_shards(*copy, sql, extended).await {
-                        return;
-                    }
-                    continue;
-                }
-                route::Plan::ScatterExtended(plan) => {
-                    if !self.scatter_extended(&plan).await {
+                other => {
+                    if !self.carry_out(other).await {
                         return;
                     }
                     continue;

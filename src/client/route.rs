@@ -166,6 +166,19 @@ impl Session {
         }
     }
 
+    /// Carry out a plan pgmux answers itself (anything but [`Plan::Go`]).
+    /// `false`: the client went away.
+    pub(super) async fn carry_out(&mut self, plan: Plan) -> bool {
+        match plan {
+            Plan::Go { .. } => true,
+            Plan::Answer(out) => self.stream.write_all(&out).await.is_ok(),
+            Plan::Refuse(e) => self.refuse(&e).await,
+            Plan::Scatter(plan) => self.scatter(&plan).await,
+            Plan::ScatterExtended(plan) => self.scatter_extended(&plan).await,
+            Plan::CopyIn(copy, sql, extended) => self.copy_into_shards(*copy, sql, extended).await,
+        }
+    }
+
     /// Whether routing waits for more of an extended-protocol batch: it is
     /// routed at its first Execute, Sync or Flush, when every Parse and
     /// Bind before it can be classified (up to [`BATCH_WAIT_LIMIT`] bytes).

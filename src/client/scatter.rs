@@ -197,7 +197,8 @@ impl Session {
         self.stream.write_all(&out).await.is_ok()
     }
 
-    async fn answer_error(&mut self, e: &PgError) -> bool {
+    /// Answer a batch with `e` and ReadyForQuery (idle).
+    pub(super) async fn answer_error(&mut self, e: &PgError) -> bool {
         let mut out = BytesMut::new();
         e.encode(&mut out);
         msg::ready_for_query(&mut out, b'I');

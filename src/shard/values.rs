@@ -48,13 +48,7 @@ pub fn compare(type_oid: u32, a: &[u8], b: &[u8]) -> Ordering {
         FLOAT4 | FLOAT8 => {
             // PostgreSQL sorts NaN above every other value.
             let f = |v: &[u8]| s(v).parse::<f64>().unwrap_or(f64::NAN);
-            let (x, y) = (f(a), f(b));
-            match (x.is_nan(), y.is_nan()) {
-                (true, true) => Ordering::Equal,
-                (true, false) => Ordering::Greater,
-                (false, true) => Ordering::Less,
-                _ => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
-            }
+            compare_float(f(a), f(b))
         }
         NUMERIC => compare_decimal(&s(a), &s(b)),
         DATE | TIMESTAMP | TIMESTAMPTZ => {
@@ -100,15 +94,7 @@ pub fn compare_binary(type_oid: u32, a: &[u8], b: &[u8]) -> Ordering {
     match type_oid {
         INT2 | INT4 | INT8 | DATE | TIMESTAMP | TIMESTAMPTZ => int(a).cmp(&int(b)),
         OID => (int(a) as u32).cmp(&(int(b) as u32)),
-        FLOAT4 | FLOAT8 => {
-            let (x, y) = (float(a), float(b));
-            match (x.is_nan(), y.is_nan()) {
-                (true, true) => Ordering::Equal,
-                (true, false) => Ordering::Greater,
-                (false, true) => Ordering::Less,
-                _ => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
-            }
-        }
+        FLOAT4 | FLOAT8 => compare_float(float(a), float(b)),
         _ => a.cmp(b),
     }
 }
@@ -118,6 +104,16 @@ pub fn add_int8_binary(a: &[u8], b: &[u8]) -> Option<Vec<u8>> {
     let x = i64::from_be_bytes(a.try_into().ok()?);
     let y = i64::from_be_bytes(b.try_into().ok()?);
     Some(x.checked_add(y)?.to_be_bytes().to_vec())
+}
+
+/// Floats as PostgreSQL orders them: NaN above every other value.
+fn compare_float(x: f64, y: f64) -> Ordering {
+    match (x.is_nan(), y.is_nan()) {
+        (true, true) => Ordering::Equal,
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+        _ => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
+    }
 }
 
 /// A decimal as (negative, integer digits, fraction digits), without
