@@ -42,7 +42,11 @@ fn cluster() -> Cluster {
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn proxy(c: &Cluster) -> RunningProxy {
-    let text = format!(
+    support::start_proxy(&config(c)).await
+}
+
+fn config(c: &Cluster) -> String {
+    format!(
         r#"[pgmux]
 listen = "127.0.0.1:{port}"
 log_level = "warn"
@@ -85,8 +89,7 @@ primary = "{s0}"
         pw = APP.1,
         s0 = c.primary.addr(),
         s1 = c.extra_primaries[0].addr(),
-    );
-    support::start_proxy(&text).await
+    )
 }
 
 async fn client(p: &RunningProxy, db: &str) -> tokio_postgres::Client {
@@ -367,6 +370,24 @@ async fn directory_assigns_new_keys_and_follows_changes() {
     assert_eq!(total, 1, "the race left rows on both shards");
     let via = |cl| async move { scalar(cl, "SELECT inet_server_port() FROM tenants WHERE tenant_id = 'race'").await };
     assert_eq!(via(&cl).await, via(&other).await);
+    // allow_cross_shard_writes: a write without a key runs on every shard
+    // (counts added up, RETURNING rows from each); INSERTs still need keys.
+    let wide_cfg = config(&c).replace("reference_tables = ", "allow_cross_shard_writes = true\nreference_tables = ");
+    let wide = support::start_proxy(&wide_cfg).await;
+    let w = client(&wide, "shop").await;
+    let msgs = w
+        .simple_query("UPDATE tenants SET name = name || '!' WHERE tenant_id LIKE 't1%' RETURNING tenant_id")
+        .await
+        .unwrap();
+    let returned = msgs.iter().filter(|m| matches!(m, SimpleQueryMessage::Row(_))).count();
+    let updated = msgs.iter().find_map(|m| match m {
+        SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    });
+    assert_eq!((returned, updated), (11, Some(11)), "t1 and t10..t19 over both shards");
+    let e = w.simple_query("INSERT INTO users SELECT 9999, 'x', 1, 1").await.unwrap_err();
+    assert_eq!(code(&e), "0A000", "{}", text(&e));
+    wide.stop().await;
     // A change of the directory reaches every pgmux (LISTEN/NOTIFY).
     let from = c.psql(&c.primary, "shop", "SELECT shard FROM pgmux_directory WHERE key = 't0'").unwrap();
     let (src, dst, to) = if from == "s0" { (0, 1, "s1") } else { (1, 0, "s0") };

@@ -67,6 +67,8 @@ pub(super) enum Plan {
     Scatter(Box<crate::shard::merge::MergePlan>),
     /// The same, as an extended-protocol batch.
     ScatterExtended(Box<crate::shard::merge::MergePlan>),
+    /// A write run on several shards (None: all), not atomically.
+    ScatterWrite(String, Option<Vec<usize>>),
     /// COPY FROM STDIN split over the shards (the statement's text; sent
     /// over the extended protocol).
     CopyIn(Box<crate::shard::copy::CopyIn>, String, bool),
@@ -176,6 +178,7 @@ impl Session {
             Plan::Scatter(plan) => self.scatter(&plan).await,
             Plan::ScatterExtended(plan) => self.scatter_extended(&plan).await,
             Plan::CopyIn(copy, sql, extended) => self.copy_into_shards(*copy, sql, extended).await,
+            Plan::ScatterWrite(sql, shards) => self.scatter_write(&sql, shards).await,
         }
     }
 

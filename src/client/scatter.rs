@@ -197,6 +197,80 @@ impl Session {
         self.stream.write_all(&out).await.is_ok()
     }
 
+    /// Run a write on several shards' primaries (`allow_cross_shard_writes`:
+    /// each commits on its own) and answer with the rows it returned and
+    /// its counts added up. `false`: the client went away.
+    pub(super) async fn scatter_write(&mut self, sql: &str, shards: Option<Vec<usize>>) -> bool {
+        let Some(sh) = self.sharding.clone() else { return false };
+        self.consume_first();
+        let mut conns = Vec::new();
+        for (i, b) in sh.backends.iter().enumerate() {
+            if shards.as_ref().is_some_and(|s| !s.contains(&i)) {
+                continue;
+            }
+            self.use_shard(&sh, i);
+            let target = match &b.routing {
+                Some(r) => r.write_target(true),
+                None => Ok(Target::Primary),
+            };
+            let got = match target {
+                Ok(t) => self.checkout(Some(t), Decision::Write).await.map(|(c, _)| c),
+                Err(e) => Err(e),
+            };
+            match got {
+                Ok(c) => conns.push(c),
+                Err(e) => return self.answer_error(&e).await,
+            }
+        }
+        let mut request = BytesMut::new();
+        msg::query(&mut request, sql);
+        let sends = conns.iter_mut().map(|c| async {
+            let conn = c.conn();
+            conn.stream.write_all(&request).await?;
+            read_answer(conn).await
+        });
+        let answers = futures_util::future::join_all(sends).await;
+        let (mut out, mut rows, mut desc, mut error) = (BytesMut::new(), BytesMut::new(), None, None);
+        let (mut verb, mut count) = (String::new(), 0u64);
+        for (answer, c) in answers.into_iter().zip(conns) {
+            let Ok(a) = answer else {
+                error.get_or_insert(PgError::error(
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgmux: a shard failed during the write",
+                ));
+                continue;
+            };
+            c.release();
+            if let Some(e) = &a.error {
+                error.get_or_insert(PgError::error_from_server(e));
+            }
+            desc = desc.or(a.desc);
+            for r in &a.rows {
+                let at = msg::start_message(&mut rows, b'D');
+                rows.extend_from_slice(r);
+                msg::finish_message(&mut rows, at);
+            }
+            if let Some((v, n)) = a.tag.as_deref().and_then(|t| t.rsplit_once(' ')) {
+                verb = v.to_string();
+                count += n.parse::<u64>().unwrap_or(0);
+            }
+        }
+        match error {
+            Some(e) => e.encode(&mut out),
+            None => {
+                if let Some(d) = desc {
+                    out.extend_from_slice(&d);
+                }
+                out.extend_from_slice(&rows);
+                let at = msg::start_message(&mut out, b'C');
+                out.extend_from_slice(format!("{verb} {count}\0").as_bytes());
+                msg::finish_message(&mut out, at);
+            }
+        }
+        msg::ready_for_query(&mut out, b'I');
+        self.stream.write_all(&out).await.is_ok()
+    }
+
     /// Answer a batch with `e` and ReadyForQuery (idle).
     pub(super) async fn answer_error(&mut self, e: &PgError) -> bool {
         let mut out = BytesMut::new();
@@ -324,10 +398,12 @@ pub(super) struct Answer {
     pub(super) error: Option<BytesMut>,
     /// Rows a COPY took (its CommandComplete).
     pub(super) copied: u64,
+    /// The CommandComplete tag.
+    pub(super) tag: Option<String>,
 }
 
 pub(super) async fn read_answer(conn: &mut crate::server::ServerConn) -> Result<Answer, crate::server::ServerError> {
-    let mut a = Answer { desc: None, stmt_desc: Vec::new(), rows: Vec::new(), error: None, copied: 0 };
+    let mut a = Answer { desc: None, stmt_desc: Vec::new(), rows: Vec::new(), error: None, copied: 0, tag: None };
     let mut statement_next = false;
     loop {
         let (tag, body) = conn.read_message().await?;
@@ -350,8 +426,12 @@ pub(super) async fn read_answer(conn: &mut crate::server::ServerConn) -> Result<
             b'T' => a.desc = Some(whole()),
             b'D' => a.rows.push(body.to_vec()),
             b'E' => a.error = Some(body),
-            b'C' if body.starts_with(b"COPY ") => {
-                a.copied = String::from_utf8_lossy(&body[5..]).trim_end_matches('\0').parse().unwrap_or(0);
+            b'C' => {
+                let tag = String::from_utf8_lossy(&body).trim_end_matches('\0').to_string();
+                if let Some(n) = tag.strip_prefix("COPY ") {
+                    a.copied = n.parse().unwrap_or(0);
+                }
+                a.tag = Some(tag);
             }
             b'Z' if body.first() == Some(&b'I') => return Ok(a),
             b'Z' => return Err(crate::server::ServerError::Protocol("shard left a transaction open".into())),

@@ -110,6 +110,10 @@ impl ShardGuard {
                 )
                 .with_hint("Transactions spanning shards are not supported: one transaction per shard."),
             ),
+            Ok(ShardTarget::Write(_)) => Some(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("pgmux: this transaction runs on shard {here}; a write to several shards cannot join it"),
+            )),
             Ok(ShardTarget::CopyIn(_)) => Some(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("pgmux: this transaction runs on shard {here}; a COPY into a sharded table cannot join it"),
@@ -159,6 +163,11 @@ impl Session {
                 None
             }
             ShardTarget::Any => None,
+            ShardTarget::Write(_) if self.deferred.is_some() || query.is_none() => Some(Plan::Refuse(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "pgmux: a write to several shards runs only outside transactions, over the simple query protocol",
+            ))),
+            ShardTarget::Write(shards) => Some(Plan::ScatterWrite(query.unwrap_or_default().to_string(), shards)),
             ShardTarget::CopyIn(_) if self.deferred.is_some() => Some(Plan::Refuse(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "pgmux: COPY into a sharded table cannot run inside a transaction",

@@ -54,6 +54,9 @@ pub enum ShardTarget {
     Lookup { map: usize, key: String, assign: bool },
     /// COPY FROM STDIN into a sharded table: rows split by key.
     CopyIn(Box<copy::CopyIn>),
+    /// A write run on each of these shards (None: all), not atomically
+    /// (`allow_cross_shard_writes`).
+    Write(Option<Vec<usize>>),
 }
 
 /// The analysis of one statement text, cached.
@@ -309,6 +312,9 @@ impl ShardRouter {
                 "pgmux: tables sharded by different maps ({}) cannot be used in one statement",
                 tables.join(", ")
             ))),
+            Analysis::Scope { scope: Scope::All { .. }, insert: false, .. } if self.allow_cross_shard_writes => {
+                Ok(ShardTarget::Write(None))
+            }
             Analysis::Scope { scope: Scope::All { .. }, .. } => Err(feature(
                 "pgmux: a write to a sharded table needs its shard key (WHERE key = ... or the key column in INSERT)",
             )
@@ -344,8 +350,12 @@ impl ShardRouter {
                         Some(Err(why)) => Err(feature(format!("pgmux: keys on several shards: {why}"))),
                         None => Err(feature("pgmux: keys on several shards in one read")),
                     },
+                    _ if insert => {
+                        Err(feature("pgmux: an INSERT whose rows belong to several shards must be split per shard"))
+                    }
                     _ if self.allow_cross_shard_writes => {
-                        Err(feature("pgmux: a write spanning shards must be split per shard"))
+                        shards.sort_unstable();
+                        Ok(ShardTarget::Write(Some(shards)))
                     }
                     _ => Err(feature("pgmux: a write spanning shards is refused (allow_cross_shard_writes = false)")),
                 }
