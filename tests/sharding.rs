@@ -18,6 +18,7 @@ const SCHEMA: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text, scor
      CREATE TABLE events (region text, what text);
      CREATE TABLE countries (code text PRIMARY KEY, name text);
      CREATE TABLE tenants (tenant_id text PRIMARY KEY, name text);
+     CREATE TABLE visits (day int, what text);
      INSERT INTO countries VALUES ('ch', 'Switzerland'), ('us', 'United States');";
 
 fn cluster() -> Cluster {
@@ -62,6 +63,7 @@ tables = [
   {{ name = "orders", key = "user_id", map = "by_user" }},
   {{ name = "events", key = "region", map = "by_region" }},
   {{ name = "tenants", key = "tenant_id", map = "by_tenant" }},
+  {{ name = "visits", key = "day", map = "by_day" }},
 ]
 reference_tables = ["countries"]
 
@@ -74,6 +76,11 @@ kind = "list"
 type = "text"
 lists = [{{ values = ["eu", "ch"], shard = "s0" }}, {{ values = ["us"], shard = "s1" }}]
 default = "s0"
+
+[databases.shop.maps.by_day]
+kind = "range"
+type = "int4"
+ranges = [{{ to = 100, shard = "s0" }}, {{ from = 100, to = 200, shard = "s1" }}]
 
 [databases.shop.maps.by_tenant]
 kind = "directory"
@@ -191,6 +198,13 @@ async fn sharded_routing_and_scatter_gather() {
     cl.simple_query("INSERT INTO events (region, what) VALUES ('fr', 'login')").await.unwrap();
     assert_eq!(c.psql(&c.extra_primaries[0], "shop", "SELECT string_agg(what, ',') FROM events").unwrap(), "signup");
     assert_eq!(c.psql(&c.primary, "shop", "SELECT string_agg(what, ',') FROM events").unwrap(), "login");
+    // Range map: from inclusive, to exclusive; a gap is an error on write.
+    for (day, shard) in [(-5, 0), (99, 0), (100, 1), (199, 1)] {
+        let sql = format!("INSERT INTO visits (day, what) VALUES ({day}, 'v') RETURNING inet_server_port()");
+        assert_eq!(scalar(&cl, &sql).await, ports[shard], "day {day}");
+    }
+    let e = cl.simple_query("INSERT INTO visits (day, what) VALUES (200, 'v')").await.unwrap_err();
+    assert_eq!(code(&e), "23514", "{}", text(&e));
     // A transaction goes where its first statement goes, all of it.
     cl.simple_query("BEGIN").await.unwrap();
     cl.simple_query("INSERT INTO users (id, name, score, balance) VALUES (1001, 'late', 1, 0)").await.unwrap();
