@@ -13,7 +13,6 @@ use crate::pool::Checkout;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{peek_header, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
-use crate::router::route::{Decision, Target};
 use crate::shard::copy::{CopyIn, RowSplitter};
 use crate::shard::map::Key;
 use crate::shard::ShardRouter;
@@ -49,22 +48,10 @@ impl Session {
         if !before.is_empty() && self.stream.write_all(&before).await.is_err() {
             return false;
         }
-        let mut conns = Vec::new();
-        for i in 0..sh.backends.len() {
-            self.use_shard(&sh, i);
-            let target = match &sh.backends[i].routing {
-                Some(r) => r.write_target(true),
-                None => Ok(Target::Primary),
-            };
-            let got = match target {
-                Ok(t) => self.checkout(Some(t), Decision::Write).await.map(|(c, _)| c),
-                Err(e) => Err(e),
-            };
-            match got {
-                Ok(c) => conns.push(c),
-                Err(e) => return self.answer_error(&e).await,
-            }
-        }
+        let mut conns = match self.shard_primaries(&sh, None).await {
+            Ok(c) => c,
+            Err(e) => return self.answer_error(&e).await,
+        };
         let result = self.copy_rows(&sh, &copy, &sql, &mut conns).await;
         let mut out = BytesMut::new();
         match result {

@@ -203,25 +203,10 @@ impl Session {
     pub(super) async fn scatter_write(&mut self, sql: &str, shards: Option<Vec<usize>>) -> bool {
         let Some(sh) = self.sharding.clone() else { return false };
         self.consume_first();
-        let mut conns = Vec::new();
-        for (i, b) in sh.backends.iter().enumerate() {
-            if shards.as_ref().is_some_and(|s| !s.contains(&i)) {
-                continue;
-            }
-            self.use_shard(&sh, i);
-            let target = match &b.routing {
-                Some(r) => r.write_target(true),
-                None => Ok(Target::Primary),
-            };
-            let got = match target {
-                Ok(t) => self.checkout(Some(t), Decision::Write).await.map(|(c, _)| c),
-                Err(e) => Err(e),
-            };
-            match got {
-                Ok(c) => conns.push(c),
-                Err(e) => return self.answer_error(&e).await,
-            }
-        }
+        let mut conns = match self.shard_primaries(&sh, shards.as_deref()).await {
+            Ok(c) => c,
+            Err(e) => return self.answer_error(&e).await,
+        };
         let mut request = BytesMut::new();
         msg::query(&mut request, sql);
         let sends = conns.iter_mut().map(|c| async {
@@ -269,6 +254,28 @@ impl Session {
         }
         msg::ready_for_query(&mut out, b'I');
         self.stream.write_all(&out).await.is_ok()
+    }
+
+    /// A connection to the primary (where writes go now) of each shard in
+    /// `only` (None: every shard), made this client's.
+    pub(super) async fn shard_primaries(
+        &mut self,
+        sh: &ShardRouter,
+        only: Option<&[usize]>,
+    ) -> Result<Vec<Checkout>, PgError> {
+        let mut conns = Vec::new();
+        for (i, b) in sh.backends.iter().enumerate() {
+            if only.is_some_and(|s| !s.contains(&i)) {
+                continue;
+            }
+            self.use_shard(sh, i);
+            let target = match &b.routing {
+                Some(r) => r.write_target(true)?,
+                None => Target::Primary,
+            };
+            conns.push(self.checkout(Some(target), Decision::Write).await?.0);
+        }
+        Ok(conns)
     }
 
     /// Answer a batch with `e` and ReadyForQuery (idle).
