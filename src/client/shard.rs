@@ -69,7 +69,7 @@ impl ShardGuard {
     ) -> Option<PgError> {
         let ss = self.session_shard.as_deref();
         let target = match tag {
-            b'Q' => self.router.route(&String::from_utf8_lossy(cstr(body).0), &[], ss, &self.resolved),
+            b'Q' => self.router.route(&String::from_utf8_lossy(cstr(body).0), &[], ss, &mut self.resolved),
             b'P' => {
                 let (name, after) = cstr(body);
                 if name.is_empty() {
@@ -85,7 +85,7 @@ impl ShardGuard {
                     let s = std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(stmts, n))?;
                     String::from_utf8_lossy(s.query()).into_owned()
                 };
-                self.router.route(&sql, &bind_params(body), ss, &self.resolved)
+                self.router.route(&sql, &bind_params(body), ss, &mut self.resolved)
             }
             _ => return None,
         };
@@ -234,14 +234,15 @@ impl Session {
 
     /// The shard target of the batch at the front of the buffer: its
     /// first Query, Parse (with the Bind that follows) or Bind.
-    fn batch_target(&self, sh: &ShardRouter) -> Result<ShardTarget, PgError> {
-        let session_shard = self.wanted.get("pgmux.shard").map(String::as_str);
-        let mut rest: &[u8] = &self.rbuf;
+    fn batch_target(&mut self, sh: &ShardRouter) -> Result<ShardTarget, PgError> {
+        let Session { rbuf, stmts, wanted, resolved, .. } = self;
+        let session_shard = wanted.get("pgmux.shard").map(String::as_str);
+        let mut rest: &[u8] = rbuf;
         let mut parsed: Option<(String, &[u8])> = None;
         while let Some((tag, body)) = first_message(rest) {
             rest = &rest[HEADER_LEN + body.len()..];
             match tag {
-                b'Q' => return sh.route(&String::from_utf8_lossy(cstr(body).0), &[], session_shard, &self.resolved),
+                b'Q' => return sh.route(&String::from_utf8_lossy(cstr(body).0), &[], session_shard, resolved),
                 b'P' => {
                     let (name, after) = cstr(body);
                     parsed = Some((String::from_utf8_lossy(cstr(after).0).into_owned(), name));
@@ -251,19 +252,19 @@ impl Session {
                     let params = bind_params(body);
                     let sql = match &parsed {
                         Some((sql, name)) if *name == stmt => sql.clone(),
-                        _ => match std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(&self.stmts, n)) {
+                        _ => match std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(stmts, n)) {
                             Some(s) => String::from_utf8_lossy(s.query()).into_owned(),
                             None => continue,
                         },
                     };
-                    return sh.route(&sql, &params, session_shard, &self.resolved);
+                    return sh.route(&sql, &params, session_shard, resolved);
                 }
                 b'S' | b'H' | b'E' => break,
                 _ => {}
             }
         }
         match parsed {
-            Some((sql, _)) => sh.route(&sql, &[], session_shard, &self.resolved).or(Ok(ShardTarget::Any)),
+            Some((sql, _)) => sh.route(&sql, &[], session_shard, resolved).or(Ok(ShardTarget::Any)),
             None => Ok(ShardTarget::Any),
         }
     }

@@ -330,6 +330,9 @@ pub fn columns(body: &[u8]) -> Option<Vec<(String, u32, i16)>> {
 /// Combine the shards' rows (each shard's in its own order) into the
 /// answer. `cols` from the RowDescription.
 pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> Result<Vec<Row>, String> {
+    if shards.iter().flatten().any(|r| r.len() != cols.len()) {
+        return refuse("shards returned rows of different widths");
+    }
     let keys: Vec<(usize, &SortKey)> = plan
         .order
         .iter()

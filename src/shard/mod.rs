@@ -280,7 +280,7 @@ impl ShardRouter {
         sql: &str,
         params: &[(Option<&[u8]>, bool)],
         session_shard: Option<&str>,
-        resolved: &Resolved,
+        resolved: &mut Resolved,
     ) -> Result<ShardTarget, PgError> {
         if let Some(s) = session_shard.filter(|s| !s.is_empty() && *s != "auto") {
             return self.shard_named(s).map(ShardTarget::One).ok_or_else(|| {
@@ -373,14 +373,26 @@ enum KeyShard {
 }
 
 impl ShardRouter {
-    fn shard_for(&self, map: usize, key: &Key, insert: bool, resolved: &Resolved) -> Result<KeyShard, PgError> {
+    /// The shard of a key; a directory answer from the cache is kept in
+    /// `resolved`, so the rest of the transaction sees the same one even if
+    /// the cache entry goes meanwhile.
+    fn shard_for(&self, map: usize, key: &Key, insert: bool, resolved: &mut Resolved) -> Result<KeyShard, PgError> {
         let m = self.maps.get(map).ok_or_else(|| feature("pgmux: unknown shard map"))?;
         if !matches!(m, ShardMap::Directory { .. }) {
             return m.shard_of(key).map(KeyShard::At).map_err(key_error);
         }
         let dir = self.directories.get(&map).ok_or_else(|| feature("pgmux: shard directory not configured"))?;
         let text = key.directory_text();
-        let known = resolved.get(&(map, text.clone())).copied().or_else(|| dir.cached(&text));
+        let known = match resolved.get(&(map, text.clone())) {
+            Some(k) => Some(*k),
+            None => {
+                let hit = dir.cached(&text);
+                if let Some(h) = hit {
+                    resolved.insert((map, text.clone()), h);
+                }
+                hit
+            }
+        };
         Ok(match known {
             Some(Some(i)) => KeyShard::At(i),
             Some(None) if !insert => KeyShard::Absent,
