@@ -364,30 +364,22 @@ fn trim_statement_description(msgs: &[u8], keep: usize) -> Option<Vec<u8>> {
 /// The client's Bind for the shards: unnamed portal and statement, and
 /// text format for the hidden sort columns when formats are per column.
 fn bind_for_shards(body: &[u8], hidden: usize) -> Option<Vec<u8>> {
-    let rest = split_cstr(split_cstr(body)?.1)?.1;
-    let i16_at = |b: &[u8], at: usize| b.get(at..at + 2).map(|x| i16::from_be_bytes([x[0], x[1]]));
-    let nf = usize::try_from(i16_at(rest, 0)?).ok()?;
-    let mut at = 2 + 2 * nf;
-    let np = usize::try_from(i16_at(rest, at)?).ok()?;
-    at += 2;
-    for _ in 0..np {
-        let len = i32::from_be_bytes(rest.get(at..at + 4)?.try_into().ok()?);
-        at += 4 + usize::try_from(len.max(0)).ok()?;
-    }
-    let nr = usize::try_from(i16_at(rest, at)?).ok()?;
+    let bind = msg::parse_bind(body)?;
+    let rf = bind.result_formats;
+    let nr = usize::try_from(i16::from_be_bytes([*rf.first()?, *rf.get(1)?])).ok()?;
     let mut out = BytesMut::new();
     let m = msg::start_message(&mut out, b'B');
     out.put_u8(0);
     out.put_u8(0);
-    out.extend_from_slice(rest.get(..at)?);
+    out.extend_from_slice(bind.params_section);
     if nr > 1 {
         out.put_i16(i16::try_from(nr + hidden).ok()?);
-        out.extend_from_slice(rest.get(at + 2..at + 2 + 2 * nr)?);
+        out.extend_from_slice(rf.get(2..)?);
         for _ in 0..hidden {
             out.put_i16(0);
         }
     } else {
-        out.extend_from_slice(rest.get(at..at + 2 + 2 * nr)?);
+        out.extend_from_slice(rf);
     }
     msg::finish_message(&mut out, m);
     Some(out.to_vec())

@@ -9,43 +9,14 @@ use super::route::{first_message, Deferred, Plan};
 use super::Session;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::HEADER_LEN;
+use crate::protocol::messages::{self as msg, split_nul as cstr};
 use crate::shard::{ShardRouter, ShardTarget};
 use crate::statements::Statement;
 
-fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
-    match b.iter().position(|&c| c == 0) {
-        Some(i) => (&b[..i], &b[i + 1..]),
-        None => (b, &[]),
-    }
-}
-
-/// The parameter values of a Bind body: (value, binary).
+/// The parameter values of a Bind body: (value, binary); none if the
+/// Bind is malformed (the server refuses it).
 fn bind_params(body: &[u8]) -> Vec<(Option<&[u8]>, bool)> {
-    let rest = cstr(cstr(body).1).1;
-    let read_i16 = |b: &[u8], at: usize| b.get(at..at + 2).map(|x| i16::from_be_bytes([x[0], x[1]]));
-    let Some(nf) = read_i16(rest, 0) else { return Vec::new() };
-    let formats: Vec<i16> = (0..nf.max(0) as usize).filter_map(|i| read_i16(rest, 2 + 2 * i)).collect();
-    let mut at = 2 + 2 * formats.len();
-    let Some(np) = read_i16(rest, at) else { return Vec::new() };
-    at += 2;
-    let mut out = Vec::new();
-    for i in 0..np.max(0) as usize {
-        let Some(len) = rest.get(at..at + 4).map(|x| i32::from_be_bytes([x[0], x[1], x[2], x[3]])) else { break };
-        at += 4;
-        let binary = match formats.len() {
-            0 => false,
-            1 => formats[0] == 1,
-            _ => formats.get(i) == Some(&1),
-        };
-        if len < 0 {
-            out.push((None, binary));
-        } else {
-            let v = rest.get(at..at + len as usize);
-            at += len as usize;
-            out.push((v, binary));
-        }
-    }
-    out
+    msg::parse_bind(body).map(|b| b.params).unwrap_or_default()
 }
 
 /// Checks, in a transaction on one shard, that each statement sent

@@ -254,9 +254,71 @@ pub fn quote_literal(s: &str) -> String {
     }
 }
 
+/// Split `b` at its first NUL: (the C string, what follows it). Without a
+/// NUL the whole of `b` is the string.
+pub fn split_nul(b: &[u8]) -> (&[u8], &[u8]) {
+    match b.iter().position(|&c| c == 0) {
+        Some(i) => (&b[..i], &b[i + 1..]),
+        None => (b, &[]),
+    }
+}
+
+/// A Bind body after its portal and statement names.
+pub struct BindParts<'a> {
+    /// Parameter format codes and values, as sent.
+    pub params_section: &'a [u8],
+    /// Each parameter: value (None: NULL) and whether it is binary.
+    pub params: Vec<(Option<&'a [u8]>, bool)>,
+    /// Result-column format codes, as sent (count included).
+    pub result_formats: &'a [u8],
+}
+
+/// Parse a Bind body; `None` if it is malformed.
+pub fn parse_bind(body: &[u8]) -> Option<BindParts<'_>> {
+    let rest = split_nul(split_nul(body).1).1;
+    let i16_at = |at: usize| rest.get(at..at + 2).map(|x| i16::from_be_bytes([x[0], x[1]]));
+    let nf = usize::try_from(i16_at(0)?).ok()?;
+    let formats: Vec<i16> = (0..nf).map(|i| i16_at(2 + 2 * i)).collect::<Option<_>>()?;
+    let mut at = 2 + 2 * nf;
+    let np = usize::try_from(i16_at(at)?).ok()?;
+    at += 2;
+    let mut params = Vec::with_capacity(np);
+    for i in 0..np {
+        let len = i32::from_be_bytes(rest.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0] == 1,
+            _ => formats.get(i) == Some(&1),
+        };
+        if len < 0 {
+            params.push((None, binary));
+        } else {
+            let end = at + usize::try_from(len).ok()?;
+            params.push((Some(rest.get(at..end)?), binary));
+            at = end;
+        }
+    }
+    let nr = usize::try_from(i16_at(at)?).ok()?;
+    Some(BindParts { params_section: rest.get(..at)?, params, result_formats: rest.get(at..at + 2 + 2 * nr)? })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_parts() {
+        // portal "", statement "s", formats [1], params [NULL, "42"], results [0]
+        let mut b = b"\0s\0".to_vec();
+        b.extend_from_slice(&[0, 1, 0, 1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 2, b'4', b'2', 0, 1, 0, 0]);
+        let p = parse_bind(&b).unwrap();
+        assert_eq!(p.params, vec![(None, true), (Some(&b"42"[..]), true)]);
+        assert_eq!(p.result_formats, &[0, 1, 0, 0]);
+        assert_eq!(p.params_section.len(), 2 + 2 + 2 + 4 + 4 + 2);
+        assert!(parse_bind(&b[..b.len() - 3]).is_none());
+        assert_eq!(split_nul(b"ab\0cd"), (&b"ab"[..], &b"cd"[..]));
+    }
 
     #[test]
     fn options_parse_like_postgres() {

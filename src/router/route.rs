@@ -18,6 +18,7 @@ use lru::LruCache;
 use crate::config::{Database, LoadBalancing, PrimaryReads, ReadYourWrites, TransactionRouting};
 use crate::pool::Pool;
 use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::messages::split_nul as cstr;
 use crate::replicas::monitor::Monitor;
 use crate::router::classify::{Classifier, Hint, Kind, SessionKind};
 use crate::statements::{ClientStatements, Statement};
@@ -87,13 +88,6 @@ pub struct Routing {
 
 /// Statement shapes remembered per (database, user).
 const SHAPES: usize = 10_000;
-
-fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
-    match b.iter().position(|&c| c == 0) {
-        Some(i) => (&b[..i], &b[i + 1..]),
-        None => (b, &[]),
-    }
-}
 
 impl Routing {
     pub fn new(
