@@ -126,6 +126,12 @@ impl Proxy {
         self.monitors.get(database).cloned()
     }
 
+    /// The shard router of a sharded database (once a client used it).
+    pub fn sharding(&self, database: &str) -> Option<Arc<ShardRouter>> {
+        let routers = self.sharded.lock().unwrap_or_else(|e| e.into_inner());
+        routers.iter().find(|((db, _), _)| db == database).map(|(_, r)| r.clone())
+    }
+
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
     }
@@ -247,7 +253,13 @@ impl Proxy {
         let mut routers = self.sharded.lock().unwrap_or_else(|e| e.into_inner());
         routers
             .entry((name.to_string(), user.name.clone()))
-            .or_insert_with(|| Arc::new(ShardRouter::new(name, db, backends, &directories)))
+            .or_insert_with(|| {
+                let router = Arc::new(ShardRouter::new(name, db, backends, &directories));
+                if db.two_phase_commit {
+                    tokio::spawn(settle_prepared(Arc::downgrade(&router)));
+                }
+                router
+            })
             .clone()
     }
 
@@ -341,5 +353,19 @@ struct ClientCount<'a>(&'a AtomicUsize);
 impl Drop for ClientCount<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Settle, every so often, the prepared transactions a pgmux that died
+/// mid-commit left on a sharded database (two-phase commit).
+async fn settle_prepared(router: std::sync::Weak<ShardRouter>) {
+    use crate::shard::twophase::{RECOVERY_EVERY, RECOVERY_GRACE};
+    loop {
+        let Some(r) = router.upgrade() else { return };
+        if let Err(e) = r.recover_prepared(RECOVERY_GRACE).await {
+            tracing::warn!(database = %r.name, "settling prepared transactions: {e}");
+        }
+        drop(r);
+        tokio::time::sleep(RECOVERY_EVERY).await;
     }
 }

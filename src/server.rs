@@ -100,6 +100,8 @@ pub struct ServerConn {
     pub needs_reset: bool,
     pub created: Instant,
     pub last_used: Instant,
+    /// The transaction status after pgmux's own last query on it.
+    pub status: u8,
 }
 
 impl ServerConn {
@@ -130,6 +132,7 @@ impl ServerConn {
             needs_reset: false,
             created: now,
             last_used: now,
+            status: b'I',
         };
         tokio::time::timeout(timeout, conn.startup(login)).await.map_err(|_| ServerError::ConnectTimeout(name))??;
         // What the server starts with is its default, not a setting.
@@ -268,6 +271,30 @@ impl ServerConn {
         self.drain_expecting(1, status).await
     }
 
+    /// Run pgmux's own simple query (outside a transaction) and return
+    /// its DataRow bodies.
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<BytesMut>, ServerError> {
+        let mut out = BytesMut::new();
+        msg::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let (mut rows, mut err) = (Vec::new(), None);
+        loop {
+            match self.read_message().await? {
+                (b'D', body) => rows.push(body),
+                (b'E', body) => err = Some(body),
+                (b'Z', body) => {
+                    self.status = body.first().copied().unwrap_or(b'?');
+                    break;
+                }
+                _ => {}
+            }
+        }
+        match err {
+            Some(body) => Err(ServerError::Query(body)),
+            None => Ok(rows),
+        }
+    }
+
     /// Read and discard until `pending` ReadyForQuery messages have arrived;
     /// fails if any ErrorResponse came or the final status is not idle.
     pub async fn drain(&mut self, pending: usize) -> Result<(), ServerError> {
@@ -300,6 +327,7 @@ impl ServerConn {
                 b'Z' => {
                     pending -= 1;
                     status = body.first().copied().unwrap_or(b'?');
+                    self.status = status;
                 }
                 b'E' => err = Some(body),
                 b'S' => {

@@ -15,7 +15,7 @@ use crate::server::ServerError;
 impl Session {
     /// The client left while holding a server connection: bring it back to
     /// idle (finish what is running, roll back, reset) or close it.
-    pub(super) async fn abandon(mut self, mut server: Checkout) {
+    pub(super) async fn abandon(&mut self, mut server: Checkout) {
         if self.crelay.mid_message() || self.srelay.mid_message() || self.tracker.parse_in_flight() {
             return; // dropping the checkout closes the connection
         }

@@ -48,8 +48,8 @@ impl Session {
         if !before.is_empty() && self.stream.write_all(&before).await.is_err() {
             return false;
         }
-        let mut conns = match self.shard_primaries(&sh, None).await {
-            Ok(c) => c,
+        let mut conns = match self.shard_conns(&sh, None, false).await {
+            Ok(c) => c.into_iter().map(|(_, c)| c).collect::<Vec<_>>(),
             Err(e) => return self.answer_error(&e).await,
         };
         let result = self.copy_rows(&sh, &copy, &sql, &mut conns).await;

@@ -29,6 +29,7 @@ use crate::sqlhead;
 
 mod abandon;
 mod copy;
+mod multi;
 mod route;
 mod scatter;
 mod settings;
@@ -51,6 +52,9 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 enum Relayed {
     /// Transaction boundary: the server connection is clean and idle.
     Released,
+    /// A batch answered inside a transaction that may span shards: the
+    /// connection stays with the transaction.
+    Batch,
     /// Terminate or EOF from the client.
     ClientGone,
     /// The server connection broke.
@@ -95,6 +99,8 @@ pub struct Session {
     last_write: Option<Instant>,
     /// A BEGIN answered by pgmux, waiting for the first statement.
     deferred: Option<route::Deferred>,
+    /// A transaction that may span shards, with its parts.
+    multi: Option<multi::Multi>,
     /// The client keeps its server connection (session state pgmux cannot
     /// replay: LISTEN, temporary tables, session advisory locks, ...).
     pinned: bool,
@@ -134,6 +140,7 @@ impl Session {
             held: false,
             last_write: None,
             deferred: None,
+            multi: None,
             pinned: false,
             replay: None,
             startup: wanted.clone(),
@@ -170,6 +177,11 @@ impl Session {
 
     /// Serve the client until it leaves.
     pub async fn run(mut self) {
+        self.serve().await;
+        self.leave_multi().await;
+    }
+
+    async fn serve(&mut self) {
         loop {
             // Idle: no server connection until a whole message is here (a
             // routed extended-protocol batch: up to its Execute/Sync/Flush).
@@ -224,7 +236,11 @@ impl Session {
                     continue;
                 }
             };
-            let (mut server, replica) = match self.checkout(target, decision).await {
+            let checked = match self.sharding.clone() {
+                Some(sh) if self.multi.is_some() => self.shard_conn(&sh, self.shard_at, false).await.map(|c| (c, None)),
+                _ => self.checkout(target, decision).await,
+            };
+            let (mut server, replica) = match checked {
                 Ok(s) => s,
                 Err(e) if e.severity == Severity::Error => {
                     if !self.refuse(&e).await {
@@ -249,8 +265,17 @@ impl Session {
                         // to replay past this point.
                         self.last_write = Some(Instant::now());
                     }
-                    server.release()
+                    server.release();
+                    if self.multi.is_some() {
+                        // One part ended by a statement of its own: the
+                        // others cannot be committed with it.
+                        tracing::warn!(
+                            "a transaction spanning shards ended on one shard only; rolling back the others"
+                        );
+                        let _ = self.finish_multi(false).await;
+                    }
                 }
+                Relayed::Batch => self.rejoin(self.shard_at, server, self.flight.status),
                 Relayed::ServerGone(why) if replay.is_some() && replica.is_some() => {
                     // Nothing of the answer reached the client: ban the
                     // replica and run the read elsewhere.
@@ -308,6 +333,21 @@ impl Session {
             && self.tracker.idle()
     }
 
+    /// A batch of a transaction that may span shards is answered: the
+    /// next one is routed anew.
+    fn answered_in_transaction(&self, conn: &ServerConn) -> bool {
+        !self.pinned
+            && self.flight.status != b'I'
+            && self.flight.pending == 0
+            && !self.flight.unsynced
+            && !self.flight.copy_in
+            && !self.crelay.mid_message()
+            && !self.srelay.mid_message()
+            && conn.rbuf.is_empty()
+            && self.tracker.idle()
+            && self.cross()
+    }
+
     async fn relay(&mut self, conn: &mut ServerConn) -> Relayed {
         if let Some(end) = self.forward_client(conn).await {
             return end;
@@ -315,6 +355,9 @@ impl Session {
         loop {
             if self.mode == PoolMode::Transaction && !self.pinned && self.releasable(conn) {
                 return Relayed::Released;
+            }
+            if self.answered_in_transaction(conn) {
+                return Relayed::Batch;
             }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
                 self.rbuf.reserve(16 * 1024);
@@ -332,6 +375,7 @@ impl Session {
                     // A batch held back: send it once this one is answered,
                     // unless the transaction ended (it is routed anew).
                     None if self.held
+                        && !self.cross()
                         && self.flight.pending == 0
                         && !self.flight.copy_in
                         && (self.flight.status != b'I' || self.pinned) =>

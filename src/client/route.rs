@@ -67,11 +67,14 @@ pub(super) enum Plan {
     Scatter(Box<crate::shard::merge::MergePlan>),
     /// The same, as an extended-protocol batch.
     ScatterExtended(Box<crate::shard::merge::MergePlan>),
-    /// A write run on several shards (None: all), not atomically.
-    ScatterWrite(String, Option<Vec<usize>>),
+    /// A write run on several shards (None: all); `true`: the same rows
+    /// on each (a reference table), counted once.
+    ScatterWrite(String, Option<Vec<usize>>, bool),
     /// COPY FROM STDIN split over the shards (the statement's text; sent
     /// over the extended protocol).
     CopyIn(Box<crate::shard::copy::CopyIn>, String, bool),
+    /// The end of a transaction that may span shards (`true`: COMMIT).
+    EndMulti(bool),
 }
 
 /// The whole first message of `buf`, if it is there.
@@ -122,6 +125,24 @@ impl Session {
             self.consume_first();
             return Plan::Answer(command_reply(tag, b'I'));
         }
+        if let Some(m) = &self.multi {
+            let sql = match &query {
+                Some(q) => Some(q.clone()),
+                None if self.batch_executes() => self.batch_sql(),
+                None => None,
+            };
+            if let Some(end) = sql.as_deref().and_then(txn_end_tag) {
+                return Plan::EndMulti(end == "COMMIT");
+            }
+            // A savepoint may undo the failure of a transaction on one shard.
+            let undo = m.conns.len() == 1 && sql.as_deref().is_some_and(super::multi::is_savepoint);
+            if m.failed && !undo {
+                return Plan::Refuse(PgError::error(
+                    sqlstate::IN_FAILED_SQL_TRANSACTION,
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                ));
+            }
+        }
         if self.deferred.as_ref().is_some_and(|d| d.failed) {
             return Plan::Refuse(PgError::error(
                 sqlstate::IN_FAILED_SQL_TRANSACTION,
@@ -141,6 +162,14 @@ impl Session {
         let read_only = self.wanted.get("default_transaction_read_only").is_some_and(|v| v == "on");
         if decision == Decision::Begin && read_only {
             decision = Decision::Read;
+        }
+        if decision == Decision::Read
+            && self.deferred.as_ref().is_some_and(|d| !d.sql.to_ascii_lowercase().contains("read only"))
+            && r.options.transaction_routing != TransactionRouting::FirstStatement
+        {
+            // A sharded transaction (its BEGIN deferred to find the
+            // shard) runs on the shard's primary.
+            decision = Decision::Other;
         }
         if decision == Decision::Begin
             && self.deferred.is_none()
@@ -178,7 +207,8 @@ impl Session {
             Plan::Scatter(plan) => self.scatter(&plan).await,
             Plan::ScatterExtended(plan) => self.scatter_extended(&plan).await,
             Plan::CopyIn(copy, sql, extended) => self.copy_into_shards(*copy, sql, extended).await,
-            Plan::ScatterWrite(sql, shards) => self.scatter_write(&sql, shards).await,
+            Plan::ScatterWrite(sql, shards, copies) => self.scatter_write(&sql, shards, copies).await,
+            Plan::EndMulti(commit) => self.end_multi(commit).await,
         }
     }
 
@@ -213,39 +243,54 @@ impl Session {
     /// come), as PostgreSQL answers a failed batch. The session stays.
     /// `false`: the client went away.
     pub(super) async fn refuse(&mut self, err: &PgError) -> bool {
-        if self.stream.write_all(&err.to_bytes()).await.is_err() {
+        if self.stream.write_all(&err.to_bytes()).await.is_err() || self.skip_to_sync().await.is_none() {
             return false;
         }
+        let mut out = BytesMut::new();
+        msg::ready_for_query(&mut out, self.failed_status());
+        self.stream.write_all(&out).await.is_ok()
+    }
+
+    /// The transaction status after an error pgmux answered: a
+    /// transaction pgmux knows of has failed.
+    pub(super) fn failed_status(&mut self) -> u8 {
+        let multi = self.fail_multi();
+        match (&mut self.deferred, multi) {
+            (Some(d), _) => {
+                d.failed = true;
+                b'E'
+            }
+            (None, true) => b'E',
+            (None, false) => b'I',
+        }
+    }
+
+    /// Consume a Query, or extended-protocol messages up to their Sync
+    /// (read as they come): (tag, first body byte) of each. `None`: the
+    /// client went away or broke the protocol (it was told).
+    pub(super) async fn skip_to_sync(&mut self) -> Option<Vec<(u8, u8)>> {
+        let mut seen = Vec::new();
         loop {
             match first_message(&self.rbuf) {
-                Some((tag, _)) => {
+                Some((tag, body)) => {
+                    seen.push((tag, body.first().copied().unwrap_or(0)));
                     self.consume_first();
                     if matches!(tag, b'Q' | b'S') {
-                        break;
+                        return Some(seen);
                     }
                 }
                 None => {
                     if let Err(e) = peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
                         let _ = self.stream.write_all(&super::frame_error(e).to_bytes()).await;
-                        return false;
+                        return None;
                     }
                     self.rbuf.reserve(8192);
                     if !matches!(self.stream.read_buf(&mut self.rbuf).await, Ok(n) if n > 0) {
-                        return false;
+                        return None;
                     }
                 }
             }
         }
-        let status = match &mut self.deferred {
-            Some(d) => {
-                d.failed = true;
-                b'E'
-            }
-            None => b'I',
-        };
-        let mut out = BytesMut::new();
-        msg::ready_for_query(&mut out, status);
-        self.stream.write_all(&out).await.is_ok()
     }
 
     /// A server connection for the planned backend, made this client's

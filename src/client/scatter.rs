@@ -13,7 +13,6 @@ use crate::pool::Checkout;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
-use crate::router::route::{Decision, Target};
 use crate::shard::merge::{self, MergePlan, Row};
 use crate::shard::ShardRouter;
 use crate::statements::{split_cstr, Statement};
@@ -66,49 +65,34 @@ impl Session {
                 out.extend_from_slice(&desc);
                 put_rows(&mut out, &rows);
             }
-            Err(e) => e.encode(&mut out),
+            Err(e) => {
+                e.encode(&mut out);
+                self.fail_multi();
+            }
         }
-        msg::ready_for_query(&mut out, b'I');
+        msg::ready_for_query(&mut out, self.txn_status());
         self.stream.write_all(&out).await.is_ok()
     }
 
     /// Send `request` (the read) to a connection of every shard (a replica where the
-    /// shard's routing allows), read all answers, merge. Connections go
-    /// back to their pools idle, or are closed.
+    /// shard's routing allows; in a transaction spanning shards, its
+    /// parts), read all answers, merge.
     async fn gather(
         &mut self,
         sh: &ShardRouter,
         plan: &MergePlan,
         request: &[u8],
     ) -> Result<(BytesMut, Vec<Row>, Vec<u8>), PgError> {
-        let mut conns: Vec<Checkout> = Vec::new();
-        for (i, b) in sh.backends.iter().enumerate() {
-            if plan.shards.as_ref().is_some_and(|s| !s.contains(&i)) {
-                continue;
-            }
-            self.use_shard(sh, i);
-            let target = match &b.routing {
-                Some(r) => Some(r.read_target(self.last_write)?),
-                None => Some(Target::Primary),
-            };
-            let (server, _) = self.checkout(target, Decision::Read).await?;
-            conns.push(server);
-        }
-        let sends = conns.iter_mut().map(|c| async {
-            let conn = c.conn();
-            conn.stream.write_all(request).await?;
-            read_answer(conn).await
-        });
-        let answers = futures_util::future::join_all(sends).await;
+        let mut conns = self.shard_conns(sh, plan.shards.as_deref(), true).await?;
+        let answers = self.ask_all(&mut conns, request).await;
         let mut desc: Option<BytesMut> = None;
         let mut stmt_desc = Vec::new();
         let mut shards_rows = Vec::new();
         let mut error = None;
         let mut held = 0usize;
-        for (answer, c) in answers.into_iter().zip(conns) {
+        for answer in answers {
             match answer {
                 Ok(a) => {
-                    c.release();
                     if let (None, Some(e)) = (&error, &a.error) {
                         error = Some(PgError::error_from_server(e));
                     }
@@ -120,7 +104,7 @@ impl Session {
                     shards_rows.push(a.rows);
                 }
                 Err(e) => {
-                    error.get_or_insert(PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgmux: shard: {e}")));
+                    error.get_or_insert(e);
                 }
             }
         }
@@ -191,57 +175,67 @@ impl Session {
                 b'D' if !std::mem::take(&mut statement_pending) => out.extend_from_slice(&desc),
                 b'D' => out.extend_from_slice(&stmt_desc),
                 b'E' => put_rows(&mut out, &rows),
-                _ => msg::ready_for_query(&mut out, b'I'),
+                _ => msg::ready_for_query(&mut out, self.txn_status()),
             }
         }
         self.stream.write_all(&out).await.is_ok()
     }
 
-    /// Run a write on several shards' primaries (`allow_cross_shard_writes`:
-    /// each commits on its own) and answer with the rows it returned and
-    /// its counts added up. `false`: the client went away.
-    pub(super) async fn scatter_write(&mut self, sql: &str, shards: Option<Vec<usize>>) -> bool {
+    /// Run a write on several shards' primaries (`allow_cross_shard_writes`)
+    /// and answer with the rows it returned and its counts added up. Outside
+    /// a transaction it is one of its own, committed on every shard (see
+    /// [`super::multi`]). `false`: the client went away.
+    pub(super) async fn scatter_write(&mut self, sql: &str, shards: Option<Vec<usize>>, copies: bool) -> bool {
         let Some(sh) = self.sharding.clone() else { return false };
         self.consume_first();
-        let mut conns = match self.shard_primaries(&sh, shards.as_deref()).await {
-            Ok(c) => c,
-            Err(e) => return self.answer_error(&e).await,
-        };
+        let implicit = self.multi.is_none();
+        if implicit {
+            self.multi = Some(super::multi::Multi::new("BEGIN"));
+        }
         let mut request = BytesMut::new();
         msg::query(&mut request, sql);
-        let sends = conns.iter_mut().map(|c| async {
-            let conn = c.conn();
-            conn.stream.write_all(&request).await?;
-            read_answer(conn).await
-        });
-        let answers = futures_util::future::join_all(sends).await;
+        let answers = match self.shard_conns(&sh, shards.as_deref(), false).await {
+            Ok(mut conns) => self.ask_all(&mut conns, &request).await,
+            Err(e) => vec![Err(e)],
+        };
         let (mut out, mut rows, mut desc, mut error) = (BytesMut::new(), BytesMut::new(), None, None);
         let (mut verb, mut count) = (String::new(), 0u64);
-        for (answer, c) in answers.into_iter().zip(conns) {
-            let Ok(a) = answer else {
-                error.get_or_insert(PgError::error(
-                    sqlstate::CONNECTION_FAILURE,
-                    "pgmux: a shard failed during the write",
-                ));
-                continue;
+        for (at, answer) in answers.into_iter().enumerate() {
+            let a = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    error.get_or_insert(e);
+                    continue;
+                }
             };
-            c.release();
             if let Some(e) = &a.error {
                 error.get_or_insert(PgError::error_from_server(e));
             }
             desc = desc.or(a.desc);
+            if copies && at > 0 {
+                // A reference table's copies: counted and returned once.
+                continue;
+            }
             for r in &a.rows {
-                let at = msg::start_message(&mut rows, b'D');
+                let m = msg::start_message(&mut rows, b'D');
                 rows.extend_from_slice(r);
-                msg::finish_message(&mut rows, at);
+                msg::finish_message(&mut rows, m);
             }
             if let Some((v, n)) = a.tag.as_deref().and_then(|t| t.rsplit_once(' ')) {
                 verb = v.to_string();
                 count += n.parse::<u64>().unwrap_or(0);
             }
         }
+        if implicit {
+            if let Err(e) = self.finish_multi(error.is_none()).await {
+                error.get_or_insert(e);
+            }
+        }
         match error {
-            Some(e) => e.encode(&mut out),
+            Some(e) => {
+                e.encode(&mut out);
+                self.fail_multi();
+            }
             None => {
                 if let Some(d) = desc {
                     out.extend_from_slice(&d);
@@ -252,37 +246,50 @@ impl Session {
                 msg::finish_message(&mut out, at);
             }
         }
-        msg::ready_for_query(&mut out, b'I');
+        msg::ready_for_query(&mut out, self.txn_status());
         self.stream.write_all(&out).await.is_ok()
     }
 
-    /// A connection to the primary (where writes go now) of each shard in
-    /// `only` (None: every shard), made this client's.
-    pub(super) async fn shard_primaries(
-        &mut self,
-        sh: &ShardRouter,
-        only: Option<&[usize]>,
-    ) -> Result<Vec<Checkout>, PgError> {
-        let mut conns = Vec::new();
-        for (i, b) in sh.backends.iter().enumerate() {
-            if only.is_some_and(|s| !s.contains(&i)) {
-                continue;
-            }
-            self.use_shard(sh, i);
-            let target = match &b.routing {
-                Some(r) => r.write_target(true)?,
-                None => Target::Primary,
-            };
-            conns.push(self.checkout(Some(target), Decision::Write).await?.0);
+    /// Send `request` to every connection at once and read the answers;
+    /// the connections go back (to the transaction, or their pools).
+    async fn ask_all(&mut self, conns: &mut Vec<(usize, Checkout)>, request: &[u8]) -> Vec<Result<Answer, PgError>> {
+        let sends = conns.iter_mut().map(|(_, c)| async {
+            let conn = c.conn();
+            conn.stream.write_all(request).await?;
+            read_any_answer(conn).await
+        });
+        let answers = futures_util::future::join_all(sends).await;
+        let mut out = Vec::new();
+        for (answer, (i, c)) in answers.into_iter().zip(conns.drain(..)) {
+            out.push(match answer {
+                Ok(a) => {
+                    self.give_back(i, c, a.status);
+                    Ok(a)
+                }
+                Err(e) => {
+                    // Its part of a transaction is lost with it.
+                    self.fail_multi();
+                    Err(PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgmux: shard: {e}")))
+                }
+            });
         }
-        Ok(conns)
+        out
     }
 
-    /// Answer a batch with `e` and ReadyForQuery (idle).
+    /// The transaction status pgmux reports after a batch it answered.
+    pub(super) fn txn_status(&self) -> u8 {
+        match &self.multi {
+            Some(m) if m.failed => b'E',
+            Some(_) => b'T',
+            None => b'I',
+        }
+    }
+
+    /// Answer a batch with `e` and ReadyForQuery.
     pub(super) async fn answer_error(&mut self, e: &PgError) -> bool {
         let mut out = BytesMut::new();
         e.encode(&mut out);
-        msg::ready_for_query(&mut out, b'I');
+        msg::ready_for_query(&mut out, self.failed_status());
         self.stream.write_all(&out).await.is_ok()
     }
 
@@ -399,10 +406,23 @@ pub(super) struct Answer {
     pub(super) copied: u64,
     /// The CommandComplete tag.
     pub(super) tag: Option<String>,
+    /// The transaction status after it.
+    status: u8,
 }
 
+/// A shard's answer, outside a transaction (it must leave none open).
 pub(super) async fn read_answer(conn: &mut crate::server::ServerConn) -> Result<Answer, crate::server::ServerError> {
-    let mut a = Answer { desc: None, stmt_desc: Vec::new(), rows: Vec::new(), error: None, copied: 0, tag: None };
+    let a = read_any_answer(conn).await?;
+    if a.status != b'I' {
+        return Err(crate::server::ServerError::Protocol("shard left a transaction open".into()));
+    }
+    Ok(a)
+}
+
+/// A shard's answer, with the transaction status it left.
+async fn read_any_answer(conn: &mut crate::server::ServerConn) -> Result<Answer, crate::server::ServerError> {
+    let mut a =
+        Answer { desc: None, stmt_desc: Vec::new(), rows: Vec::new(), error: None, copied: 0, tag: None, status: b'I' };
     let mut statement_next = false;
     loop {
         let (tag, body) = conn.read_message().await?;
@@ -432,8 +452,10 @@ pub(super) async fn read_answer(conn: &mut crate::server::ServerConn) -> Result<
                 }
                 a.tag = Some(tag);
             }
-            b'Z' if body.first() == Some(&b'I') => return Ok(a),
-            b'Z' => return Err(crate::server::ServerError::Protocol("shard left a transaction open".into())),
+            b'Z' => {
+                a.status = body.first().copied().unwrap_or(b'?');
+                return Ok(a);
+            }
             _ => {}
         }
     }

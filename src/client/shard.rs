@@ -81,7 +81,7 @@ impl ShardGuard {
                 )
                 .with_hint("Transactions spanning shards are not supported: one transaction per shard."),
             ),
-            Ok(ShardTarget::Write(_)) => Some(PgError::error(
+            Ok(ShardTarget::Write(_) | ShardTarget::Everywhere) => Some(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("pgmux: this transaction runs on shard {here}; a write to several shards cannot join it"),
             )),
@@ -116,7 +116,7 @@ impl Session {
     /// `None`: routing goes on within the chosen shard (now `self.pool`
     /// and `self.routing`); `Some`: the plan for this batch.
     pub(super) fn shard_step(&mut self, sh: &Arc<ShardRouter>, query: Option<&str>) -> Option<Plan> {
-        if let (Some(q), None) = (query, &self.deferred) {
+        if let (Some(q), None, None) = (query, &self.deferred, &self.multi) {
             // A transaction's shard is that of its first statement.
             if sh.begins_transaction(q) {
                 self.deferred = Some(Deferred { sql: q.to_string(), failed: false });
@@ -124,22 +124,41 @@ impl Session {
                 return Some(Plan::Answer(super::route::command_reply("BEGIN", b'T')));
             }
         }
+        if self.cross() {
+            // The transaction may span shards: its parts begin as it
+            // reaches them.
+            if let Some(d) = self.deferred.take() {
+                self.multi = Some(super::multi::Multi::new(d.sql));
+            }
+            if self.multi.is_some() {
+                let sql = query.map(str::to_string).or_else(|| self.batch_sql());
+                if let Some(e) = self.check_savepoint(sql.as_deref()) {
+                    return Some(Plan::Refuse(e));
+                }
+            }
+        }
         let target = match self.batch_target(sh) {
             Ok(t) => t,
             Err(e) => return Some(Plan::Refuse(e)),
         };
+        // In a transaction spanning shards, the batch runs on its shard's part.
+        let part = || Plan::Go { target: None, decision: crate::router::route::Decision::Write };
+        let in_multi = self.multi.is_some();
         match target {
             ShardTarget::One(i) => {
                 self.use_shard(sh, i);
-                None
+                in_multi.then(part)
             }
-            ShardTarget::Any => None,
-            ShardTarget::Write(_) if self.deferred.is_some() || query.is_none() => Some(Plan::Refuse(PgError::error(
+            ShardTarget::Any => in_multi.then(part),
+            ShardTarget::Write(_) | ShardTarget::Everywhere if query.is_none() => Some(Plan::Refuse(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                "pgmux: a write to several shards runs only outside transactions, over the simple query protocol",
+                "pgmux: a write to several shards runs only over the simple query protocol",
             ))),
-            ShardTarget::Write(shards) => Some(Plan::ScatterWrite(query.unwrap_or_default().to_string(), shards)),
-            ShardTarget::CopyIn(_) if self.deferred.is_some() => Some(Plan::Refuse(PgError::error(
+            ShardTarget::Write(shards) => {
+                Some(Plan::ScatterWrite(query.unwrap_or_default().to_string(), shards, false))
+            }
+            ShardTarget::Everywhere => Some(Plan::ScatterWrite(query.unwrap_or_default().to_string(), None, true)),
+            ShardTarget::CopyIn(_) if self.deferred.is_some() || in_multi => Some(Plan::Refuse(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "pgmux: COPY into a sharded table cannot run inside a transaction",
             ))),
@@ -168,7 +187,7 @@ impl Session {
     }
 
     /// The statement text the batch at the front of the buffer executes.
-    fn batch_sql(&self) -> Option<String> {
+    pub(super) fn batch_sql(&self) -> Option<String> {
         let mut rest: &[u8] = &self.rbuf;
         let mut parsed = None;
         while let Some((tag, body)) = first_message(rest) {
@@ -190,7 +209,7 @@ impl Session {
     }
 
     /// Whether the batch at the front of the buffer has an Execute.
-    fn batch_executes(&self) -> bool {
+    pub(super) fn batch_executes(&self) -> bool {
         let mut rest: &[u8] = &self.rbuf;
         while let Some((tag, body)) = first_message(rest) {
             rest = &rest[HEADER_LEN + body.len()..];
@@ -248,7 +267,7 @@ impl Session {
         if self.mode != crate::config::PoolMode::Transaction || self.pinned {
             return Ok(());
         }
-        if self.deferred.is_none() {
+        if self.deferred.is_none() && self.multi.is_none() {
             // A new transaction: forget the last one's keys.
             self.resolved.clear();
         }

@@ -237,6 +237,11 @@ pub struct Database {
     /// atomically) instead of being refused.
     #[serde(default)]
     pub allow_cross_shard_writes: bool,
+    /// With `allow_cross_shard_writes`: commit what touched several shards
+    /// with PostgreSQL's two-phase commit (`PREPARE TRANSACTION`), all or
+    /// nothing. The shards need `max_prepared_transactions > 0`.
+    #[serde(default)]
+    pub two_phase_commit: bool,
 }
 
 fn yes() -> bool {

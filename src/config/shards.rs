@@ -154,6 +154,9 @@ pub fn check(db: &str, k: &Database) -> Result<(), (String, String)> {
             return Err((key(&format!("shards[{i}].name")), format!("shard name \"{}\" is empty or repeated", s.name)));
         }
     }
+    if k.two_phase_commit && !k.allow_cross_shard_writes {
+        return Err((key("two_phase_commit"), "needs allow_cross_shard_writes = true".into()));
+    }
     let known_shard = |what: String, name: &str| -> Result<(), (String, String)> {
         if shard_names.contains(&name) {
             Ok(())

@@ -14,6 +14,7 @@ use super::messages::{finish_message, start_message};
 pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     pub const CONNECTION_FAILURE: &str = "08006";
+    pub const TRANSACTION_RESOLUTION_UNKNOWN: &str = "08007";
     pub const CONNECTION_EXCEPTION: &str = "08000";
     pub const SQLCLIENT_UNABLE_TO_ESTABLISH: &str = "08001";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";

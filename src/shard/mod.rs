@@ -10,6 +10,7 @@ pub mod key;
 pub mod map;
 pub mod merge;
 pub mod mover;
+pub mod twophase;
 pub mod values;
 
 use std::collections::HashMap;
@@ -57,6 +58,9 @@ pub enum ShardTarget {
     /// A write run on each of these shards (None: all), not atomically
     /// (`allow_cross_shard_writes`).
     Write(Option<Vec<usize>>),
+    /// A write to a reference table: the same on every shard
+    /// (`allow_cross_shard_writes`).
+    Everywhere,
 }
 
 /// The analysis of one statement text, cached.
@@ -72,6 +76,8 @@ enum Analysis {
         merge: Option<Result<Box<merge::MergePlan>, String>>,
     },
     Scatter(Box<merge::MergePlan>),
+    /// A write to a reference table: on every shard.
+    Everywhere,
     Refused(String),
     Hinted(Hint),
     CopyIn(Box<copy::CopyIn>),
@@ -99,6 +105,9 @@ pub struct ShardRouter {
     directories: HashMap<usize, Arc<directory::Directory>>,
     classifier: Classifier,
     allow_cross_shard_writes: bool,
+    two_phase_commit: bool,
+    /// Shards whose two-phase commit log table is known to exist.
+    commit_logs: Mutex<std::collections::HashSet<usize>>,
     cache: Mutex<LruCache<String, Analysis>>,
     /// Analyses by statement shape (see [`ShardRouter::analysis`]).
     shapes: Mutex<LruCache<String, Analysis>>,
@@ -143,9 +152,37 @@ impl ShardRouter {
             directories,
             classifier: Classifier::new(0, &db.write_functions, db.functions_are_writes),
             allow_cross_shard_writes: db.allow_cross_shard_writes,
+            two_phase_commit: db.two_phase_commit,
+            commit_logs: Mutex::new(Default::default()),
             cache: Mutex::new(LruCache::new(cap)),
             shapes: Mutex::new(LruCache::new(cap)),
         }
+    }
+
+    /// Transactions may span shards (`allow_cross_shard_writes`).
+    pub fn cross_shard(&self) -> bool {
+        self.allow_cross_shard_writes
+    }
+
+    /// Commit what spans shards atomically (`two_phase_commit`).
+    pub fn two_phase(&self) -> bool {
+        self.two_phase_commit
+    }
+
+    /// Whether shard `i` has the two-phase commit log; `set` records that
+    /// it has.
+    pub fn commit_log(&self, i: usize, set: bool) -> bool {
+        let mut logs = self.commit_logs.lock().unwrap_or_else(|e| e.into_inner());
+        if set {
+            logs.insert(i);
+        }
+        logs.contains(&i)
+    }
+
+    /// Settle the prepared transactions a pgmux left on these shards
+    /// (see [`twophase::recover`]).
+    pub async fn recover_prepared(&self, grace: std::time::Duration) -> Result<twophase::Recovered, PgError> {
+        twophase::recover(&self.backends, grace).await
     }
 
     /// A lone `BEGIN` / `START TRANSACTION` (any mode): its shard is that
@@ -195,8 +232,12 @@ impl ShardRouter {
         }
         let insert = matches!(stmt, sqlparser::ast::Statement::Insert(_));
         if let Some(t) = key::write_target(stmt).filter(|t| self.tables.reference.contains(t)) {
+            if self.allow_cross_shard_writes {
+                return Analysis::Everywhere;
+            }
             return Analysis::Refused(format!(
-                "{t} is a reference table (the same rows on every shard): change it on each shard directly"
+                "{t} is a reference table (the same rows on every shard): change it on each shard directly \
+                 (or set allow_cross_shard_writes)"
             ));
         }
         let home = key::relations(stmt)
@@ -306,6 +347,7 @@ impl ShardRouter {
                     KeyShard::Lookup(t) => Ok(t),
                 }
             }
+            Analysis::Everywhere => Ok(ShardTarget::Everywhere),
             Analysis::Scope { scope: Scope::Unsharded, home: true, .. } => Ok(ShardTarget::One(0)),
             Analysis::Hinted(_) | Analysis::Scope { scope: Scope::Unsharded, .. } => Ok(ShardTarget::Any),
             Analysis::Scope { scope: Scope::Mixed(tables), .. } => Err(feature(format!(
