@@ -474,5 +474,26 @@ async fn moving_a_key_under_write_load_loses_and_duplicates_nothing() {
         written.to_string(),
         "pgmux reads the key on its new shard"
     );
+
+    // A move killed between its copy and its delete leaves the rows on
+    // both shards and the key marked moving; running it again finishes it
+    // without doubling a row.
+    let from = c.psql(nodes[dst], "shop", "SELECT count(*) FROM tenants WHERE tenant_id = 'acme'").unwrap();
+    let rows = c
+        .psql(
+            nodes[dst],
+            "shop",
+            "SELECT string_agg(format('(%L, %L)', tenant_id, name), ',') FROM tenants WHERE tenant_id = 'acme'",
+        )
+        .unwrap();
+    c.psql(nodes[src], "shop", &format!("INSERT INTO tenants (tenant_id, name) VALUES {rows}")).unwrap();
+    c.psql(&c.primary, "shop", "UPDATE pgmux_directory SET moving = true WHERE key = 'acme'").unwrap();
+    let back = pgmux::shard::mover::MoveRequest { to: if to == "s0" { "s1" } else { "s0" }.into(), ..req };
+    // The directory still names the new shard: moving back is the rerun
+    // of a move to the old one that died after copying.
+    let moved = pgmux::shard::mover::move_key(&config, &back).await.unwrap();
+    assert_eq!(moved.to_string(), from);
+    assert_eq!(count(dst), "0");
+    assert_eq!(count(src), written.to_string(), "rows doubled by the rerun");
     p.stop().await;
 }

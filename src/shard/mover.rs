@@ -16,6 +16,12 @@
 //! A failure before the target commits changes nothing; after it, the
 //! copies are deleted from the target again (best effort) and the entry
 //! stays on the source.
+//!
+//! A move that died part-way (the process killed) leaves the key marked
+//! moving — its transactions wait — until the move is run again, which
+//! finishes it: the copy first deletes whatever rows of the key the
+//! target holds (the directory names the source, so they can only be an
+//! earlier attempt's copies), so no row is ever doubled.
 
 use std::time::Duration;
 
@@ -128,6 +134,8 @@ async fn copy_rows(src: &Client, dst: &Client, tables: &[(&str, &str)], key: &st
         dst.batch_execute("BEGIN").await?;
         let mut total = 0u64;
         for (table, col) in tables {
+            // An interrupted earlier attempt's copies.
+            dst.batch_execute(&format!("DELETE FROM {table} WHERE {col} = {lit}")).await?;
             let out = src.copy_out(&format!("COPY (SELECT * FROM {table} WHERE {col} = {lit}) TO STDOUT")).await?;
             pin_mut!(out);
             let mut data = Vec::new();
