@@ -5,6 +5,7 @@
 //! [`protocol::frame`] and relayed by [`client`] to a server connection
 //! ([`server`]) checked out of a [`pool`], and back.
 
+pub mod admin;
 pub mod cancel;
 pub mod client;
 pub mod config;

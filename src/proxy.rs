@@ -206,6 +206,23 @@ impl Proxy {
             }
             Ok(Err(LoginError::Gone)) | Err(_) => return,
         };
+        if info.database == crate::ADMIN_DB {
+            let general = &self.config.general;
+            let role = if general.admin_users.contains(&user.name) {
+                crate::admin::Role::Admin
+            } else if general.stats_users.contains(&user.name) {
+                crate::admin::Role::Stats
+            } else {
+                let e = PgError::fatal(
+                    sqlstate::INVALID_AUTHORIZATION,
+                    format!("user \"{}\" may not use the admin console (admin_users, stats_users)", user.name),
+                );
+                return Session::fatal(&mut stream, &e).await;
+            };
+            tracing::info!(%peer, user = %user.name, "admin console login");
+            let guard = self.cancels.register();
+            return crate::admin::serve(self.clone(), stream, buf, role, guard.key()).await;
+        }
         let Some(db) = self.config.databases.get(&info.database) else {
             let e = PgError::fatal(
                 sqlstate::INVALID_CATALOG_NAME,
@@ -265,7 +282,7 @@ impl Proxy {
 
     /// The directories of a sharded database's `directory` maps (started
     /// on first use, shared by every user).
-    fn directories_for(&self, name: &str, db: &Database) -> HashMap<String, Arc<Directory>> {
+    pub fn directories_for(&self, name: &str, db: &Database) -> HashMap<String, Arc<Directory>> {
         let mut all = self.directories.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = HashMap::new();
         for (map, cfg) in &db.maps {

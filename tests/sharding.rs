@@ -51,6 +51,7 @@ fn config(c: &Cluster) -> String {
         r#"[pgmux]
 listen = "127.0.0.1:{port}"
 log_level = "warn"
+admin_users = ["{user}"]
 
 [[users]]
 name = "{user}"
@@ -419,6 +420,24 @@ async fn directory_assigns_new_keys_and_follows_changes() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
+
+    // The admin console: SHOW SHARDS counts the directory's keys per
+    // shard, SHARD MOVE moves one.
+    let admin = client(&p, "pgmux").await;
+    let shards = rows(&admin, "SHOW SHARDS").await;
+    let tenants: Vec<_> = shards.iter().filter(|r| r[1].as_deref() == Some("by_tenant")).collect();
+    assert_eq!(tenants.len(), 2, "{shards:?}");
+    let keys: i64 = tenants.iter().map(|r| r[7].as_deref().unwrap_or("x").parse::<i64>().unwrap()).sum();
+    assert_eq!(keys, 21, "t0..t19 and race");
+    let from = c.psql(&c.primary, "shop", "SELECT shard FROM pgmux_directory WHERE key = 't5'").unwrap();
+    let (dst, to) = if from == "s0" { (1, "s1") } else { (0, "s0") };
+    let moved = rows(&admin, &format!("SHARD MOVE shop by_tenant 't5' TO {to} GRACE 50")).await;
+    assert_eq!(moved, vec![vec![Some("1".to_string())]]);
+    assert_eq!(scalar(&cl, "SELECT inet_server_port() FROM tenants WHERE tenant_id = 't5'").await, ports[dst]);
+    let e = admin.simple_query("SHARD MOVE shop by_tenant 't5' TO s9").await.unwrap_err();
+    assert_eq!(code(&e), "22023", "{}", text(&e));
+    let e = admin.simple_query("FROBNICATE").await.unwrap_err();
+    assert_eq!(code(&e), "42601", "{}", text(&e));
     p.stop().await;
     q.stop().await;
 }

@@ -79,6 +79,10 @@ pub struct General {
     pub max_client_conn: usize,
     /// Worker threads for the runtime (0 = one per core).
     pub worker_threads: usize,
+    /// Users (from `[[users]]`) allowed every admin console command.
+    pub admin_users: Vec<String>,
+    /// Users allowed the admin console's SHOW commands.
+    pub stats_users: Vec<String>,
 }
 
 impl Default for General {
@@ -88,6 +92,8 @@ impl Default for General {
             log_level: "info".into(),
             max_client_conn: 10_000,
             worker_threads: 0,
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
         }
     }
 }
@@ -367,6 +373,13 @@ impl Config {
         }
         if self.pool.server_connect_timeout.0.is_zero() {
             return Err(err("pool.server_connect_timeout", "must be greater than zero"));
+        }
+        for (key, list) in
+            [("pgmux.admin_users", &self.general.admin_users), ("pgmux.stats_users", &self.general.stats_users)]
+        {
+            if let Some(u) = list.iter().find(|u| !self.users.contains_key(*u)) {
+                return Err(err(key, &format!("\"{u}\" is not a [[users]] entry")));
+            }
         }
         for (name, db) in &self.databases {
             if db.pool_size == Some(0) {

@@ -135,6 +135,16 @@ fn directory_cache() -> usize {
 }
 
 impl MapConfig {
+    /// `hash`, `range`, `list` or `directory`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MapConfig::Hash { .. } => "hash",
+            MapConfig::Range { .. } => "range",
+            MapConfig::List { .. } => "list",
+            MapConfig::Directory { .. } => "directory",
+        }
+    }
+
     pub fn key_type(&self) -> KeyType {
         match self {
             MapConfig::Hash { key_type }

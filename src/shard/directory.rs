@@ -10,6 +10,7 @@
 //!   NOTHING RETURNING`: two pgmux instances racing on a new key agree on
 //!   the row that won.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -135,9 +136,8 @@ impl Directory {
         }
     }
 
-    /// One lookup: `None` while the key is being moved.
-    async fn lookup_once(&self, key: &str, assign: bool) -> Result<Option<Option<usize>>, DirectoryError> {
-        let generation = self.generation.load(Ordering::SeqCst);
+    /// The directory's connection (made, and the table set up, if needed).
+    async fn connected(&self) -> Result<tokio::sync::MutexGuard<'_, Option<tokio_postgres::Client>>, DirectoryError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             let config = self.config();
@@ -150,6 +150,25 @@ impl Directory {
             setup(&client, &self.cfg.table).await.map_err(|e| self.unavailable(e))?;
             *guard = Some(client);
         }
+        Ok(guard)
+    }
+
+    /// Per shard name: its keys, and how many of them are being moved.
+    pub async fn key_counts(&self) -> Result<HashMap<String, (i64, i64)>, DirectoryError> {
+        let guard = self.connected().await?;
+        let client = guard.as_ref().ok_or_else(|| self.unavailable("no connection"))?;
+        let sql = format!(
+            "SELECT shard, count(*), count(*) FILTER (WHERE moving) FROM {} WHERE map = $1 GROUP BY shard",
+            self.cfg.table
+        );
+        let rows = client.query(&sql, &[&self.cfg.map]).await.map_err(|e| self.unavailable(e))?;
+        Ok(rows.iter().map(|r| (r.get::<_, String>(0), (r.get::<_, i64>(1), r.get::<_, i64>(2)))).collect())
+    }
+
+    /// One lookup: `None` while the key is being moved.
+    async fn lookup_once(&self, key: &str, assign: bool) -> Result<Option<Option<usize>>, DirectoryError> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        let guard = self.connected().await?;
         let client = guard.as_ref().ok_or_else(|| self.unavailable("no connection"))?;
         let t = &self.cfg.table;
         let mut shard: Option<String> = None;
