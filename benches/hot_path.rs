@@ -45,14 +45,14 @@ fn bench_statements(c: &mut Criterion) {
     let mut server = ServerStatements::default();
     let mut tracker = Tracker::default();
     for i in 0..50 {
-        let mut cx = Ctx { stmts: &mut stmts, server: &mut server, server_cap: 500 };
+        let mut cx = Ctx::new(&mut stmts, &mut server, 500);
         let _ = tracker.on_client(b'P', &parse_body(&format!("P_{i}")), &mut cx);
         let _ = tracker.on_server(b'1', b"", true, &mut cx);
     }
     let bind = bind_body("P_17");
     c.bench_function("bind_lookup_and_rename", |b| {
         b.iter(|| {
-            let mut cx = Ctx { stmts: &mut stmts, server: &mut server, server_cap: 500 };
+            let mut cx = Ctx::new(&mut stmts, &mut server, 500);
             let flow = tracker.on_client(b'B', black_box(&bind), &mut cx);
             let _ = tracker.on_server(b'2', b"", true, &mut cx);
             black_box(flow)

@@ -8,11 +8,14 @@
 pub mod admin;
 pub mod cancel;
 pub mod client;
+pub mod clients;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod flight;
 
 pub mod login;
+pub mod metrics;
 pub mod prepared;
 
 pub mod pgbin;
@@ -20,6 +23,7 @@ pub mod pgcluster;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod reload;
 pub mod replicas;
 pub mod router;
 pub mod server;

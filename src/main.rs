@@ -158,12 +158,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            rt.block_on(serve(config))
+            rt.block_on(serve(config, path))
         }
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, path: std::path::PathBuf) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
     let running = match Proxy::start(config).await {
         Ok(r) => r,
         Err(e) => {
@@ -171,20 +172,39 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    running.stop().await;
-    ExitCode::SUCCESS
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
+    let proxy = running.proxy.clone();
+    proxy.set_config_path(path);
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        eprintln!("cannot install signal handlers");
+        return ExitCode::FAILURE;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = proxy.reload();
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = proxy.shutdown_requested() => break,
+        }
     }
+    let timeout = proxy.config().general.shutdown_timeout.0;
+    tracing::info!(?timeout, "shutting down: no new clients, waiting for transactions in flight");
+    tokio::select! {
+        _ = proxy.drain(timeout) => {}
+        _ = term.recv() => {
+            tracing::warn!("second signal: closing every client now");
+            proxy.kill_all().await;
+        }
+        _ = int.recv() => {
+            tracing::warn!("second signal: closing every client now");
+            proxy.kill_all().await;
+        }
+    }
+    running.stop().await;
+    tracing::info!("pgmux stopped");
+    ExitCode::SUCCESS
 }

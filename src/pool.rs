@@ -35,12 +35,60 @@ pub enum PoolError {
     Server(#[from] ServerError),
 }
 
-/// Counters for SHOW POOLS / metrics.
+/// Counters for SHOW POOLS / SHOW STATS.
 #[derive(Debug, Default)]
 pub struct PoolStats {
     pub checkouts: AtomicU64,
     pub connects: AtomicU64,
     pub waiting: AtomicUsize,
+    /// Connections being opened now.
+    pub connecting: AtomicUsize,
+    pub queries: AtomicU64,
+    pub xacts: AtomicU64,
+    /// Bytes from clients to servers, and back.
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    /// Time in queries and transactions, in µs.
+    pub query_us: AtomicU64,
+    pub xact_us: AtomicU64,
+    /// Time spent waiting for a connection, in µs.
+    pub wait_us: AtomicU64,
+    /// When each client waiting now started to (by arrival number).
+    waiters: Mutex<std::collections::BTreeMap<u64, Instant>>,
+    arrivals: AtomicU64,
+}
+
+/// A client waiting for a connection, counted while it waits (also when
+/// it gives up or goes away).
+struct Waiting<'a> {
+    stats: &'a PoolStats,
+    me: u64,
+    started: Instant,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(stats: &'a PoolStats) -> Self {
+        let started = Instant::now();
+        let me = stats.arrivals.fetch_add(1, Ordering::Relaxed);
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        stats.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(me, started);
+        Waiting { stats, me, started }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.stats.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.me);
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl PoolStats {
+    /// How long the longest-waiting client has waited.
+    pub fn max_wait(&self) -> Duration {
+        let w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        w.values().next().map(Instant::elapsed).unwrap_or_default()
+    }
 }
 
 pub struct Pool {
@@ -58,6 +106,23 @@ pub struct Pool {
     /// Hashes of statements some server of this pool prepared successfully.
     known: Mutex<HashSet<u64>>,
     pub stats: PoolStats,
+    pub metrics: crate::metrics::PoolMetrics,
+    /// Open connections (for SHOW SERVERS), by id.
+    servers: Mutex<std::collections::BTreeMap<u64, ServerInfo>>,
+    /// Bumped by RECONNECT: older connections close instead of going idle.
+    generation: AtomicU64,
+    /// PAUSE: new checkouts wait while true.
+    paused: tokio::sync::watch::Sender<bool>,
+    /// Replaced by a reload: it keeps no connections.
+    retired: std::sync::atomic::AtomicBool,
+}
+
+/// One open server connection, as SHOW SERVERS lists it.
+#[derive(Clone, Debug)]
+pub struct ServerInfo {
+    pub id: u64,
+    pub pid: i32,
+    pub since: std::time::SystemTime,
 }
 
 /// A server connection lent to one client.
@@ -68,7 +133,14 @@ pub struct Checkout {
 }
 
 impl Pool {
-    pub fn new(database: String, user: String, addr: HostPort, settings: PoolSettings, login: Login) -> Arc<Pool> {
+    pub fn new(
+        database: String,
+        user: String,
+        addr: HostPort,
+        settings: PoolSettings,
+        login: Login,
+        metrics: crate::metrics::PoolMetrics,
+    ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             database,
             user,
@@ -81,6 +153,11 @@ impl Pool {
             welcome: Mutex::new(None),
             known: Mutex::new(HashSet::new()),
             stats: PoolStats::default(),
+            metrics,
+            servers: Mutex::new(Default::default()),
+            generation: AtomicU64::new(0),
+            paused: tokio::sync::watch::Sender::new(false),
+            retired: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(janitor(Arc::downgrade(&pool)));
         pool
@@ -123,15 +200,31 @@ impl Pool {
         self.idle.lock().map(|v| v.len()).unwrap_or(0)
     }
 
-    /// Wait (FIFO, up to `query_wait_timeout`) for a connection.
+    /// Wait (FIFO, up to `query_wait_timeout`) for a connection; while
+    /// the pool is paused, for its resumption first.
     pub async fn get(self: &Arc<Self>) -> Result<Checkout, PoolError> {
+        if *self.paused.borrow() {
+            let waiting = Waiting::new(&self.stats);
+            let mut rx = self.paused.subscribe();
+            let resumed = tokio::time::timeout(self.settings.query_wait_timeout, rx.wait_for(|p| !*p)).await;
+            drop(waiting);
+            resumed
+                .map_err(|_| PoolError::WaitTimeout(self.settings.query_wait_timeout))?
+                .map_err(|_| PoolError::Closed)?;
+        }
         let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
+            Ok(p) => {
+                self.metrics.wait_seconds.observe(0.0);
+                p
+            }
             Err(_) => {
-                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                let waiting = Waiting::new(&self.stats);
                 let r =
                     tokio::time::timeout(self.settings.query_wait_timeout, self.permits.clone().acquire_owned()).await;
-                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                let waited = waiting.started.elapsed();
+                drop(waiting);
+                self.metrics.wait_seconds.observe(waited.as_secs_f64());
+                self.stats.wait_us.fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
                 r.map_err(|_| PoolError::WaitTimeout(self.settings.query_wait_timeout))?
                     .map_err(|_| PoolError::Closed)?
             }
@@ -155,9 +248,15 @@ impl Pool {
         let login = self.login.lock().map(|l| l.clone()).unwrap_or_default();
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         self.total.fetch_add(1, Ordering::Relaxed);
-        match ServerConn::connect(id, &self.addr, &login, self.settings.connect_timeout).await {
-            Ok(conn) => {
+        self.stats.connecting.fetch_add(1, Ordering::Relaxed);
+        let connected = ServerConn::connect(id, &self.addr, &login, self.settings.connect_timeout).await;
+        self.stats.connecting.fetch_sub(1, Ordering::Relaxed);
+        match connected {
+            Ok(mut conn) => {
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                conn.generation = self.generation.load(Ordering::Relaxed);
+                let info = ServerInfo { id, pid: conn.backend_pid, since: std::time::SystemTime::now() };
+                self.servers.lock().unwrap_or_else(|e| e.into_inner()).insert(id, info);
                 if let Ok(mut w) = self.welcome.lock() {
                     *w = Some(conn.reported.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
                 }
@@ -185,12 +284,36 @@ impl Pool {
 
     fn forget(&self, conn: ServerConn) {
         self.total.fetch_sub(1, Ordering::Relaxed);
+        self.servers.lock().unwrap_or_else(|e| e.into_inner()).remove(&conn.id);
         tracing::debug!(server = conn.id, pool = %self.name(), "server connection closed");
         tokio::spawn(conn.terminate());
     }
 
     pub fn name(&self) -> String {
         format!("{}/{}", self.database, self.user)
+    }
+
+    /// Open connections, each with whether it is idle now.
+    pub fn servers(&self) -> Vec<(ServerInfo, bool)> {
+        let idle: HashSet<u64> = self.idle.lock().map(|v| v.iter().map(|c| c.id).collect()).unwrap_or_default();
+        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        servers.values().map(|s| (s.clone(), idle.contains(&s.id))).collect()
+    }
+
+    /// RECONNECT: close idle connections now, and the others when they
+    /// are given back.
+    pub fn reconnect(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.close_idle();
+    }
+
+    /// PAUSE (true) or RESUME (false) new checkouts.
+    pub fn pause(&self, on: bool) {
+        self.paused.send_replace(on);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
     }
 
     /// Close every idle connection now (e.g. on shutdown).
@@ -217,7 +340,12 @@ impl Checkout {
         if let Some(mut conn) = self.conn.take() {
             // Unread server bytes mean a reply is still in flight: never
             // hand such a connection to another client.
-            if conn.created.elapsed() >= self.pool.settings.lifetime || !conn.rbuf.is_empty() || conn.is_broken() {
+            let stale = conn.generation != self.pool.generation.load(Ordering::Relaxed);
+            if stale
+                || conn.created.elapsed() >= self.pool.settings.lifetime
+                || !conn.rbuf.is_empty()
+                || conn.is_broken()
+            {
                 self.pool.forget(conn);
                 return;
             }
@@ -244,6 +372,10 @@ async fn janitor(pool: Weak<Pool>) {
     loop {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
+        if pool.retired.load(Ordering::Relaxed) {
+            pool.close_idle();
+            return;
+        }
         let s = &pool.settings;
         let expired: Vec<ServerConn> = match pool.idle.lock() {
             Ok(mut idle) => {
@@ -296,5 +428,20 @@ impl Pools {
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
         self.map.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Take the pools `retire` picks out of use (reload): they are drained —
+    /// idle connections closed now, the others when given back — and new
+    /// checkouts go to pools made afresh.
+    pub fn retire(&self, mut retire: impl FnMut(&Pool) -> bool) -> usize {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<_> = map.iter().filter(|(_, p)| retire(p)).map(|(k, _)| k.clone()).collect();
+        for k in &gone {
+            if let Some(p) = map.remove(k) {
+                p.retired.store(true, Ordering::Relaxed);
+                p.reconnect();
+            }
+        }
+        gone.len()
     }
 }

@@ -104,11 +104,23 @@ pub struct Ctx<'a> {
     pub stmts: &'a mut ClientStatements,
     pub server: &'a mut ServerStatements,
     pub server_cap: usize,
+    pub events: CacheEvents,
+}
+
+/// What the server statement cache did (for metrics).
+#[derive(Debug, Default)]
+pub struct CacheEvents {
+    /// A statement the server had already.
+    pub hits: u64,
+    /// A statement prepared on the server.
+    pub misses: u64,
+    /// A statement closed on the server to make room.
+    pub evictions: u64,
 }
 
 impl<'a> Ctx<'a> {
     pub fn new(stmts: &'a mut ClientStatements, server: &'a mut ServerStatements, server_cap: usize) -> Self {
-        Ctx { stmts, server, server_cap }
+        Ctx { stmts, server, server_cap, events: CacheEvents::default() }
     }
 }
 
@@ -261,6 +273,7 @@ impl Tracker {
         let stmt = Arc::new(Statement::new(rest));
         cx.stmts.map.insert(name.to_string(), stmt.clone());
         if cx.server.touch(stmt.hash) {
+            cx.events.hits += 1;
             let undo = Undo { hash: None, client_name: Some(name.to_string()), restore: None };
             self.expect.push_back(Expect::Synthetic(tiny(b'1'), Some(undo)));
             return Flow::Drop;
@@ -278,7 +291,9 @@ impl Tracker {
         client: Option<&str>,
         hidden: bool,
     ) {
+        cx.events.misses += 1;
         if let Some(victim) = cx.server.insert(stmt.hash, cx.server_cap) {
+            cx.events.evictions += 1;
             let at = start_message(out, b'C');
             out.put_u8(b'S');
             put_cstr(out, &server_name(victim));
@@ -294,7 +309,9 @@ impl Tracker {
     /// written to `out` when it is not yet).
     fn resolve(&mut self, name: &str, cx: &mut Ctx, out: &mut BytesMut) -> Option<Arc<Statement>> {
         let stmt = cx.stmts.map.get(name)?.clone();
-        if !cx.server.touch(stmt.hash) {
+        if cx.server.touch(stmt.hash) {
+            cx.events.hits += 1;
+        } else {
             self.prepare_on_server(&stmt, cx, out, None, true);
         }
         Some(stmt)

@@ -36,11 +36,11 @@ impl World {
         World { stmts: ClientStatements::new(10), server: ServerStatements::default(), t: Tracker::default() }
     }
     fn client(&mut self, tag: u8, body: &[u8]) -> Flow {
-        let mut cx = Ctx { stmts: &mut self.stmts, server: &mut self.server, server_cap: 2 };
+        let mut cx = Ctx::new(&mut self.stmts, &mut self.server, 2);
         self.t.on_client(tag, body, &mut cx)
     }
     fn server(&mut self, tag: u8, body: &[u8]) -> Flow {
-        let mut cx = Ctx { stmts: &mut self.stmts, server: &mut self.server, server_cap: 2 };
+        let mut cx = Ctx::new(&mut self.stmts, &mut self.server, 2);
         self.t.on_server(tag, body, true, &mut cx).0
     }
 }

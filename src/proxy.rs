@@ -18,10 +18,11 @@ use crate::cancel::CancelRegistry;
 use crate::client::Session;
 use crate::config::{Config, Database, MapConfig, User};
 use crate::login::{self, LoginError, Startup};
+use crate::metrics::Metrics;
 use crate::pool::{Pool, Pools};
 use crate::protocol::auth::{ScramCredentials, ScramVerifier, Secret};
 use crate::protocol::error::{sqlstate, PgError};
-use crate::replicas::monitor::{Backend, Monitor, MonitorConfig};
+use crate::replicas::monitor::Monitor;
 use crate::router::classify::Classifier;
 use crate::router::route::{RouteOptions, Routing};
 use crate::server::Login;
@@ -32,34 +33,54 @@ use crate::shard::{ShardBackend, ShardRouter};
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Proxy {
-    pub config: Config,
+    config: std::sync::RwLock<Arc<Config>>,
+    /// The file the config came from (RELOAD / SIGHUP re-read it).
+    pub(crate) config_path: Mutex<Option<std::path::PathBuf>>,
+    /// Bumped by every reload: sessions pick up the new pools at their
+    /// next transaction boundary.
+    pub(crate) epoch: watch::Sender<u64>,
     pub pools: Pools,
+    pub metrics: Arc<Metrics>,
     pub cancels: CancelRegistry,
     clients: AtomicUsize,
     /// SCRAM verifiers per user: configured ones, or derived once from a
     /// plain-text password.
-    verifiers: HashMap<String, ScramVerifier>,
+    pub(crate) verifiers: std::sync::RwLock<HashMap<String, ScramVerifier>>,
     /// Lag/health monitors of groups that route reads to replicas.
-    monitors: HashMap<String, Arc<Monitor>>,
+    pub(crate) monitors: std::sync::RwLock<HashMap<String, Arc<Monitor>>>,
+    /// The clients connected now.
+    pub sessions: crate::clients::Clients,
+    pub started: std::time::Instant,
+    /// Databases whose new transactions are held (PAUSE).
+    pub(crate) paused: Mutex<std::collections::HashSet<String>>,
+    /// Set when pgmux shuts down: no new clients, sessions end at their
+    /// next transaction boundary.
+    pub(crate) draining: watch::Sender<bool>,
     /// Statement classifiers of those databases (their write functions).
-    classifiers: HashMap<String, Arc<Classifier>>,
-    routes: Mutex<HashMap<(String, String), Arc<Routing>>>,
+    pub(crate) classifiers: std::sync::RwLock<HashMap<String, Arc<Classifier>>>,
+    pub(crate) routes: Mutex<HashMap<(String, String), Arc<Routing>>>,
     /// Shard routers of sharded databases, per (database, user).
-    sharded: Mutex<HashMap<(String, String), Arc<ShardRouter>>>,
+    pub(crate) sharded: Mutex<HashMap<(String, String), Arc<ShardRouter>>>,
     /// Key directories, per (database, map).
-    directories: Mutex<HashMap<(String, String), Arc<Directory>>>,
+    pub(crate) directories: Mutex<HashMap<(String, String), Arc<Directory>>>,
 }
 
 /// A proxy serving in the background (tests, demo).
 pub struct RunningProxy {
     pub addr: SocketAddr,
+    /// The metrics endpoint's address, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub proxy: Arc<Proxy>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    metrics_task: Option<JoinHandle<()>>,
 }
 
 impl RunningProxy {
     pub async fn stop(self) {
+        if let Some(t) = &self.metrics_task {
+            t.abort();
+        }
         let _ = self.stop.send(true);
         let _ = self.task.await;
     }
@@ -67,63 +88,94 @@ impl RunningProxy {
 
 impl Proxy {
     pub fn new(config: Config) -> Arc<Proxy> {
-        let verifiers = config
-            .users
-            .values()
-            .filter_map(|u| Some((u.name.clone(), u.secret.as_ref()?.scram_verifier()?)))
-            .collect();
-        // Every backend group: a database, or each shard of a sharded one.
-        let groups: HashMap<String, Database> =
-            config.databases.iter().flat_map(|(name, db)| db.groups(name)).collect();
-        let monitors = groups
-            .iter()
-            .filter(|(_, db)| db.read_routing && !db.replicas.is_empty())
-            .filter_map(|(name, db)| {
-                let (user, password) = config.monitor_login(db.monitor_user.as_deref()?)?;
-                let backend = |i: usize, hp: &crate::config::HostPort| Backend {
-                    name: if i == 0 { format!("{name}/primary") } else { format!("{name}/replica{i}") },
-                    host: hp.host.clone(),
-                    port: hp.port,
-                };
-                let cfg = MonitorConfig {
-                    check_interval: db.check_interval.0,
-                    max_lag_bytes: Some(db.max_lag_bytes),
-                    max_lag: Some(db.lag_bound()),
-                    ban_time: db.ban_time.0,
-                    connect_timeout: config.pool.server_connect_timeout.0,
-                    user,
-                    password,
-                    dbname: db.server_dbname(name).to_string(),
-                };
-                let replicas = db.replicas.iter().enumerate().map(|(i, r)| backend(i + 1, &r.addr)).collect();
-                Some((name.clone(), Monitor::start(backend(0, &db.primary_addr()), replicas, cfg)))
-            })
-            .collect::<HashMap<_, _>>();
-        let classifiers = monitors
-            .keys()
-            .filter_map(|name| {
-                let db = groups.get(name)?;
-                let c = Classifier::new(10_000, &db.write_functions, db.functions_are_writes);
-                Some((name.clone(), Arc::new(c)))
-            })
-            .collect();
+        let verifiers = crate::reload::verifiers(&config);
+        let (monitors, classifiers) = crate::reload::topology(&config, None);
         Arc::new(Proxy {
-            config,
+            config: std::sync::RwLock::new(Arc::new(config)),
+            config_path: Mutex::new(None),
+            epoch: watch::Sender::new(0),
             pools: Pools::default(),
+            metrics: Arc::new(Metrics::new()),
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
-            verifiers,
-            monitors,
-            classifiers,
+            verifiers: std::sync::RwLock::new(verifiers),
+            monitors: std::sync::RwLock::new(monitors),
+            classifiers: std::sync::RwLock::new(classifiers),
             routes: Mutex::new(HashMap::new()),
+            sessions: Default::default(),
+            started: std::time::Instant::now(),
+            paused: Mutex::new(Default::default()),
+            draining: watch::Sender::new(false),
             sharded: Mutex::new(HashMap::new()),
             directories: Mutex::new(HashMap::new()),
         })
     }
 
+    /// The config in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+
     /// The health/lag monitor of a database that routes reads.
     pub fn monitor(&self, database: &str) -> Option<Arc<Monitor>> {
-        self.monitors.get(database).cloned()
+        self.monitors.read().unwrap_or_else(|e| e.into_inner()).get(database).cloned()
+    }
+
+    /// Every lag monitor, by backend group.
+    pub fn monitors(&self) -> Vec<(String, Arc<Monitor>)> {
+        let m = self.monitors.read().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// The metrics text, its gauges sampled now.
+    pub fn render_metrics(&self) -> Vec<u8> {
+        let m = &self.metrics;
+        let pools = self.pools.all();
+        let waiting: usize = pools.iter().map(|p| p.stats.waiting.load(Ordering::Relaxed)).sum();
+        let active: usize = pools.iter().map(|p| p.in_use()).sum();
+        let total = self.client_count();
+        m.clients.with_label_values(&["active"]).set(active as i64);
+        m.clients.with_label_values(&["waiting"]).set(waiting as i64);
+        m.clients.with_label_values(&["idle"]).set(total.saturating_sub(active + waiting) as i64);
+        let mut per_backend: HashMap<&str, (usize, usize)> = HashMap::new();
+        for p in &pools {
+            let e = per_backend.entry(p.database.as_str()).or_default();
+            e.0 += p.in_use();
+            e.1 += p.idle_count();
+        }
+        for (backend, (used, idle)) in per_backend {
+            m.server_connections.with_label_values(&[backend, "active"]).set(used as i64);
+            m.server_connections.with_label_values(&[backend, "idle"]).set(idle as i64);
+        }
+        for (group, monitor) in self.monitors() {
+            for (b, s) in monitor.snapshot() {
+                let labels = [group.as_str(), b.name.as_str()];
+                let healthy = s.reachable && !Monitor::is_banned(&s);
+                m.replica_healthy.with_label_values(&labels).set(if healthy { 1.0 } else { 0.0 });
+                if let Some(bytes) = s.lag_bytes {
+                    m.replica_lag_bytes.with_label_values(&labels).set(bytes as f64);
+                }
+                if let Some(lag) = s.lag {
+                    m.replica_lag_seconds.with_label_values(&labels).set(lag.as_secs_f64());
+                }
+            }
+        }
+        let dirs = self.directories.lock().unwrap_or_else(|e| e.into_inner());
+        for ((db, map), d) in dirs.iter() {
+            let (hits, misses) = d.cache_counts();
+            for (result, n) in [("hit", hits), ("miss", misses)] {
+                let c = m.directory_cache.with_label_values(&[db, map, result]);
+                c.inc_by(n.saturating_sub(c.get()));
+            }
+        }
+        drop(dirs);
+        m.render()
     }
 
     /// The shard router of a sharded database (once a client used it).
@@ -141,16 +193,30 @@ impl Proxy {
         let listen = &config.general.listen;
         let listener = TcpListener::bind((listen.host.as_str(), listen.port)).await?;
         let addr = listener.local_addr()?;
+        let metrics = match &config.general.metrics_listen {
+            Some(m) => Some(TcpListener::bind((m.host.as_str(), m.port)).await?),
+            None => None,
+        };
         let proxy = Proxy::new(config);
+        let mut metrics_addr = None;
+        let mut metrics_task = None;
+        if let Some(listener) = metrics {
+            metrics_addr = listener.local_addr().ok();
+            let weak = Arc::downgrade(&proxy);
+            let render = Arc::new(move || weak.upgrade().map(|p| p.render_metrics()).unwrap_or_default());
+            metrics_task = Some(tokio::spawn(crate::metrics::serve(listener, render)));
+        }
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(proxy.clone().serve(listener, rx));
-        Ok(RunningProxy { addr, proxy, stop, task })
+        Ok(RunningProxy { addr, metrics_addr, proxy, stop, task, metrics_task })
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         tracing::info!(addr = ?listener.local_addr().ok(), "pgmux listening");
+        let mut draining = self.draining.subscribe();
         loop {
             tokio::select! {
+                _ = async { let _ = draining.wait_for(|d| *d).await; } => break,
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
                         let proxy = self.clone();
@@ -167,7 +233,7 @@ impl Proxy {
         for pool in self.pools.all() {
             pool.close_idle();
         }
-        for monitor in self.monitors.values() {
+        for (_, monitor) in self.monitors() {
             monitor.stop();
         }
     }
@@ -186,18 +252,20 @@ impl Proxy {
             Startup::Cancel { pid, secret } => return self.cancel(pid, secret).await,
             Startup::Login(info) => info,
         };
-        if count > self.config.general.max_client_conn {
+        let config = self.config();
+        if count > config.general.max_client_conn {
             let e = PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already");
             return Session::fatal(&mut stream, &e).await;
         }
         tracing::debug!(%peer, user = %info.user, database = %info.database, "client login");
-        let Some(user) = self.config.users.get(&info.user) else {
+        let Some(user) = config.users.get(&info.user) else {
             let e = PgError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("role \"{}\" does not exist", info.user));
             return Session::fatal(&mut stream, &e).await;
         };
-        let verifier = self.verifiers.get(&user.name);
+        let verifier = self.verifiers.read().unwrap_or_else(|e| e.into_inner()).get(&user.name).cloned();
         let auth =
-            tokio::time::timeout(LOGIN_TIMEOUT, login::authenticate(&mut stream, &mut buf, user, verifier)).await;
+            tokio::time::timeout(LOGIN_TIMEOUT, login::authenticate(&mut stream, &mut buf, user, verifier.as_ref()))
+                .await;
         let client_key = match auth {
             Ok(Ok(k)) => k,
             Ok(Err(LoginError::Reply(e))) => {
@@ -207,7 +275,7 @@ impl Proxy {
             Ok(Err(LoginError::Gone)) | Err(_) => return,
         };
         if info.database == crate::ADMIN_DB {
-            let general = &self.config.general;
+            let general = &config.general;
             let role = if general.admin_users.contains(&user.name) {
                 crate::admin::Role::Admin
             } else if general.stats_users.contains(&user.name) {
@@ -219,32 +287,38 @@ impl Proxy {
                 );
                 return Session::fatal(&mut stream, &e).await;
             };
-            tracing::info!(%peer, user = %user.name, "admin console login");
+            let app = info.params.get("application_name").map(String::as_str).unwrap_or_default();
+            let _registered = self.sessions.register(peer, &user.name, &info.database, app);
             let guard = self.cancels.register();
             return crate::admin::serve(self.clone(), stream, buf, role, guard.key()).await;
         }
-        let Some(db) = self.config.databases.get(&info.database) else {
-            let e = PgError::fatal(
-                sqlstate::INVALID_CATALOG_NAME,
-                format!("database \"{}\" does not exist", info.database),
-            );
-            return Session::fatal(&mut stream, &e).await;
+        let (backends, sharding) = match self.session_backends(&config, &info.database, user) {
+            Ok(b) => b,
+            Err(e) => return Session::fatal(&mut stream, &e).await,
         };
-        let backends = self.backends_for(&info.database, db, user);
         let (pool, routing) = (backends[0].primary.clone(), backends[0].routing.clone());
-        if let (Some(client_key), Some(Secret::Scram(v))) = (client_key, &user.secret) {
-            let creds = ScramCredentials::ClientKey { client_key, verifier: v.clone() };
+        let scram = match (client_key, &user.secret) {
+            (Some(client_key), Some(Secret::Scram(v))) => {
+                Some(ScramCredentials::ClientKey { client_key, verifier: v.clone() })
+            }
+            _ => None,
+        };
+        if let Some(creds) = &scram {
             for b in &backends {
                 for p in b.routing.iter().flat_map(|r| r.replicas.iter()).chain([&b.primary]) {
                     p.learn_scram(creds.clone());
                 }
             }
         }
+        let app = info.params.get("application_name").cloned().unwrap_or_default();
+        let registered = self.sessions.register(peer, &user.name, &info.database, &app);
         let guard = self.cancels.register();
-        let mut session = Session::new(stream, buf, pool, info.params, guard.slot.clone());
+        let mut session = Session::new(stream, buf, pool, info.params, guard.slot.clone(), self.metrics.clone());
+        session.set_client(registered.info.clone(), self.draining.subscribe());
+        session.set_refresh(Arc::downgrade(&self), &info.database, &user.name, self.epoch.subscribe(), scram);
         session.set_routing(routing);
-        if !db.shards.is_empty() {
-            session.set_sharding(self.shard_router(&info.database, db, user, backends));
+        if let Some(sh) = sharding {
+            session.set_sharding(sh);
         }
         if let Err(e) = session.welcome(guard.key()).await {
             return session.close_with(&e).await;
@@ -252,15 +326,32 @@ impl Proxy {
         session.run().await;
     }
 
+    /// What a session of `user` on database `name` uses: its backend
+    /// groups (primary pool and read routing; one per shard), and the
+    /// shard router of a sharded database.
+    pub(crate) fn session_backends(
+        &self,
+        config: &Config,
+        name: &str,
+        user: &User,
+    ) -> Result<(Vec<ShardBackend>, Option<Arc<ShardRouter>>), PgError> {
+        let Some(db) = config.databases.get(name) else {
+            return Err(PgError::fatal(sqlstate::INVALID_CATALOG_NAME, format!("database \"{name}\" does not exist")));
+        };
+        let backends = self.backends_for(config, name, db, user);
+        let sharding = (!db.shards.is_empty()).then(|| self.shard_router(name, db, user, backends.clone()));
+        Ok((backends, sharding))
+    }
+
     /// The backend groups of a database for a user: its primary pool and
     /// read routing, one per shard of a sharded database.
-    fn backends_for(&self, name: &str, db: &Database, user: &User) -> Vec<ShardBackend> {
+    fn backends_for(&self, config: &Config, name: &str, db: &Database, user: &User) -> Vec<ShardBackend> {
         db.groups(name)
             .iter()
             .map(|(group, gdb)| ShardBackend {
                 name: group.rsplit('/').next().unwrap_or(group).to_string(),
-                primary: self.pool_for(group, gdb, user, 0),
-                routing: self.routing_for(group, gdb, user),
+                primary: self.pool_for(config, group, gdb, user, 0),
+                routing: self.routing_for(config, group, gdb, user),
             })
             .collect()
     }
@@ -287,7 +378,7 @@ impl Proxy {
         let mut out = HashMap::new();
         for (map, cfg) in &db.maps {
             let MapConfig::Directory { backend, dbname, table, user, weights, cache_size, .. } = cfg else { continue };
-            let login = user.as_deref().or(db.monitor_user.as_deref()).and_then(|u| self.config.monitor_login(u));
+            let login = user.as_deref().or(db.monitor_user.as_deref()).and_then(|u| self.config().monitor_login(u));
             let Some((user, password)) = login else {
                 tracing::error!(database = name, map = %map, "shard directory: no usable login");
                 continue;
@@ -307,7 +398,7 @@ impl Proxy {
                         .map(|s| (s.name.clone(), weights.get(&s.name).copied().unwrap_or(1)))
                         .collect(),
                     cache_size: *cache_size,
-                    connect_timeout: self.config.pool.server_connect_timeout.0,
+                    connect_timeout: self.config().pool.server_connect_timeout.0,
                 })
             });
             out.insert(map.clone(), dir.clone());
@@ -317,13 +408,13 @@ impl Proxy {
 
     /// Read routing for (group, user), when the group has replicas and a
     /// lag monitor.
-    fn routing_for(&self, name: &str, db: &Database, user: &User) -> Option<Arc<Routing>> {
-        let monitor = self.monitors.get(name)?.clone();
-        let classifier = self.classifiers.get(name)?.clone();
+    fn routing_for(&self, config: &Config, name: &str, db: &Database, user: &User) -> Option<Arc<Routing>> {
+        let monitor = self.monitor(name)?;
+        let classifier = self.classifiers.read().unwrap_or_else(|e| e.into_inner()).get(name)?.clone();
         let mut routes = self.routes.lock().ok()?;
         let route = routes.entry((name.to_string(), user.name.clone())).or_insert_with(|| {
-            let primary = self.pool_for(name, db, user, 0);
-            let replicas = (1..=db.replicas.len()).map(|i| self.pool_for(name, db, user, i)).collect();
+            let primary = self.pool_for(config, name, db, user, 0);
+            let replicas = (1..=db.replicas.len()).map(|i| self.pool_for(config, name, db, user, i)).collect();
             Arc::new(Routing::new(name, primary, replicas, monitor, classifier, RouteOptions::of(db)))
         });
         Some(route.clone())
@@ -331,7 +422,7 @@ impl Proxy {
 
     /// The pool of (database, user) on backend 0 (the primary) or replica
     /// `backend - 1`.
-    fn pool_for(&self, name: &str, db: &Database, user: &User, backend: usize) -> Arc<Pool> {
+    fn pool_for(&self, config: &Config, name: &str, db: &Database, user: &User, backend: usize) -> Arc<Pool> {
         let (key, addr) = match backend {
             0 => (name.to_string(), &db.primary_addr()),
             i => (format!("{name}#replica{i}"), &db.replicas[i - 1].addr),
@@ -351,8 +442,18 @@ impl Proxy {
                 },
                 scram: None,
             };
-            let settings = self.config.pool_settings(db, user);
-            Pool::new(key.clone(), user.name.clone(), addr.clone(), settings, login)
+            let settings = config.pool_settings(db, user);
+            let route = match backend {
+                0 if name.contains('/') => "shard",
+                0 => "primary",
+                _ => "replica",
+            };
+            let metrics = self.metrics.pool(route, &key);
+            let pool = Pool::new(key.clone(), user.name.clone(), addr.clone(), settings, login, metrics);
+            if self.is_paused(&key) {
+                pool.pause(true);
+            }
+            pool
         })
     }
 

@@ -102,6 +102,8 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// The transaction status after pgmux's own last query on it.
     pub status: u8,
+    /// The pool's generation when it opened (RECONNECT closes older ones).
+    pub generation: u64,
 }
 
 impl ServerConn {
@@ -133,6 +135,7 @@ impl ServerConn {
             created: now,
             last_used: now,
             status: b'I',
+            generation: 0,
         };
         tokio::time::timeout(timeout, conn.startup(login)).await.map_err(|_| ServerError::ConnectTimeout(name))??;
         // What the server starts with is its default, not a setting.

@@ -469,7 +469,7 @@ async fn moving_a_key_under_write_load_loses_and_duplicates_nothing() {
         ok
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let config = p.proxy.config.clone();
+    let config = p.proxy.config();
     let req = pgmux::shard::mover::MoveRequest {
         database: "shop".into(),
         map: "by_tenant".into(),

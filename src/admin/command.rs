@@ -15,6 +15,20 @@ pub enum Command {
     Set,
     /// `SHARD MOVE database map key TO shard [GRACE ms]`.
     ShardMove { database: String, map: String, key: String, to: String, grace: Duration },
+    /// `PAUSE [db]`: hold new transactions, wait for running ones.
+    Pause(Option<String>),
+    /// `RESUME [db]`.
+    Resume(Option<String>),
+    /// `KILL db`: drop its clients and server connections.
+    Kill(String),
+    /// `RECONNECT [db]`: replace its server connections.
+    Reconnect(Option<String>),
+    /// `BAN replica` / `UNBAN replica` (true: ban).
+    Ban(String, bool),
+    /// `RELOAD`: re-read the config file.
+    Reload,
+    /// `SHUTDOWN`: stop gracefully.
+    Shutdown,
     /// Nothing (an empty query).
     Empty,
 }
@@ -27,7 +41,10 @@ impl Command {
 }
 
 /// What the console knows, for error hints.
-pub const HELP: &str = "SHOW VERSION | DATABASES | SHARDS | HELP; SHARD MOVE database map key TO shard [GRACE ms]";
+pub const HELP: &str =
+    "SHOW POOLS | CLIENTS | SERVERS | STATS | DATABASES | CONFIG | REPLICAS | SHARDS | ROUTES | VERSION | HELP; \
+     PAUSE [db]; RESUME [db]; KILL db; RECONNECT [db]; BAN replica; UNBAN replica; RELOAD; SHUTDOWN; \
+     SHARD MOVE database map key TO shard [GRACE ms]";
 
 fn syntax(message: impl Into<String>) -> PgError {
     PgError::error(sqlstate::SYNTAX_ERROR, message).with_hint(format!("Commands: {HELP}"))
@@ -80,6 +97,20 @@ pub fn parse(sql: &str) -> Result<Command, PgError> {
         ["show", what] => Ok(Command::Show(what.to_string())),
         ["show", ..] => Err(syntax("SHOW takes one word")),
         ["set", ..] => Ok(Command::Set),
+        ["pause"] => Ok(Command::Pause(None)),
+        ["pause", db] => Ok(Command::Pause(Some(db.to_string()))),
+        ["resume"] => Ok(Command::Resume(None)),
+        ["resume", db] => Ok(Command::Resume(Some(db.to_string()))),
+        ["kill", db] => Ok(Command::Kill(db.to_string())),
+        ["reconnect"] => Ok(Command::Reconnect(None)),
+        ["reconnect", db] => Ok(Command::Reconnect(Some(db.to_string()))),
+        ["ban", replica] => Ok(Command::Ban(replica.to_string(), true)),
+        ["unban", replica] => Ok(Command::Ban(replica.to_string(), false)),
+        ["reload"] => Ok(Command::Reload),
+        ["shutdown"] => Ok(Command::Shutdown),
+        [w @ ("pause" | "resume" | "kill" | "reconnect" | "ban" | "unban" | "reload" | "shutdown"), ..] => {
+            Err(syntax(format!("wrong arguments for {}", w.to_uppercase())))
+        }
         ["shard", "move", database, map, key, "to", to, rest @ ..] => {
             let grace = match rest {
                 [] => Duration::from_secs(1),
@@ -144,6 +175,12 @@ mod tests {
         assert!(parse("SHOW 'unterminated").is_err());
         assert!(!parse("SHOW x").unwrap().is_admin());
         assert!(parse("SHARD MOVE a b c TO d").unwrap().is_admin());
+        assert_eq!(parse("pause shop").unwrap(), Command::Pause(Some("shop".into())));
+        assert_eq!(parse("RESUME").unwrap(), Command::Resume(None));
+        assert_eq!(parse("BAN \"db/replica1\"").unwrap(), Command::Ban("db/replica1".into(), true));
+        assert_eq!(parse("unban db/replica1").unwrap(), Command::Ban("db/replica1".into(), false));
+        assert!(parse("KILL").is_err());
+        assert!(parse("RELOAD now").is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::control::ControlError;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{self, MAX_MESSAGE_LEN};
 use crate::protocol::messages::{self as msg, split_nul};
@@ -138,11 +139,52 @@ async fn execute(proxy: &Arc<Proxy>, cmd: Command) -> Result<Reply, PgError> {
         Command::Show(what) => Ok(Reply::Rows(show::show(proxy, &what).await?, "SHOW".into())),
         Command::ShardMove { database, map, key, to, grace } => {
             let req = MoveRequest { database, map, key, to, grace };
-            let moved = mover::move_key(&proxy.config, &req).await.map_err(move_error)?;
+            let moved = mover::move_key(&proxy.config(), &req).await.map_err(move_error)?;
             let mut t = Table::new(&[("moved_rows", Type::Int8)]);
             t.row(vec![v(moved)]);
             Ok(Reply::Rows(t, "SHARD MOVE".into()))
         }
+        other => operate(proxy, other).await,
+    }
+}
+
+/// How long PAUSE waits for running transactions.
+const PAUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn control_error(e: ControlError) -> PgError {
+    let code = match e {
+        ControlError::NoDatabase(_) => sqlstate::INVALID_CATALOG_NAME,
+        ControlError::NoReplica(_) => sqlstate::UNDEFINED_OBJECT,
+        ControlError::Timeout(_) => sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+    };
+    PgError::error(code, format!("pgmux: {e}"))
+}
+
+async fn operate(proxy: &Arc<Proxy>, cmd: Command) -> Result<Reply, PgError> {
+    let tag = |t: &str| Ok(Reply::Tag(t.into()));
+    match cmd {
+        Command::Pause(db) => match proxy.pause(db.as_deref(), PAUSE_WAIT).await {
+            Err(ControlError::Timeout(_)) => Err(PgError::error(
+                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "pgmux: paused, but transactions are still running after 60 s (RESUME to let new ones in)",
+            )),
+            r => r.map_err(control_error).and_then(|()| tag("PAUSE")),
+        },
+        Command::Resume(db) => proxy.resume(db.as_deref()).map_err(control_error).and_then(|()| tag("RESUME")),
+        Command::Kill(db) => proxy.kill(&db).map_err(control_error).and_then(|_| tag("KILL")),
+        Command::Reconnect(db) => proxy.reconnect(db.as_deref()).map_err(control_error).and_then(|()| tag("RECONNECT")),
+        Command::Ban(r, on) => {
+            proxy.ban(&r, on).map_err(control_error).and_then(|()| tag(if on { "BAN" } else { "UNBAN" }))
+        }
+        Command::Reload => match proxy.reload() {
+            Ok(()) => tag("RELOAD"),
+            Err(e) => Err(PgError::error(sqlstate::CONFIG_FILE_ERROR, format!("pgmux: config not reloaded: {e}"))),
+        },
+        Command::Shutdown => {
+            proxy.request_shutdown();
+            tag("SHUTDOWN")
+        }
+        other => Err(PgError::error(sqlstate::INTERNAL_ERROR, format!("pgmux: {other:?} is not an operation"))),
     }
 }
 

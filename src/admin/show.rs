@@ -1,6 +1,7 @@
 //! `SHOW ...` in the admin console: what pgmux is configured with and
 //! what it sees now.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::command::HELP;
@@ -25,13 +26,20 @@ pub async fn show(proxy: &Arc<Proxy>, what: &str) -> Result<Table, PgError> {
         }
         "databases" => Ok(databases(proxy)),
         "shards" => Ok(shards(proxy).await),
+        "pools" => Ok(pools(proxy)),
+        "clients" => Ok(clients(proxy)),
+        "servers" => Ok(servers(proxy)),
+        "stats" => Ok(stats(proxy)),
+        "config" => Ok(config(proxy)),
+        "replicas" => Ok(replicas(proxy)),
+        "routes" => Ok(routes(proxy)),
         other => Err(PgError::error(sqlstate::SYNTAX_ERROR, format!("unknown SHOW item \"{other}\""))
             .with_hint(format!("Commands: {HELP}"))),
     }
 }
 
 fn databases(proxy: &Proxy) -> Table {
-    let cfg = &proxy.config;
+    let cfg = proxy.config();
     let mut t = Table::new(&[
         ("name", Type::Text),
         ("kind", Type::Text),
@@ -75,7 +83,8 @@ async fn shards(proxy: &Proxy) -> Table {
         ("keys", Type::Int8),
         ("moving", Type::Int8),
     ]);
-    for (name, db) in proxy.config.databases.iter().filter(|(_, db)| !db.shards.is_empty()) {
+    let cfg = proxy.config();
+    for (name, db) in cfg.databases.iter().filter(|(_, db)| !db.shards.is_empty()) {
         let directories = proxy.directories_for(name, db);
         let maps: Vec<(Option<&String>, Option<&crate::config::MapConfig>)> = if db.maps.is_empty() {
             vec![(None, None)]
@@ -109,6 +118,242 @@ async fn shards(proxy: &Proxy) -> Table {
                 ]);
             }
         }
+    }
+    t
+}
+
+fn unix(t: std::time::SystemTime) -> String {
+    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs().to_string()).unwrap_or_default()
+}
+
+/// Pools sorted by backend and user.
+fn sorted_pools(proxy: &Proxy) -> Vec<Arc<crate::pool::Pool>> {
+    let mut pools = proxy.pools.all();
+    pools.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
+    pools
+}
+
+/// PgBouncer's SHOW POOLS columns (where they mean the same), per pool.
+fn pools(proxy: &Proxy) -> Table {
+    let mut t = Table::new(&[
+        ("database", Type::Text),
+        ("user", Type::Text),
+        ("cl_active", Type::Int8),
+        ("cl_waiting", Type::Int8),
+        ("sv_active", Type::Int8),
+        ("sv_idle", Type::Int8),
+        ("sv_used", Type::Int8),
+        ("sv_login", Type::Int8),
+        ("maxwait", Type::Int8),
+        ("maxwait_us", Type::Int8),
+        ("pool_mode", Type::Text),
+        ("pool_size", Type::Int8),
+        ("backend", Type::Text),
+        ("paused", Type::Text),
+    ]);
+    for p in sorted_pools(proxy) {
+        let login = p.stats.connecting.load(Relaxed);
+        let active = p.in_use().saturating_sub(login);
+        let wait = p.stats.max_wait();
+        t.row(vec![
+            v(&p.database),
+            v(&p.user),
+            v(active),
+            v(p.stats.waiting.load(Relaxed)),
+            v(active),
+            v(p.idle_count()),
+            v(0),
+            v(login),
+            v(wait.as_secs()),
+            v(wait.subsec_micros()),
+            v(format!("{:?}", p.settings.mode).to_lowercase()),
+            v(p.settings.size),
+            v(&p.addr),
+            v(if p.is_paused() { "yes" } else { "no" }),
+        ]);
+    }
+    t
+}
+
+fn clients(proxy: &Proxy) -> Table {
+    let mut t = Table::new(&[
+        ("id", Type::Int8),
+        ("user", Type::Text),
+        ("database", Type::Text),
+        ("state", Type::Text),
+        ("addr", Type::Text),
+        ("port", Type::Int8),
+        ("connect_time", Type::Int8),
+        ("application_name", Type::Text),
+    ]);
+    for c in proxy.sessions.all() {
+        t.row(vec![
+            v(c.id),
+            v(&c.user),
+            v(&c.database),
+            v(c.state().name()),
+            v(c.addr.ip()),
+            v(c.addr.port()),
+            v(unix(c.since)),
+            v(&c.application_name),
+        ]);
+    }
+    t
+}
+
+fn servers(proxy: &Proxy) -> Table {
+    let mut t = Table::new(&[
+        ("id", Type::Int8),
+        ("user", Type::Text),
+        ("database", Type::Text),
+        ("state", Type::Text),
+        ("addr", Type::Text),
+        ("pid", Type::Int8),
+        ("connect_time", Type::Int8),
+    ]);
+    for p in sorted_pools(proxy) {
+        for (s, idle) in p.servers() {
+            t.row(vec![
+                v(s.id),
+                v(&p.user),
+                v(&p.database),
+                v(if idle { "idle" } else { "active" }),
+                v(&p.addr),
+                v(s.pid),
+                v(unix(s.since)),
+            ]);
+        }
+    }
+    t
+}
+
+/// Totals since pgmux started, and averages: per second for counts and
+/// bytes, per transaction / query / checkout for times (µs).
+fn stats(proxy: &Proxy) -> Table {
+    let mut t = Table::new(&[
+        ("database", Type::Text),
+        ("user", Type::Text),
+        ("total_xact_count", Type::Int8),
+        ("total_query_count", Type::Int8),
+        ("total_received", Type::Int8),
+        ("total_sent", Type::Int8),
+        ("total_xact_time", Type::Int8),
+        ("total_query_time", Type::Int8),
+        ("total_wait_time", Type::Int8),
+        ("avg_xact_count", Type::Int8),
+        ("avg_query_count", Type::Int8),
+        ("avg_recv", Type::Int8),
+        ("avg_sent", Type::Int8),
+        ("avg_xact_time", Type::Int8),
+        ("avg_query_time", Type::Int8),
+        ("avg_wait_time", Type::Int8),
+    ]);
+    let secs = proxy.started.elapsed().as_secs().max(1);
+    for p in sorted_pools(proxy) {
+        let s = &p.stats;
+        let (xacts, queries) = (s.xacts.load(Relaxed), s.queries.load(Relaxed));
+        let (recv, sent) = (s.sent.load(Relaxed), s.received.load(Relaxed));
+        let (xact_us, query_us, wait_us) = (s.xact_us.load(Relaxed), s.query_us.load(Relaxed), s.wait_us.load(Relaxed));
+        let checkouts = s.checkouts.load(Relaxed);
+        t.row(vec![
+            v(&p.database),
+            v(&p.user),
+            v(xacts),
+            v(queries),
+            v(recv),
+            v(sent),
+            v(xact_us),
+            v(query_us),
+            v(wait_us),
+            v(xacts / secs),
+            v(queries / secs),
+            v(recv / secs),
+            v(sent / secs),
+            v(xact_us.checked_div(xacts).unwrap_or(0)),
+            v(query_us.checked_div(queries).unwrap_or(0)),
+            v(wait_us.checked_div(checkouts).unwrap_or(0)),
+        ]);
+    }
+    t
+}
+
+fn config(proxy: &Proxy) -> Table {
+    let c = proxy.config();
+    let (g, p) = (&c.general, &c.pool);
+    let mut t = Table::text(&["key", "value"]);
+    let list = |l: &[String]| l.join(",");
+    for (k, val) in [
+        ("listen", g.listen.to_string()),
+        ("log_level", g.log_level.clone()),
+        ("max_client_conn", g.max_client_conn.to_string()),
+        ("worker_threads", g.worker_threads.to_string()),
+        ("admin_users", list(&g.admin_users)),
+        ("stats_users", list(&g.stats_users)),
+        ("metrics_listen", g.metrics_listen.as_ref().map(|m| m.to_string()).unwrap_or_default()),
+        ("shutdown_timeout", format!("{:?}", g.shutdown_timeout.0)),
+        ("pool_mode", format!("{:?}", p.pool_mode).to_lowercase()),
+        ("default_pool_size", p.default_pool_size.to_string()),
+        ("min_pool_size", p.min_pool_size.to_string()),
+        ("query_wait_timeout", format!("{:?}", p.query_wait_timeout.0)),
+        ("server_idle_timeout", format!("{:?}", p.server_idle_timeout.0)),
+        ("server_lifetime", format!("{:?}", p.server_lifetime.0)),
+        ("server_connect_timeout", format!("{:?}", p.server_connect_timeout.0)),
+        ("server_reset_query", p.server_reset_query.clone()),
+        ("max_prepared_statements", p.max_prepared_statements.to_string()),
+        ("max_client_prepared_statements", p.max_client_prepared_statements.to_string()),
+    ] {
+        t.row(vec![v(k), v(val)]);
+    }
+    t
+}
+
+/// Every backend the lag monitors watch.
+fn replicas(proxy: &Proxy) -> Table {
+    let mut t = Table::new(&[
+        ("group", Type::Text),
+        ("name", Type::Text),
+        ("addr", Type::Text),
+        ("role", Type::Text),
+        ("healthy", Type::Text),
+        ("in_recovery", Type::Text),
+        ("banned_for_ms", Type::Int8),
+        ("lag_bytes", Type::Int8),
+        ("lag_ms", Type::Int8),
+        ("last_error", Type::Text),
+    ]);
+    let groups = proxy.monitors();
+    let now = std::time::Instant::now();
+    for (group, m) in groups {
+        for (i, (b, s)) in m.snapshot().into_iter().enumerate() {
+            let banned = s.banned_until.filter(|u| *u > now).map(|u| (u - now).as_millis());
+            t.row(vec![
+                v(&group),
+                v(&b.name),
+                v(format!("{}:{}", b.host, b.port)),
+                v(if i == 0 { "primary" } else { "replica" }),
+                v(if s.reachable && banned.is_none() { "yes" } else { "no" }),
+                s.in_recovery.map(|r| if r { "yes".to_string() } else { "no".to_string() }),
+                banned.map(|b| b.to_string()),
+                s.lag_bytes.map(|b| b.to_string()),
+                s.lag.map(|l| l.as_millis().to_string()),
+                s.last_error.clone(),
+            ]);
+        }
+    }
+    t
+}
+
+/// Queries and transactions each backend got, by route (primary,
+/// replica, shard; scatter for statements run across shards).
+fn routes(proxy: &Proxy) -> Table {
+    let mut t = Table::new(&[
+        ("backend", Type::Text),
+        ("route", Type::Text),
+        ("queries", Type::Int8),
+        ("transactions", Type::Int8),
+    ]);
+    for (backend, route, queries, xacts) in proxy.metrics.routes() {
+        t.row(vec![v(backend), v(route), v(queries), v(xacts)]);
     }
     t
 }

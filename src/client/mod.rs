@@ -22,13 +22,14 @@ use crate::pool::{Pool, PoolError};
 use crate::prepared::{self, ClientStatements, Ctx, Tracker};
 use crate::protocol::error::{sqlstate, PgError, Severity};
 use crate::protocol::frame::{peek_header, Flow, FrameError, Relay, HEADER_LEN, MAX_MESSAGE_LEN};
-use crate::protocol::messages as msg;
 use crate::router::route::{Decision, Routing};
 use crate::server::{is_server_owned, ServerConn, ServerError};
 use crate::sqlhead;
 
 mod abandon;
+mod account;
 mod copy;
+mod life;
 mod multi;
 mod route;
 mod scatter;
@@ -113,6 +114,13 @@ pub struct Session {
     crelay: Relay,
     srelay: Relay,
     flight: Flight,
+    account: account::Account,
+    /// This client's entry in the client list.
+    client: Option<Arc<crate::clients::ClientInfo>>,
+    /// Turns true when pgmux shuts down.
+    draining: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Follows config reloads.
+    refresh: Option<life::Refresh>,
 }
 
 impl Session {
@@ -122,6 +130,7 @@ impl Session {
         pool: Arc<Pool>,
         wanted: BTreeMap<String, String>,
         cancel: Arc<CancelSlot>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         let track = pool.settings.mode == PoolMode::Transaction && pool.settings.max_prepared_statements > 0;
         Session {
@@ -151,6 +160,10 @@ impl Session {
             crelay: Relay::default(),
             srelay: Relay::default(),
             flight: Flight::new(),
+            account: account::Account::new(metrics),
+            client: None,
+            draining: None,
+            refresh: None,
         }
     }
 
@@ -177,12 +190,18 @@ impl Session {
 
     /// Serve the client until it leaves.
     pub async fn run(mut self) {
-        self.serve().await;
+        self.serve_until_killed().await;
         self.leave_multi().await;
     }
 
     async fn serve(&mut self) {
         loop {
+            if self.must_leave() {
+                return self.goodbye().await;
+            }
+            if let Err(e) = self.follow_reload() {
+                return Self::fatal(&mut self.stream, &e).await;
+            }
             // Idle: no server connection until a whole message is here (a
             // routed extended-protocol batch: up to its Execute/Sync/Flush).
             loop {
@@ -193,9 +212,10 @@ impl Session {
                     Ok(None) => self.rbuf.reserve(8192),
                     Err(e) => return Self::fatal(&mut self.stream, &frame_error(e)).await,
                 }
-                match self.stream.read_buf(&mut self.rbuf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
+                match self.read_idle().await {
+                    None => return self.goodbye().await,
+                    Some(Ok(0) | Err(_)) => return,
+                    Some(Ok(_)) => {}
                 }
             }
             if self.rbuf[0] == b'X' {
@@ -215,6 +235,7 @@ impl Session {
                     prepared::answer_parse_batch(&self.rbuf, &mut self.stmts, |h| pool.knows_statement(h))
                 {
                     self.rbuf.advance(n);
+                    self.pool.metrics.prepared_hits.inc();
                     if self.stream.write_all(&reply).await.is_err() {
                         return;
                     }
@@ -236,6 +257,7 @@ impl Session {
                     continue;
                 }
             };
+            self.set_state(crate::clients::ClientState::Waiting);
             let checked = match self.sharding.clone() {
                 Some(sh) if self.multi.is_some() => self.shard_conn(&sh, self.shard_at, false).await.map(|c| (c, None)),
                 _ => self.checkout(target, decision).await,
@@ -255,6 +277,8 @@ impl Session {
                 return Self::fatal(&mut self.stream, &err).await;
             }
             self.replay = replica.map(|_| route::Replay::default());
+            self.set_state(crate::clients::ClientState::Active);
+            self.account.start(server.pool());
             let outcome = self.relay(server.conn()).await;
             self.cancel.clear();
             let replay = self.replay.take();
@@ -266,6 +290,7 @@ impl Session {
                         self.last_write = Some(Instant::now());
                     }
                     server.release();
+                    self.set_state(crate::clients::ClientState::Idle);
                     if self.multi.is_some() {
                         // One part ended by a statement of its own: the
                         // others cannot be committed with it.
@@ -302,50 +327,12 @@ impl Session {
         }
     }
 
-    /// Make a freshly checked-out connection this client's: its settings,
-    /// its cancel target.
-    async fn attach(&mut self, conn: &mut ServerConn) -> Result<(), ServerError> {
-        if conn.applied != self.wanted || conn.needs_reset {
-            conn.sync_params(&self.wanted).await?;
-            let mut out = BytesMut::new();
-            for (k, v) in &conn.reported {
-                let lk = k.to_ascii_lowercase();
-                if !is_server_owned(k) && self.told.get(&lk) != Some(v) {
-                    msg::parameter_status(&mut out, k, v);
-                    self.told.insert(lk, v.clone());
-                }
-            }
-            if !out.is_empty() {
-                self.stream.write_all(&out).await?;
-            }
-        }
-        self.cancel.set(conn.cancel_key());
-        self.flight = Flight::new();
-        self.tracker.reset(b'I');
-        Ok(())
-    }
-
     fn releasable(&self, conn: &ServerConn) -> bool {
         self.flight.idle()
             && !self.crelay.mid_message()
             && !self.srelay.mid_message()
             && conn.rbuf.is_empty()
             && self.tracker.idle()
-    }
-
-    /// A batch of a transaction that may span shards is answered: the
-    /// next one is routed anew.
-    fn answered_in_transaction(&self, conn: &ServerConn) -> bool {
-        !self.pinned
-            && self.flight.status != b'I'
-            && self.flight.pending == 0
-            && !self.flight.unsynced
-            && !self.flight.copy_in
-            && !self.crelay.mid_message()
-            && !self.srelay.mid_message()
-            && conn.rbuf.is_empty()
-            && self.tracker.idle()
-            && self.cross()
     }
 
     async fn relay(&mut self, conn: &mut ServerConn) -> Relayed {
@@ -457,6 +444,7 @@ impl Session {
             }
             flow
         });
+        let events = std::mem::take(&mut cx.events);
         conn.needs_reset |= full_reset;
         if pin && !self.pinned {
             tracing::debug!(pool = %self.pool.name(), "client pinned to its server connection");
@@ -467,11 +455,13 @@ impl Session {
             Ok(scan) => scan,
             Err(e) => return Some(Relayed::ClientError(frame_error(e))),
         };
+        self.account.prepared(&events, &self.pool);
         let out = scan.rewritten.as_deref().unwrap_or(&self.rbuf[..scan.consumed]);
         if !out.is_empty() {
             if let Err(e) = conn.stream.write_all(out).await {
                 return Some(Relayed::ServerGone(e.to_string()));
             }
+            self.account.sent(out.len(), self.flight.pending);
         }
         if let Some(replay) = &mut self.replay {
             if replay.sent.len() + scan.consumed > REPLAY_LIMIT {
@@ -516,11 +506,21 @@ impl Session {
             if track {
                 t != b'D' && t != b'd'
             } else {
-                t == b'Z' || t == b'S' || (txn_mode && t == b'C')
+                t == b'Z' || t == b'S' || t == b'E' || (txn_mode && t == b'C')
             }
         };
+        let (mut readies, mut idle) = (0u64, 0u64);
+        let account = &self.account;
         let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
             flight.server(tag, body);
+            match tag {
+                b'Z' => {
+                    readies += 1;
+                    idle += u64::from(body.first() == Some(&b'I'));
+                }
+                b'E' => account.error(crate::metrics::error_code(body).unwrap_or("XX000")),
+                _ => {}
+            }
             if tag == b'S' {
                 changed.push((body.as_ptr() as usize - base, body.len()));
             }
@@ -571,6 +571,7 @@ impl Session {
         if !out.is_empty() {
             self.replay = None;
         }
+        self.account.answered(out.len(), readies, idle, self.flight.pending);
         let sent = out.is_empty() || self.stream.write_all(out).await.is_ok();
         conn.rbuf.advance(scan.consumed);
         if !sent {

@@ -20,6 +20,7 @@ use crate::pool::Checkout;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::messages as msg;
 use crate::router::route::{Decision, Target};
+use crate::server::ServerConn;
 use crate::shard::twophase::{self, server_error};
 use crate::shard::ShardRouter;
 
@@ -98,6 +99,21 @@ impl Session {
     /// Transactions of this session may span shards.
     pub(super) fn cross(&self) -> bool {
         self.mode == PoolMode::Transaction && self.sharding.as_ref().is_some_and(|s| s.cross_shard())
+    }
+
+    /// A batch of a transaction that may span shards is answered: the
+    /// next one is routed anew.
+    pub(super) fn answered_in_transaction(&self, conn: &ServerConn) -> bool {
+        !self.pinned
+            && self.flight.status != b'I'
+            && self.flight.pending == 0
+            && !self.flight.unsynced
+            && !self.flight.copy_in
+            && !self.crelay.mid_message()
+            && !self.srelay.mid_message()
+            && conn.rbuf.is_empty()
+            && self.tracker.idle()
+            && self.cross()
     }
 
     /// The connection of shard `i` for the next batch: with a transaction

@@ -11,12 +11,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{pool_error, Session};
 use crate::config::{PoolMode, TransactionRouting};
+use crate::flight::Flight;
 use crate::pool::{Checkout, Pool, PoolError};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
 use crate::router::route::{Decision, Target};
-use crate::server::ServerError;
+use crate::server::{is_server_owned, ServerConn, ServerError};
 
 /// An extended-protocol batch larger than this is routed on what has come.
 const BATCH_WAIT_LIMIT: usize = 1 << 20;
@@ -200,7 +201,12 @@ impl Session {
     /// Carry out a plan pgmux answers itself (anything but [`Plan::Go`]).
     /// `false`: the client went away.
     pub(super) async fn carry_out(&mut self, plan: Plan) -> bool {
-        match plan {
+        let started = std::time::Instant::now();
+        let spans = matches!(
+            plan,
+            Plan::Scatter(_) | Plan::ScatterExtended(_) | Plan::CopyIn(..) | Plan::ScatterWrite(..) | Plan::EndMulti(_)
+        );
+        let going = match plan {
             Plan::Go { .. } => true,
             Plan::Answer(out) => self.stream.write_all(&out).await.is_ok(),
             Plan::Refuse(e) => self.refuse(&e).await,
@@ -209,7 +215,11 @@ impl Session {
             Plan::CopyIn(copy, sql, extended) => self.copy_into_shards(*copy, sql, extended).await,
             Plan::ScatterWrite(sql, shards, copies) => self.scatter_write(&sql, shards, copies).await,
             Plan::EndMulti(commit) => self.end_multi(commit).await,
+        };
+        if let (true, Some(sh)) = (spans, &self.sharding) {
+            self.account.scatter(&sh.name, started, self.multi.is_none());
         }
+        going
     }
 
     /// Whether routing waits for more of an extended-protocol batch: it is
@@ -243,6 +253,7 @@ impl Session {
     /// come), as PostgreSQL answers a failed batch. The session stays.
     /// `false`: the client went away.
     pub(super) async fn refuse(&mut self, err: &PgError) -> bool {
+        self.account.error(&err.code);
         if self.stream.write_all(&err.to_bytes()).await.is_err() || self.skip_to_sync().await.is_none() {
             return false;
         }
@@ -331,6 +342,29 @@ impl Session {
             pool.close_idle();
             target = Some(r.read_target(self.last_write)?);
         }
+    }
+
+    /// Make a freshly checked-out connection this client's: its settings,
+    /// its cancel target.
+    async fn attach(&mut self, conn: &mut ServerConn) -> Result<(), ServerError> {
+        if conn.applied != self.wanted || conn.needs_reset {
+            conn.sync_params(&self.wanted).await?;
+            let mut out = BytesMut::new();
+            for (k, v) in &conn.reported {
+                let lk = k.to_ascii_lowercase();
+                if !is_server_owned(k) && self.told.get(&lk) != Some(v) {
+                    msg::parameter_status(&mut out, k, v);
+                    self.told.insert(lk, v.clone());
+                }
+            }
+            if !out.is_empty() {
+                self.stream.write_all(&out).await?;
+            }
+        }
+        self.cancel.set(conn.cancel_key());
+        self.flight = Flight::new();
+        self.tracker.reset(b'I');
+        Ok(())
     }
 
     /// Put a failed read's bytes back in front of the buffer, as if they

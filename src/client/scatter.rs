@@ -67,6 +67,7 @@ impl Session {
             }
             Err(e) => {
                 e.encode(&mut out);
+                self.account.error(&e.code);
                 self.fail_multi();
             }
         }
@@ -234,6 +235,7 @@ impl Session {
         match error {
             Some(e) => {
                 e.encode(&mut out);
+                self.account.error(&e.code);
                 self.fail_multi();
             }
             None => {
@@ -287,6 +289,7 @@ impl Session {
 
     /// Answer a batch with `e` and ReadyForQuery.
     pub(super) async fn answer_error(&mut self, e: &PgError) -> bool {
+        self.account.error(&e.code);
         let mut out = BytesMut::new();
         e.encode(&mut out);
         msg::ready_for_query(&mut out, self.failed_status());

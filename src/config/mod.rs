@@ -83,6 +83,11 @@ pub struct General {
     pub admin_users: Vec<String>,
     /// Users allowed the admin console's SHOW commands.
     pub stats_users: Vec<String>,
+    /// Where Prometheus scrapes `/metrics` (none: no metrics endpoint).
+    pub metrics_listen: Option<HostPort>,
+    /// On SIGTERM / SIGINT / SHUTDOWN: how long transactions in flight may
+    /// take to finish before their clients are closed.
+    pub shutdown_timeout: Dur,
 }
 
 impl Default for General {
@@ -94,6 +99,8 @@ impl Default for General {
             worker_threads: 0,
             admin_users: Vec::new(),
             stats_users: Vec::new(),
+            metrics_listen: None,
+            shutdown_timeout: Dur(Duration::from_secs(30)),
         }
     }
 }

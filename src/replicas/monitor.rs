@@ -215,6 +215,17 @@ impl Monitor {
         replica_state(&inner, i, Instant::now())
     }
 
+    /// Every backend (the primary first) with what the monitor knows.
+    pub fn snapshot(&self) -> Vec<(Backend, BackendState)> {
+        let states = std::iter::once(self.primary()).chain((0..self.replica_count()).map(|i| self.replica(i)));
+        self.shared.backends.iter().cloned().zip(states).collect()
+    }
+
+    /// Whether a backend is banned now.
+    pub fn is_banned(state: &BackendState) -> bool {
+        state.banned(Instant::now())
+    }
+
     pub fn replica_count(&self) -> usize {
         self.shared.backends.len() - 1
     }
@@ -257,6 +268,24 @@ impl Monitor {
         let st = &mut inner.slots[1 + i].state;
         st.banned_until = Some(Instant::now() + self.shared.cfg.ban_time);
         st.last_error = Some(why.to_string());
+    }
+
+    /// BAN (`on`) a replica by name until UNBAN; false if no replica has
+    /// that name.
+    pub fn hold(&self, name: &str, on: bool) -> bool {
+        let Some(idx) = self.shared.backends.iter().skip(1).position(|b| b.name == name) else { return false };
+        let mut inner = self.shared.lock();
+        let st = &mut inner.slots[1 + idx].state;
+        if on {
+            tracing::info!(replica = name, "replica banned by the operator");
+            st.banned_until = Some(Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600));
+            st.last_error = Some("banned by the operator (UNBAN lifts it)".into());
+        } else {
+            tracing::info!(replica = name, "replica unbanned by the operator");
+            st.banned_until = None;
+            st.last_error = None;
+        }
+        true
     }
 
     /// Index of a reachable replica that reports `pg_is_in_recovery() = false`.

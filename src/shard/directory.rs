@@ -61,6 +61,8 @@ pub struct Directory {
     client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     listener: Mutex<Option<JoinHandle<()>>>,
     listening: AtomicBool,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 impl Directory {
@@ -74,6 +76,8 @@ impl Directory {
             client: tokio::sync::Mutex::new(None),
             listener: Mutex::new(None),
             listening: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         });
         let task = tokio::spawn(listen(Arc::downgrade(&dir)));
         *dir.listener.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
@@ -88,10 +92,18 @@ impl Directory {
     /// Nothing is cached until the listener runs (invalidations would be
     /// missed otherwise).
     pub fn cached(&self, key: &str) -> Option<Option<usize>> {
-        if !self.listening.load(Ordering::SeqCst) {
-            return None;
-        }
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied()
+        let found = match self.listening.load(Ordering::SeqCst) {
+            true => self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied(),
+            false => None,
+        };
+        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Cache lookups so far: (hits, misses).
+    pub fn cache_counts(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
     }
 
     fn invalidate(&self, key: Option<&str>) {
