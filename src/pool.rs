@@ -340,7 +340,8 @@ impl Checkout {
         if let Some(mut conn) = self.conn.take() {
             // Unread server bytes mean a reply is still in flight: never
             // hand such a connection to another client.
-            let stale = conn.generation != self.pool.generation.load(Ordering::Relaxed);
+            let stale = conn.generation != self.pool.generation.load(Ordering::Relaxed)
+                || self.pool.retired.load(Ordering::Relaxed);
             if stale
                 || conn.created.elapsed() >= self.pool.settings.lifetime
                 || !conn.rbuf.is_empty()

@@ -231,3 +231,10 @@ impl BackendSampler {
         self.max.load(Ordering::Relaxed)
     }
 }
+
+/// The port of a test config's `listen` line.
+pub fn listen_port(cfg: &str) -> u16 {
+    cfg.lines()
+        .find_map(|l| l.strip_prefix("listen = \"127.0.0.1:")?.strip_suffix('"')?.parse().ok())
+        .expect("a listen line")
+}
