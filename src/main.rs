@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use pgmux::config::Config;
+use pgmux::config::{Config, LogFormat};
 use pgmux::proxy::Proxy;
 
 #[derive(Parser)]
@@ -65,9 +65,13 @@ enum ShardOp {
     },
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = match format {
+        LogFormat::Text => fmt.try_init(),
+        LogFormat::Json => fmt.json().try_init(),
+    };
 }
 
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
@@ -92,7 +96,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Shard { op: ShardOp::Move { config, database, map, key, to, grace_ms } }) => {
-            init_logging("info");
+            init_logging("info", LogFormat::Text);
             let config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -122,7 +126,7 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Demo { install, port }) => {
-            init_logging("info");
+            init_logging("info", LogFormat::Text);
             let rt = match runtime(0) {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -150,7 +154,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_logging(&config.general.log_level);
+            init_logging(&config.general.log_level, config.general.log_format);
             let rt = match runtime(config.general.worker_threads) {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -315,6 +315,7 @@ impl Proxy {
         let guard = self.cancels.register();
         let mut session = Session::new(stream, buf, pool, info.params, guard.slot.clone(), self.metrics.clone());
         session.set_client(registered.info.clone(), self.draining.subscribe());
+        session.log_slow(config.general.log_slow_queries.0);
         session.set_refresh(Arc::downgrade(&self), &info.database, &user.name, self.epoch.subscribe(), scram);
         session.set_routing(routing);
         if let Some(sh) = sharding {

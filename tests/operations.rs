@@ -355,3 +355,63 @@ fn binary_reloads_on_sighup_and_drains_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn binary_logs_connections_and_slow_queries_without_parameters() {
+    let db = support::fresh_db("ops_logs");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgmux.toml");
+    let cfg = support::config_text(&db, "", "").replacen(
+        "log_level = \"warn\"\n",
+        "log_level = \"info\"\nlog_format = \"json\"\nlog_slow_queries = \"150ms\"\n",
+        1,
+    );
+    let port = support::listen_port(&cfg);
+    std::fs::write(&path, &cfg).unwrap();
+    let log = dir.path().join("pgmux.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgmux"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = support::conn_str(port, APP.0, APP.1, &db);
+        let mut cl = None;
+        for _ in 0..100 {
+            if let Ok(c) = support::connect_str(&url).await {
+                cl = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let cl = cl.expect("pgmux up");
+        cl.simple_query("SELECT 1").await.unwrap();
+        cl.query("SELECT pg_sleep(0.3), $1::text AS secret", &[&"hunter2-parameter"]).await.unwrap();
+        drop(cl);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    });
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    let event = |msg: &str| lines.iter().filter(move |l| l["fields"]["message"] == msg).collect::<Vec<_>>();
+    let opened = event("client connected");
+    assert!(opened.iter().any(|l| l["fields"]["user"] == APP.0 && l["fields"]["database"] == db.as_str()), "{text}");
+    let closed = event("client disconnected");
+    assert!(
+        closed.iter().any(|l| l["fields"]["duration_s"].as_f64().is_some() && l["fields"]["addr"].is_string()),
+        "{text}"
+    );
+    let slow = event("slow query");
+    assert_eq!(slow.len(), 1, "{text}");
+    assert!(slow[0]["fields"]["statement"].as_str().unwrap().contains("pg_sleep(0.3)"));
+    assert!(slow[0]["fields"]["duration_ms"].as_u64().unwrap() >= 300);
+    assert!(!text.contains("hunter2"), "a parameter was logged: {text}");
+    assert!(!text.contains(APP.1), "a password was logged");
+}

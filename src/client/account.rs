@@ -6,7 +6,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -21,11 +21,45 @@ pub(super) struct Account {
     /// When the current transaction began (its connection's checkout, or
     /// the end of the previous one on it).
     xact_started: Instant,
+    /// Queries slower than this are logged (`log_slow_queries`).
+    slow: Option<Duration>,
+    /// The text of the last statement sent (when slow queries are logged).
+    sql: Option<String>,
+}
+
+/// How much of a statement's text a slow-query line shows.
+const STATEMENT_LOG_LEN: usize = 200;
+
+/// A Query's or Parse's statement text, truncated for the log (never its
+/// parameters: they travel in Bind messages, which are not read here).
+pub(super) fn statement_text(tag: u8, body: &[u8]) -> String {
+    let mut parts = body.split(|b| *b == 0);
+    let sql = if tag == b'P' { parts.nth(1) } else { parts.next() }.unwrap_or_default();
+    let sql = String::from_utf8_lossy(&sql[..sql.len().min(STATEMENT_LOG_LEN * 4)]);
+    let mut text: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.chars().count() > STATEMENT_LOG_LEN {
+        text = text.chars().take(STATEMENT_LOG_LEN).collect::<String>() + "...";
+    }
+    text
 }
 
 impl Account {
     pub fn new(metrics: Arc<Metrics>) -> Account {
-        Account { metrics, pool: None, query_started: None, xact_started: Instant::now() }
+        Account { metrics, pool: None, query_started: None, xact_started: Instant::now(), slow: None, sql: None }
+    }
+
+    /// Log queries slower than `threshold` (zero: none).
+    pub fn log_slow(&mut self, threshold: Duration) {
+        self.slow = (!threshold.is_zero()).then_some(threshold);
+    }
+
+    pub fn slow_log(&self) -> bool {
+        self.slow.is_some()
+    }
+
+    /// The statement just sent.
+    pub fn statement(&mut self, sql: String) {
+        self.sql = Some(sql);
     }
 
     /// A connection of `pool` is this session's now.
@@ -62,6 +96,15 @@ impl Account {
         if let Some(t) = self.query_started {
             m.query_seconds.observe((now - t).as_secs_f64());
             s.query_us.fetch_add((now - t).as_micros() as u64, Relaxed);
+            if self.slow.is_some_and(|limit| now - t >= limit) {
+                tracing::warn!(
+                    duration_ms = (now - t).as_millis() as u64,
+                    database = %p.database,
+                    user = %p.user,
+                    statement = self.sql.as_deref().unwrap_or("?"),
+                    "slow query"
+                );
+            }
         }
         self.query_started = (pending > 0).then_some(now);
         if idle > 0 {

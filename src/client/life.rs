@@ -80,6 +80,11 @@ impl Session {
         self.draining = Some(draining);
     }
 
+    /// Log this session's queries slower than `threshold` (zero: none).
+    pub fn log_slow(&mut self, threshold: std::time::Duration) {
+        self.account.log_slow(threshold);
+    }
+
     pub(super) fn set_state(&self, state: ClientState) {
         if let Some(c) = &self.client {
             c.set(state);

@@ -394,7 +394,9 @@ impl Session {
         let mut full_reset = false;
         let mut named = Vec::new();
         let mut pin = false;
-        let needs_body = |t: u8| (track && t != b'd') || (txn_mode && matches!(t, b'Q' | b'P'));
+        let slow_log = self.account.slow_log();
+        let needs_body = |t: u8| (track && t != b'd') || ((txn_mode || slow_log) && matches!(t, b'Q' | b'P'));
+        let mut statement = None;
         // Sharded: one batch at a time (the next may belong to another
         // shard and is routed after this one's transaction ends).
         let hold = self.sharding.is_some() && txn_mode && !self.pinned;
@@ -433,6 +435,9 @@ impl Session {
                 (false, _) => Flow::Forward,
             };
             flight.client(tag, flow != Flow::Drop);
+            if slow_log && matches!(tag, b'Q' | b'P') {
+                statement = Some(account::statement_text(tag, body));
+            }
             if txn_mode && matches!(tag, b'Q' | b'P') && flow != Flow::Drop {
                 // Parse: statement name, then the query text.
                 let mut parts = body.split(|b| *b == 0);
@@ -445,6 +450,9 @@ impl Session {
             flow
         });
         let events = std::mem::take(&mut cx.events);
+        if let Some(s) = statement {
+            self.account.statement(s);
+        }
         conn.needs_reset |= full_reset;
         if pin && !self.pinned {
             tracing::debug!(pool = %self.pool.name(), "client pinned to its server connection");

@@ -67,6 +67,15 @@ struct RawConfig {
     databases: BTreeMap<String, Database>,
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 /// `[pgmux]`: the process.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -75,6 +84,8 @@ pub struct General {
     pub listen: HostPort,
     /// tracing filter (`info`, `pgmux=debug`, ...); RUST_LOG wins when set.
     pub log_level: String,
+    /// `text` (one line per event, `key=value` fields) or `json`.
+    pub log_format: LogFormat,
     /// Most client connections at once; more get 53300.
     pub max_client_conn: usize,
     /// Worker threads for the runtime (0 = one per core).
@@ -88,6 +99,9 @@ pub struct General {
     /// On SIGTERM / SIGINT / SHUTDOWN: how long transactions in flight may
     /// take to finish before their clients are closed.
     pub shutdown_timeout: Dur,
+    /// Log queries that take longer (their text truncated, never their
+    /// parameters); 0 = off.
+    pub log_slow_queries: Dur,
 }
 
 impl Default for General {
@@ -95,12 +109,14 @@ impl Default for General {
         General {
             listen: HostPort { host: "127.0.0.1".into(), port: 6432 },
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             max_client_conn: 10_000,
             worker_threads: 0,
             admin_users: Vec::new(),
             stats_users: Vec::new(),
             metrics_listen: None,
             shutdown_timeout: Dur(Duration::from_secs(30)),
+            log_slow_queries: Dur(Duration::ZERO),
         }
     }
 }
