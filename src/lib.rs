@@ -30,6 +30,7 @@ pub mod server;
 pub mod shard;
 pub mod sqlhead;
 pub mod statements;
+pub mod tls;
 
 /// Database name of the admin console.
 pub const ADMIN_DB: &str = "pgmux";

@@ -4,9 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWriteExt;
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::config::ClientTlsMode;
+use crate::tls::{ClientStream, ClientTls, MaybeTls};
 
 use crate::config::{AuthMethod, User};
 use crate::protocol::auth::{self, ScramServer, ScramVerifier};
@@ -61,8 +64,60 @@ pub enum Startup {
     Cancel { pid: i32, secret: i32 },
 }
 
+/// Read a new connection's startup packets; an SSLRequest is answered
+/// with a TLS handshake when `tls` allows, and the rest is read over TLS.
+/// The stream is `None` when the handshake failed (nothing to answer on).
+pub async fn accept(
+    mut tcp: TcpStream,
+    buf: &mut BytesMut,
+    tls: &ClientTls,
+) -> (Option<ClientStream>, Result<Startup, LoginError>) {
+    let Some(acceptor) = &tls.acceptor else {
+        let mut stream = MaybeTls::Plain(tcp);
+        let startup = read_startup(&mut stream, buf).await;
+        return (Some(stream), startup);
+    };
+    let mut stream = match frame::read_startup(&mut tcp, buf).await {
+        Ok((msg::SSL_REQUEST, _)) if buf.is_empty() => {
+            if let Err(e) = tcp.write_all(b"S").await {
+                return (None, Err(e.into()));
+            }
+            match acceptor.accept(tcp).await {
+                Ok(t) => MaybeTls::Tls(Box::new(t)),
+                Err(e) => {
+                    tracing::info!("client TLS handshake failed: {e}");
+                    return (None, Err(LoginError::Gone));
+                }
+            }
+        }
+        Ok((code, payload)) => {
+            // Not TLS: put the packet back and read it as usual.
+            let mut again = BytesMut::with_capacity(8 + payload.len() + buf.len());
+            again.put_u32(8 + payload.len() as u32);
+            again.put_u32(code);
+            again.extend_from_slice(&payload);
+            again.extend_from_slice(buf);
+            *buf = again;
+            MaybeTls::Plain(tcp)
+        }
+        Err(e) => return (Some(MaybeTls::Plain(tcp)), Err(e.into())),
+    };
+    let mut startup = read_startup(&mut stream, buf).await;
+    if tls.mode == ClientTlsMode::Require && !stream.is_tls() && matches!(startup, Ok(Startup::Login(_))) {
+        startup = Err(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "pgmux accepts only TLS connections (tls_mode = require): connect with sslmode=require",
+        )
+        .into());
+    }
+    (Some(stream), startup)
+}
+
 /// Read the startup-family packets until a StartupMessage or CancelRequest.
-pub async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Startup, LoginError> {
+pub async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Startup, LoginError> {
     loop {
         let (code, mut payload) = frame::read_startup(stream, buf).await?;
         match code {
@@ -100,7 +155,11 @@ pub async fn read_startup(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<
     }
 }
 
-async fn parse_login(stream: &mut TcpStream, minor: u32, payload: BytesMut) -> Result<Startup, LoginError> {
+async fn parse_login<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    minor: u32,
+    payload: BytesMut,
+) -> Result<Startup, LoginError> {
     let pairs = msg::parse_startup_params(payload).ok_or_else(|| {
         PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "invalid startup packet layout: expected terminator as last byte")
     })?;
@@ -152,7 +211,7 @@ fn auth_failed(user: &str) -> LoginError {
 }
 
 /// Read the client's next PasswordMessage-family message body.
-async fn read_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<BytesMut, LoginError> {
+async fn read_password<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Result<BytesMut, LoginError> {
     let (tag, body) = frame::read_message(stream, buf, MAX_PREAUTH_LEN).await?;
     if tag != b'p' {
         return Err(PgError::fatal(
@@ -170,8 +229,8 @@ fn cstr(mut body: BytesMut) -> Option<String> {
 
 /// Authenticate the client. Returns the SCRAM ClientKey when SCRAM was
 /// used, so the pool can log into PostgreSQL without a plain-text password.
-pub async fn authenticate(
-    stream: &mut TcpStream,
+pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     user: &User,
     verifier: Option<&ScramVerifier>,

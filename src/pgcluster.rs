@@ -106,6 +106,9 @@ pub struct ClusterSpec {
     pub max_connections: u32,
     /// Lines appended to postgresql.conf.
     pub extra_conf: Vec<String>,
+    /// Serve TLS (`ssl = on`) with a certificate from [`make_certs`]
+    /// (its CA at [`Cluster::tls_ca`]).
+    pub tls: bool,
 }
 
 impl Default for ClusterSpec {
@@ -117,6 +120,7 @@ impl Default for ClusterSpec {
             databases: Vec::new(),
             max_connections: 200,
             extra_conf: Vec::new(),
+            tls: false,
         }
     }
 }
@@ -241,6 +245,11 @@ impl Cluster {
         check_output(desc, out).map(|s| s.trim().to_string())
     }
 
+    /// The CA that signed `node`'s certificate (`ClusterSpec::tls`).
+    pub fn tls_ca(&self, node: &Node) -> PathBuf {
+        node.data_dir.join("ca.crt")
+    }
+
     /// `pg_ctl stop -m fast -w`.
     pub fn stop_node(&self, node: &Node) -> Result<(), ClusterError> {
         self.pg_ctl_stop(node, "fast")
@@ -349,6 +358,13 @@ impl Cluster {
             spec.max_connections
         );
         spec.extra_conf.iter().for_each(|l| conf.extend([l, "\n"]));
+        if spec.tls {
+            let certs = make_certs(&node.data_dir, "localhost")?;
+            for f in [&certs.cert, &certs.key, &certs.ca] {
+                self.own(f)?;
+            }
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
         let conf_path = node.data_dir.join("postgresql.conf");
         let mut file = std::fs::OpenOptions::new().append(true).open(conf_path)?;
         file.write_all(conf.as_bytes())?;
@@ -565,4 +581,60 @@ fn ident(s: &str) -> String {
 /// SQL / postgresql.conf string literal quoting.
 fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// A test CA and a certificate it signed (PEM files).
+pub struct Certs {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Make a CA and a server certificate for `name`, 127.0.0.1 and ::1 in
+/// `dir` (`ca.crt`, `server.crt`, `server.key`, P-256 keys) with the
+/// openssl command line.
+pub fn make_certs(dir: &Path, name: &str) -> Res<Certs> {
+    let p = |f: &str| dir.join(f);
+    let openssl = |args: &[&str]| {
+        let mut cmd = Command::new("openssl");
+        cmd.args(args).current_dir(dir);
+        run(&mut cmd)
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.crt", "-days", "3", "-subj", "/CN=pgmux test CA"],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        &[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", &format!("/CN={name}")]]
+            .concat(),
+    )?;
+    std::fs::write(
+        p("san.ext"),
+        format!("subjectAltName=DNS:{name},IP:127.0.0.1,IP:::1\nbasicConstraints=CA:FALSE\n"),
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "3",
+        "-extfile",
+        "san.ext",
+    ])?;
+    let key = p("server.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(Certs { ca: p("ca.crt"), cert: p("server.crt"), key })
 }

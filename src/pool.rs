@@ -115,6 +115,8 @@ pub struct Pool {
     paused: tokio::sync::watch::Sender<bool>,
     /// Replaced by a reload: it keeps no connections.
     retired: std::sync::atomic::AtomicBool,
+    /// How connections ask for TLS.
+    tls: Arc<crate::tls::ServerTls>,
 }
 
 /// One open server connection, as SHOW SERVERS lists it.
@@ -140,6 +142,7 @@ impl Pool {
         settings: PoolSettings,
         login: Login,
         metrics: crate::metrics::PoolMetrics,
+        tls: Arc<crate::tls::ServerTls>,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             database,
@@ -158,6 +161,7 @@ impl Pool {
             generation: AtomicU64::new(0),
             paused: tokio::sync::watch::Sender::new(false),
             retired: std::sync::atomic::AtomicBool::new(false),
+            tls,
         });
         tokio::spawn(janitor(Arc::downgrade(&pool)));
         pool
@@ -249,7 +253,7 @@ impl Pool {
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         self.total.fetch_add(1, Ordering::Relaxed);
         self.stats.connecting.fetch_add(1, Ordering::Relaxed);
-        let connected = ServerConn::connect(id, &self.addr, &login, self.settings.connect_timeout).await;
+        let connected = ServerConn::connect(id, &self.addr, &login, self.settings.connect_timeout, &self.tls).await;
         self.stats.connecting.fetch_sub(1, Ordering::Relaxed);
         match connected {
             Ok(mut conn) => {

@@ -28,6 +28,7 @@ use crate::router::route::{RouteOptions, Routing};
 use crate::server::Login;
 use crate::shard::directory::{Directory, DirectoryConfig};
 use crate::shard::{ShardBackend, ShardRouter};
+use crate::tls::{ClientTls, ServerTls, TlsError};
 
 /// A client must finish its login within this time.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,6 +64,9 @@ pub struct Proxy {
     pub(crate) sharded: Mutex<HashMap<(String, String), Arc<ShardRouter>>>,
     /// Key directories, per (database, map).
     pub(crate) directories: Mutex<HashMap<(String, String), Arc<Directory>>>,
+    /// TLS toward clients and toward servers.
+    pub(crate) client_tls: std::sync::RwLock<Arc<ClientTls>>,
+    pub(crate) server_tls: std::sync::RwLock<Arc<ServerTls>>,
 }
 
 /// A proxy serving in the background (tests, demo).
@@ -87,10 +91,13 @@ impl RunningProxy {
 }
 
 impl Proxy {
-    pub fn new(config: Config) -> Arc<Proxy> {
+    pub fn new(config: Config) -> Result<Arc<Proxy>, TlsError> {
+        let (client_tls, server_tls) = tls_of(&config)?;
         let verifiers = crate::reload::verifiers(&config);
         let (monitors, classifiers) = crate::reload::topology(&config, None);
-        Arc::new(Proxy {
+        Ok(Arc::new(Proxy {
+            client_tls: std::sync::RwLock::new(Arc::new(client_tls)),
+            server_tls: std::sync::RwLock::new(Arc::new(server_tls)),
             config: std::sync::RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
             epoch: watch::Sender::new(0),
@@ -108,7 +115,7 @@ impl Proxy {
             draining: watch::Sender::new(false),
             sharded: Mutex::new(HashMap::new()),
             directories: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     /// The config in force now.
@@ -197,7 +204,7 @@ impl Proxy {
             Some(m) => Some(TcpListener::bind((m.host.as_str(), m.port)).await?),
             None => None,
         };
-        let proxy = Proxy::new(config);
+        let proxy = Proxy::new(config).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let mut metrics_addr = None;
         let mut metrics_task = None;
         if let Some(listener) = metrics {
@@ -238,15 +245,21 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
+    async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
         let count = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
         let _count = ClientCount(&self.clients);
         let mut buf = BytesMut::with_capacity(1024);
-        let startup = match tokio::time::timeout(LOGIN_TIMEOUT, login::read_startup(&mut stream, &mut buf)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(LoginError::Reply(e))) => return Session::fatal(&mut stream, &e).await,
-            Ok(Err(LoginError::Gone)) | Err(_) => return,
+        let tls = self.client_tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let (mut stream, startup) = match tokio::time::timeout(LOGIN_TIMEOUT, login::accept(tcp, &mut buf, &tls)).await
+        {
+            Ok((Some(stream), startup)) => (stream, startup),
+            Ok((None, _)) | Err(_) => return,
+        };
+        let startup = match startup {
+            Ok(s) => s,
+            Err(LoginError::Reply(e)) => return Session::fatal(&mut stream, &e).await,
+            Err(LoginError::Gone) => return,
         };
         let info = match startup {
             Startup::Cancel { pid, secret } => return self.cancel(pid, secret).await,
@@ -450,7 +463,8 @@ impl Proxy {
                 _ => "replica",
             };
             let metrics = self.metrics.pool(route, &key);
-            let pool = Pool::new(key.clone(), user.name.clone(), addr.clone(), settings, login, metrics);
+            let tls = self.server_tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let pool = Pool::new(key.clone(), user.name.clone(), addr.clone(), settings, login, metrics, tls);
             if self.is_paused(&key) {
                 pool.pause(true);
             }
@@ -487,4 +501,12 @@ async fn settle_prepared(router: std::sync::Weak<ShardRouter>) {
         drop(r);
         tokio::time::sleep(RECOVERY_EVERY).await;
     }
+}
+
+/// The TLS setups a config asks for (certificate files read now).
+pub(crate) fn tls_of(config: &Config) -> Result<(ClientTls, ServerTls), TlsError> {
+    let g = &config.general;
+    let client = ClientTls::new(g.tls_mode, g.tls_cert_file.as_deref(), g.tls_key_file.as_deref())?;
+    let server = ServerTls::new(config.pool.server_tls_mode, config.pool.server_tls_ca_file.as_deref())?;
+    Ok((client, server))
 }

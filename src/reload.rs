@@ -30,6 +30,8 @@ pub enum ReloadError {
     NoFile,
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// SCRAM verifiers per user: configured ones, or derived once from a
@@ -121,20 +123,19 @@ impl Proxy {
     /// nothing (the error is returned and logged).
     pub fn reload(&self) -> Result<(), ReloadError> {
         let path = self.config_path.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(ReloadError::NoFile)?;
-        match Config::load(&path) {
-            Ok(config) => {
-                self.apply_config(config);
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!("config not reloaded, the old one stays: {e}");
-                Err(e.into())
-            }
+        let applied = Config::load(&path).map_err(ReloadError::from).and_then(|c| self.apply_config(c));
+        if let Err(e) = &applied {
+            tracing::error!("config not reloaded, the old one stays: {e}");
         }
+        applied
     }
 
-    /// Put a validated config in force (see the module docs).
-    pub fn apply_config(&self, new: Config) {
+    /// Put a validated config in force (see the module docs); its TLS
+    /// files are read first (a failure changes nothing).
+    pub fn apply_config(&self, new: Config) -> Result<(), ReloadError> {
+        let (client_tls, server_tls) = crate::proxy::tls_of(&new)?;
+        *self.client_tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(client_tls);
+        *self.server_tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(server_tls);
         let old = self.config();
         if new.general.listen != old.general.listen || new.general.metrics_listen != old.general.metrics_listen {
             tracing::warn!("listen addresses change only at restart");
@@ -174,5 +175,6 @@ impl Proxy {
         self.set_config(new);
         self.epoch.send_modify(|e| *e += 1);
         tracing::info!(retired_pools = retired, "config reloaded");
+        Ok(())
     }
 }

@@ -12,6 +12,8 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::tls::{ServerStream, ServerTls};
+
 use crate::config::HostPort;
 use crate::prepared::ServerStatements;
 use crate::protocol::auth::{self, ScramClient, ScramCredentials};
@@ -82,7 +84,7 @@ pub fn is_server_owned(name: &str) -> bool {
 
 pub struct ServerConn {
     pub id: u64,
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// Bytes read from the server and not yet handled.
     pub rbuf: BytesMut,
     pub addr: HostPort,
@@ -113,13 +115,18 @@ impl ServerConn {
         addr: &HostPort,
         login: &Login,
         timeout: Duration,
+        tls: &ServerTls,
     ) -> Result<ServerConn, ServerError> {
         let name = addr.to_string();
-        let stream = tokio::time::timeout(timeout, TcpStream::connect((addr.host.as_str(), addr.port)))
+        let connect = async {
+            let tcp = TcpStream::connect((addr.host.as_str(), addr.port)).await?;
+            tcp.set_nodelay(true)?;
+            tls.start(tcp, &addr.host).await
+        };
+        let stream = tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| ServerError::ConnectTimeout(name.clone()))?
             .map_err(|source| ServerError::Connect { addr: name.clone(), source })?;
-        stream.set_nodelay(true)?;
         let now = Instant::now();
         let mut conn = ServerConn {
             id,
@@ -396,8 +403,7 @@ impl ServerConn {
     /// it or sent something unprompted (e.g. FATAL on shutdown). Costs one
     /// non-blocking read.
     pub fn is_broken(&mut self) -> bool {
-        let mut probe = [0u8; 1024];
-        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.stream.is_broken()
     }
 
     /// Send a cancel for this connection's running query.

@@ -13,9 +13,9 @@ pub mod table;
 
 use std::sync::Arc;
 
+use crate::tls::ClientStream;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::control::ControlError;
 use crate::protocol::error::{sqlstate, PgError};
@@ -43,7 +43,7 @@ enum Reply {
 }
 
 /// Serve a console session after its login.
-pub async fn serve(proxy: Arc<Proxy>, mut stream: TcpStream, mut buf: BytesMut, role: Role, key: (i32, i32)) {
+pub async fn serve(proxy: Arc<Proxy>, mut stream: ClientStream, mut buf: BytesMut, role: Role, key: (i32, i32)) {
     let mut out = BytesMut::new();
     msg::auth_request(&mut out, msg::AUTH_OK, &[]);
     let version = format!("15.0 (pgmux {})", env!("CARGO_PKG_VERSION"));

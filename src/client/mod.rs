@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::tls::ClientStream;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::cancel::CancelSlot;
 use crate::config::PoolMode;
@@ -70,7 +70,7 @@ enum Event {
 }
 
 pub struct Session {
-    stream: TcpStream,
+    stream: ClientStream,
     rbuf: BytesMut,
     pool: Arc<Pool>,
     mode: PoolMode,
@@ -125,7 +125,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(
-        stream: TcpStream,
+        stream: ClientStream,
         rbuf: BytesMut,
         pool: Arc<Pool>,
         wanted: BTreeMap<String, String>,
@@ -168,7 +168,7 @@ impl Session {
     }
 
     /// Tell the client an error and drop the connection.
-    pub async fn fatal(stream: &mut TcpStream, err: &PgError) {
+    pub async fn fatal(stream: &mut ClientStream, err: &PgError) {
         let _ = stream.write_all(&err.to_bytes()).await;
         let _ = stream.shutdown().await;
     }

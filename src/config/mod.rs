@@ -67,6 +67,29 @@ struct RawConfig {
     databases: BTreeMap<String, Database>,
 }
 
+/// `tls_mode`: TLS for clients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    #[default]
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+}
+
+/// `server_tls_mode`: TLS to servers, as libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    #[default]
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -102,6 +125,12 @@ pub struct General {
     /// Log queries that take longer (their text truncated, never their
     /// parameters); 0 = off.
     pub log_slow_queries: Dur,
+    /// TLS for clients: disable, allow, prefer (TLS when the client asks)
+    /// or require (plain-text clients are refused).
+    pub tls_mode: ClientTlsMode,
+    /// Certificate chain and private key (PEM) shown to clients.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for General {
@@ -117,6 +146,9 @@ impl Default for General {
             metrics_listen: None,
             shutdown_timeout: Dur(Duration::from_secs(30)),
             log_slow_queries: Dur(Duration::ZERO),
+            tls_mode: ClientTlsMode::Disable,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -139,6 +171,10 @@ pub struct PoolDefaults {
     pub max_prepared_statements: usize,
     /// Named prepared statements one client may hold at once.
     pub max_client_prepared_statements: usize,
+    /// TLS to servers: disable, prefer, require, verify-ca, verify-full.
+    pub server_tls_mode: ServerTlsMode,
+    /// CA certificates (PEM) that verify-ca / verify-full trust.
+    pub server_tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for PoolDefaults {
@@ -154,6 +190,8 @@ impl Default for PoolDefaults {
             server_reset_query: "DISCARD ALL".into(),
             max_prepared_statements: 500,
             max_client_prepared_statements: 1000,
+            server_tls_mode: ServerTlsMode::Disable,
+            server_tls_ca_file: None,
         }
     }
 }
@@ -390,6 +428,15 @@ impl Config {
         }
         if self.pool.min_pool_size > self.pool.default_pool_size {
             return Err(err("pool.min_pool_size", "must not exceed pool.default_pool_size"));
+        }
+        let g = &self.general;
+        if g.tls_mode != ClientTlsMode::Disable && (g.tls_cert_file.is_none() || g.tls_key_file.is_none()) {
+            return Err(err("pgmux.tls_mode", "needs tls_cert_file and tls_key_file"));
+        }
+        if matches!(self.pool.server_tls_mode, ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull)
+            && self.pool.server_tls_ca_file.is_none()
+        {
+            return Err(err("pool.server_tls_mode", "verify-ca and verify-full need server_tls_ca_file"));
         }
         if self.general.max_client_conn == 0 {
             return Err(err("pgmux.max_client_conn", "must be at least 1"));
