@@ -199,9 +199,6 @@ impl Session {
             if self.must_leave() {
                 return self.goodbye().await;
             }
-            if let Err(e) = self.follow_reload() {
-                return Self::fatal(&mut self.stream, &e).await;
-            }
             // Idle: no server connection until a whole message is here (a
             // routed extended-protocol batch: up to its Execute/Sync/Flush).
             loop {
@@ -220,6 +217,10 @@ impl Session {
             }
             if self.rbuf[0] == b'X' {
                 return;
+            }
+            // A reload since the last transaction: this one uses its pools.
+            if let Err(e) = self.follow_reload() {
+                return Self::fatal(&mut self.stream, &e).await;
             }
             if matches!(self.rbuf[0], b'd' | b'c' | b'f') {
                 // COPY traffic after the COPY ended (it failed): PostgreSQL

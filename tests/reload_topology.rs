@@ -1,0 +1,45 @@
+//! A reload that changes the replicas of a database: a session already
+//! connected follows the new topology at its next transaction — weights
+//! move its reads, removed replicas get none, and with none left reads go
+//! to the primary — without reconnecting.
+
+mod support;
+
+use support::replicated::{self, client, port_of};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_reads_to_the_new_replicas() {
+    let _serial = replicated::SERIAL.lock().await;
+    let c = replicated::cluster();
+    let (r1, r2) = (c.replicas[0].addr(), c.replicas[1].addr());
+    let with =
+        |replicas: &str| replicated::config(&c, "", &format!("load_balancing = \"weighted\"\nreplicas = {replicas}"));
+    let first = with(&format!("[{{ addr = \"{r1}\", weight = 1 }}]"));
+    let p = replicated::start(&first).await;
+    let cl = client(&p).await;
+    let read = "SELECT inet_server_port()";
+    for _ in 0..5 {
+        assert_eq!(port_of(&cl, read).await, c.replicas[0].port);
+    }
+    let port = support::listen_port(&first);
+    let apply = |text: String| {
+        let text =
+            text.replacen(&format!("127.0.0.1:{}", support::listen_port(&text)), &format!("127.0.0.1:{port}"), 1);
+        pgmux::config::Config::parse(&text, "reload").unwrap()
+    };
+    // The second replica added, the first drained (weight 0).
+    let second = with(&format!("[{{ addr = \"{r1}\", weight = 0 }}, {{ addr = \"{r2}\", weight = 1 }}]"));
+    p.proxy.apply_config(apply(second)).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        let got = port_of(&cl, read).await;
+        assert_eq!(got, c.replicas[1].port, "reads follow the reload (primary {}, r1 {})", c.primary.port, c.replicas[0].port);
+    }
+    // No replicas: reads go to the primary.
+    p.proxy.apply_config(apply(with("[]"))).unwrap();
+    for _ in 0..3 {
+        assert_eq!(port_of(&cl, read).await, c.primary.port);
+    }
+    assert!(p.proxy.monitor("app").is_none(), "the monitor of a group without replicas stopped");
+    p.stop().await;
+}
