@@ -67,6 +67,12 @@ async fn metrics_and_show_match_a_known_workload() {
     cl.batch_execute("COMMIT").await.unwrap();
     let e = cl.simple_query("SELECT 1/0").await.unwrap_err();
     assert_eq!(code(&e), "22012");
+    // A prepared statement: prepared on the server once, then reused.
+    let stmt = cl.prepare("SELECT $1::int").await.unwrap();
+    for i in 0..3 {
+        let r = cl.query_one(&stmt, &[&i]).await.unwrap();
+        assert_eq!(r.get::<_, i32>(0), i);
+    }
     let series = |name: &str| format!("pgmux_{name}{{backend=\"{db}\",route=\"primary\"}}");
     // The client may read its last answer before the session gives the
     // connection back: scrape until the session is idle.
@@ -78,11 +84,15 @@ async fn metrics_and_show_match_a_known_workload() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // 10 + 3 + 1 answers; 10 + 1 + 1 transactions.
-    assert_eq!(metric(&m, &series("queries_total")), 14.0, "{m}");
-    assert_eq!(metric(&m, &series("transactions_total")), 12.0);
-    assert_eq!(metric(&m, "pgmux_query_duration_seconds_count{route=\"primary\"}"), 14.0);
-    assert_eq!(metric(&m, "pgmux_transaction_duration_seconds_count{route=\"primary\"}"), 12.0);
+    // 10 + 3 + 1 + 4 (prepare, 3 executions) answers; 10 + 1 + 1 + 4
+    // transactions.
+    assert_eq!(metric(&m, &series("queries_total")), 18.0, "{m}");
+    assert_eq!(metric(&m, &series("transactions_total")), 16.0);
+    assert_eq!(metric(&m, "pgmux_query_duration_seconds_count{route=\"primary\"}"), 18.0);
+    assert_eq!(metric(&m, "pgmux_transaction_duration_seconds_count{route=\"primary\"}"), 16.0);
+    assert_eq!(metric(&m, "pgmux_prepared_statements_total{event=\"miss\"}"), 1.0);
+    // The Describe after the Parse, and the 3 Binds, find it prepared.
+    assert_eq!(metric(&m, "pgmux_prepared_statements_total{event=\"hit\"}"), 4.0);
     assert_eq!(metric(&m, "pgmux_errors_total{class=\"22\"}"), 1.0);
     assert!(metric(&m, &format!("pgmux_pool_wait_seconds_count{{backend=\"{db}\"}}")) >= 12.0);
     assert_eq!(metric(&m, "pgmux_client_connections{state=\"idle\"}"), 1.0);
@@ -98,9 +108,9 @@ async fn metrics_and_show_match_a_known_workload() {
     assert_eq!((pool[2].as_deref(), pool[5].as_deref(), pool[11].as_deref()), (Some("0"), Some("1"), Some("3")));
     let stats = rows(&admin, "SHOW STATS").await;
     let st = stats.iter().find(|r| r[0].as_deref() == Some(db.as_str())).expect("stats");
-    assert_eq!((st[2].as_deref(), st[3].as_deref()), (Some("12"), Some("14")));
+    assert_eq!((st[2].as_deref(), st[3].as_deref()), (Some("16"), Some("18")));
     let routes = rows(&admin, "SHOW ROUTES").await;
-    assert!(routes.contains(&vec![Some(db.clone()), Some("primary".into()), Some("14".into()), Some("12".into())]));
+    assert!(routes.contains(&vec![Some(db.clone()), Some("primary".into()), Some("18".into()), Some("16".into())]));
     let clients = rows(&admin, "SHOW CLIENTS").await;
     assert_eq!(clients.iter().filter(|r| r[2].as_deref() == Some(db.as_str())).count(), 1);
     assert!(clients.iter().any(|r| r[2].as_deref() == Some("pgmux") && r[3].as_deref() == Some("idle")));

@@ -438,6 +438,13 @@ async fn directory_assigns_new_keys_and_follows_changes() {
     assert_eq!(code(&e), "22023", "{}", text(&e));
     let e = admin.simple_query("FROBNICATE").await.unwrap_err();
     assert_eq!(code(&e), "42601", "{}", text(&e));
+    // The directory cache's hits and misses reach the metrics.
+    let metrics = String::from_utf8(p.proxy.render_metrics()).unwrap();
+    let count = |result: &str| -> f64 {
+        let series = format!("pgmux_directory_cache_total{{database=\"shop\",map=\"by_tenant\",result=\"{result}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(series.as_str())?.parse().ok()).unwrap_or(0.0)
+    };
+    assert!(count("hit") > 0.0 && count("miss") > 0.0, "{metrics}");
     p.stop().await;
     q.stop().await;
 }
