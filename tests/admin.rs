@@ -6,8 +6,7 @@ mod support;
 
 use std::process::Command;
 
-use support::{code, text, APP, MD5USER, PWUSER};
-use tokio_postgres::SimpleQueryMessage;
+use support::{code, rows, text, APP, MD5USER, PWUSER};
 
 async fn console(
     p: &pgmux::proxy::RunningProxy,
@@ -24,17 +23,6 @@ async fn start() -> (pgmux::proxy::RunningProxy, String) {
         1,
     );
     (support::start_proxy(&cfg).await, db)
-}
-
-/// Rows of a console query, as text.
-async fn rows(c: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
-    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", text(&e)));
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

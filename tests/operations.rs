@@ -9,9 +9,8 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{code, scalar, text, APP, MD5USER};
+use support::{code, rows, scalar, text, APP, MD5USER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_postgres::SimpleQueryMessage;
 
 fn with_admin(cfg: &str, extra_general: &str) -> String {
     cfg.replacen(
@@ -35,16 +34,6 @@ fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
-
-async fn rows(c: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
-    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", text(&e)));
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
-            _ => None,
-        })
-        .collect()
 }
 
 async fn console(p: &pgmux::proxy::RunningProxy) -> tokio_postgres::Client {
@@ -326,28 +315,13 @@ fn binary_reloads_on_sighup_and_drains_on_sigterm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let url = |u: (&str, &str)| support::conn_str(port, u.0, u.1, &db);
-        let mut cl = None;
-        for _ in 0..100 {
-            if let Ok(c) = support::connect_str(&url(APP)).await {
-                cl = Some(c);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let cl = cl.expect("pgmux up");
+        let cl = support::connect_when_up(&url(APP)).await.expect("pgmux up");
         assert!(support::connect_str(&url(MD5USER)).await.is_err());
         std::fs::write(&path, &cfg).unwrap();
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
-        let mut md5 = None;
-        for _ in 0..100 {
-            if let Ok(c) = support::connect_str(&url(MD5USER)).await {
-                md5 = Some(c);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(scalar(&md5.expect("the reloaded user logs in"), "SELECT 1").await, "1");
+        let md5 = support::connect_when_up(&url(MD5USER)).await.expect("the reloaded user logs in");
+        assert_eq!(scalar(&md5, "SELECT 1").await, "1");
         assert_eq!(scalar(&cl, "SELECT 2").await, "2", "a client from before the reload");
         // SAFETY: as above.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -390,15 +364,7 @@ fn binary_logs_connections_and_slow_queries_without_parameters() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let url = support::conn_str(port, APP.0, APP.1, &db);
-        let mut cl = None;
-        for _ in 0..100 {
-            if let Ok(c) = support::connect_str(&url).await {
-                cl = Some(c);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let cl = cl.expect("pgmux up");
+        let cl = support::connect_when_up(&url).await.expect("pgmux up");
         cl.simple_query("SELECT 1").await.unwrap();
         cl.query("SELECT pg_sleep(0.3), $1::text AS secret", &[&"hunter2-parameter"]).await.unwrap();
         drop(cl);

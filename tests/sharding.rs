@@ -10,7 +10,7 @@ mod support;
 use pgmux::pgcluster::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
 use pgmux::proxy::RunningProxy;
 use pgmux::shard::hash::{hash_remainder, KeyValue};
-use support::{code, scalar, text, APP};
+use support::{code, rows, scalar, text, APP};
 use tokio_postgres::SimpleQueryMessage;
 
 const SCHEMA: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text, score int, balance numeric);
@@ -127,17 +127,6 @@ async fn copy_in(c: &tokio_postgres::Client, sql: &str, data: &str) -> Result<u6
     futures_util::pin_mut!(sink);
     sink.send(bytes::Bytes::from(data.to_string())).await.map_err(|e| text(&e))?;
     sink.finish().await.map_err(|e| text(&e))
-}
-
-/// All rows of a simple query, as text.
-async fn rows(c: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
-    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", text(&e)));
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -238,3 +238,27 @@ pub fn listen_port(cfg: &str) -> u16 {
         .find_map(|l| l.strip_prefix("listen = \"127.0.0.1:")?.strip_suffix('"')?.parse().ok())
         .expect("a listen line")
 }
+
+/// All rows of a simple query, as text.
+pub async fn rows(c: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", text(&e)));
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connect to a pgmux that is starting (up to 5 s).
+pub async fn connect_when_up(s: &str) -> Option<Client> {
+    for _ in 0..100 {
+        if let Ok(c) = connect_str(s).await {
+            return Some(c);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    None
+}
