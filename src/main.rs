@@ -88,6 +88,7 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig { file }) => match Config::load(&file) {
             Ok(c) => {
                 println!("{}: ok ({} users, {} databases)", file.display(), c.users.len(), c.databases.len());
+                print!("{}", c.describe());
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -322,6 +322,26 @@ impl Cluster {
         primary.chain(&self.replicas).chain(&self.extra_primaries)
     }
 
+    /// The path of PostgreSQL binary `name` (server or client tool).
+    pub fn bin_path(&self, name: &str) -> PathBuf {
+        self.bin.path(name)
+    }
+
+    /// A command running `program` (a script, a binary) as the user the
+    /// servers run as, with the PostgreSQL binaries first on PATH.
+    pub fn as_server_user(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let bin_dir = self.bin.path("postgres").parent().map(Path::to_path_buf).unwrap_or_default();
+        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let mut cmd = Command::new(if self.owner.is_some() { "runuser".as_ref() } else { program.as_ref() });
+        if self.owner.is_some() {
+            cmd.args(["-u", "postgres", "--", "env", &format!("PATH={path}")]).arg(program.as_ref());
+        } else {
+            cmd.env("PATH", path);
+        }
+        clean_env(cmd.current_dir(self.dir.path()));
+        cmd
+    }
+
     /// A command for binary `name` of [`PgBin`], as `postgres` when we are root.
     fn server_cmd(&self, name: &str) -> Command {
         let (prog, as_postgres) = (self.bin.path(name), self.owner.is_some());

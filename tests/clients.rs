@@ -97,6 +97,20 @@ fn cli_help_and_check_config() {
     assert!(text.contains("ok"), "{text}");
     let text = run(pgmux().arg("check-config").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sharded.toml")));
     assert!(text.contains("ok"), "{text}");
+    // The resolved topology: shards, their replicas and read routing, maps, tables.
+    for line in [
+        "database shop: 2 shards",
+        "cross-shard writes allowed, two-phase commit",
+        "  shard s0 [0] -> shop on shard0:5432",
+        "    replicas: shard1-replica:5432 (weight 1)",
+        "(round_robin), primary reads fallback",
+        "  map by_tenant: directory of text in table pgmux_directory on directory:5432/directory",
+        "  table orders sharded by user_id (by_user)",
+        "  reference tables (any shard reads): countries",
+        "users: app (scram-sha-256)",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[pool]\ndefault_pool_size = \"many\"\n").unwrap();
     let out = pgmux().arg("check-config").arg(&bad).output().unwrap();

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod describe;
 pub mod shards;
 mod types;
 pub use shards::{KeyType, MapConfig, RawKey, Shard, ShardedTable};
