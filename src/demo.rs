@@ -28,6 +28,7 @@ pub fn demo_config(cluster: &Cluster, port: u16) -> String {
     format!(
         r#"[pgmux]
 listen = "127.0.0.1:{port}"
+admin_users = ["{DEMO_USER}"]
 
 [pool]
 default_pool_size = 10

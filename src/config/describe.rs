@@ -38,7 +38,12 @@ impl Config {
         let mut out = String::new();
         let _ = writeln!(out, "listen {} (client TLS: {})", g.listen, lower(g.tls_mode));
         let metrics = g.metrics_listen.as_ref().map_or("off".to_string(), |m| format!("http://{m}/metrics"));
-        let _ = writeln!(out, "metrics {metrics}; admin console users: {}; stats users: {}", list(&g.admin_users), list(&g.stats_users));
+        let _ = writeln!(
+            out,
+            "metrics {metrics}; admin console users: {}; stats users: {}",
+            list(&g.admin_users),
+            list(&g.stats_users)
+        );
         for (name, db) in &self.databases {
             self.describe_database(&mut out, name, db);
         }
@@ -50,7 +55,8 @@ impl Config {
     fn describe_database(&self, out: &mut String, name: &str, db: &Database) {
         let mode = db.pool_mode.unwrap_or(self.pool.pool_mode);
         let size = db.pool_size.unwrap_or(self.pool.default_pool_size);
-        let pool = format!("{} mode, pool {size} per user, server TLS {}", lower(mode), lower(self.pool.server_tls_mode));
+        let pool =
+            format!("{} mode, pool {size} per user, server TLS {}", lower(mode), lower(self.pool.server_tls_mode));
         if db.shards.is_empty() {
             let _ = writeln!(out, "database {name} -> {} on {} ({pool})", db.server_dbname(name), db.primary_addr());
             describe_reads(out, "  ", db);
@@ -64,7 +70,8 @@ impl Config {
         let _ = writeln!(out, "database {name}: {} shards ({pool}); cross-shard writes {cross}", db.shards.len());
         for (i, (group, gdb)) in db.groups(name).iter().enumerate() {
             let shard = &db.shards[i];
-            let _ = writeln!(out, "  shard {} [{i}] -> {} on {}", shard.name, gdb.server_dbname(group), gdb.primary_addr());
+            let _ =
+                writeln!(out, "  shard {} [{i}] -> {} on {}", shard.name, gdb.server_dbname(group), gdb.primary_addr());
             describe_reads(out, "    ", gdb);
         }
         for (map, m) in &db.maps {
@@ -72,7 +79,11 @@ impl Config {
                 MapConfig::Directory { backend, dbname, table, weights, .. } => format!(
                     " in table {table} on {backend}/{} (new keys by weight: {})",
                     dbname.as_deref().unwrap_or(db.server_dbname(name)),
-                    list(db.shards.iter().map(|s| format!("{}={}", s.name, weights.get(&s.name).copied().unwrap_or(1))))
+                    list(db.shards.iter().map(|s| format!(
+                        "{}={}",
+                        s.name,
+                        weights.get(&s.name).copied().unwrap_or(1)
+                    )))
                 ),
                 _ => String::new(),
             };

@@ -140,3 +140,72 @@ fn durations() {
     assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
     assert!(parse_duration("x").is_err());
 }
+
+/// The field names serde expects for struct `T` (a deserializer that
+/// stops at `deserialize_struct` and records them).
+fn fields<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{self, Visitor};
+    struct Introspect<'a>(&'a mut &'static [&'static str]);
+    impl<'de> de::Deserializer<'de> for Introspect<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("fields recorded"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut out: &'static [&'static str] = &[];
+    let _ = T::deserialize(Introspect(&mut out));
+    out
+}
+
+/// Every key of the config structs is documented in the annotated
+/// reference files (config/pgmux.toml, and config/sharded.toml for the
+/// sharding keys), so the reference cannot drift from the code.
+#[test]
+fn reference_files_document_every_key() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let reference = std::fs::read_to_string(format!("{root}/config/pgmux.toml")).unwrap();
+    let sharded = std::fs::read_to_string(format!("{root}/config/sharded.toml")).unwrap();
+    let documented = |text: &str, key: &str| {
+        text.contains(&format!("{key} =")) || text.contains(&format!("{key}=")) || text.contains(&format!(".{key}."))
+    };
+    let checks: [(&str, &[&str], &str); 6] = [
+        ("[pgmux]", fields::<General>(), &reference),
+        ("[pool]", fields::<PoolDefaults>(), &reference),
+        ("[[users]]", fields::<RawUser>(), &reference),
+        ("[databases.*]", fields::<Database>(), &reference),
+        ("shards", fields::<Shard>(), &sharded),
+        ("tables", fields::<ShardedTable>(), &sharded),
+    ];
+    for (section, keys, text) in checks {
+        assert!(keys.len() > 1, "{section}: no fields found");
+        for key in keys {
+            let sharding =
+                ["shards", "tables", "maps", "reference_tables", "allow_cross_shard_writes", "two_phase_commit"];
+            let text = if sharding.contains(key) { sharded.as_str() } else { text };
+            assert!(documented(text, key), "{section} {key} is not in the reference config");
+        }
+    }
+}
+
+/// The reference config shows the defaults: its [pgmux] and [pool]
+/// sections are exactly what an empty file gives.
+#[test]
+fn reference_file_shows_the_defaults() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let reference = Config::load(std::path::Path::new(&format!("{root}/config/pgmux.toml"))).unwrap();
+    assert_eq!(reference.general, General::default());
+    assert_eq!(reference.pool, PoolDefaults::default());
+}
