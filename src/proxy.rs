@@ -30,9 +30,6 @@ use crate::shard::directory::{Directory, DirectoryConfig};
 use crate::shard::{ShardBackend, ShardRouter};
 use crate::tls::{ClientTls, ServerTls, TlsError};
 
-/// A client must finish its login within this time.
-pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
-
 pub struct Proxy {
     config: std::sync::RwLock<Arc<Config>>,
     /// The file the config came from (RELOAD / SIGHUP re-read it).
@@ -251,8 +248,9 @@ impl Proxy {
         let _count = ClientCount(&self.clients);
         let mut buf = BytesMut::with_capacity(1024);
         let tls = self.client_tls.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let (mut stream, startup) = match tokio::time::timeout(LOGIN_TIMEOUT, login::accept(tcp, &mut buf, &tls)).await
-        {
+        // One deadline for the whole login: startup, TLS, authentication.
+        let deadline = tokio::time::Instant::now() + self.config().general.client_login_timeout.0;
+        let (mut stream, startup) = match tokio::time::timeout_at(deadline, login::accept(tcp, &mut buf, &tls)).await {
             Ok((Some(stream), startup)) => (stream, startup),
             Ok((None, _)) | Err(_) => return,
         };
@@ -277,7 +275,7 @@ impl Proxy {
         };
         let verifier = self.verifiers.read().unwrap_or_else(|e| e.into_inner()).get(&user.name).cloned();
         let auth =
-            tokio::time::timeout(LOGIN_TIMEOUT, login::authenticate(&mut stream, &mut buf, user, verifier.as_ref()))
+            tokio::time::timeout_at(deadline, login::authenticate(&mut stream, &mut buf, user, verifier.as_ref()))
                 .await;
         let client_key = match auth {
             Ok(Ok(k)) => k,

@@ -205,7 +205,10 @@ impl Session {
                 match peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
                     Ok(Some((_, len))) if self.rbuf.len() >= HEADER_LEN + len && !self.batch_incomplete() => break,
                     Ok(Some((_, len))) if self.rbuf.len() >= HEADER_LEN + len => self.rbuf.reserve(8192),
-                    Ok(Some((_, len))) => self.rbuf.reserve(HEADER_LEN + len - self.rbuf.len()),
+                    // Grow with what arrives, not with what the header
+                    // announces: a client cannot make pgmux allocate memory
+                    // it has not sent.
+                    Ok(Some((_, len))) => self.rbuf.reserve((HEADER_LEN + len - self.rbuf.len()).min(1 << 16)),
                     Ok(None) => self.rbuf.reserve(8192),
                     Err(e) => return Self::fatal(&mut self.stream, &frame_error(e)).await,
                 }

@@ -112,6 +112,9 @@ pub struct General {
     pub log_format: LogFormat,
     /// Most client connections at once; more get 53300.
     pub max_client_conn: usize,
+    /// A client must finish its login (startup, TLS, authentication)
+    /// within this time, or it is disconnected.
+    pub client_login_timeout: Dur,
     /// Worker threads for the runtime (0 = one per core).
     pub worker_threads: usize,
     /// Users (from `[[users]]`) allowed every admin console command.
@@ -141,6 +144,7 @@ impl Default for General {
             log_level: "info".into(),
             log_format: LogFormat::Text,
             max_client_conn: 10_000,
+            client_login_timeout: Dur(Duration::from_secs(60)),
             worker_threads: 0,
             admin_users: Vec::new(),
             stats_users: Vec::new(),
