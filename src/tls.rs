@@ -43,6 +43,15 @@ impl<S> MaybeTls<S> {
     pub fn is_tls(&self) -> bool {
         matches!(self, MaybeTls::Tls(_))
     }
+
+    /// Wait until a read would not block (plain text; a TLS stream may
+    /// hold decrypted bytes already, so it is always ready to try).
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            MaybeTls::Plain(s) => s.readable().await,
+            MaybeTls::Tls(_) => Ok(()),
+        }
+    }
 }
 
 impl ServerStream {

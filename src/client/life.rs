@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Weak};
 
+use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
@@ -97,15 +98,26 @@ impl Session {
     }
 
     /// Read more client bytes while idle; `None`: pgmux is shutting down.
+    /// With nothing buffered, the session waits for the socket to become
+    /// readable holding no buffer at all: an idle client costs pgmux no
+    /// read buffer.
     pub(super) async fn read_idle(&mut self) -> Option<std::io::Result<usize>> {
         let between = self.multi.is_none() && self.deferred.is_none();
         let Session { stream, rbuf, draining, .. } = self;
+        let read = async {
+            if rbuf.is_empty() {
+                *rbuf = BytesMut::new();
+                stream.readable().await?;
+                rbuf.reserve(8192);
+            }
+            stream.read_buf(rbuf).await
+        };
         match draining {
             Some(d) if between => tokio::select! {
-                r = stream.read_buf(rbuf) => Some(r),
+                r = read => Some(r),
                 _ = async { let _ = d.wait_for(|x| *x).await; } => None,
             },
-            _ => Some(stream.read_buf(rbuf).await),
+            _ => Some(read.await),
         }
     }
 

@@ -209,7 +209,8 @@ impl Session {
                     // announces: a client cannot make pgmux allocate memory
                     // it has not sent.
                     Ok(Some((_, len))) => self.rbuf.reserve((HEADER_LEN + len - self.rbuf.len()).min(1 << 16)),
-                    Ok(None) => self.rbuf.reserve(8192),
+                    // Nothing buffered: read_idle waits without a buffer.
+                    Ok(None) => {}
                     Err(e) => return Self::fatal(&mut self.stream, &frame_error(e)).await,
                 }
                 match self.read_idle().await {
