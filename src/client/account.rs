@@ -53,6 +53,11 @@ impl Account {
         self.slow = (!threshold.is_zero()).then_some(threshold);
     }
 
+    /// When the oldest query still unanswered was sent.
+    pub fn query_started(&self) -> Option<Instant> {
+        self.query_started
+    }
+
     pub fn slow_log(&self) -> bool {
         self.slow.is_some()
     }

@@ -62,11 +62,14 @@ enum Relayed {
     ServerGone(String),
     /// The client broke the protocol.
     ClientError(PgError),
+    /// A query outlived `query_timeout`.
+    QueryTimeout,
 }
 
 enum Event {
     Client(std::io::Result<usize>),
     Server(std::io::Result<usize>),
+    Timeout,
 }
 
 pub struct Session {
@@ -318,6 +321,15 @@ impl Session {
                     }
                 }
                 Relayed::ClientGone => return self.abandon(server).await,
+                Relayed::QueryTimeout => {
+                    let (addr, pid, secret) = server.conn().cancel_key();
+                    tracing::warn!(pool = %server.pool().name(), "query_timeout: canceling the query, closing its client");
+                    tokio::spawn(async move { crate::server::send_cancel(&addr, pid, secret).await });
+                    drop(server);
+                    let err =
+                        PgError::fatal(sqlstate::QUERY_CANCELED, "canceling statement due to query_timeout (pgmux)");
+                    return Self::fatal(&mut self.stream, &err).await;
+                }
                 Relayed::ServerGone(why) => {
                     tracing::warn!(pool = %self.pool.name(), "server connection lost mid-transaction: {why}");
                     drop(server);
@@ -354,11 +366,17 @@ impl Session {
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
                 self.rbuf.reserve(16 * 1024);
             }
+            let deadline = match (self.pool.settings.query_timeout, self.account.query_started()) {
+                (Some(limit), Some(sent)) if !self.flight.copy_in => Some(tokio::time::Instant::from_std(sent + limit)),
+                _ => None,
+            };
             let ev = tokio::select! {
                 r = self.stream.read_buf(&mut self.rbuf) => Event::Client(r),
                 r = conn.fill() => Event::Server(r),
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => Event::Timeout,
             };
             let end = match ev {
+                Event::Timeout => return Relayed::QueryTimeout,
                 Event::Client(Ok(0)) | Event::Client(Err(_)) => return Relayed::ClientGone,
                 Event::Client(Ok(_)) => self.forward_client(conn).await,
                 Event::Server(Ok(0)) => return Relayed::ServerGone("server closed the connection unexpectedly".into()),

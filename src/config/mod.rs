@@ -176,6 +176,10 @@ pub struct PoolDefaults {
     pub max_prepared_statements: usize,
     /// Named prepared statements one client may hold at once.
     pub max_client_prepared_statements: usize,
+    /// A query whose answer has not ended (ReadyForQuery) after this long
+    /// is canceled on the server and its client closed (57014), so a
+    /// stalled server cannot hold a client forever; 0 = no limit.
+    pub query_timeout: Dur,
     /// TLS to servers: disable, prefer, require, verify-ca, verify-full.
     pub server_tls_mode: ServerTlsMode,
     /// CA certificates (PEM) that verify-ca / verify-full trust.
@@ -195,6 +199,7 @@ impl Default for PoolDefaults {
             server_reset_query: "DISCARD ALL".into(),
             max_prepared_statements: 500,
             max_client_prepared_statements: 1000,
+            query_timeout: Dur(Duration::ZERO),
             server_tls_mode: ServerTlsMode::Disable,
             server_tls_ca_file: None,
         }
@@ -354,6 +359,8 @@ pub struct PoolSettings {
     pub reset_query: String,
     pub max_prepared_statements: usize,
     pub max_client_prepared_statements: usize,
+    /// A query unanswered this long is canceled (None: no limit).
+    pub query_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -526,6 +533,7 @@ impl Config {
             reset_query: self.pool.server_reset_query.clone(),
             max_prepared_statements: self.pool.max_prepared_statements,
             max_client_prepared_statements: self.pool.max_client_prepared_statements,
+            query_timeout: Some(self.pool.query_timeout.0).filter(|t| !t.is_zero()),
         }
     }
 }

@@ -1,0 +1,105 @@
+//! Network faults between pgmux and its server, through a TCP fault proxy
+//! in the test: when the path blackholes, a query in flight is canceled at
+//! `query_timeout` (its client told `57014`), a new server connection fails
+//! at `server_connect_timeout` (`08006`, the session goes on), no client
+//! hangs; when the path heals, pgmux serves again without a restart.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::{code, text};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Forwards TCP to `target`; while `stalled`, bytes stop flowing both ways
+/// and new connections are held without reaching the target.
+struct FaultProxy {
+    addr: std::net::SocketAddr,
+    stalled: Arc<AtomicBool>,
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl FaultProxy {
+    async fn start(target: String) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (flag, target) = (flag.clone(), target.clone());
+                tokio::spawn(async move {
+                    while flag.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let Ok(server) = TcpStream::connect(&target).await else { return };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(pump(cr, sw, flag.clone()), pump(sr, cw, flag));
+                });
+            }
+        });
+        FaultProxy { addr, stalled }
+    }
+
+    fn stall(&self, on: bool) {
+        self.stalled.store(on, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_network_times_out_and_recovers() {
+    let db = support::fresh_db("faults");
+    let fault = FaultProxy::start(support::cluster().primary.addr()).await;
+    let cfg = support::config_text(&db, "server_connect_timeout = \"1s\"\nquery_timeout = \"2s\"", "").replace(
+        &format!("primary = \"{}\"", support::cluster().primary.addr()),
+        &format!("primary = \"{}\"", fault.addr),
+    );
+    let p = support::start_proxy(&cfg).await;
+    let a = support::app(&p, &db).await;
+    let b = support::app(&p, &db).await;
+    assert_eq!(support::scalar(&a, "SELECT 1").await, "1");
+
+    // The path stalls mid-query: canceled at query_timeout.
+    fault.stall(true);
+    let started = Instant::now();
+    let e = a.simple_query("SELECT 2").await.unwrap_err();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(5), "{took:?}");
+    assert!(code(&e) == "57014" || a.is_closed(), "{}", text(&e));
+
+    // A new server connection cannot log in: server_connect_timeout, and
+    // the session goes on.
+    let started = Instant::now();
+    let e = b.simple_query("SELECT 3").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert_eq!(code(&e), "08006", "{}", text(&e));
+
+    // Healed: the same session, and new clients, are served.
+    fault.stall(false);
+    assert_eq!(support::scalar(&b, "SELECT 4").await, "4");
+    assert_eq!(support::scalar(&support::app(&p, &db).await, "SELECT 5").await, "5");
+    p.stop().await;
+}
