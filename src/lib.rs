@@ -6,6 +6,7 @@
 //! ([`server`]) checked out of a [`pool`], and back.
 
 pub mod admin;
+pub mod authquery;
 pub mod cancel;
 pub mod client;
 pub mod clients;

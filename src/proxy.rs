@@ -269,11 +269,38 @@ impl Proxy {
             return Session::fatal(&mut stream, &e).await;
         }
         tracing::debug!(%peer, user = %info.user, database = %info.database, "client login");
-        let Some(user) = config.users.get(&info.user) else {
-            let e = PgError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("role \"{}\" does not exist", info.user));
-            return Session::fatal(&mut stream, &e).await;
+        let looked_up;
+        let user = match config.users.get(&info.user) {
+            Some(u) => u,
+            None => match crate::authquery::lookup(&config, &info.database, &info.user).await {
+                Ok(Some(u)) => {
+                    looked_up = u;
+                    &looked_up
+                }
+                Ok(None) if config.general.auth_user.is_none() => {
+                    let e = PgError::fatal(
+                        sqlstate::INVALID_AUTHORIZATION,
+                        format!("role \"{}\" does not exist", info.user),
+                    );
+                    return Session::fatal(&mut stream, &e).await;
+                }
+                failed => {
+                    if let Err(e) = failed {
+                        tracing::warn!(user = %info.user, "{e}");
+                    }
+                    // As PostgreSQL: an unknown role fails like a wrong password.
+                    let e = PgError::fatal(
+                        sqlstate::INVALID_PASSWORD,
+                        format!("password authentication failed for user \"{}\"", info.user),
+                    );
+                    return Session::fatal(&mut stream, &e).await;
+                }
+            },
         };
-        let verifier = self.verifiers.read().unwrap_or_else(|e| e.into_inner()).get(&user.name).cloned();
+        let verifier = match self.verifiers.read().unwrap_or_else(|e| e.into_inner()).get(&user.name).cloned() {
+            Some(v) => Some(v),
+            None => user.secret.as_ref().and_then(|s| s.scram_verifier()),
+        };
         let auth =
             tokio::time::timeout_at(deadline, login::authenticate(&mut stream, &mut buf, user, verifier.as_ref()))
                 .await;
@@ -327,7 +354,15 @@ impl Proxy {
         let mut session = Session::new(stream, buf, pool, info.params, guard.slot.clone(), self.metrics.clone());
         session.set_client(registered.info.clone(), self.draining.subscribe());
         session.log_slow(config.general.log_slow_queries.0);
-        session.set_refresh(Arc::downgrade(&self), &info.database, &user.name, self.epoch.subscribe(), scram);
+        let looked_up = (!config.users.contains_key(&user.name)).then(|| user.clone());
+        session.set_refresh(
+            Arc::downgrade(&self),
+            &info.database,
+            &user.name,
+            self.epoch.subscribe(),
+            scram,
+            looked_up,
+        );
         session.set_routing(routing);
         if let Some(sh) = sharding {
             session.set_sharding(sh);

@@ -91,3 +91,43 @@ async fn server_rejection_is_relayed() {
     p.stop().await;
     p2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_query_looks_up_users_on_the_server() {
+    let db = support::fresh_db("auth_query");
+    let c = support::cluster();
+    let role = format!("dyn_{}", std::process::id());
+    c.psql(
+        &c.primary,
+        &db,
+        &format!("CREATE ROLE {role} LOGIN PASSWORD 'dyn-secret'; GRANT ALL ON SCHEMA public TO {role}"),
+    )
+    .unwrap();
+    c.psql(
+        &c.primary,
+        &db,
+        "CREATE FUNCTION pgmux_lookup(u text) RETURNS TABLE (usename name, passwd text) LANGUAGE sql SECURITY DEFINER \
+         AS $$ SELECT rolname, rolpassword FROM pg_authid WHERE rolname = u $$; \
+         REVOKE ALL ON FUNCTION pgmux_lookup(text) FROM PUBLIC; GRANT EXECUTE ON FUNCTION pgmux_lookup(text) TO app",
+    )
+    .unwrap();
+    let cfg = support::config_text(&db, "", "").replacen(
+        "log_level = \"warn\"\n",
+        "log_level = \"warn\"\nauth_user = \"app\"\nauth_query = \"SELECT * FROM pgmux_lookup($1)\"\n",
+        1,
+    );
+    let p = support::start_proxy(&cfg).await;
+    let url = |user: &str, pw: &str| support::conn_str(p.addr.port(), user, pw, &db);
+    // A user pgmux's config does not list, with its SCRAM verifier from the
+    // server: logs in, and pgmux logs in to PostgreSQL as that user.
+    let dynamic = support::connect_str(&url(&role, "dyn-secret")).await.unwrap();
+    assert_eq!(scalar(&dynamic, "SELECT current_user").await, role);
+    dynamic.batch_execute("CREATE TABLE mine (x int); INSERT INTO mine VALUES (1)").await.unwrap();
+    assert_eq!(scalar(&dynamic, "SELECT count(*) FROM mine").await, "1");
+    // Wrong password, unknown role: the same error PostgreSQL gives.
+    let e = support::connect_str(&url(&role, "wrong")).await.unwrap_err();
+    assert_eq!(code(&e), "28P01");
+    let e = support::connect_str(&url("nobody_at_all", "x")).await.unwrap_err();
+    assert_eq!(code(&e), "28P01");
+    p.stop().await;
+}

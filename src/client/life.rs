@@ -22,6 +22,8 @@ pub struct Refresh {
     epoch: watch::Receiver<u64>,
     /// SCRAM keys from the client's login, for pools made after it.
     scram: Option<ScramCredentials>,
+    /// The user as auth_query found it (not in `[[users]]`).
+    looked_up: Option<crate::config::User>,
 }
 
 impl Session {
@@ -33,8 +35,10 @@ impl Session {
         user: &str,
         epoch: watch::Receiver<u64>,
         scram: Option<ScramCredentials>,
+        looked_up: Option<crate::config::User>,
     ) {
-        self.refresh = Some(Refresh { proxy, database: database.into(), user: user.into(), epoch, scram });
+        let (database, user) = (database.into(), user.into());
+        self.refresh = Some(Refresh { proxy, database, user, epoch, scram, looked_up });
     }
 
     /// Between transactions after a reload: take the pools of the config
@@ -47,7 +51,7 @@ impl Session {
         r.epoch.borrow_and_update();
         let Some(proxy) = r.proxy.upgrade() else { return Ok(()) };
         let config = proxy.config();
-        let Some(user) = config.users.get(&r.user) else {
+        let Some(user) = config.users.get(&r.user).or(r.looked_up.as_ref()) else {
             return Err(PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION,
                 format!("user \"{}\" was removed from the pgmux config", r.user),

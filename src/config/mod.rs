@@ -115,6 +115,12 @@ pub struct General {
     /// A client must finish its login (startup, TLS, authentication)
     /// within this time, or it is disconnected.
     pub client_login_timeout: Dur,
+    /// Users not in `[[users]]` are looked up with `auth_query`, run as
+    /// this `[[users]]` entry on the primary of the database asked for.
+    pub auth_user: Option<String>,
+    /// Returns (user name, verifier) for `$1`; the verifier as pg_authid
+    /// stores it (SCRAM-SHA-256 or md5).
+    pub auth_query: String,
     /// Worker threads for the runtime (0 = one per core).
     pub worker_threads: usize,
     /// Users (from `[[users]]`) allowed every admin console command.
@@ -145,6 +151,8 @@ impl Default for General {
             log_format: LogFormat::Text,
             max_client_conn: 10_000,
             client_login_timeout: Dur(Duration::from_secs(60)),
+            auth_user: None,
+            auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into(),
             worker_threads: 0,
             admin_users: Vec::new(),
             stats_users: Vec::new(),
@@ -455,6 +463,14 @@ impl Config {
         }
         if self.pool.server_connect_timeout.0.is_zero() {
             return Err(err("pool.server_connect_timeout", "must be greater than zero"));
+        }
+        if let Some(u) = &self.general.auth_user {
+            if self.monitor_login(u).is_none() {
+                return Err(err(
+                    "pgmux.auth_user",
+                    &format!("\"{u}\" must be a [[users]] entry with a plain-text password or a server_password"),
+                ));
+            }
         }
         for (key, list) in
             [("pgmux.admin_users", &self.general.admin_users), ("pgmux.stats_users", &self.general.stats_users)]
