@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod prepared;
 
 pub mod pgbin;
+pub mod pgcerts;
 pub mod pgcluster;
 pub mod pool;
 pub mod protocol;

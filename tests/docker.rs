@@ -191,56 +191,23 @@ fn bootstrap_scripts_build_a_streaming_replica() {
     pg_ctl.arg("-D").arg(&data).args(["-w", "-l"]).arg(data.join("log")).arg("-o");
     pg_ctl.arg(format!("-p {port} -k {sock} -c listen_addresses=127.0.0.1")).arg("start");
     assert!(pg_ctl.status().unwrap().success());
-    let psql = |port: u16, sql: &str| {
+    let psql = |port: u16, db: &str, sql: &str| {
         let out = std::process::Command::new(c.bin_path("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-h",
-                &sock,
-                "-U",
-                "postgres",
-                "-p",
-                &port.to_string(),
-                "-d",
-                "postgres",
-                "-c",
-                sql,
-            ])
+            .args(["-X", "-A", "-t", "-h", &sock, "-U", "postgres", "-p", &port.to_string(), "-d", db, "-c", sql])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    assert_eq!(psql(port, "SELECT pg_is_in_recovery()"), "t");
+    assert_eq!(psql(port, "postgres", "SELECT pg_is_in_recovery()"), "t");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while psql(c.primary.port, "SELECT active FROM pg_replication_slots WHERE slot_name = 'slot_a'") != "t" {
+    while psql(c.primary.port, "postgres", "SELECT active FROM pg_replication_slots WHERE slot_name = 'slot_a'") != "t"
+    {
         assert!(std::time::Instant::now() < deadline, "the replica never used its slot");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     c.psql(&c.primary, "dockerdb", "CREATE TABLE seen (x int); INSERT INTO seen VALUES (42)").unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let seen = || {
-        std::process::Command::new(c.bin_path("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-h",
-                &sock,
-                "-U",
-                "postgres",
-                "-p",
-                &port.to_string(),
-                "-d",
-                "dockerdb",
-                "-c",
-                "SELECT x FROM seen",
-            ])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
+    let seen = || psql(port, "dockerdb", "SELECT x FROM seen");
     while seen() != "42" {
         assert!(std::time::Instant::now() < deadline, "the replica did not replay the primary's write");
         std::thread::sleep(std::time::Duration::from_millis(100));

@@ -13,7 +13,6 @@ pub mod table;
 
 use std::sync::Arc;
 
-use crate::tls::ClientStream;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
@@ -23,6 +22,7 @@ use crate::protocol::frame::{self, MAX_MESSAGE_LEN};
 use crate::protocol::messages::{self as msg, split_nul};
 use crate::proxy::Proxy;
 use crate::shard::mover::{self, MoveError, MoveRequest};
+use crate::tls::ClientStream;
 use command::Command;
 use table::{v, Table, Type};
 

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::command::HELP;
-use super::table::{v, Table, Type};
+use super::table::{v, Table};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::proxy::Proxy;
 
@@ -40,17 +40,7 @@ pub async fn show(proxy: &Arc<Proxy>, what: &str) -> Result<Table, PgError> {
 
 fn databases(proxy: &Proxy) -> Table {
     let cfg = proxy.config();
-    let mut t = Table::new(&[
-        ("name", Type::Text),
-        ("kind", Type::Text),
-        ("primary", Type::Text),
-        ("replicas", Type::Text),
-        ("shards", Type::Int8),
-        ("dbname", Type::Text),
-        ("pool_mode", Type::Text),
-        ("pool_size", Type::Int8),
-        ("read_routing", Type::Text),
-    ]);
+    let mut t = Table::spec("name kind primary replicas shards:int dbname pool_mode pool_size:int read_routing");
     for (name, db) in &cfg.databases {
         let sharded = !db.shards.is_empty();
         let replicas: Vec<String> = db.replicas.iter().map(|r| r.addr.to_string()).collect();
@@ -72,17 +62,7 @@ fn databases(proxy: &Proxy) -> Table {
 /// One row per (sharded database, map, shard); directory maps with their
 /// key counts.
 async fn shards(proxy: &Proxy) -> Table {
-    let mut t = Table::new(&[
-        ("database", Type::Text),
-        ("map", Type::Text),
-        ("kind", Type::Text),
-        ("shard", Type::Text),
-        ("index", Type::Int8),
-        ("primary", Type::Text),
-        ("replicas", Type::Text),
-        ("keys", Type::Int8),
-        ("moving", Type::Int8),
-    ]);
+    let mut t = Table::spec("database map kind shard index:int primary replicas keys:int moving:int");
     let cfg = proxy.config();
     for (name, db) in cfg.databases.iter().filter(|(_, db)| !db.shards.is_empty()) {
         let directories = proxy.directories_for(name, db);
@@ -135,22 +115,10 @@ fn sorted_pools(proxy: &Proxy) -> Vec<Arc<crate::pool::Pool>> {
 
 /// PgBouncer's SHOW POOLS columns (where they mean the same), per pool.
 fn pools(proxy: &Proxy) -> Table {
-    let mut t = Table::new(&[
-        ("database", Type::Text),
-        ("user", Type::Text),
-        ("cl_active", Type::Int8),
-        ("cl_waiting", Type::Int8),
-        ("sv_active", Type::Int8),
-        ("sv_idle", Type::Int8),
-        ("sv_used", Type::Int8),
-        ("sv_login", Type::Int8),
-        ("maxwait", Type::Int8),
-        ("maxwait_us", Type::Int8),
-        ("pool_mode", Type::Text),
-        ("pool_size", Type::Int8),
-        ("backend", Type::Text),
-        ("paused", Type::Text),
-    ]);
+    let mut t = Table::spec(
+        "database user cl_active:int cl_waiting:int sv_active:int sv_idle:int sv_used:int sv_login:int \
+         maxwait:int maxwait_us:int pool_mode pool_size:int backend paused",
+    );
     for p in sorted_pools(proxy) {
         let login = p.stats.connecting.load(Relaxed);
         let active = p.in_use().saturating_sub(login);
@@ -176,16 +144,7 @@ fn pools(proxy: &Proxy) -> Table {
 }
 
 fn clients(proxy: &Proxy) -> Table {
-    let mut t = Table::new(&[
-        ("id", Type::Int8),
-        ("user", Type::Text),
-        ("database", Type::Text),
-        ("state", Type::Text),
-        ("addr", Type::Text),
-        ("port", Type::Int8),
-        ("connect_time", Type::Int8),
-        ("application_name", Type::Text),
-    ]);
+    let mut t = Table::spec("id:int user database state addr port:int connect_time:int application_name");
     for c in proxy.sessions.all() {
         t.row(vec![
             v(c.id),
@@ -202,15 +161,7 @@ fn clients(proxy: &Proxy) -> Table {
 }
 
 fn servers(proxy: &Proxy) -> Table {
-    let mut t = Table::new(&[
-        ("id", Type::Int8),
-        ("user", Type::Text),
-        ("database", Type::Text),
-        ("state", Type::Text),
-        ("addr", Type::Text),
-        ("pid", Type::Int8),
-        ("connect_time", Type::Int8),
-    ]);
+    let mut t = Table::spec("id:int user database state addr pid:int connect_time:int");
     for p in sorted_pools(proxy) {
         for (s, idle) in p.servers() {
             t.row(vec![
@@ -230,24 +181,11 @@ fn servers(proxy: &Proxy) -> Table {
 /// Totals since pgmux started, and averages: per second for counts and
 /// bytes, per transaction / query / checkout for times (µs).
 fn stats(proxy: &Proxy) -> Table {
-    let mut t = Table::new(&[
-        ("database", Type::Text),
-        ("user", Type::Text),
-        ("total_xact_count", Type::Int8),
-        ("total_query_count", Type::Int8),
-        ("total_received", Type::Int8),
-        ("total_sent", Type::Int8),
-        ("total_xact_time", Type::Int8),
-        ("total_query_time", Type::Int8),
-        ("total_wait_time", Type::Int8),
-        ("avg_xact_count", Type::Int8),
-        ("avg_query_count", Type::Int8),
-        ("avg_recv", Type::Int8),
-        ("avg_sent", Type::Int8),
-        ("avg_xact_time", Type::Int8),
-        ("avg_query_time", Type::Int8),
-        ("avg_wait_time", Type::Int8),
-    ]);
+    let mut t = Table::spec(
+        "database user total_xact_count:int total_query_count:int total_received:int total_sent:int \
+         total_xact_time:int total_query_time:int total_wait_time:int avg_xact_count:int avg_query_count:int \
+         avg_recv:int avg_sent:int avg_xact_time:int avg_query_time:int avg_wait_time:int",
+    );
     let secs = proxy.started.elapsed().as_secs().max(1);
     for p in sorted_pools(proxy) {
         let s = &p.stats;
@@ -309,18 +247,8 @@ fn config(proxy: &Proxy) -> Table {
 
 /// Every backend the lag monitors watch.
 fn replicas(proxy: &Proxy) -> Table {
-    let mut t = Table::new(&[
-        ("group", Type::Text),
-        ("name", Type::Text),
-        ("addr", Type::Text),
-        ("role", Type::Text),
-        ("healthy", Type::Text),
-        ("in_recovery", Type::Text),
-        ("banned_for_ms", Type::Int8),
-        ("lag_bytes", Type::Int8),
-        ("lag_ms", Type::Int8),
-        ("last_error", Type::Text),
-    ]);
+    let mut t =
+        Table::spec("group name addr role healthy in_recovery banned_for_ms:int lag_bytes:int lag_ms:int last_error");
     let groups = proxy.monitors();
     let now = std::time::Instant::now();
     for (group, m) in groups {
@@ -346,12 +274,7 @@ fn replicas(proxy: &Proxy) -> Table {
 /// Queries and transactions each backend got, by route (primary,
 /// replica, shard; scatter for statements run across shards).
 fn routes(proxy: &Proxy) -> Table {
-    let mut t = Table::new(&[
-        ("backend", Type::Text),
-        ("route", Type::Text),
-        ("queries", Type::Int8),
-        ("transactions", Type::Int8),
-    ]);
+    let mut t = Table::spec("backend route queries:int transactions:int");
     for (backend, route, queries, xacts) in proxy.metrics.routes() {
         t.row(vec![v(backend), v(route), v(queries), v(xacts)]);
     }

@@ -33,6 +33,19 @@ impl Table {
         Table { columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(), rows: Vec::new() }
     }
 
+    /// Columns from a spec: names separated by spaces, `:int` marking an
+    /// int8 column (`"database pool_size:int"`).
+    pub fn spec(spec: &str) -> Table {
+        let columns = spec
+            .split_whitespace()
+            .map(|c| match c.strip_suffix(":int") {
+                Some(name) => (name.to_string(), Type::Int8),
+                None => (c.to_string(), Type::Text),
+            })
+            .collect();
+        Table { columns, rows: Vec::new() }
+    }
+
     /// Text columns only.
     pub fn text(names: &[&str]) -> Table {
         Table { columns: names.iter().map(|n| (n.to_string(), Type::Text)).collect(), rows: Vec::new() }
@@ -102,7 +115,8 @@ mod tests {
 
     #[test]
     fn encodes_a_result_set() {
-        let mut t = Table::new(&[("name", Type::Text), ("n", Type::Int8)]);
+        let mut t = Table::spec("name n:int");
+        assert_eq!(t.columns, Table::new(&[("name", Type::Text), ("n", Type::Int8)]).columns);
         t.row(vec![v("a"), None]);
         let mut out = BytesMut::new();
         t.encode(&mut out, "SHOW");
