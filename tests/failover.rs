@@ -139,3 +139,32 @@ async fn a_standby_as_primary_is_never_sent_a_write() {
     assert_eq!(scalar(&cl, "SELECT 'read'").await, "read");
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_restart_writes_fail_fast_then_recover() {
+    let _serial = SERIAL.lock().await;
+    let c = replicated::cluster();
+    let p = replicated::start(&replicated::config(&c, "server_connect_timeout = \"1s\"", "")).await;
+    let cl = client(&p).await;
+    cl.simple_query("CREATE TABLE r (x int)").await.unwrap();
+    c.stop_node(&c.primary).unwrap();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let e = cl.simple_query("INSERT INTO r VALUES (1)").await.unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(3), "write took {:?}", t0.elapsed());
+        assert!(code(&e).starts_with("08"), "{}", text(&e));
+    }
+    c.start_node(&c.primary).unwrap();
+    // The same session writes again once the primary is back: no restart
+    // of pgmux, no reconnect of the client.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cl.simple_query("INSERT INTO r VALUES (2)").await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "writes did not recover: {}", text(&e)),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(scalar(&cl, "/* pgmux: primary */ SELECT count(*) FROM r").await, "1");
+    p.stop().await;
+}
