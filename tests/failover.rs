@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::invariants;
 use support::replicated::{self, client, SERIAL};
 use support::{code, scalar, text};
 
@@ -20,6 +21,9 @@ async fn replica_killed_mid_load_no_read_fails() {
     let _serial = SERIAL.lock().await;
     let c = replicated::cluster();
     let p = replicated::start(&replicated::config(&c, "", "")).await;
+    client(&p).await.batch_execute(invariants::TABLE).await.unwrap();
+    c.wait_replicas_caught_up().unwrap();
+    let checker = invariants::Checker::start(&replicated::url(&p), 4);
     let killed = c.replicas[0].port;
     let stop = Instant::now() + Duration::from_secs(4);
     let reads = Arc::new(AtomicUsize::new(0));
@@ -62,6 +66,9 @@ async fn replica_killed_mid_load_no_read_fails() {
     let m = p.proxy.monitor("app").unwrap();
     assert!(!m.replica(0).reachable || m.replica(0).banned_until.is_some());
     eprintln!("{} reads, none failed", reads.load(Ordering::Relaxed));
+    let tally = checker.finish().await;
+    assert!(tally.writes > 0 && tally.reads > 0, "{tally:?}");
+    assert_eq!(tally.failed, 0, "nothing but a replica failed: {tally:?}");
     p.stop().await;
 }
 
@@ -147,6 +154,10 @@ async fn primary_restart_writes_fail_fast_then_recover() {
     let p = replicated::start(&replicated::config(&c, "server_connect_timeout = \"1s\"", "")).await;
     let cl = client(&p).await;
     cl.simple_query("CREATE TABLE r (x int)").await.unwrap();
+    cl.batch_execute(invariants::TABLE).await.unwrap();
+    c.wait_replicas_caught_up().unwrap();
+    let checker = invariants::Checker::start(&replicated::url(&p), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     c.stop_node(&c.primary).unwrap();
     for _ in 0..3 {
         let t0 = Instant::now();
@@ -166,5 +177,8 @@ async fn primary_restart_writes_fail_fast_then_recover() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(scalar(&cl, "/* pgmux: primary */ SELECT count(*) FROM r").await, "1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = checker.finish().await;
+    assert!(tally.writes > 0 && tally.failed > 0, "writes before and after, failures during: {tally:?}");
     p.stop().await;
 }

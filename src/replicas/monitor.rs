@@ -122,6 +122,8 @@ pub struct BackendState {
     /// When the last successful sample began: its values are at least this
     /// fresh (read-your-writes compares it with a commit time).
     pub sampled_at: Option<Instant>,
+    /// When the last failed sample began.
+    pub failed_at: Option<Instant>,
 }
 
 impl BackendState {
@@ -433,6 +435,7 @@ async fn sample_loop(shared: Arc<Shared>, idx: usize) {
                     tracing::warn!(backend = %backend.name, error = %e, "backend unreachable, banned");
                 }
                 st.reachable = false;
+                st.failed_at = Some(started);
                 st.banned_until = Some(done + cfg.ban_time);
                 st.last_error = Some(e.to_string());
             }

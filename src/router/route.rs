@@ -265,7 +265,10 @@ impl Routing {
                 _ => cands.clear(),
             }
             held_back = cands.len() < all.len();
-            let down = !primary.reachable && primary.last_error.is_some();
+            // Down since the write: a probe that began after it failed. (A
+            // failure seen before it is older news than the write itself,
+            // which the primary took: then the primary serves the read.)
+            let down = !primary.reachable && primary.failed_at.is_some_and(|f| f > written);
             if cands.is_empty() && down && self.write_target(false)? == Target::Primary {
                 // The primary is down (and no promoted replica took over):
                 // it cannot serve the read either. The replica that has

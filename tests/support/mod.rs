@@ -3,6 +3,7 @@
 //! pgmux instance per test on a free loopback port.
 #![allow(dead_code)]
 
+pub mod invariants;
 pub mod raw;
 pub mod replicated;
 

@@ -68,6 +68,11 @@ pub async fn start_owned(text: String) -> RunningProxy {
     start(&text).await
 }
 
+/// The connection string of `app` through `p`.
+pub fn url(p: &RunningProxy) -> String {
+    super::conn_str(p.addr.port(), APP.0, APP.1, "app")
+}
+
 pub async fn client(p: &RunningProxy) -> tokio_postgres::Client {
     super::connect_str(&super::conn_str(p.addr.port(), APP.0, APP.1, "app")).await.unwrap()
 }
