@@ -81,6 +81,12 @@ async fn stalled_network_times_out_and_recovers() {
     let a = support::app(&p, &db).await;
     let b = support::app(&p, &db).await;
     assert_eq!(support::scalar(&a, "SELECT 1").await, "1");
+    a.batch_execute(support::invariants::TABLE).await.unwrap();
+    a.batch_execute(&format!("GRANT ALL ON invariants TO {}", support::TRUSTUSER.0)).await.unwrap();
+    // Its own pool (another user): the checker takes none of app's connections.
+    let url = support::conn_str(p.addr.port(), support::TRUSTUSER.0, "x", &db);
+    let checker = support::invariants::Checker::start(&url, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The path stalls mid-query: canceled at query_timeout.
     fault.stall(true);
@@ -101,6 +107,9 @@ async fn stalled_network_times_out_and_recovers() {
     fault.stall(false);
     assert_eq!(support::scalar(&b, "SELECT 4").await, "4");
     assert_eq!(support::scalar(&support::app(&p, &db).await, "SELECT 5").await, "5");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = checker.finish().await;
+    assert!(tally.writes > 0 && tally.failed > 0, "{tally:?}");
     p.stop().await;
 }
 
