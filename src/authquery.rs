@@ -8,10 +8,9 @@
 
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
-
 use crate::config::{AuthMethod, Config, User};
 use crate::protocol::auth::Secret;
+use crate::tls::ServerTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthQueryError {
@@ -21,7 +20,12 @@ pub enum AuthQueryError {
 
 /// The user `name` as the server knows it, or None when it does not (or
 /// auth_query is not configured).
-pub async fn lookup(config: &Config, database: &str, name: &str) -> Result<Option<User>, AuthQueryError> {
+pub async fn lookup(
+    config: &Config,
+    tls: &ServerTls,
+    database: &str,
+    name: &str,
+) -> Result<Option<User>, AuthQueryError> {
     let g = &config.general;
     let (Some(auth_user), Some(db)) = (g.auth_user.as_deref(), config.databases.get(database)) else { return Ok(None) };
     let (user, password) = config
@@ -37,10 +41,7 @@ pub async fn lookup(config: &Config, database: &str, name: &str) -> Result<Optio
     pg.host(&addr.host).port(addr.port).user(&user).password(&password).dbname(&dbname);
     pg.application_name("pgmux-auth-query").connect_timeout(Duration::from_secs(5));
     let failed = |e: tokio_postgres::Error| AuthQueryError::Failed(e.to_string());
-    let (client, conn) = pg.connect(NoTls).await.map_err(failed)?;
-    let task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let (client, task) = tls.pg_connect(&pg, None).await.map_err(failed)?;
     let rows = client.query(g.auth_query.as_str(), &[&name]).await.map_err(failed);
     drop(client);
     task.abort();

@@ -384,6 +384,10 @@ impl Cluster {
             for f in [&certs.cert, &certs.key, &certs.ca] {
                 self.own(f)?;
             }
+            // The CA's own files go: a base backup copies the whole directory.
+            for f in ["ca.key", "ca.srl", "server.csr", "san.ext"] {
+                let _ = std::fs::remove_file(node.data_dir.join(f));
+            }
             conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
         }
         let conf_path = node.data_dir.join("postgresql.conf");

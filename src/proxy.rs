@@ -90,11 +90,12 @@ impl RunningProxy {
 impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, TlsError> {
         let (client_tls, server_tls) = tls_of(&config)?;
+        let server_tls = Arc::new(server_tls);
         let verifiers = crate::reload::verifiers(&config);
-        let (monitors, classifiers) = crate::reload::topology(&config, None);
+        let (monitors, classifiers) = crate::reload::topology(&config, None, &server_tls);
         Ok(Arc::new(Proxy {
             client_tls: std::sync::RwLock::new(Arc::new(client_tls)),
-            server_tls: std::sync::RwLock::new(Arc::new(server_tls)),
+            server_tls: std::sync::RwLock::new(server_tls),
             config: std::sync::RwLock::new(Arc::new(config)),
             config_path: Mutex::new(None),
             epoch: watch::Sender::new(0),
@@ -113,6 +114,11 @@ impl Proxy {
             sharded: Mutex::new(HashMap::new()),
             directories: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// How server connections ask for TLS now.
+    pub(crate) fn server_tls(&self) -> Arc<ServerTls> {
+        self.server_tls.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The config in force now.
@@ -272,7 +278,7 @@ impl Proxy {
         let looked_up;
         let user = match config.users.get(&info.user) {
             Some(u) => u,
-            None => match crate::authquery::lookup(&config, &info.database, &info.user).await {
+            None => match crate::authquery::lookup(&config, &self.server_tls(), &info.database, &info.user).await {
                 Ok(Some(u)) => {
                     looked_up = u;
                     &looked_up
@@ -446,6 +452,7 @@ impl Proxy {
                         .collect(),
                     cache_size: *cache_size,
                     connect_timeout: self.config().pool.server_connect_timeout.0,
+                    tls: self.server_tls.read().unwrap_or_else(|e| e.into_inner()).clone(),
                 })
             });
             out.insert(map.clone(), dir.clone());

@@ -23,6 +23,7 @@ use crate::protocol::auth::ScramVerifier;
 use crate::proxy::Proxy;
 use crate::replicas::monitor::{Backend, Monitor, MonitorConfig};
 use crate::router::classify::Classifier;
+use crate::tls::ServerTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -51,7 +52,7 @@ type Classifiers = HashMap<String, Arc<Classifier>>;
 /// Lag monitors and statement classifiers of the groups that route reads
 /// to replicas. With `old` (the previous config and its monitors), a
 /// group whose config did not change keeps its monitor.
-pub fn topology(config: &Config, old: Option<(&Config, &Monitors)>) -> (Monitors, Classifiers) {
+pub fn topology(config: &Config, old: Option<(&Config, &Monitors)>, tls: &Arc<ServerTls>) -> (Monitors, Classifiers) {
     let groups = groups(config);
     let old_groups = old.map(|(c, _)| groups_and_login(c));
     let monitors: Monitors = groups
@@ -83,6 +84,7 @@ pub fn topology(config: &Config, old: Option<(&Config, &Monitors)>) -> (Monitors
                 user,
                 password,
                 dbname: db.server_dbname(name).to_string(),
+                tls: tls.clone(),
             };
             let replicas = db.replicas.iter().enumerate().map(|(i, r)| backend(i + 1, &r.addr)).collect();
             Some((name.clone(), Monitor::start(backend(0, &db.primary_addr()), replicas, cfg)))
@@ -134,8 +136,9 @@ impl Proxy {
     /// files are read first (a failure changes nothing).
     pub fn apply_config(&self, new: Config) -> Result<(), ReloadError> {
         let (client_tls, server_tls) = crate::proxy::tls_of(&new)?;
+        let server_tls = Arc::new(server_tls);
         *self.client_tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(client_tls);
-        *self.server_tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(server_tls);
+        *self.server_tls.write().unwrap_or_else(|e| e.into_inner()) = server_tls.clone();
         let old = self.config();
         if new.general.listen != old.general.listen || new.general.metrics_listen != old.general.metrics_listen {
             tracing::warn!("listen addresses change only at restart");
@@ -149,7 +152,7 @@ impl Proxy {
         });
         let (monitors, classifiers) = {
             let current = self.monitors.read().unwrap_or_else(|e| e.into_inner());
-            topology(&new, Some((&old, &current)))
+            topology(&new, Some((&old, &current)), &server_tls)
         };
         {
             let mut current = self.monitors.write().unwrap_or_else(|e| e.into_inner());

@@ -157,11 +157,45 @@ impl ClientTls {
 pub struct ServerTls {
     pub mode: ServerTlsMode,
     connector: Option<tokio_rustls::TlsConnector>,
+    config: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerTls({:?})", self.mode)
+    }
 }
 
 impl ServerTls {
     pub fn plain() -> ServerTls {
-        ServerTls { mode: ServerTlsMode::Disable, connector: None }
+        ServerTls { mode: ServerTlsMode::Disable, connector: None, config: None }
+    }
+
+    /// Connect a tokio-postgres client (the lag monitor, the shard
+    /// directory, shard moves, auth_query) as this mode says. The
+    /// connection runs in the background; its asynchronous messages
+    /// (notifications) go to `messages` when given.
+    pub async fn pg_connect(
+        &self,
+        cfg: &tokio_postgres::Config,
+        messages: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::AsyncMessage>>,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        match &self.config {
+            None => {
+                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+                Ok((client, tokio::spawn(drive(conn, messages))))
+            }
+            Some(config) => {
+                let mut cfg = cfg.clone();
+                cfg.ssl_mode(match self.mode {
+                    ServerTlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                    _ => tokio_postgres::config::SslMode::Require,
+                });
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((**config).clone());
+                let (client, conn) = cfg.connect(tls).await?;
+                Ok((client, tokio::spawn(drive(conn, messages))))
+            }
+        }
     }
 
     pub fn new(mode: ServerTlsMode, ca: Option<&std::path::Path>) -> Result<ServerTls, TlsError> {
@@ -189,12 +223,14 @@ impl ServerTls {
             }
             _ => Arc::new(Verify { inner: None, names: false, provider: provider.clone() }),
         };
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
-        Ok(ServerTls { mode, connector: Some(tokio_rustls::TlsConnector::from(Arc::new(config))) })
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth(),
+        );
+        Ok(ServerTls { mode, connector: Some(tokio_rustls::TlsConnector::from(config.clone())), config: Some(config) })
     }
 
     /// Ask `stream`'s server for TLS (SSLRequest) as the mode says.
@@ -212,6 +248,25 @@ impl ServerTls {
             b'N' if self.mode == ServerTlsMode::Prefer => Ok(MaybeTls::Plain(stream)),
             b'N' => Err(io::Error::new(io::ErrorKind::ConnectionRefused, "the server does not support TLS")),
             _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected answer to SSLRequest")),
+        }
+    }
+}
+
+/// Run a tokio-postgres connection, passing its messages on.
+async fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    messages: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::AsyncMessage>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+    while let Some(Ok(m)) = stream.next().await {
+        if let Some(tx) = &messages {
+            if tx.send(m).is_err() {
+                return;
+            }
         }
     }
 }

@@ -56,6 +56,7 @@ async fn monitor_against_real_cluster() {
         user: "postgres".into(),
         password: Cluster::superuser_password().into(),
         dbname: "postgres".into(),
+        ..MonitorConfig::default()
     };
     let replicas: Vec<Backend> = cluster.replicas.iter().map(backend).collect();
     let mon = Monitor::start(backend(&cluster.primary), replicas.clone(), cfg.clone());

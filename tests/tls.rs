@@ -1,7 +1,8 @@
 //! TLS on both sides: psql with `sslmode=require` through pgmux
 //! (`tls_mode = require` refuses plain text), SCRAM over TLS, and pgmux
-//! to a PostgreSQL started with `ssl = on` — verify-full against the
-//! test CA, refused with another CA, require without checks.
+//! to a PostgreSQL started with `ssl = on` (a primary and a replica) —
+//! verify-full against the test CA (the lag monitor's connections too),
+//! refused with another CA, require without checks.
 
 mod support;
 
@@ -42,6 +43,9 @@ password = "{pw}"
 
 [databases.app]
 primary = "{primary}"
+replicas = ["{replica}"]
+monitor_user = "{user}"
+check_interval = "100ms"
 "#,
         port = free_port().unwrap(),
         cert = certs.cert.display(),
@@ -50,6 +54,7 @@ primary = "{primary}"
         user = APP.0,
         pw = APP.1,
         primary = c.primary.addr(),
+        replica = c.replicas[0].addr(),
     )
 }
 
@@ -58,6 +63,7 @@ async fn tls_to_clients_and_to_servers() {
     let spec = ClusterSpec {
         roles: vec![Role::new(APP.0, APP.1, HbaMethod::Scram)],
         databases: vec!["app".into()],
+        replicas: 1,
         tls: true,
         ..ClusterSpec::default()
     };
@@ -75,6 +81,12 @@ async fn tls_to_clients_and_to_servers() {
     assert!(ok && out.contains("SSL connection"), "{out}");
     let (ok, out) = psql(port, "disable", "SELECT 1");
     assert!(!ok && out.contains("tls_mode = require"), "plain text refused: {out}");
+    // The lag monitor's own connections use TLS too.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let monitor_ssl = "SELECT coalesce(bool_and(s.ssl), false) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                       WHERE a.application_name = 'pgmux-monitor'";
+    assert_eq!(c.psql(&c.primary, "postgres", monitor_ssl).unwrap(), "t");
+    assert_eq!(c.psql(&c.replicas[0], "postgres", monitor_ssl).unwrap(), "t");
     p.stop().await;
 
     // Another CA: the server's certificate is refused, the client told why.

@@ -82,6 +82,8 @@ pub struct MonitorConfig {
     pub user: String,
     pub password: String,
     pub dbname: String,
+    /// TLS to the servers (`server_tls_mode`).
+    pub tls: std::sync::Arc<crate::tls::ServerTls>,
 }
 
 impl Default for MonitorConfig {
@@ -95,6 +97,7 @@ impl Default for MonitorConfig {
             user: "postgres".into(),
             password: String::new(),
             dbname: "postgres".into(),
+            tls: std::sync::Arc::new(crate::tls::ServerTls::plain()),
         }
     }
 }
@@ -458,17 +461,11 @@ async fn sample(
         pg.host(&backend.host).port(backend.port).user(&cfg.user).password(&cfg.password);
         pg.dbname(&cfg.dbname).application_name("pgmux-monitor").connect_timeout(timeout);
         let addr = format!("{}:{}", backend.host, backend.port);
-        let connect = tokio::time::timeout(timeout, pg.connect(tokio_postgres::NoTls));
-        let (c, conn) = connect
+        let connect = tokio::time::timeout(timeout, cfg.tls.pg_connect(&pg, None));
+        let (c, _conn) = connect
             .await
             .map_err(|_| SampleError::Timeout("connect", timeout))?
             .map_err(|e| SampleError::Connect(addr, e))?;
-        let name = backend.name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(backend = %name, error = %e, "monitor connection ended");
-            }
-        });
         *client = Some(c);
     }
     let c = client.as_ref().ok_or_else(|| SampleError::Parse("no connection".into()))?;

@@ -16,10 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use lru::LruCache;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 /// How long a lookup of a key being moved waits before it fails.
 const MOVE_WAIT: Duration = Duration::from_secs(30);
@@ -41,6 +40,8 @@ pub struct DirectoryConfig {
     pub shards: Vec<(String, u32)>,
     pub cache_size: usize,
     pub connect_timeout: Duration,
+    /// TLS to its server (`server_tls_mode`).
+    pub tls: Arc<crate::tls::ServerTls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,12 +154,9 @@ impl Directory {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             let config = self.config();
-            let connect = tokio::time::timeout(self.cfg.connect_timeout, config.connect(NoTls));
-            let (client, conn) =
+            let connect = tokio::time::timeout(self.cfg.connect_timeout, self.cfg.tls.pg_connect(&config, None));
+            let (client, _conn) =
                 connect.await.map_err(|_| self.unavailable("connect timed out"))?.map_err(|e| self.unavailable(e))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
             setup(&client, &self.cfg.table).await.map_err(|e| self.unavailable(e))?;
             *guard = Some(client);
         }
@@ -273,9 +271,11 @@ async fn listen(dir: std::sync::Weak<Directory>) {
         let config = d.config();
         let timeout = d.cfg.connect_timeout;
         let table = d.cfg.table.clone();
+        let tls = d.cfg.tls.clone();
         drop(d);
-        let connected = tokio::time::timeout(timeout, config.connect(NoTls)).await;
-        let (client, mut conn) = match connected {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let connected = tokio::time::timeout(timeout, tls.pg_connect(&config, Some(tx))).await;
+        let (client, pump) = match connected {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::warn!("shard directory listener: {e}");
@@ -287,17 +287,6 @@ async fn listen(dir: std::sync::Weak<Directory>) {
                 continue;
             }
         };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let pump = tokio::spawn(async move {
-            let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-            while let Some(Ok(msg)) = stream.next().await {
-                if let AsyncMessage::Notification(n) = msg {
-                    if tx.send(n.payload().to_string()).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
         let ready = async {
             setup(&client, &table).await?;
             client.batch_execute(&format!("LISTEN {CHANNEL}")).await
@@ -313,9 +302,10 @@ async fn listen(dir: std::sync::Weak<Directory>) {
             d.invalidate(None);
             d.listening.store(true, Ordering::SeqCst);
         }
-        while let Some(payload) = rx.recv().await {
+        while let Some(msg) = rx.recv().await {
+            let AsyncMessage::Notification(n) = msg else { continue };
             let Some(d) = dir.upgrade() else { return };
-            if let Some((map, key)) = payload.split_once('\t') {
+            if let Some((map, key)) = n.payload().split_once('\t') {
                 if map == d.cfg.map {
                     d.invalidate(Some(key));
                 }

@@ -27,7 +27,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{pin_mut, SinkExt, StreamExt};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use crate::tls::ServerTls;
 
 use crate::config::{Config, Database, MapConfig};
 use crate::protocol::messages::quote_literal;
@@ -56,15 +58,20 @@ fn db_err(what: &str) -> impl FnOnce(tokio_postgres::Error) -> MoveError + '_ {
     move |source| MoveError::Db { what: what.to_string(), source }
 }
 
-async fn connect(host: &str, port: u16, user: &str, password: &str, dbname: &str) -> Result<Client, MoveError> {
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(host).port(port).user(user).password(password).dbname(dbname).application_name("pgmux-shard-move");
-    pg.connect_timeout(Duration::from_secs(10));
-    let (client, conn) = pg.connect(NoTls).await.map_err(db_err("connect"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+/// A connection as `server_tls_mode` says, for one move.
+struct Connector {
+    tls: ServerTls,
+    user: String,
+    password: String,
+}
+
+impl Connector {
+    async fn connect(&self, host: &str, port: u16, dbname: &str) -> Result<Client, MoveError> {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(host).port(port).user(&self.user).password(&self.password).dbname(dbname);
+        pg.application_name("pgmux-shard-move").connect_timeout(Duration::from_secs(10));
+        Ok(self.tls.pg_connect(&pg, None).await.map_err(db_err("connect"))?.0)
+    }
 }
 
 /// Move `req.key`; returns the number of rows moved (0 when the key is
@@ -83,7 +90,10 @@ pub async fn move_key(config: &Config, req: &MoveRequest) -> Result<u64, MoveErr
     let tables: Vec<(&str, &str)> =
         db.tables.iter().filter(|t| t.map == req.map).map(|t| (t.name.as_str(), t.key.as_str())).collect();
     let dir_db = dbname.clone().unwrap_or_else(|| db.server_dbname(&req.database).to_string());
-    let dir = connect(&backend.host, backend.port, &user, &password, &dir_db).await?;
+    let tls = ServerTls::new(config.pool.server_tls_mode, config.pool.server_tls_ca_file.as_deref())
+        .map_err(|e| bad(e.to_string()))?;
+    let conn = Connector { tls, user, password };
+    let dir = conn.connect(&backend.host, backend.port, &dir_db).await?;
     let t = table;
     let row = dir
         .query_opt(&format!("SELECT shard FROM {t} WHERE map = $1 AND key = $2"), &[&req.map, &req.key])
@@ -97,8 +107,8 @@ pub async fn move_key(config: &Config, req: &MoveRequest) -> Result<u64, MoveErr
     let source = shard(&from_name).ok_or_else(|| bad(format!("the directory names unknown shard {from_name}")))?;
     let shard_db =
         |s: &crate::config::Shard| s.dbname.clone().unwrap_or_else(|| db.server_dbname(&req.database).to_string());
-    let src = connect(&source.primary.host, source.primary.port, &user, &password, &shard_db(source)).await?;
-    let dst = connect(&target.primary.host, target.primary.port, &user, &password, &shard_db(target)).await?;
+    let src = conn.connect(&source.primary.host, source.primary.port, &shard_db(source)).await?;
+    let dst = conn.connect(&target.primary.host, target.primary.port, &shard_db(target)).await?;
     let mark = format!("UPDATE {t} SET moving = $3 WHERE map = $1 AND key = $2");
     dir.execute(&mark, &[&req.map, &req.key, &true]).await.map_err(db_err("mark moving"))?;
     tokio::time::sleep(req.grace).await;
