@@ -255,7 +255,7 @@ impl Routing {
         }
         let mut held_back = false;
         if let (ReadYourWrites::Session, Some(written)) = (o.read_your_writes, last_write) {
-            let all = cands.clone();
+            let all_count = cands.len();
             let primary = self.monitor.primary();
             match (primary.sampled_at, primary.insert_lsn.or(primary.current_lsn)) {
                 (Some(at), Some(lsn)) if at > written => {
@@ -264,20 +264,23 @@ impl Routing {
                 }
                 _ => cands.clear(),
             }
-            held_back = cands.len() < all.len();
+            held_back = cands.len() < all_count;
             // Down since the write: a probe that began after it failed. (A
             // failure seen before it is older news than the write itself,
             // which the primary took: then the primary serves the read.)
             let down = !primary.reachable && primary.failed_at.is_some_and(|f| f > written);
             if cands.is_empty() && down && self.write_target(false)? == Target::Primary {
-                // The primary is down (and no promoted replica took over):
-                // it cannot serve the read either. The replica that has
-                // replayed the most has all that survives.
-                let replay = |t: &Target| match t {
-                    Target::Replica(i) => self.monitor.replica(*i).replay_lsn,
-                    Target::Primary => None,
-                };
-                cands.extend(all.iter().max_by_key(|t| replay(t)).copied());
+                // The primary is down (and no promoted replica took over)
+                // and no replica is known to have this session's last
+                // write: refuse rather than answer from before it.
+                return Err(PgError::error(
+                    sqlstate::CONNECTION_FAILURE,
+                    format!(
+                        "pgmux: the primary of \"{}\" is down and no replica is known to have replayed this \
+                         session's last write; retry once the primary is back",
+                        self.name
+                    ),
+                ));
             }
         }
         let primary_too = match o.primary_reads {
