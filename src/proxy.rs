@@ -256,10 +256,11 @@ impl Proxy {
         let tls = self.client_tls.read().unwrap_or_else(|e| e.into_inner()).clone();
         // One deadline for the whole login: startup, TLS, authentication.
         let deadline = tokio::time::Instant::now() + self.config().general.client_login_timeout.0;
-        let (mut stream, startup) = match tokio::time::timeout_at(deadline, login::accept(tcp, &mut buf, &tls)).await {
-            Ok((Some(stream), startup)) => (stream, startup),
-            Ok((None, _)) | Err(_) => return,
-        };
+        let (mut stream, startup) =
+            match tokio::time::timeout_at(deadline, Box::pin(login::accept(tcp, &mut buf, &tls))).await {
+                Ok((Some(stream), startup)) => (stream, startup),
+                Ok((None, _)) | Err(_) => return,
+            };
         let startup = match startup {
             Ok(s) => s,
             Err(LoginError::Reply(e)) => return Session::fatal(&mut stream, &e).await,
@@ -278,7 +279,10 @@ impl Proxy {
         let looked_up;
         let user = match config.users.get(&info.user) {
             Some(u) => u,
-            None => match crate::authquery::lookup(&config, &self.server_tls(), &info.database, &info.user).await {
+            // Boxed: a rare path, kept out of every session's task.
+            None => match Box::pin(crate::authquery::lookup(&config, &self.server_tls(), &info.database, &info.user))
+                .await
+            {
                 Ok(Some(u)) => {
                     looked_up = u;
                     &looked_up
@@ -307,9 +311,11 @@ impl Proxy {
             Some(v) => Some(v),
             None => user.secret.as_ref().and_then(|s| s.scram_verifier()),
         };
-        let auth =
-            tokio::time::timeout_at(deadline, login::authenticate(&mut stream, &mut buf, user, verifier.as_ref()))
-                .await;
+        let auth = tokio::time::timeout_at(
+            deadline,
+            Box::pin(login::authenticate(&mut stream, &mut buf, user, verifier.as_ref())),
+        )
+        .await;
         let client_key = match auth {
             Ok(Ok(k)) => k,
             Ok(Err(LoginError::Reply(e))) => {
@@ -334,7 +340,7 @@ impl Proxy {
             let app = info.params.get("application_name").map(String::as_str).unwrap_or_default();
             let _registered = self.sessions.register(peer, &user.name, &info.database, app);
             let guard = self.cancels.register();
-            return crate::admin::serve(self.clone(), stream, buf, role, guard.key()).await;
+            return Box::pin(crate::admin::serve(self.clone(), stream, buf, role, guard.key())).await;
         }
         let (backends, sharding) = match self.session_backends(&config, &info.database, user) {
             Ok(b) => b,
