@@ -113,42 +113,26 @@ async fn stalled_network_times_out_and_recovers() {
     p.stop().await;
 }
 
-/// Log in as the trust user over a raw socket, up to ReadyForQuery.
-async fn raw_login(port: u16, db: &str) -> (TcpStream, bytes::BytesMut) {
-    use pgmux::protocol::{frame, messages as msg};
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut out = bytes::BytesMut::new();
-    msg::startup(&mut out, &[("user", support::TRUSTUSER.0), ("database", db)]);
-    s.write_all(&out).await.unwrap();
-    let mut buf = bytes::BytesMut::new();
-    while frame::read_message(&mut s, &mut buf, 1 << 20).await.unwrap().0 != b'Z' {}
-    (s, buf)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_killed_mid_copy_and_mid_transaction_leaves_a_clean_connection() {
-    use pgmux::protocol::{frame, messages as msg};
+    use pgmux::protocol::messages as msg;
+    use support::raw::Raw;
     let db = support::fresh_db("faults_copy");
     let p = support::start_proxy(&support::config_text(&db, "default_pool_size = 1", "")).await;
     let port = p.addr.port();
-    let (mut s, mut buf) = raw_login(port, &db).await;
-    let mut q = bytes::BytesMut::new();
-    msg::query(&mut q, "CREATE TABLE t (x int); GRANT ALL ON t TO PUBLIC");
-    s.write_all(&q).await.unwrap();
-    while frame::read_message(&mut s, &mut buf, 1 << 20).await.unwrap().0 != b'Z' {}
+    let trust = support::TRUSTUSER.0;
+    let mut s = Raw::login(port, trust, "", &db, &[]).await;
+    s.query("CREATE TABLE t (x int); GRANT ALL ON t TO PUBLIC").await;
     // Killed mid-COPY: CopyInResponse received, some rows sent, socket gone.
-    q.clear();
+    let mut q = bytes::BytesMut::new();
     msg::query(&mut q, "COPY t FROM STDIN");
-    s.write_all(&q).await.unwrap();
-    assert_eq!(frame::read_message(&mut s, &mut buf, 1 << 20).await.unwrap().0, b'G');
-    s.write_all(b"d\0\0\0\x0a1\n2\n3\n").await.unwrap();
+    s.send(&q).await;
+    assert_eq!(s.recv().await.0, b'G');
+    s.send(b"d\0\0\0\x0a1\n2\n3\n").await;
     drop(s);
     // Killed mid-transaction, holding a row lock.
-    let (mut s, mut buf) = raw_login(port, &db).await;
-    q.clear();
-    msg::query(&mut q, "BEGIN; INSERT INTO t VALUES (9); LOCK TABLE t IN ACCESS EXCLUSIVE MODE");
-    s.write_all(&q).await.unwrap();
-    while frame::read_message(&mut s, &mut buf, 1 << 20).await.unwrap().0 != b'Z' {}
+    let mut s = Raw::login(port, trust, "", &db, &[]).await;
+    s.query("BEGIN; INSERT INTO t VALUES (9); LOCK TABLE t IN ACCESS EXCLUSIVE MODE").await;
     drop(s);
     // The pool's one server connection comes back clean: nothing of
     // either, no lock, no open transaction.

@@ -18,11 +18,6 @@ use tokio::net::TcpStream;
 const IDLE: usize = 10_000;
 const ACTIVE: usize = 200;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap()
-}
-
 fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
     unsafe {
@@ -80,7 +75,7 @@ fn ten_thousand_idle_clients_and_two_hundred_active() {
         // A first idle client, so its pool and welcome exist before measuring.
         let first = idle_client(port, &db).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = rss_kib(pid);
+        let before = support::rss_kib(pid);
         let started = Instant::now();
         let mut idle = vec![first];
         for chunk in 0..IDLE.div_ceil(100) {
@@ -100,7 +95,7 @@ fn ten_thousand_idle_clients_and_two_hundred_active() {
         }
         let login_time = started.elapsed();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = rss_kib(pid);
+        let after = support::rss_kib(pid);
         assert_eq!(idle.len(), IDLE);
         // 200 active clients on top, through 20 server connections.
         let out = pgbench(&["-c", &ACTIVE.to_string(), "-j", "2", "-T", "5", "-S", "-n"]).output().unwrap();

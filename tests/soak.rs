@@ -13,11 +13,6 @@ use std::time::Duration;
 
 use support::{replicated, rows, APP};
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap()
-}
-
 const SCRIPT: &str = "\\set aid random(1, 100000 * :scale)
 \\set delta random(-5000, 5000)
 BEGIN;
@@ -64,11 +59,11 @@ fn soak_mixed_load_over_replicas() {
         ]);
         let load = std::thread::spawn(move || load.output().unwrap());
         tokio::time::sleep(Duration::from_secs((seconds / 6).max(5))).await;
-        let (rss_start, servers_start) = (rss_kib(pid), rows(&admin, "SHOW SERVERS").await.len());
+        let (rss_start, servers_start) = (support::rss_kib(pid), rows(&admin, "SHOW SERVERS").await.len());
         let out = tokio::task::spawn_blocking(move || load.join().unwrap()).await.unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success() && text.contains("number of failed transactions: 0"), "{text}");
-        let (rss_end, servers) = (rss_kib(pid), rows(&admin, "SHOW SERVERS").await);
+        let (rss_end, servers) = (support::rss_kib(pid), rows(&admin, "SHOW SERVERS").await);
         // 3 pools (primary, 2 replicas) of 4: never more, and no growth.
         assert!(servers.len() <= 12 && servers.len() <= servers_start.max(1) + 3, "{servers_start} -> {}", servers.len());
         assert!(rss_end <= rss_start + rss_start / 2 + 4096, "RSS {rss_start} KiB -> {rss_end} KiB");
