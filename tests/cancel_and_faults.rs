@@ -45,23 +45,49 @@ async fn cancel_reaches_the_running_query() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_backend_fails_only_its_client() {
     let db = support::fresh_db("fault_term");
-    let p = support::proxy(&db, "default_pool_size = 3").await;
+    let p = support::proxy(&db, "default_pool_size = 5").await;
     let direct = support::direct(&db).await;
-    let victim = support::app(&p, &db).await;
     let bystander = support::app(&p, &db).await;
     bystander.simple_query("BEGIN").await.unwrap();
     let by_pid = scalar(&bystander, "SELECT pg_backend_pid()").await;
-    let q = tokio::spawn(async move { victim.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    direct
-        .simple_query(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}' AND query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()"
-        ))
-        .await
-        .unwrap();
-    let e = q.await.unwrap().expect_err("victim must see an error");
-    let c = code(&e);
-    assert!(c == "57P01" || c == "08006", "{}", support::text(&e));
+    // Outside a transaction (simple and extended protocol), and inside one.
+    let (simple, extended, in_txn) =
+        (support::app(&p, &db).await, support::app(&p, &db).await, support::app(&p, &db).await);
+    in_txn.simple_query("BEGIN").await.unwrap();
+    let victims = tokio::spawn(async move {
+        let (a, b, c) = tokio::join!(
+            simple.simple_query("SELECT pg_sleep(30)"),
+            extended.query("SELECT pg_sleep(30)::text", &[]),
+            in_txn.simple_query("SELECT pg_sleep(30)")
+        );
+        let errors = [a.map(|_| ()), b.map(|_| ()), c.map(|_| ())].map(|r| r.expect_err("a victim must see an error"));
+        (simple, extended, in_txn, errors)
+    });
+    let terminate = format!(
+        "SELECT count(pg_terminate_backend(pid))::text FROM pg_stat_activity \
+         WHERE datname = '{db}' AND query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while scalar(&direct, &terminate.replace("count(pg_terminate_backend(pid))", "count(*)")).await != "3" {
+        assert!(Instant::now() < deadline, "the three queries never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(scalar(&direct, &terminate).await, "3");
+    let (simple, extended, in_txn, errors) = victims.await.unwrap();
+    // Outside a transaction: an error (the statement may or may not have
+    // run), and the session goes on with a new server connection.
+    for (c, e) in [(&simple, &errors[0]), (&extended, &errors[1])] {
+        assert_eq!(code(e), "08006", "{}", support::text(e));
+        let detail = e.as_db_error().and_then(|d| d.detail()).unwrap_or_default();
+        assert!(detail.contains("may or may not have run"), "{detail}");
+        assert_eq!(scalar(c, "SELECT 'still here'").await, "still here");
+        let row = c.query_one("SELECT $1::int + 1", &[&41i32]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42);
+    }
+    // Inside a transaction the transaction is gone: so is the session, as
+    // when PostgreSQL ends a backend.
+    assert!(code(&errors[2]) == "57P01" || code(&errors[2]) == "08006", "{}", support::text(&errors[2]));
+    assert!(in_txn.simple_query("SELECT 1").await.is_err() && in_txn.is_closed());
     // The bystander's transaction carries on, on the same backend.
     assert_eq!(scalar(&bystander, "SELECT pg_backend_pid()").await, by_pid);
     bystander.simple_query("COMMIT").await.unwrap();

@@ -80,11 +80,12 @@ async fn primary_down_then_promotion_is_followed() {
     let p = replicated::start(&text_cfg).await;
     let cl = client(&p).await;
     cl.simple_query("CREATE TABLE f (x int)").await.unwrap();
+    cl.batch_execute(invariants::TABLE).await.unwrap();
     c.wait_replicas_caught_up().unwrap();
-    // No invariant checker here yet: with one, a run now and then sees a
-    // stale read of a session's own write around the outage (open, as in
-    // the restart test below). The monitor samples the primary after the
-    // last write first: reads during the outage need that proof.
+    let checker = invariants::Checker::start(&replicated::url(&p), 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The monitor samples the primary after `cl`'s last write first: its
+    // reads during the outage need that proof.
     p.proxy.monitor("app").unwrap().wait_sample().await;
     c.stop_node(&c.primary).unwrap();
     // Writes fail fast with a clear error; the session and reads go on.
@@ -130,6 +131,10 @@ async fn primary_down_then_promotion_is_followed() {
     // still follows the dead primary and has not got it).
     assert_eq!(scalar(&cl, "SELECT count(*) FROM f").await, "1");
     assert_eq!(scalar(&cl, "/* pgmux: primary */ SELECT pg_is_in_recovery()").await, "f");
+    let tally = checker.finish().await;
+    eprintln!("{tally:?}");
+    assert!(tally.writes > 0 && tally.reads > 0, "{tally:?}");
+    assert_eq!(tally.reconnects, 0, "{tally:?}");
     p.stop().await;
 }
 
@@ -159,9 +164,10 @@ async fn primary_restart_writes_fail_fast_then_recover() {
     let p = replicated::start(&replicated::config(&c, "server_connect_timeout = \"1s\"", "")).await;
     let cl = client(&p).await;
     cl.simple_query("CREATE TABLE r (x int)").await.unwrap();
-    // No invariant checker here yet: with one, about 1 run in 5 sees a
-    // stale read of a session's own write around the restart (open: see
-    // the Reliability section of the README).
+    cl.batch_execute(invariants::TABLE).await.unwrap();
+    c.wait_replicas_caught_up().unwrap();
+    let checker = invariants::Checker::start(&replicated::url(&p), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     c.stop_node(&c.primary).unwrap();
     for _ in 0..3 {
         let t0 = Instant::now();
@@ -181,5 +187,12 @@ async fn primary_restart_writes_fail_fast_then_recover() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(scalar(&cl, "/* pgmux: primary */ SELECT count(*) FROM r").await, "1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = checker.finish().await;
+    eprintln!("{tally:?}");
+    assert!(tally.writes > 0 && tally.failed > 0, "writes before and after, failures during: {tally:?}");
+    // Errors during the outage, but no session lost: pgmux answers the
+    // statements a dying server took with an error and the client goes on.
+    assert_eq!(tally.reconnects, 0, "{tally:?}");
     p.stop().await;
 }

@@ -38,7 +38,8 @@ mod settings;
 mod shard;
 mod welcome;
 
-/// Client bytes of a replica read kept for a retry elsewhere, at most.
+/// Client bytes kept for a retry (or a clean refusal) after a lost
+/// server connection, at most.
 const REPLAY_LIMIT: usize = 1 << 20;
 
 /// What pgmux records for a server setting a client changed in a way it
@@ -109,8 +110,8 @@ pub struct Session {
     /// The client keeps its server connection (session state pgmux cannot
     /// replay: LISTEN, temporary tables, session advisory locks, ...).
     pinned: bool,
-    /// A read on a replica: the client bytes sent so far, while no byte of
-    /// the answer reached the client (None: no retry possible).
+    /// The client bytes sent so far, while no byte of the answer reached
+    /// the client (None: a lost server connection ends the session).
     replay: Option<route::Replay>,
     /// ParameterStatus values this client has been told.
     told: BTreeMap<String, String>,
@@ -281,11 +282,18 @@ impl Session {
                 }
                 Err(e) => return Self::fatal(&mut self.stream, &e).await,
             };
+            let deferred = self.deferred.is_some();
             if let Err(e) = self.begin_deferred(&mut server).await {
                 let err = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {e}"));
                 return Self::fatal(&mut self.stream, &err).await;
             }
-            self.replay = replica.map(|_| route::Replay::default());
+            // Until a byte of the answer reaches the client, a lost server
+            // costs it this batch only: a replica read runs elsewhere,
+            // anything else is answered with an error and the session
+            // goes on (the client is idle: transaction mode, no open
+            // transaction pgmux holds for it).
+            let kept = self.mode == PoolMode::Transaction && !self.pinned && self.multi.is_none() && !deferred;
+            self.replay = (replica.is_some() || kept).then(route::Replay::default);
             self.set_state(crate::clients::ClientState::Active);
             self.account.start(server.pool());
             let outcome = self.relay(server.conn()).await;
@@ -310,6 +318,15 @@ impl Session {
                     }
                 }
                 Relayed::Batch => self.rejoin(self.shard_at, server, self.flight.status),
+                Relayed::ServerGone(why) if replay.is_some() && replica.is_none() => {
+                    tracing::warn!(pool = %server.pool().name(), "server connection lost before an answer: {why}");
+                    drop(server);
+                    if let Some(replay) = replay {
+                        if !self.lost_before_answer(replay, &why).await {
+                            return;
+                        }
+                    }
+                }
                 Relayed::ServerGone(why) if replay.is_some() && replica.is_some() => {
                     // Nothing of the answer reached the client: ban the
                     // replica and run the read elsewhere.
@@ -330,6 +347,13 @@ impl Session {
                     let err =
                         PgError::fatal(sqlstate::QUERY_CANCELED, "canceling statement due to query_timeout (pgmux)");
                     return Self::fatal(&mut self.stream, &err).await;
+                }
+                Relayed::ServerGone(why) if kept && self.keeps_session() => {
+                    tracing::warn!(pool = %server.pool().name(), "server connection lost mid-answer: {why}");
+                    drop(server);
+                    if !self.lost_mid_answer(&why).await {
+                        return;
+                    }
                 }
                 Relayed::ServerGone(why) => {
                     tracing::warn!(pool = %self.pool.name(), "server connection lost mid-transaction: {why}");

@@ -20,8 +20,8 @@ impl Session {
         self.flight.idle()
             && !self.crelay.mid_message()
             && !self.srelay.mid_message()
-            && conn.rbuf.is_empty()
             && self.tracker.idle()
+            && (conn.rbuf.is_empty() || self.mode == PoolMode::Transaction)
     }
 
     pub(super) async fn relay(&mut self, conn: &mut ServerConn) -> Relayed {
@@ -160,12 +160,11 @@ impl Session {
         };
         self.account.prepared(&events, &self.pool);
         let out = scan.rewritten.as_deref().unwrap_or(&self.rbuf[..scan.consumed]);
-        if !out.is_empty() {
-            if let Err(e) = conn.stream.write_all(out).await {
-                return Some(Relayed::ServerGone(e.to_string()));
-            }
-            self.account.sent(out.len(), self.flight.pending);
-        }
+        // Bytes a failed write may have sent in part count as sent.
+        let written = match out.len() {
+            0 => Ok(()),
+            n => conn.stream.write_all(out).await.map(|()| self.account.sent(n, self.flight.pending)),
+        };
         if let Some(replay) = &mut self.replay {
             if replay.sent.len() + scan.consumed > REPLAY_LIMIT {
                 self.replay = None;
@@ -175,6 +174,9 @@ impl Session {
             }
         }
         self.rbuf.advance(scan.consumed);
+        if let Err(e) = written {
+            return Some(Relayed::ServerGone(e.to_string()));
+        }
         self.held = held;
         if let Some(answers) = self.tracker.due() {
             self.replay = None;
@@ -189,8 +191,9 @@ impl Session {
     /// ParameterStatus changes.
     async fn forward_server(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
         if self.replay.is_some() {
-            if let Some(why) = route::fatal_first(&conn.rbuf) {
-                // A replica shutting down: its goodbye is not the answer.
+            if let Some(why) = route::goodbye_before_ready(&conn.rbuf) {
+                // A server shutting down: its goodbye (and any part of an
+                // answer before it) is not the answer.
                 return Some(Relayed::ServerGone(why));
             }
         }
@@ -209,12 +212,28 @@ impl Session {
             if track {
                 t != b'D' && t != b'd'
             } else {
-                t == b'Z' || t == b'S' || t == b'E' || (txn_mode && t == b'C')
+                matches!(t, b'Z' | b'S' | b'E' | b'N') || (txn_mode && t == b'C')
             }
         };
         let (mut readies, mut idle) = (0u64, 0u64);
         let account = &self.account;
+        // In transaction mode the client's part ends with the transaction:
+        // what the server sends after it (a FATAL on shutdown) is not the
+        // client's, and the connection is not reused (see Pool::release).
+        let stop_at_idle = txn_mode && !self.pinned;
+        let mut ended = false;
+        let mut gone = None;
         let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
+            if ended {
+                return Flow::Stop;
+            }
+            if stop_at_idle && (tag == b'E' || tag == b'N') {
+                // A FATAL ends the connection, not the client's session.
+                gone = route::goodbye(tag, body);
+                if gone.is_some() {
+                    return Flow::Stop;
+                }
+            }
             flight.server(tag, body);
             match tag {
                 b'Z' => {
@@ -236,6 +255,7 @@ impl Session {
                 }
             }
             if !track {
+                ended = stop_at_idle && tag == b'Z' && flight.idle();
                 return Flow::Forward;
             }
             let (flow, event) = tracker.on_server(tag, body, needs_body(tag), &mut cx);
@@ -245,6 +265,7 @@ impl Session {
                 prepared::Event::Skipped(n) => flight.pending = flight.pending.saturating_sub(n),
                 prepared::Event::None => {}
             }
+            ended = stop_at_idle && tag == b'Z' && flight.idle() && tracker.idle();
             flow
         });
         let scan = match scanned {
@@ -280,6 +301,6 @@ impl Session {
         if !sent {
             return Some(Relayed::ClientGone);
         }
-        None
+        gone.map(Relayed::ServerGone)
     }
 }

@@ -41,12 +41,25 @@ pub(super) struct Replay {
     pub names: Vec<String>,
 }
 
-/// The text of a server's goodbye at the front of `buf`, if one is there
-/// whole: a FATAL ErrorResponse, or the notice (class 57, operator
-/// intervention) a backend sends when its server shuts down.
-pub(super) fn fatal_first(buf: &[u8]) -> Option<String> {
+/// The text of a server's goodbye among the whole messages of `buf` before
+/// any ReadyForQuery (an answer that ended is not affected).
+pub(super) fn goodbye_before_ready(mut buf: &[u8]) -> Option<String> {
+    while let Some((tag, body)) = first_message(buf) {
+        if tag == b'Z' {
+            return None;
+        }
+        if let Some(why) = goodbye(tag, body) {
+            return Some(why);
+        }
+        buf = &buf[HEADER_LEN + body.len()..];
+    }
+    None
+}
+
+/// A server's goodbye: a FATAL ErrorResponse, or the notice (class 57,
+/// operator intervention) a backend sends when its server shuts down.
+pub(super) fn goodbye(tag: u8, body: &[u8]) -> Option<String> {
     use crate::protocol::error::{describe_server_error, field, parse_fields};
-    let (tag, body) = first_message(buf)?;
     if tag != b'E' && tag != b'N' {
         return None;
     }
@@ -54,6 +67,12 @@ pub(super) fn fatal_first(buf: &[u8]) -> Option<String> {
     let severity = field(&fields, b'V').or(field(&fields, b'S'));
     let shutdown = field(&fields, b'C').is_some_and(|c| c.starts_with("57P"));
     (shutdown || (tag == b'E' && matches!(severity, Some("FATAL" | "PANIC")))).then(|| describe_server_error(body))
+}
+
+/// What a client is told of a batch whose server connection was lost.
+fn lost_error(why: &str) -> PgError {
+    PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgmux: the server connection was lost ({why})"))
+        .with_detail("The statement may or may not have run. The session goes on: a retry gets a new connection.")
 }
 
 /// What to do with the transaction at the front of the buffer.
@@ -378,6 +397,69 @@ impl Session {
         self.rbuf = buf;
         self.crelay = Default::default();
         self.srelay = Default::default();
+    }
+
+    /// The server connection was lost before any byte of its answer
+    /// reached the client: every batch sent on it is answered with an
+    /// error (it may or may not have run: never run twice) and the session
+    /// goes on, as idle as it was. `false`: the client went away.
+    pub(super) async fn lost_before_answer(&mut self, replay: Replay, why: &str) -> bool {
+        let mut batches = 0;
+        let mut rest: &[u8] = &replay.sent;
+        let mut synced = true;
+        while let Some((tag, body)) = first_message(rest) {
+            synced = matches!(tag, b'Q' | b'S' | b'F');
+            batches += usize::from(synced);
+            rest = &rest[HEADER_LEN + body.len()..];
+        }
+        batches += usize::from(!synced);
+        self.forget_lost_settings();
+        self.pinned = false;
+        self.restore(replay);
+        let err = lost_error(why);
+        for _ in 0..batches {
+            if !self.refuse(&err).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether a session whose server connection was lost after part of
+    /// an answer reached the client can go on: whole messages only went
+    /// either way, no COPY, and no transaction (or session state pinned to
+    /// that connection) the client knows of.
+    pub(super) fn keeps_session(&self) -> bool {
+        !self.pinned
+            && !self.srelay.mid_message()
+            && !self.crelay.mid_message()
+            && self.flight.status == b'I'
+            && !self.flight.copy_in
+    }
+
+    /// The server connection was lost after part of an answer reached the
+    /// client (see [`Session::keeps_session`]): each batch in flight ends
+    /// with an error, as a failed statement would. `false`: the client
+    /// went away.
+    pub(super) async fn lost_mid_answer(&mut self, why: &str) -> bool {
+        let err = lost_error(why);
+        let mut out = BytesMut::new();
+        for _ in 0..self.flight.pending {
+            out.extend_from_slice(&err.to_bytes());
+            msg::ready_for_query(&mut out, b'I');
+        }
+        self.forget_lost_settings();
+        if self.stream.write_all(&out).await.is_err() {
+            return false;
+        }
+        // A batch without its Sync yet: the rest of it is skipped.
+        !self.flight.unsynced || self.refuse(&err).await
+    }
+
+    /// SET/RESETs of batches that were lost never took effect.
+    fn forget_lost_settings(&mut self) {
+        self.pending_settings.clear();
+        self.settings_failed = false;
     }
 
     /// Run the deferred `BEGIN` on a connection just checked out for the

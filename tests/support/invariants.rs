@@ -1,9 +1,10 @@
 //! A workload that checks pgmux's invariants while a fault test breaks
 //! things around it. Each session loops: a write (it must run on a server
 //! not in recovery: never on a replica), a read of its own writes (never
-//! older than the last write that succeeded: read-your-writes), and a
-//! statement that must start a transaction of its own (never inside one
-//! another client left open). Operations may fail during an outage —
+//! older than the last write that succeeded on the same connection:
+//! read-your-writes is per session, and a new connection is a new one),
+//! and a statement that must start a transaction of its own (never inside
+//! one another client left open). Operations may fail during an outage —
 //! they are counted — but an invariant broken is the test's failure.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,8 @@ pub struct Tally {
     pub writes: u64,
     pub reads: u64,
     pub failed: u64,
+    /// Sessions that ended (pgmux closed them) and were opened again.
+    pub reconnects: u64,
 }
 
 pub struct Checker {
@@ -38,13 +41,30 @@ fn value(m: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
 
 async fn session(url: String, s: usize, stop: Arc<AtomicBool>) -> Result<Tally, String> {
     let mut tally = Tally::default();
+    let started = std::time::Instant::now();
     let mut client = None;
     let (mut seq, mut written) = (0, 0);
+    // The last few events, for the failure message.
+    let mut log = std::collections::VecDeque::new();
+    let note = |log: &mut std::collections::VecDeque<String>, what: String| {
+        if log.len() == 8 {
+            log.pop_front();
+        }
+        log.push_back(format!("{:?} {what}", started.elapsed()));
+    };
     while !stop.load(Ordering::SeqCst) {
         let c = match &client {
             Some(c) => c,
             None => match connect_str(&url).await {
-                Ok(c) => client.insert(c),
+                Ok(c) => {
+                    // A new session: read-your-writes starts over.
+                    if seq > 0 {
+                        tally.reconnects += 1;
+                        note(&mut log, "reconnected".into());
+                    }
+                    written = 0;
+                    client.insert(c)
+                }
                 Err(_) => {
                     tally.failed += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -57,31 +77,35 @@ async fn session(url: String, s: usize, stop: Arc<AtomicBool>) -> Result<Tally, 
         match c.simple_query(&write).await {
             Ok(m) if value(&m).as_deref() == Some("false") => {
                 written = seq;
+                note(&mut log, format!("write {seq} ok"));
                 tally.writes += 1;
             }
             Ok(m) => return Err(format!("session {s}: a write ran on a server in recovery: {m:?}")),
-            Err(_) => tally.failed += 1,
+            Err(e) => {
+                note(&mut log, format!("write {seq} failed: {}", text(&e)));
+                tally.failed += 1
+            }
         }
         match c.simple_query(&format!("SELECT coalesce(max(n), 0) FROM invariants WHERE s = {s}")).await {
             Ok(m) => {
                 let n: i64 = value(&m).and_then(|v| v.parse().ok()).unwrap_or(-1);
                 if n < written {
-                    return Err(format!("session {s}: stale read: saw {n} after writing {written}"));
+                    let tail = Vec::from(log).join("\n");
+                    return Err(format!("session {s}: stale read: saw {n} after writing {written}\n{tail}"));
                 }
                 tally.reads += 1;
             }
-            Err(_) => tally.failed += 1,
+            Err(e) => {
+                note(&mut log, format!("read failed: {}", text(&e)));
+                tally.failed += 1
+            }
         }
         match c.simple_query("SELECT (now() = statement_timestamp())::text").await {
             Ok(m) if value(&m).as_deref() == Some("true") => {}
             Ok(m) => return Err(format!("session {s}: ran inside a transaction it did not start: {m:?}")),
             Err(e) => {
+                note(&mut log, format!("check failed: {}", text(&e)));
                 tally.failed += 1;
-                if c.is_closed() {
-                    client = None;
-                } else {
-                    let _ = text(&e);
-                }
             }
         }
         if client.as_ref().is_some_and(|c| c.is_closed()) {
@@ -108,6 +132,7 @@ impl Checker {
             all.writes += t.writes;
             all.reads += t.reads;
             all.failed += t.failed;
+            all.reconnects += t.reconnects;
         }
         all
     }
