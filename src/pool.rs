@@ -240,7 +240,9 @@ impl Pool {
             }
             self.forget(conn);
         }
-        let conn = self.connect().await?;
+        // Boxed: a login's state (TLS, SCRAM) would otherwise make every
+        // session's task larger, and a new connection is rare.
+        let conn = Box::pin(self.connect()).await?;
         Ok(Checkout { conn: Some(conn), pool: self.clone(), _permit: permit })
     }
 

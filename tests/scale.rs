@@ -1,7 +1,7 @@
 //! Scale: 10,000 idle clients logged in at once plus 200 active ones
 //! (pgbench) on one pgmux process with 20 server connections per pool —
 //! every client served, no error — and pgmux's memory per idle client,
-//! measured from its RSS (printed; goal ≤ 16 KiB, fails above 20).
+//! measured from its RSS (printed; fails above the goal, 16 KiB).
 
 mod support;
 
@@ -59,7 +59,9 @@ fn ten_thousand_idle_clients_and_two_hundred_active() {
     );
     let port = support::listen_port(&cfg);
     std::fs::write(&path, &cfg).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgmux")).arg("--config").arg(&path).spawn().unwrap();
+    // PGMUX_BIN: measure another build (e.g. target/release/pgmux).
+    let bin = std::env::var("PGMUX_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pgmux").to_string());
+    let mut child = Command::new(bin).arg("--config").arg(&path).spawn().unwrap();
     let pid = child.id();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let report = rt.block_on(async {
@@ -140,7 +142,8 @@ fn ten_thousand_idle_clients_and_two_hundred_active() {
     let _ = child.wait();
     let per_client_kib: f64 =
         report.split(" KiB per idle client").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
-    // The goal is 16 KiB; the last measurements gave 13.6 and 16.9 KiB
-    // (see README, Reliability). Fail well above it, not on noise.
-    assert!(per_client_kib <= 20.0, "{report}");
+    // The goal is 16 KiB; 8.1–8.2 KiB measured (see README, Reliability),
+    // most of it the session's task: a rare path's state kept inline in it
+    // (16.9 KiB before those were boxed) fails this.
+    assert!(per_client_kib <= 16.0, "{report}");
 }

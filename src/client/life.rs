@@ -38,7 +38,7 @@ impl Session {
         looked_up: Option<crate::config::User>,
     ) {
         let (database, user) = (database.into(), user.into());
-        self.refresh = Some(Refresh { proxy, database, user, epoch, scram, looked_up });
+        self.refresh = Some(Box::new(Refresh { proxy, database, user, epoch, scram, looked_up }));
     }
 
     /// Between transactions after a reload: take the pools of the config

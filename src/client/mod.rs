@@ -125,7 +125,7 @@ pub struct Session {
     /// Turns true when pgmux shuts down.
     draining: Option<tokio::sync::watch::Receiver<bool>>,
     /// Follows config reloads.
-    refresh: Option<life::Refresh>,
+    refresh: Option<Box<life::Refresh>>,
 }
 
 impl Session {
@@ -194,7 +194,8 @@ impl Session {
     }
 
     /// Serve the client until it leaves.
-    pub async fn run(mut self) {
+    /// (By reference: a future owning the session would hold it twice.)
+    pub async fn run(&mut self) {
         self.serve_until_killed().await;
         self.leave_multi().await;
     }
@@ -269,7 +270,9 @@ impl Session {
             };
             self.set_state(crate::clients::ClientState::Waiting);
             let checked = match self.sharding.clone() {
-                Some(sh) if self.multi.is_some() => self.shard_conn(&sh, self.shard_at, false).await.map(|c| (c, None)),
+                Some(sh) if self.multi.is_some() => {
+                    Box::pin(self.shard_conn(&sh, self.shard_at, false)).await.map(|c| (c, None))
+                }
                 _ => self.checkout(target, decision).await,
             };
             let (mut server, replica) = match checked {
@@ -314,7 +317,7 @@ impl Session {
                         tracing::warn!(
                             "a transaction spanning shards ended on one shard only; rolling back the others"
                         );
-                        let _ = self.finish_multi(false).await;
+                        let _ = Box::pin(self.finish_multi(false)).await;
                     }
                 }
                 Relayed::Batch => self.rejoin(self.shard_at, server, self.flight.status),
@@ -322,7 +325,7 @@ impl Session {
                     tracing::warn!(pool = %server.pool().name(), "server connection lost before an answer: {why}");
                     drop(server);
                     if let Some(replay) = replay {
-                        if !self.lost_before_answer(replay, &why).await {
+                        if !Box::pin(self.lost_before_answer(replay, &why)).await {
                             return;
                         }
                     }
@@ -338,7 +341,7 @@ impl Session {
                         self.restore(replay);
                     }
                 }
-                Relayed::ClientGone => return self.abandon(server).await,
+                Relayed::ClientGone => return Box::pin(self.abandon(server)).await,
                 Relayed::QueryTimeout => {
                     let (addr, pid, secret) = server.conn().cancel_key();
                     tracing::warn!(pool = %server.pool().name(), "query_timeout: canceling the query, closing its client");
@@ -351,7 +354,7 @@ impl Session {
                 Relayed::ServerGone(why) if kept && self.keeps_session() => {
                     tracing::warn!(pool = %server.pool().name(), "server connection lost mid-answer: {why}");
                     drop(server);
-                    if !self.lost_mid_answer(&why).await {
+                    if !Box::pin(self.lost_mid_answer(&why)).await {
                         return;
                     }
                 }
@@ -363,7 +366,7 @@ impl Session {
                 }
                 Relayed::ClientError(err) => {
                     let _ = self.stream.write_all(&err.to_bytes()).await;
-                    return self.abandon(server).await;
+                    return Box::pin(self.abandon(server)).await;
                 }
             }
         }

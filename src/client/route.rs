@@ -229,11 +229,13 @@ impl Session {
             Plan::Go { .. } => true,
             Plan::Answer(out) => self.stream.write_all(&out).await.is_ok(),
             Plan::Refuse(e) => self.refuse(&e).await,
-            Plan::Scatter(plan) => self.scatter(&plan).await,
-            Plan::ScatterExtended(plan) => self.scatter_extended(&plan).await,
-            Plan::CopyIn(copy, sql, extended) => self.copy_into_shards(*copy, sql, extended).await,
-            Plan::ScatterWrite(sql, shards, copies) => self.scatter_write(&sql, shards, copies).await,
-            Plan::EndMulti(commit) => self.end_multi(commit).await,
+            // Boxed: every session's task is as large as its largest
+            // state, and these are rare and large.
+            Plan::Scatter(plan) => Box::pin(self.scatter(&plan)).await,
+            Plan::ScatterExtended(plan) => Box::pin(self.scatter_extended(&plan)).await,
+            Plan::CopyIn(copy, sql, extended) => Box::pin(self.copy_into_shards(*copy, sql, extended)).await,
+            Plan::ScatterWrite(sql, shards, copies) => Box::pin(self.scatter_write(&sql, shards, copies)).await,
+            Plan::EndMulti(commit) => Box::pin(self.end_multi(commit)).await,
         };
         if let (true, Some(sh)) = (spans, &self.sharding) {
             self.account.scatter(&sh.name, started, self.multi.is_none());
@@ -367,22 +369,31 @@ impl Session {
     /// its cancel target.
     async fn attach(&mut self, conn: &mut ServerConn) -> Result<(), ServerError> {
         if conn.applied != self.wanted || conn.needs_reset {
-            conn.sync_params(&self.wanted).await?;
-            let mut out = BytesMut::new();
-            for (k, v) in &conn.reported {
-                let lk = k.to_ascii_lowercase();
-                if !is_server_owned(k) && self.told.get(&lk) != Some(v) {
-                    msg::parameter_status(&mut out, k, v);
-                    self.told.insert(lk, v.clone());
-                }
-            }
-            if !out.is_empty() {
-                self.stream.write_all(&out).await?;
-            }
+            // Boxed: rare, and its state would make every session's task
+            // larger.
+            Box::pin(self.resync(conn)).await?;
         }
         self.cancel.set(conn.cancel_key());
         self.flight = Flight::new();
         self.tracker.reset(b'I');
+        Ok(())
+    }
+
+    /// Bring the connection's settings to this client's, and tell the
+    /// client the values that changed.
+    async fn resync(&mut self, conn: &mut ServerConn) -> Result<(), ServerError> {
+        conn.sync_params(&self.wanted).await?;
+        let mut out = BytesMut::new();
+        for (k, v) in &conn.reported {
+            let lk = k.to_ascii_lowercase();
+            if !is_server_owned(k) && self.told.get(&lk) != Some(v) {
+                msg::parameter_status(&mut out, k, v);
+                self.told.insert(lk, v.clone());
+            }
+        }
+        if !out.is_empty() {
+            self.stream.write_all(&out).await?;
+        }
         Ok(())
     }
 

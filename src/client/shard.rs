@@ -275,7 +275,9 @@ impl Session {
             match self.batch_target(&sh) {
                 Ok(ShardTarget::Lookup { map, key, assign }) => {
                     let mut resolved = std::mem::take(&mut self.resolved);
-                    let looked = sh.lookup(map, &key, assign, &mut resolved).await;
+                    // Boxed: a directory query's state would otherwise
+                    // make every session's task larger.
+                    let looked = Box::pin(sh.lookup(map, &key, assign, &mut resolved)).await;
                     self.resolved = resolved;
                     looked?;
                 }
