@@ -39,6 +39,21 @@ fn bench_statements(c: &mut Criterion) {
     let query_and_types = &parse_body("")[1..];
     c.bench_function("statement_hash", |b| b.iter(|| statement_hash(black_box(query_and_types))));
 
+    // What each statement text is checked for in transaction mode (SET,
+    // RESET, pinning state): nothing, in the common case.
+    let select = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;";
+    c.bench_function("session_effects_plain_select", |b| b.iter(|| pgmux::sqlhead::session_effects(black_box(select))));
+    c.bench_function("session_effects_three_checks", |b| {
+        b.iter(|| {
+            let sql = black_box(select);
+            (
+                pgmux::sqlhead::setting_changes(sql),
+                pgmux::sqlhead::needs_full_reset(sql),
+                pgmux::sqlhead::pins_session(sql),
+            )
+        })
+    });
+
     // A client with 50 statements; the server has them all: a Bind is
     // looked up, renamed, and queued.
     let mut stmts = ClientStatements::new(1000);

@@ -475,115 +475,65 @@ pub fn setting_changes(sql: &str) -> Vec<SettingChange> {
     statements(sql).into_iter().filter_map(one_change).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn session_pinning_statements() {
-        for sql in [
-            "LISTEN jobs",
-            "select 1; listen \"Jobs\"",
-            "CREATE TEMP TABLE t (x int)",
-            "create global temporary table t (x int)",
-            "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
-            "SELECT pg_advisory_lock(42)",
-            "select pg_try_advisory_lock_shared(1)",
-            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
-            "LOAD 'auto_explain'",
-            "SELECT 1; PREPARE p AS SELECT 1",
-            "SET ROLE admin",
-            "SET SESSION AUTHORIZATION bob",
-            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
-            "SELECT set_config('app.tenant', '42', false)",
-            "SELECT set_config('a', x, $1)",
-        ] {
-            assert!(pins_session(sql), "{sql}");
-        }
-        for sql in [
-            "SELECT pg_advisory_xact_lock(1)",
-            "SELECT pg_advisory_unlock(1)",
-            "CREATE TABLE temp (x int)",
-            "SELECT 'listen'",
-            "UNLISTEN *",
-            "DECLARE c CURSOR FOR SELECT 1",
-            "NOTIFY jobs",
-            "EXECUTE p",
-            "DEALLOCATE p",
-            "SET LOCAL ROLE admin",
-            "RESET ROLE",
-            "SELECT set_config('app.tenant', concat('4', '2'), true)",
-            "SELECT SET_CONFIG('a', 'b', TRUE), set_config('c', 'd,e', true)",
-        ] {
-            assert!(!pins_session(sql), "{sql}");
-        }
-    }
-
-    #[test]
-    fn literal_shapes() {
-        assert_eq!(
-            literal_shape("SELECT abalance FROM t1 WHERE aid = 4217 AND name = 'it''s'"),
-            "SELECT abalance FROM t1 WHERE aid = 0 AND name = '?'"
-        );
-        assert_eq!(literal_shape("/* pgmux: primary */ SELECT 1.5"), "/* pgmux: primary */ SELECT 0");
-        assert_eq!(literal_shape("SELECT E'a\\'b', x2"), "SELECT E'?', x2");
-        assert_eq!(literal_shape("SELECT '"), "SELECT '?'");
-        let (shape, lits) = shape_and_literals("INSERT INTO t VALUES (42, 'it''s', x1, 3.5)").unwrap();
-        assert_eq!(shape, "INSERT INTO t VALUES (0, '?', x1, 0)");
-        assert_eq!(lits, ["42", "it's", "3.5"]);
-        assert!(shape_and_literals("SELECT E'a\\'b'").is_none());
-    }
-
-    #[test]
-    fn splits_statements_outside_quotes_and_comments() {
-        let sql = "SET a = 'x;y'; SELECT $$;$$, $t$ ; $t$ -- ;\n; /* ; */ SELECT \"a;b\"";
-        assert_eq!(statements(sql).len(), 3, "{:?}", statements(sql));
-    }
-
-    #[test]
-    fn finds_session_settings() {
-        use SettingChange::*;
-        let set = |n: &str, v: &str| Set { name: n.into(), value: Some(v.into()) };
-        assert_eq!(setting_changes("SET search_path = a, \"B\", public"), vec![set("search_path", "a, \"B\", public")]);
-        assert_eq!(setting_changes("set statement_timeout to '5s'; select 1"), vec![set("statement_timeout", "5s")]);
-        assert_eq!(setting_changes("SET SESSION work_mem = 65536"), vec![set("work_mem", "65536")]);
-        assert_eq!(setting_changes("SET myapp.tenant = 'it''s'"), vec![set("myapp.tenant", "it's")]);
-        assert_eq!(setting_changes("SET TIME ZONE 'Europe/Paris'"), vec![set("timezone", "Europe/Paris")]);
-        assert_eq!(setting_changes("SET search_path TO DEFAULT"), vec![Reset("search_path".into())]);
-        assert_eq!(setting_changes("RESET work_mem; RESET ALL"), vec![Reset("work_mem".into()), ResetAll]);
-        assert_eq!(setting_changes("SET LOCAL work_mem = '1MB'"), vec![]);
-        assert_eq!(setting_changes("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), vec![]);
-        assert_eq!(setting_changes("SET ROLE admin"), vec![]);
-        assert_eq!(setting_changes("SET SCHEMA 'x'"), vec![set("search_path", "x")]);
-        assert!(needs_full_reset("SET ROLE admin"));
-        assert!(needs_full_reset("select 1; SET SESSION AUTHORIZATION bob"));
-        assert!(needs_full_reset("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE"));
-        assert!(needs_full_reset("SELECT set_config('work_mem', '1MB', false)"));
-        assert!(!needs_full_reset("SELECT rolname FROM pg_roles"));
-        assert_eq!(
-            setting_changes("SELECT E'\\''; SET statement_timeout = 5"),
-            vec![set("statement_timeout", "5")],
-            "E'' escapes do not hide what follows"
-        );
-        assert_eq!(setting_changes("SELECT 'SET x = 1'"), vec![]);
-        assert_eq!(
-            setting_changes("SET x = now()"),
-            vec![Set { name: "x".into(), value: None }],
-            "a value pgmux cannot tell is still a change"
-        );
-    }
-
-    #[test]
-    fn finds_leading_commands() {
-        assert_eq!(leading_command("PREPARE p AS SELECT 1"), Command::Prepare);
-        assert_eq!(leading_command("  /* x /* nested */ */ -- c\n execute p(1)"), Command::Execute);
-        assert_eq!(leading_command("DEALLOCATE s1"), Command::Deallocate("s1".into()));
-        assert_eq!(leading_command("deallocate prepare \"S_1\";"), Command::Deallocate("S_1".into()));
-        assert_eq!(leading_command("DEALLOCATE ALL"), Command::Other);
-        assert_eq!(leading_command("DEALLOCATE a; SELECT 1"), Command::Other);
-        assert_eq!(leading_command("SELECT 'PREPARE'"), Command::Other);
-        assert_eq!(leading_command("delete from t"), Command::Other);
-        assert_eq!(leading_command(""), Command::Other);
-        assert_eq!(leading_command("/* unterminated"), Command::Other);
-    }
+/// What a statement text does to the session in transaction mode.
+#[derive(Debug, Default, PartialEq)]
+pub struct Effects {
+    /// Session-level SET / RESET, in order ([`setting_changes`]).
+    pub changes: Vec<SettingChange>,
+    /// The server connection needs a full reset after it ([`needs_full_reset`]).
+    pub full_reset: bool,
+    /// The client must keep its server connection ([`pins_session`]).
+    pub pins: bool,
 }
+
+/// Every word the session checks start from, at the start of a word (a
+/// text without any of them — nearly every statement — has no effect).
+const EFFECT_WORDS: [&[u8]; 12] = [
+    b"set",
+    b"reset",
+    b"role",
+    b"authorization",
+    b"characteristics",
+    b"listen",
+    b"load",
+    b"temp",
+    b"hold",
+    b"prepare",
+    b"pg_advisory",
+    b"pg_try_advisory",
+];
+
+/// [`setting_changes`], [`needs_full_reset`] and [`pins_session`] of one
+/// statement text, with one pass over it when it has none.
+pub fn session_effects(sql: &str) -> Effects {
+    if !starts_a_word(sql, &EFFECT_WORDS) {
+        return Effects::default();
+    }
+    Effects { changes: setting_changes(sql), full_reset: needs_full_reset(sql), pins: pins_session(sql) }
+}
+
+/// Whether a word of `sql` starts with one of `words` (lowercase ASCII),
+/// in any case. One pass, looking only where a word starts.
+pub fn starts_a_word(sql: &str, words: &[&[u8]]) -> bool {
+    let b = sql.as_bytes();
+    let mut in_word = false;
+    for (at, &c) in b.iter().enumerate() {
+        let ident = c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
+        if ident && !in_word {
+            let first = c.to_ascii_lowercase();
+            let rest = &b[at..];
+            if words
+                .iter()
+                .any(|w| w.first() == Some(&first) && rest.get(..w.len()).is_some_and(|t| t.eq_ignore_ascii_case(w)))
+            {
+                return true;
+            }
+        }
+        in_word = ident;
+    }
+    false
+}
+
+#[cfg(test)]
+#[path = "sqlhead_tests.rs"]
+mod tests;

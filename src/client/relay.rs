@@ -138,9 +138,10 @@ impl Session {
                 let mut parts = body.split(|b| *b == 0);
                 let sql = if tag == b'P' { parts.nth(1) } else { parts.next() }.unwrap_or_default();
                 let sql = String::from_utf8_lossy(sql);
-                changes.extend(sqlhead::setting_changes(&sql));
-                full_reset |= sqlhead::needs_full_reset(&sql);
-                pin |= sqlhead::pins_session(&sql);
+                let effects = sqlhead::session_effects(&sql);
+                changes.extend(effects.changes);
+                full_reset |= effects.full_reset;
+                pin |= effects.pins;
             }
             flow
         });
