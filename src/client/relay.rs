@@ -16,12 +16,11 @@ use crate::server::{is_server_owned, ServerConn};
 use crate::sqlhead;
 
 impl Session {
-    fn releasable(&self, conn: &ServerConn) -> bool {
-        self.flight.idle()
-            && !self.crelay.mid_message()
-            && !self.srelay.mid_message()
-            && self.tracker.idle()
-            && (conn.rbuf.is_empty() || self.mode == PoolMode::Transaction)
+    /// The client's transaction is over (transaction mode). Server bytes
+    /// left unread are not the client's (see `forward_server`): the pool
+    /// drops such a connection rather than reuse it.
+    fn releasable(&self) -> bool {
+        self.flight.idle() && !self.crelay.mid_message() && !self.srelay.mid_message() && self.tracker.idle()
     }
 
     pub(super) async fn relay(&mut self, conn: &mut ServerConn) -> Relayed {
@@ -29,7 +28,7 @@ impl Session {
             return end;
         }
         loop {
-            if self.mode == PoolMode::Transaction && !self.pinned && self.releasable(conn) {
+            if self.mode == PoolMode::Transaction && !self.pinned && self.releasable() {
                 return Relayed::Released;
             }
             if self.answered_in_transaction(conn) {
