@@ -196,3 +196,62 @@ async fn primary_restart_writes_fail_fast_then_recover() {
     assert_eq!(tally.reconnects, 0, "{tally:?}");
     p.stop().await;
 }
+
+/// Kill, on the primary, the backends that run a query with `marker` in
+/// its text, one after another as they appear, `times` in all.
+fn kill_running(c: &pgmux::pgcluster::Cluster, marker: &str, times: usize) {
+    let mut killed: HashSet<String> = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let find = format!(
+        "SELECT pid FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid() AND state = 'active'"
+    );
+    while killed.len() < times {
+        if Instant::now() >= deadline {
+            // Where the query ran instead, for the failure message.
+            let all = "SELECT pid, state, query FROM pg_stat_activity WHERE backend_type = 'client backend'";
+            for n in std::iter::once(&c.primary).chain(&c.replicas) {
+                eprintln!("{}: {}", n.name, c.psql(n, "postgres", all).unwrap_or_default());
+            }
+        }
+        assert!(Instant::now() < deadline, "only {} of {times} runs of {marker} seen", killed.len());
+        let pids = c.psql(&c.primary, "postgres", &find).unwrap();
+        for pid in
+            pids.lines().filter(|p| !p.is_empty() && !killed.contains(*p)).map(str::to_string).collect::<Vec<_>>()
+        {
+            c.psql(&c.primary, "postgres", &format!("SELECT pg_terminate_backend({pid})")).unwrap();
+            killed.insert(pid);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_server_dies_before_answering_runs_again_once() {
+    let _serial = SERIAL.lock().await;
+    let c = Arc::new(replicated::cluster());
+    let p = replicated::start(&replicated::config(&c, "", "")).await;
+    // Both replicas banned: reads go to the primary.
+    let m = p.proxy.monitor("app").unwrap();
+    for (backend, _) in m.snapshot().iter().skip(1) {
+        assert!(m.hold(&backend.name, true));
+    }
+    // A sample in flight when BAN came does not lift it.
+    m.wait_sample().await;
+    assert!((0..2).all(|i| pgmux::replicas::monitor::Monitor::is_banned(&m.replica(i))));
+    let cl = Arc::new(client(&p).await);
+    // Killed once: the read runs again on a new connection, unseen.
+    let reader = cl.clone();
+    let once = tokio::spawn(async move { scalar(&reader, "SELECT pg_sleep(0.5)::text || 'ran_once'").await });
+    let killer = c.clone();
+    tokio::task::spawn_blocking(move || kill_running(&killer, "ran_once", 1)).await.unwrap();
+    assert_eq!(once.await.expect("the read was run again"), "ran_once");
+    // Killed on its second run too: an error, and the session goes on.
+    let reader = cl.clone();
+    let twice = tokio::spawn(async move { reader.simple_query("SELECT pg_sleep(0.5)::text || 'ran_twice'").await });
+    let killer = c.clone();
+    tokio::task::spawn_blocking(move || kill_running(&killer, "ran_twice", 2)).await.unwrap();
+    let e = twice.await.unwrap().expect_err("killed twice");
+    assert_eq!(code(&e), "08006", "{}", text(&e));
+    assert_eq!(scalar(&cl, "SELECT 'after'").await, "after");
+    p.stop().await;
+}

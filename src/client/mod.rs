@@ -201,6 +201,9 @@ impl Session {
     }
 
     async fn serve(&mut self) {
+        // A read whose server connection died before answering runs again,
+        // once: a statement that kills its server is not run forever.
+        let mut retried = false;
         loop {
             if self.must_leave() {
                 return self.goodbye().await;
@@ -304,6 +307,7 @@ impl Session {
             let replay = self.replay.take();
             match outcome {
                 Relayed::Released => {
+                    retried = false;
                     if replica.is_none() && matches!(decision, Decision::Write | Decision::Begin) {
                         // Read-your-writes: later reads wait for replicas
                         // to replay past this point.
@@ -324,10 +328,18 @@ impl Session {
                 Relayed::ServerGone(why) if replay.is_some() && replica.is_none() => {
                     tracing::warn!(pool = %server.pool().name(), "server connection lost before an answer: {why}");
                     drop(server);
-                    if let Some(replay) = replay {
-                        if !Box::pin(self.lost_before_answer(replay, &why)).await {
-                            return;
+                    match replay {
+                        Some(replay) if decision == Decision::Read && !retried => {
+                            retried = true;
+                            self.restore(replay);
                         }
+                        Some(replay) => {
+                            retried = false;
+                            if !Box::pin(self.lost_before_answer(replay, &why)).await {
+                                return;
+                            }
+                        }
+                        None => {}
                     }
                 }
                 Relayed::ServerGone(why) if replay.is_some() && replica.is_some() => {

@@ -425,8 +425,12 @@ async fn sample_loop(shared: Arc<Shared>, idx: usize) {
                 st.insert_lsn = s.insert_lsn;
                 st.replay_lsn = s.replay_lsn;
                 st.receive_lsn = s.receive_lsn;
-                st.banned_until = None;
-                st.last_error = None;
+                // A ban set while this sample was in flight (BAN, a failed
+                // checkout) is newer news than the sample: it stays.
+                st.banned_until = st.banned_until.filter(|&until| until > done);
+                if st.banned_until.is_none() {
+                    st.last_error = None;
+                }
                 st.sampled_at = Some(started);
                 if let (0, Some(lsn)) = (idx, s.current_lsn) {
                     push_primary_lsn(&mut inner.ring, done, lsn);
