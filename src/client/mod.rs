@@ -203,7 +203,7 @@ impl Session {
     async fn serve(&mut self) {
         // A read whose server connection died before answering runs again,
         // once: a statement that kills its server is not run forever.
-        let mut retried = false;
+        let mut retrying = false;
         loop {
             if self.must_leave() {
                 return self.goodbye().await;
@@ -271,6 +271,8 @@ impl Session {
                     continue;
                 }
             };
+            // This batch is the re-run of one that died: it gets no other.
+            let may_retry = !std::mem::take(&mut retrying);
             self.set_state(crate::clients::ClientState::Waiting);
             let checked = match self.sharding.clone() {
                 Some(sh) if self.multi.is_some() => {
@@ -307,7 +309,6 @@ impl Session {
             let replay = self.replay.take();
             match outcome {
                 Relayed::Released => {
-                    retried = false;
                     if replica.is_none() && matches!(decision, Decision::Write | Decision::Begin) {
                         // Read-your-writes: later reads wait for replicas
                         // to replay past this point.
@@ -328,18 +329,13 @@ impl Session {
                 Relayed::ServerGone(why) if replay.is_some() && replica.is_none() => {
                     tracing::warn!(pool = %server.pool().name(), "server connection lost before an answer: {why}");
                     drop(server);
-                    match replay {
-                        Some(replay) if decision == Decision::Read && !retried => {
-                            retried = true;
+                    if let Some(replay) = replay {
+                        if decision == Decision::Read && may_retry {
+                            retrying = true;
                             self.restore(replay);
+                        } else if !Box::pin(self.lost_before_answer(replay, &why)).await {
+                            return;
                         }
-                        Some(replay) => {
-                            retried = false;
-                            if !Box::pin(self.lost_before_answer(replay, &why)).await {
-                                return;
-                            }
-                        }
-                        None => {}
                     }
                 }
                 Relayed::ServerGone(why) if replay.is_some() && replica.is_some() => {
