@@ -289,15 +289,22 @@ impl Cluster {
         Ok(())
     }
 
-    /// Wait (30 s max) until every replica has replayed the primary's current WAL LSN.
-    /// (A synchronous dummy commit first flushes the primary's asynchronously
-    /// committed WAL, then its flush LSN is the target; replicas only receive
-    /// flushed WAL.)
+    /// Wait (30 s max) until every replica has replayed the end of the last
+    /// WAL record the primary inserted, asynchronous commits included (a
+    /// dummy synchronous commit flushes nothing: an xid-only transaction
+    /// commits asynchronously whatever the setting).
     pub fn wait_replicas_caught_up(&self) -> Result<(), ClusterError> {
-        let sql = "SET synchronous_commit = on;\nSELECT txid_current() > 0;\n\
-                   SELECT pg_current_wal_flush_lsn();";
+        use crate::replicas::monitor::{insert_end, parse_lsn};
+        let sql = "SELECT pg_current_wal_insert_lsn(), current_setting('wal_block_size'), \
+                   pg_size_bytes(current_setting('wal_segment_size'))";
         let out = self.psql(&self.primary, "postgres", sql)?;
-        let lsn = out.lines().last().unwrap_or_default().to_string();
+        let fields: Vec<&str> = out.trim().split('|').collect();
+        let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let Some(insert) = fields.first().and_then(|f| parse_lsn(f)) else {
+            return Err(ClusterError::Command { cmd: sql.into(), status: "unexpected output".into(), output: out });
+        };
+        let end = insert_end(insert, number(1), number(2));
+        let lsn = format!("{:X}/{:X}", end >> 32, end & 0xFFFF_FFFF);
         let sql = format!("SELECT pg_last_wal_replay_lsn() >= {}::pg_lsn", lit(&lsn));
         let deadline = Instant::now() + READY_TIMEOUT;
         for r in &self.replicas {
