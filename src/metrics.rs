@@ -36,6 +36,10 @@ pub struct PoolMetrics {
     pub prepared_hits: IntCounter,
     pub prepared_misses: IntCounter,
     pub prepared_evictions: IntCounter,
+    /// Server statements found stale (schema changed under them) and
+    /// prepared again; and the batches pgmux re-ran for that.
+    pub prepared_stale: IntCounter,
+    pub prepared_reruns: IntCounter,
 }
 
 pub struct Metrics {
@@ -136,6 +140,8 @@ impl Metrics {
             prepared_hits: self.prepared.with_label_values(&["hit"]),
             prepared_misses: self.prepared.with_label_values(&["miss"]),
             prepared_evictions: self.prepared.with_label_values(&["eviction"]),
+            prepared_stale: self.prepared.with_label_values(&["stale"]),
+            prepared_reruns: self.prepared.with_label_values(&["rerun"]),
         }
     }
 

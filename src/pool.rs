@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{HostPort, PoolSettings};
 use crate::server::{Login, ServerConn, ServerError};
+use crate::statements::Invalidations;
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -103,8 +104,12 @@ pub struct Pool {
     total: AtomicUsize,
     /// ParameterStatus values of the last login, for client welcomes.
     welcome: Mutex<Option<Vec<(String, String)>>>,
-    /// Hashes of statements some server of this pool prepared successfully.
-    known: Mutex<HashSet<u64>>,
+    /// Identities of statements some server of this pool prepared
+    /// successfully, as of an epoch of `invalidations`.
+    known: Mutex<(u64, HashSet<u64>)>,
+    /// The statement invalidations of the database this pool's servers
+    /// hold (shared with the other pools on it; see [`Pools::invalidations`]).
+    invalidations: std::sync::OnceLock<Arc<Invalidations>>,
     pub stats: PoolStats,
     pub metrics: crate::metrics::PoolMetrics,
     /// Open connections (for SHOW SERVERS), by id.
@@ -154,7 +159,8 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             total: AtomicUsize::new(0),
             welcome: Mutex::new(None),
-            known: Mutex::new(HashSet::new()),
+            known: Mutex::new((0, HashSet::new())),
+            invalidations: std::sync::OnceLock::new(),
             stats: PoolStats::default(),
             metrics,
             servers: Mutex::new(Default::default()),
@@ -178,17 +184,31 @@ impl Pool {
 
     /// Remember that a statement prepared fine (bounded: forgotten
     /// wholesale past [`KNOWN_STATEMENTS`]; it is only a shortcut).
-    pub fn learn_statement(&self, hash: u64) {
+    pub fn learn_statement(&self, ident: u64) {
+        let epoch = self.invalidations().epoch();
         if let Ok(mut k) = self.known.lock() {
-            if k.len() >= KNOWN_STATEMENTS {
-                k.clear();
+            if k.1.len() >= KNOWN_STATEMENTS || k.0 != epoch {
+                *k = (epoch, HashSet::new());
             }
-            k.insert(hash);
+            k.1.insert(ident);
         }
     }
 
-    pub fn knows_statement(&self, hash: u64) -> bool {
-        self.known.lock().map(|k| k.contains(&hash)).unwrap_or(false)
+    /// Whether a statement prepared fine since the last invalidation.
+    pub fn knows_statement(&self, ident: u64) -> bool {
+        let epoch = self.invalidations().epoch();
+        self.known.lock().map(|k| k.0 == epoch && k.1.contains(&ident)).unwrap_or(false)
+    }
+
+    /// Share the statement invalidations of the pool's database (once,
+    /// right after the pool is made).
+    pub fn share_invalidations(&self, log: Arc<Invalidations>) {
+        let _ = self.invalidations.set(log);
+    }
+
+    /// The statement invalidations of this pool's database.
+    pub fn invalidations(&self) -> &Invalidations {
+        self.invalidations.get_or_init(Default::default)
     }
 
     pub fn total(&self) -> usize {
@@ -421,10 +441,19 @@ async fn janitor(pool: Weak<Pool>) {
 /// All pools, created on first use.
 #[derive(Default)]
 pub struct Pools {
+    /// Statement invalidations by server database name.
+    invalidations: Mutex<HashMap<String, Arc<Invalidations>>>,
     map: Mutex<HashMap<(String, String), Arc<Pool>>>,
 }
 
 impl Pools {
+    /// The statement invalidations of server database `dbname`, shared by
+    /// every pool on it (DDL through one pool stales the statements of all).
+    pub fn invalidations(&self, dbname: &str) -> Arc<Invalidations> {
+        let mut m = self.invalidations.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(dbname.to_string()).or_default().clone()
+    }
+
     pub fn get_or_create(&self, database: &str, user: &str, make: impl FnOnce() -> Arc<Pool>) -> Arc<Pool> {
         let mut map = match self.map.lock() {
             Ok(m) => m,

@@ -3,13 +3,21 @@
 //! A client's next transaction may run on another server connection, where
 //! its named statements do not exist. pgmux therefore keeps each client's
 //! statements (name → query text + parameter types) and prepares them on
-//! servers under a name derived from a hash of (query, types): the same
-//! statement from many clients is prepared once per server connection. A
+//! servers under a name derived from a hash of (query, types, naming
+//! context: `search_path` and `role`): the same statement from many clients
+//! with the same name resolution is prepared once per server connection. A
 //! Parse the server already has is answered by pgmux; a Bind or Describe of
 //! a statement the server lacks gets the Parse injected in front of it, in
 //! the same write. Each server connection keeps an LRU of what it has
-//! prepared (`max_prepared_statements`); the Close of an evicted statement
-//! travels with the next write.
+//! prepared (`max_prepared_statements`); the Close of an evicted or stale
+//! statement travels with the next write.
+//!
+//! A server statement goes stale when the schema changes under it (the
+//! server then answers `cached plan must not change result type`, `cache
+//! lookup failed for type ...`): [`rerun`] drops it everywhere and, when no
+//! byte of the failed batch's answer reached the client, runs the batch
+//! again on a fresh statement. DDL relayed (a `CREATE`/`ALTER`/`DROP`
+//! command completed) invalidates every statement of the database.
 //!
 //! Answers pgmux gives itself must reach the client in protocol order, and
 //! answers to injected messages must not reach it at all, so a [`Tracker`]
@@ -28,9 +36,13 @@ use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::Flow;
 use crate::protocol::messages::{finish_message, start_message};
 pub use crate::statements::{
-    answer_parse_batch, server_name, statement_hash, ClientStatements, ServerStatements, Statement,
+    answer_parse_batch, identity, naming_context, private_context, server_name, statement_hash, ClientStatements,
+    Invalidations, ServerStatements, Statement,
 };
-use crate::statements::{put_cstr, split_cstr, tiny};
+use crate::statements::{put_cstr, put_server_name, split_cstr, tiny};
+
+mod rerun;
+pub use rerun::Again;
 
 /// Bookkeeping to undo when the server skips a Parse after an error.
 #[derive(Debug)]
@@ -51,13 +63,17 @@ enum Expect {
         undo: Option<Undo>,
         hidden: bool,
     },
-    Bind,
-    Describe,
+    /// A Bind; of a client's named statement: `Some`.
+    Bind(Option<Used>),
+    /// A Describe; of a client's named statement: `Some`.
+    Describe(Option<Used>),
     Execute,
     Close {
         hidden: bool,
         /// The statement an eviction Close removes from the server set.
         victim: Option<u64>,
+        /// A stale statement closed: to close again if the server skips it.
+        doomed: Option<u64>,
     },
     /// The client ended a COPY IN before the server started it (pipelined).
     CopyEnd,
@@ -66,6 +82,16 @@ enum Expect {
     Sync,
     Query,
     FunctionCall,
+}
+
+/// A client's named statement in use on the server.
+#[derive(Debug)]
+struct Used {
+    client: Arc<Statement>,
+    /// Its server-side identity there.
+    ident: u64,
+    /// This message starts the batch kept for a re-run (its number).
+    rerun: Option<u64>,
 }
 
 /// Something the session must act on.
@@ -91,11 +117,27 @@ pub struct Tracker {
     /// The server is in COPY IN, where it ignores Sync and Flush.
     copy_in: bool,
     status: u8,
+    /// The batch kept for a re-run, and a re-run under way.
+    rerun: rerun::Rerun,
+    /// A DDL command completed: the schema changed once its transaction ends.
+    ddl: bool,
+    /// The ParameterDescription of a client statement's Describe, held
+    /// until its RowDescription/NoData: the server may refuse the rest
+    /// (stale), and the Describe then runs again whole.
+    param_desc: Option<BytesMut>,
 }
 
 impl Default for Tracker {
     fn default() -> Self {
-        Tracker { expect: VecDeque::new(), server_skipping: false, copy_in: false, status: b'I' }
+        Tracker {
+            expect: VecDeque::new(),
+            server_skipping: false,
+            copy_in: false,
+            status: b'I',
+            rerun: Default::default(),
+            ddl: false,
+            param_desc: None,
+        }
     }
 }
 
@@ -105,6 +147,8 @@ pub struct Ctx<'a> {
     pub server: &'a mut ServerStatements,
     pub server_cap: usize,
     pub events: CacheEvents,
+    /// The statement invalidations of the server's database.
+    pub log: Option<&'a Invalidations>,
 }
 
 /// What the server statement cache did (for metrics).
@@ -116,18 +160,25 @@ pub struct CacheEvents {
     pub misses: u64,
     /// A statement closed on the server to make room.
     pub evictions: u64,
+    /// Server statements found stale, and whether their result type
+    /// changed: to drop from every connection.
+    pub stale: Vec<(u64, bool)>,
+    /// Batches run again after a stale statement.
+    pub reruns: u64,
+    /// A transaction that ran DDL ended: every statement may be stale.
+    pub schema_changed: bool,
 }
 
 impl<'a> Ctx<'a> {
     pub fn new(stmts: &'a mut ClientStatements, server: &'a mut ServerStatements, server_cap: usize) -> Self {
-        Ctx { stmts, server, server_cap, events: CacheEvents::default() }
+        Ctx { stmts, server, server_cap, events: CacheEvents::default(), log: None }
     }
 }
 
 impl Tracker {
     /// Nothing outstanding: the connection may go back to the pool.
     pub fn idle(&self) -> bool {
-        self.expect.is_empty() && !self.server_skipping
+        self.expect.is_empty() && !self.server_skipping && self.rerun.idle()
     }
 
     /// A Parse is in flight whose outcome the bookkeeping depends on.
@@ -140,6 +191,22 @@ impl Tracker {
         self.server_skipping = false;
         self.copy_in = false;
         self.status = status;
+        self.rerun.reset();
+        self.ddl = false;
+        self.param_desc = None;
+    }
+
+    /// A batch whose statement was stale, to send again (then the client's
+    /// later messages), or the answer to give the client when it cannot
+    /// be (see [`Again`]).
+    pub fn take_rerun(&mut self) -> Option<Again> {
+        self.rerun.take()
+    }
+
+    /// The server's answer to a batch is held back until a re-run: send
+    /// the client's next messages after it.
+    pub fn holding(&self) -> bool {
+        self.rerun.holding()
     }
 
     /// Answers of pgmux's own that are due now (all earlier replies have
@@ -206,11 +273,56 @@ impl Tracker {
     /// tag but CopyData). Returns what to send instead, if anything.
     pub fn on_client(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Flow {
         if self.copy_in {
+            self.rerun.stop();
             if matches!(tag, b'c' | b'f') {
                 self.copy_in = false;
             }
             return Flow::Forward;
         }
+        self.rerun.message(tag, body);
+        let closes = match tag {
+            b'P' | b'B' | b'D' | b'C' | b'E' | b'H' | b'S' if !self.server_skipping => self.close_doomed(cx),
+            _ => None,
+        };
+        let flow = self.handle_client(tag, body, cx);
+        match closes {
+            None => flow,
+            Some(mut out) => {
+                match flow {
+                    Flow::Forward | Flow::Insert(_) | Flow::Stop => {
+                        if let Flow::Insert(b) = &flow {
+                            out.extend_from_slice(b);
+                        }
+                        out.put_u8(tag);
+                        out.put_i32(body.len() as i32 + 4);
+                        out.put_slice(body);
+                    }
+                    Flow::Replace(b) => out.extend_from_slice(&b),
+                    Flow::Drop => {}
+                }
+                Flow::Replace(out)
+            }
+        }
+    }
+
+    /// Close statements found stale on this server (hidden), ahead of the
+    /// next extended-protocol message.
+    fn close_doomed(&mut self, cx: &mut Ctx) -> Option<BytesMut> {
+        if cx.server.doomed.is_empty() {
+            return None;
+        }
+        let mut out = BytesMut::new();
+        for ident in std::mem::take(&mut cx.server.doomed) {
+            let at = start_message(&mut out, b'C');
+            out.put_u8(b'S');
+            put_server_name(&mut out, ident);
+            finish_message(&mut out, at);
+            self.expect.push_back(Expect::Close { hidden: true, victim: None, doomed: Some(ident) });
+        }
+        Some(out)
+    }
+
+    fn handle_client(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Flow {
         if tag == b'S' {
             self.server_skipping = false;
             self.expect.push_back(Expect::Sync);
@@ -272,88 +384,122 @@ impl Tracker {
         }
         let stmt = Arc::new(Statement::new(rest));
         cx.stmts.map.insert(name.to_string(), stmt.clone());
-        if cx.server.touch(stmt.hash) {
+        let ident = identity(stmt.hash, cx.server.context);
+        if cx.server.touch(ident) {
             cx.events.hits += 1;
             let undo = Undo { hash: None, client_name: Some(name.to_string()), restore: None };
             self.expect.push_back(Expect::Synthetic(tiny(b'1'), Some(undo)));
             return Flow::Drop;
         }
         let mut out = BytesMut::new();
-        self.prepare_on_server(&stmt, cx, &mut out, Some(name), false);
+        self.prepare_on_server(&stmt, ident, cx, &mut out, Some(name), false);
         Flow::Replace(out)
     }
 
     fn prepare_on_server(
         &mut self,
         stmt: &Statement,
+        ident: u64,
         cx: &mut Ctx,
         out: &mut BytesMut,
         client: Option<&str>,
         hidden: bool,
     ) {
         cx.events.misses += 1;
-        if let Some(victim) = cx.server.insert(stmt.hash, cx.server_cap) {
+        if let Some(victim) = cx.server.insert(ident, cx.server_cap) {
             cx.events.evictions += 1;
             let at = start_message(out, b'C');
             out.put_u8(b'S');
-            put_cstr(out, &server_name(victim));
+            put_server_name(out, victim);
             finish_message(out, at);
-            self.expect.push_back(Expect::Close { hidden: true, victim: Some(victim) });
+            self.expect.push_back(Expect::Close { hidden: true, victim: Some(victim), doomed: None });
         }
-        out.extend_from_slice(&stmt.parse);
-        let undo = Undo { hash: Some(stmt.hash), client_name: client.map(str::to_string), restore: None };
+        stmt.put_parse(out, ident);
+        let undo = Undo { hash: Some(ident), client_name: client.map(str::to_string), restore: None };
         self.expect.push_back(Expect::Parse { undo: Some(undo), hidden });
     }
 
     /// The statement named `name`, prepared on this server (a Parse is
-    /// written to `out` when it is not yet).
-    fn resolve(&mut self, name: &str, cx: &mut Ctx, out: &mut BytesMut) -> Option<Arc<Statement>> {
+    /// written to `out` when it is not yet), and its identity there.
+    fn resolve(&mut self, name: &str, cx: &mut Ctx, out: &mut BytesMut) -> Option<(Arc<Statement>, u64)> {
         let stmt = cx.stmts.map.get(name)?.clone();
-        if cx.server.touch(stmt.hash) {
+        let ident = identity(stmt.hash, cx.server.context);
+        if cx.server.touch(ident) {
             cx.events.hits += 1;
         } else {
-            self.prepare_on_server(&stmt, cx, out, None, true);
+            self.prepare_on_server(&stmt, ident, cx, out, None, true);
         }
-        Some(stmt)
+        Some((stmt, ident))
+    }
+
+    /// A Bind or Describe of a client's named statement (`name`), with the
+    /// message written by `write` under the server's name.
+    fn use_statement(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        name: &str,
+        cx: &mut Ctx,
+        write: impl FnOnce(&mut BytesMut, u64),
+    ) -> Result<(Flow, Option<Used>), PgError> {
+        let Some(stmt) = cx.stmts.map.get(name) else { return Ok((Flow::Forward, None)) };
+        let reshaped = cx.log.is_some_and(|log| stmt.reshaped(identity(stmt.hash, cx.server.context), log));
+        if reshaped {
+            stmt.mark_stale_shape();
+        }
+        if stmt.stale_shape() {
+            return Err(rerun::result_type_changed());
+        }
+        let mut out = BytesMut::with_capacity(body.len() + 24);
+        let Some((client, ident)) = self.resolve(name, cx, &mut out) else { return Ok((Flow::Forward, None)) };
+        let at = start_message(&mut out, tag);
+        write(&mut out, ident);
+        finish_message(&mut out, at);
+        let rerun = self.rerun.start(tag, body);
+        Ok((Flow::Replace(out), Some(Used { client, ident, rerun })))
     }
 
     fn bind(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
-        let renamed = split_cstr(body).and_then(|(portal, after)| {
-            let (stmt, rest) = split_cstr(after)?;
-            if stmt.is_empty() {
-                return None;
-            }
-            let mut out = BytesMut::with_capacity(body.len() + 24);
-            let stmt = self.resolve(stmt, cx, &mut out)?;
-            let at = start_message(&mut out, b'B');
-            put_cstr(&mut out, portal);
-            put_cstr(&mut out, &stmt.name);
+        let Some((portal, after)) = split_cstr(body) else { return self.expect_bind(None, Flow::Forward) };
+        let Some((name, rest)) = split_cstr(after).filter(|(n, _)| !n.is_empty()) else {
+            return self.expect_bind(None, Flow::Forward);
+        };
+        let write = |out: &mut BytesMut, ident| {
+            put_cstr(out, portal);
+            put_server_name(out, ident);
             out.put_slice(rest);
-            finish_message(&mut out, at);
-            Some(out)
-        });
-        self.expect.push_back(Expect::Bind);
-        renamed.map_or(Flow::Forward, Flow::Replace)
+        };
+        match self.use_statement(b'B', body, name, cx, write) {
+            Ok((flow, used)) => self.expect_bind(used, flow),
+            Err(e) => self.emulate_error(e),
+        }
+    }
+
+    fn expect_bind(&mut self, used: Option<Used>, flow: Flow) -> Flow {
+        self.expect.push_back(Expect::Bind(used));
+        flow
     }
 
     fn describe(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
-        let renamed = match body.split_first() {
-            Some((b'S', rest)) => split_cstr(rest).and_then(|(name, _)| {
-                if name.is_empty() {
-                    return None;
-                }
-                let mut out = BytesMut::new();
-                let stmt = self.resolve(name, cx, &mut out)?;
-                let at = start_message(&mut out, b'D');
-                out.put_u8(b'S');
-                put_cstr(&mut out, &stmt.name);
-                finish_message(&mut out, at);
-                Some(out)
-            }),
+        let name = match body.split_first() {
+            Some((b'S', rest)) => split_cstr(rest).map(|(n, _)| n).filter(|n| !n.is_empty()),
             _ => None,
         };
-        self.expect.push_back(Expect::Describe);
-        renamed.map_or(Flow::Forward, Flow::Replace)
+        let Some(name) = name else {
+            self.expect.push_back(Expect::Describe(None));
+            return Flow::Forward;
+        };
+        let write = |out: &mut BytesMut, ident| {
+            out.put_u8(b'S');
+            put_server_name(out, ident);
+        };
+        match self.use_statement(b'D', body, name, cx, write) {
+            Ok((flow, used)) => {
+                self.expect.push_back(Expect::Describe(used));
+                flow
+            }
+            Err(e) => self.emulate_error(e),
+        }
     }
 
     fn close(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
@@ -369,7 +515,7 @@ impl Tracker {
                 }
             }
         }
-        self.expect.push_back(Expect::Close { hidden: false, victim: None });
+        self.expect.push_back(Expect::Close { hidden: false, victim: None, doomed: None });
         Flow::Forward
     }
 
@@ -396,10 +542,18 @@ impl Tracker {
     /// A server message on its way to the client (`whole`: its body is
     /// present). Returns what to send instead and any event.
     pub fn on_server(&mut self, tag: u8, body: &[u8], whole: bool, cx: &mut Ctx) -> (Flow, Event) {
+        if self.rerun.holding() {
+            return (self.hold_back(tag, body), Event::None);
+        }
         let mut event = Event::None;
         let mut hide = false;
+        let mut before = None;
         let head = self.expect.front();
         match tag {
+            b't' if whole && matches!(head, Some(Expect::Describe(Some(_)))) => {
+                self.param_desc = Some(message(tag, body));
+                hide = true;
+            }
             b'1' if matches!(head, Some(Expect::Parse { .. })) => {
                 if let Some(Expect::Parse { hidden, undo }) = self.expect.pop_front() {
                     hide = hidden;
@@ -408,7 +562,7 @@ impl Tracker {
                     }
                 }
             }
-            b'2' if matches!(head, Some(Expect::Bind)) => {
+            b'2' if matches!(head, Some(Expect::Bind(_))) => {
                 self.expect.pop_front();
             }
             b'2' if matches!(head, Some(Expect::Hidden(b'2'))) => {
@@ -420,13 +574,18 @@ impl Tracker {
                     hide = hidden;
                 }
             }
-            b'T' | b'n' if matches!(head, Some(Expect::Describe)) => {
-                self.expect.pop_front();
+            b'T' | b'n' if matches!(head, Some(Expect::Describe(_))) => {
+                if let Some(Expect::Describe(Some(used))) = self.expect.pop_front() {
+                    used.client.mark_described(cx.log.map_or(0, |l| l.epoch()));
+                }
+                before = self.param_desc.take();
             }
             b'C' | b'I' | b's' if matches!(head, Some(Expect::Execute)) => {
+                self.ddl |= tag == b'C' && rerun::is_ddl(body);
                 self.expect.pop_front();
             }
             b'C' if matches!(head, Some(Expect::Query)) => {
+                self.ddl |= rerun::is_ddl(body);
                 if body == b"DISCARD ALL\0" {
                     cx.stmts.clear();
                     cx.server.clear();
@@ -454,6 +613,11 @@ impl Tracker {
             }
             b'E' => {
                 self.copy_in = false;
+                if self.stale(body, whole, cx) {
+                    self.param_desc = None;
+                    return (Flow::Drop, Event::None);
+                }
+                before = self.param_desc.take();
                 let skipped = self.on_error(cx);
                 if skipped > 0 {
                     event = Event::Skipped(skipped);
@@ -462,6 +626,10 @@ impl Tracker {
             b'Z' => {
                 self.expect.pop_front();
                 self.status = body.first().copied().unwrap_or(b'I');
+                if self.ddl && self.status == b'I' {
+                    self.ddl = false;
+                    cx.events.schema_changed = true;
+                }
             }
             _ => {}
         }
@@ -473,18 +641,18 @@ impl Tracker {
             return (Flow::Forward, event);
         }
         let due = self.due();
-        let flow = match (hide, due) {
-            (true, Some(d)) => Flow::Replace(d),
-            (true, None) => Flow::Drop,
-            (false, Some(d)) => {
-                let mut b = BytesMut::with_capacity(5 + body.len() + d.len());
-                b.put_u8(tag);
-                b.put_i32(body.len() as i32 + 4);
-                b.put_slice(body);
-                b.extend_from_slice(&d);
+        let flow = match (hide, before, due) {
+            (true, None, None) => Flow::Drop,
+            (true, None, Some(d)) => Flow::Replace(d),
+            (false, None, None) => Flow::Forward,
+            (hide, before, due) => {
+                let mut b = before.unwrap_or_default();
+                if !hide {
+                    b.extend_from_slice(&message(tag, body));
+                }
+                b.extend_from_slice(&due.unwrap_or_default());
                 Flow::Replace(b)
             }
-            (false, None) => Flow::Forward,
         };
         (flow, event)
     }
@@ -503,6 +671,7 @@ impl Tracker {
                         Some(Expect::Close { victim: Some(h), .. }) => {
                             cx.server.insert(h, usize::MAX);
                         }
+                        Some(Expect::Close { doomed: Some(h), .. }) => cx.server.doomed.push(h),
                         Some(Expect::Query | Expect::FunctionCall) => skipped += 1,
                         _ => {}
                     }
@@ -514,6 +683,15 @@ impl Tracker {
         }
         skipped
     }
+}
+
+/// A whole message of `tag` with `body`.
+fn message(tag: u8, body: &[u8]) -> BytesMut {
+    let mut b = BytesMut::with_capacity(5 + body.len());
+    b.put_u8(tag);
+    b.put_i32(body.len() as i32 + 4);
+    b.put_slice(body);
+    b
 }
 
 /// SQL that makes the server raise `err` (SQLSTATE, message, hint).

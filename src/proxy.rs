@@ -510,7 +510,9 @@ impl Proxy {
             };
             let metrics = self.metrics.pool(route, &key);
             let tls = self.server_tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let invalidations = self.pools.invalidations(&login.database);
             let pool = Pool::new(key.clone(), user.name.clone(), addr.clone(), settings, login, metrics, tls);
+            pool.share_invalidations(invalidations);
             if self.is_paused(&key) {
                 pool.pause(true);
             }

@@ -484,6 +484,9 @@ pub struct Effects {
     pub full_reset: bool,
     /// The client must keep its server connection ([`pins_session`]).
     pub pins: bool,
+    /// It may change how names resolve (`search_path`, the role), for the
+    /// rest of the session or of the transaction.
+    pub names: bool,
 }
 
 /// Every word the session checks start from, at the start of a word (a
@@ -509,7 +512,9 @@ pub fn session_effects(sql: &str) -> Effects {
     if !starts_a_word(sql, &EFFECT_WORDS) {
         return Effects::default();
     }
-    Effects { changes: setting_changes(sql), full_reset: needs_full_reset(sql), pins: pins_session(sql) }
+    let (full_reset, pins) = (needs_full_reset(sql), pins_session(sql));
+    let names = full_reset || mentions(sql, b"search_path");
+    Effects { changes: setting_changes(sql), full_reset, pins, names }
 }
 
 /// Whether a word of `sql` starts with one of `words` (lowercase ASCII),

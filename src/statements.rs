@@ -1,24 +1,38 @@
-//! Prepared-statement storage for transaction mode: the statement as
-//! servers know it (`pgmux_<hash of query and types>`), one client's named
-//! statements (capped), and the least-recently-used set of what one server
-//! connection has prepared. [`crate::prepared`] drives them.
+//! Prepared-statement storage for transaction mode: a client's statement
+//! and its name on servers (`pgmux_<identity>`: a hash of query, types and
+//! the naming context — `search_path`, `role` — it runs under), one
+//! client's named statements (capped), the least-recently-used set of what
+//! one server connection has prepared (with the statements to close there
+//! before its next use), and the invalidations of one database (DDL
+//! relayed, statements found stale) that every connection to it applies
+//! when it is next checked out. [`crate::prepared`] drives them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hasher;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::messages::{finish_message, start_message};
 
-/// A statement as servers know it: `pgmux_<hash>`.
+/// A client's statement: its query text and parameter types. Servers know
+/// it as `pgmux_<identity>`, where the identity mixes its hash with the
+/// naming context it runs under (see [`naming_context`]).
 #[derive(Debug)]
 pub struct Statement {
+    /// Hash of the query text and parameter types.
     pub hash: u64,
-    /// `pgmux_<hash>`.
-    pub name: String,
-    /// The whole Parse message under the server-side name.
-    pub(crate) parse: Bytes,
+    /// The Parse body after the name: query text and parameter types.
+    body: Bytes,
+    /// The client was sent this statement's description (Describe of the
+    /// statement): its result shape is the client's to rely on. The
+    /// invalidation epoch it was last known good at, plus one (0: never).
+    described: AtomicU64,
+    /// Its server statement changed result type after the client was
+    /// told its shape: every use fails, as on PostgreSQL, until the client
+    /// prepares it again.
+    stale_shape: AtomicBool,
 }
 
 /// Hash of a Parse body after the name: query text and parameter types.
@@ -28,22 +42,59 @@ pub fn statement_hash(query_and_types: &[u8]) -> u64 {
     h.finish()
 }
 
-pub fn server_name(hash: u64) -> String {
-    format!("pgmux_{hash:016x}")
+/// The naming context of a session's settings: what changes how a
+/// statement's names resolve (`search_path`, `role`). 0 when neither is
+/// set, so clients on the defaults share their server statements.
+pub fn naming_context(settings: &BTreeMap<String, String>) -> u64 {
+    let (path, role) = (settings.get("search_path"), settings.get("role"));
+    if path.is_none() && role.is_none() {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for v in [path, role] {
+        h.write(v.map_or(&[0xff][..], |v| v.as_bytes()));
+        h.write_u8(0);
+    }
+    h.finish() | 1
+}
+
+/// A naming context nobody else has: for a connection whose name
+/// resolution a client changed in a way pgmux has not confirmed yet.
+pub fn private_context() -> u64 {
+    rand::random::<u64>() | 1
+}
+
+/// The server-side identity of the statement `hash` in context `ctx`.
+pub fn identity(hash: u64, ctx: u64) -> u64 {
+    if ctx == 0 {
+        return hash;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write_u64(hash);
+    h.write_u64(ctx);
+    h.finish()
+}
+
+pub fn server_name(ident: u64) -> String {
+    format!("pgmux_{ident:016x}")
+}
+
+/// Append `pgmux_<ident>` and its terminating zero.
+pub(crate) fn put_server_name(b: &mut BytesMut, ident: u64) {
+    use std::fmt::Write;
+    let _ = write!(b, "pgmux_{ident:016x}");
+    b.put_u8(0);
 }
 
 impl Statement {
     /// The query text (for routing).
     pub fn query(&self) -> &[u8] {
-        let after_name = self.parse.iter().skip(5).position(|&b| b == 0).map_or(self.parse.len(), |p| 5 + p + 1);
-        let rest = self.parse.get(after_name..).unwrap_or_default();
-        rest.split(|&b| b == 0).next().unwrap_or_default()
+        self.body.split(|&b| b == 0).next().unwrap_or_default()
     }
 
     /// The Parse body after the name: query text and parameter types.
     pub fn query_and_types(&self) -> &[u8] {
-        let after_name = self.parse.iter().skip(5).position(|&b| b == 0).map_or(self.parse.len(), |p| 5 + p + 1);
-        self.parse.get(after_name..).unwrap_or_default()
+        &self.body
     }
 
     /// The client's statement of this name, if any.
@@ -52,14 +103,51 @@ impl Statement {
     }
 
     pub fn new(query_and_types: &[u8]) -> Statement {
-        let hash = statement_hash(query_and_types);
-        let name = server_name(hash);
-        let mut b = BytesMut::with_capacity(query_and_types.len() + 32);
-        let at = start_message(&mut b, b'P');
-        put_cstr(&mut b, &name);
-        b.put_slice(query_and_types);
-        finish_message(&mut b, at);
-        Statement { hash, name, parse: b.freeze() }
+        Statement {
+            hash: statement_hash(query_and_types),
+            body: Bytes::copy_from_slice(query_and_types),
+            described: AtomicU64::new(0),
+            stale_shape: AtomicBool::new(false),
+        }
+    }
+
+    /// Append the Parse message that prepares it as `pgmux_<ident>`.
+    pub(crate) fn put_parse(&self, out: &mut BytesMut, ident: u64) {
+        let at = start_message(out, b'P');
+        put_server_name(out, ident);
+        out.put_slice(&self.body);
+        finish_message(out, at);
+    }
+
+    /// The client was told its shape, at invalidation epoch `epoch`.
+    pub(crate) fn mark_described(&self, epoch: u64) {
+        self.described.store(epoch + 1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn described(&self) -> bool {
+        self.described.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether the shape the client was told is gone: its server statement
+    /// `ident` changed result type since (found by any client).
+    pub(crate) fn reshaped(&self, ident: u64, log: &Invalidations) -> bool {
+        let at = self.described.load(Ordering::Relaxed);
+        if at == 0 || log.epoch() + 1 == at {
+            return false;
+        }
+        if log.reshaped_since(ident, at - 1) {
+            return true;
+        }
+        self.mark_described(log.epoch());
+        false
+    }
+
+    pub(crate) fn mark_stale_shape(&self) {
+        self.stale_shape.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stale_shape(&self) -> bool {
+        self.stale_shape.load(Ordering::Relaxed)
     }
 }
 
@@ -93,6 +181,13 @@ impl ClientStatements {
 pub struct ServerStatements {
     used: HashMap<u64, u64>,
     tick: u64,
+    /// The naming context of the session state on the connection now.
+    pub context: u64,
+    /// Statements to close on the server before anything else is sent
+    /// (stale ones): they are no longer in `used`.
+    pub(crate) doomed: Vec<u64>,
+    /// The invalidations of its database this connection has applied.
+    epoch: u64,
 }
 
 impl ServerStatements {
@@ -125,8 +220,16 @@ impl ServerStatements {
         self.used.remove(&hash);
     }
 
+    /// The statement is stale: close it on the server with the next write.
+    pub fn doom(&mut self, ident: u64) {
+        if self.used.remove(&ident).is_some() && !self.doomed.contains(&ident) {
+            self.doomed.push(ident);
+        }
+    }
+
     pub fn clear(&mut self) {
         self.used.clear();
+        self.doomed.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -135,6 +238,90 @@ impl ServerStatements {
 
     pub fn is_empty(&self) -> bool {
         self.used.is_empty()
+    }
+
+    /// Apply the invalidations of the connection's database made since it
+    /// last looked: doom what they name.
+    pub fn catch_up(&mut self, log: &Invalidations) {
+        let now = log.epoch();
+        if now == self.epoch {
+            return;
+        }
+        match log.since(self.epoch) {
+            Some(stale) => stale.into_iter().for_each(|h| self.doom(h)),
+            None => {
+                let all: Vec<u64> = self.used.keys().copied().collect();
+                all.into_iter().for_each(|h| self.doom(h));
+            }
+        }
+        self.epoch = now;
+    }
+}
+
+/// Invalidations kept, at most; a connection further behind drops all.
+const INVALIDATIONS_KEPT: usize = 256;
+
+/// Result-type changes remembered, at most (forgotten wholesale past it).
+const RESHAPED_KEPT: usize = 4096;
+
+/// The statement invalidations of one database, shared by every pool
+/// (primary, replicas, users) whose connections go to it: the server
+/// connections apply them when next checked out ([`ServerStatements::catch_up`]).
+#[derive(Debug, Default)]
+pub struct Invalidations {
+    epoch: AtomicU64,
+    /// (epoch, statement) in order; `None`: every statement.
+    log: Mutex<VecDeque<(u64, Option<u64>)>>,
+    /// Statements whose result type changed, with the epoch it was found.
+    reshaped: Mutex<HashMap<u64, u64>>,
+}
+
+impl Invalidations {
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// A statement found stale on one server (`reshaped`: its result type
+    /// changed): drop it from all.
+    pub fn statement(&self, ident: u64, reshaped: bool) {
+        self.push(Some(ident));
+        if reshaped {
+            let mut m = self.reshaped.lock().unwrap_or_else(|e| e.into_inner());
+            if m.len() >= RESHAPED_KEPT {
+                m.clear();
+            }
+            m.insert(ident, self.epoch());
+        }
+    }
+
+    /// Whether statement `ident` changed result type after `epoch`.
+    fn reshaped_since(&self, ident: u64, epoch: u64) -> bool {
+        let m = self.reshaped.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&ident).is_some_and(|e| *e > epoch)
+    }
+
+    /// The schema changed (DDL relayed): drop every statement.
+    pub fn all(&self) {
+        self.push(None);
+    }
+
+    fn push(&self, what: Option<u64>) {
+        let Ok(mut log) = self.log.lock() else { return };
+        let epoch = self.epoch.load(Ordering::Acquire) + 1;
+        log.push_back((epoch, what));
+        if log.len() > INVALIDATIONS_KEPT {
+            log.pop_front();
+        }
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// The statements invalidated after `epoch`; `None`: all of them.
+    fn since(&self, epoch: u64) -> Option<Vec<u64>> {
+        let log = self.log.lock().ok()?;
+        if log.front().is_none_or(|(e, _)| *e > epoch + 1) {
+            return None;
+        }
+        log.iter().filter(|(e, _)| *e > epoch).map(|(_, h)| *h).collect()
     }
 }
 

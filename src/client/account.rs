@@ -123,9 +123,13 @@ impl Account {
 
     pub fn prepared(&self, e: &CacheEvents, pool: &Pool) {
         let m = &pool.metrics;
-        for (counter, n) in
-            [(&m.prepared_hits, e.hits), (&m.prepared_misses, e.misses), (&m.prepared_evictions, e.evictions)]
-        {
+        for (counter, n) in [
+            (&m.prepared_hits, e.hits),
+            (&m.prepared_misses, e.misses),
+            (&m.prepared_evictions, e.evictions),
+            (&m.prepared_stale, e.stale.len() as u64),
+            (&m.prepared_reruns, e.reruns),
+        ] {
             if n > 0 {
                 counter.inc_by(n);
             }

@@ -61,7 +61,7 @@ enum Relayed {
     /// Terminate or EOF from the client.
     ClientGone,
     /// The server connection broke.
-    ServerGone(String),
+    ServerGone(route::Lost),
     /// The client broke the protocol.
     ClientError(PgError),
     /// A query outlived `query_timeout`.
@@ -245,9 +245,9 @@ impl Session {
             }
             if self.track && self.rbuf[0] == b'P' {
                 let pool = &self.pool;
-                if let Some((n, reply)) =
-                    prepared::answer_parse_batch(&self.rbuf, &mut self.stmts, |h| pool.knows_statement(h))
-                {
+                let ctx = prepared::naming_context(&self.wanted);
+                let known = |h| pool.knows_statement(prepared::identity(h, ctx));
+                if let Some((n, reply)) = prepared::answer_parse_batch(&self.rbuf, &mut self.stmts, known) {
                     self.rbuf.advance(n);
                     self.pool.metrics.prepared_hits.inc();
                     if self.stream.write_all(&reply).await.is_err() {
@@ -326,7 +326,7 @@ impl Session {
                     }
                 }
                 Relayed::Batch => self.rejoin(self.shard_at, server, self.flight.status),
-                Relayed::ServerGone(why) if replay.is_some() && replica.is_none() => {
+                Relayed::ServerGone(route::Lost { why, .. }) if replay.is_some() && replica.is_none() => {
                     tracing::warn!(pool = %server.pool().name(), "server connection lost before an answer: {why}");
                     drop(server);
                     if let Some(replay) = replay {
@@ -338,7 +338,7 @@ impl Session {
                         }
                     }
                 }
-                Relayed::ServerGone(why) if replay.is_some() && replica.is_some() => {
+                Relayed::ServerGone(route::Lost { why, .. }) if replay.is_some() && replica.is_some() => {
                     // Nothing of the answer reached the client: ban the
                     // replica and run the read elsewhere.
                     if let (Some(r), Some(i), Some(replay)) = (&self.routing, replica, replay) {
@@ -359,18 +359,17 @@ impl Session {
                         PgError::fatal(sqlstate::QUERY_CANCELED, "canceling statement due to query_timeout (pgmux)");
                     return Self::fatal(&mut self.stream, &err).await;
                 }
-                Relayed::ServerGone(why) if kept && self.keeps_session() => {
+                Relayed::ServerGone(route::Lost { why, .. }) if kept && self.keeps_session() => {
                     tracing::warn!(pool = %server.pool().name(), "server connection lost mid-answer: {why}");
                     drop(server);
                     if !Box::pin(self.lost_mid_answer(&why)).await {
                         return;
                     }
                 }
-                Relayed::ServerGone(why) => {
-                    tracing::warn!(pool = %self.pool.name(), "server connection lost mid-transaction: {why}");
+                Relayed::ServerGone(lost) => {
+                    tracing::warn!(pool = %self.pool.name(), "server connection lost mid-transaction: {}", lost.why);
                     drop(server);
-                    let err = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {why}"));
-                    return Self::fatal(&mut self.stream, &err).await;
+                    return Self::fatal(&mut self.stream, &lost.client_error()).await;
                 }
                 Relayed::ClientError(err) => {
                     let _ = self.stream.write_all(&err.to_bytes()).await;

@@ -50,8 +50,10 @@ impl Session {
                 Event::Timeout => return Relayed::QueryTimeout,
                 Event::Client(Ok(0)) | Event::Client(Err(_)) => return Relayed::ClientGone,
                 Event::Client(Ok(_)) => self.forward_client(conn).await,
-                Event::Server(Ok(0)) => return Relayed::ServerGone("server closed the connection unexpectedly".into()),
-                Event::Server(Err(e)) => return Relayed::ServerGone(e.to_string()),
+                Event::Server(Ok(0)) => {
+                    return Relayed::ServerGone("server closed the connection unexpectedly".to_string().into())
+                }
+                Event::Server(Err(e)) => return Relayed::ServerGone(e.to_string().into()),
                 Event::Server(Ok(_)) => match self.forward_server(conn).await {
                     // A batch held back: send it once this one is answered,
                     // unless the transaction ended (it is routed anew).
@@ -75,6 +77,10 @@ impl Session {
     /// Pass complete client messages (and streamed bodies) to the server in
     /// one write.
     async fn forward_client(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
+        if self.tracker.holding() {
+            // A batch runs again first (its answer is held back).
+            return None;
+        }
         self.held = false;
         let outstanding = self.flight.pending > 0 && !self.flight.unsynced && !self.flight.copy_in;
         let mut guard = self.shard_guard();
@@ -83,6 +89,7 @@ impl Session {
         let track = self.track;
         let tracker = &mut self.tracker;
         let mut cx = Ctx::new(&mut self.stmts, &mut conn.prepared, self.pool.settings.max_prepared_statements);
+        cx.log = Some(self.pool.invalidations());
         let txn_mode = self.mode == PoolMode::Transaction;
         let mut changes = Vec::new();
         let mut full_reset = false;
@@ -138,6 +145,11 @@ impl Session {
                 let sql = if tag == b'P' { parts.nth(1) } else { parts.next() }.unwrap_or_default();
                 let sql = String::from_utf8_lossy(sql);
                 let effects = sqlhead::session_effects(&sql);
+                if effects.names {
+                    // Statements prepared from here on resolve names
+                    // differently: they are this connection's alone.
+                    cx.server.context = prepared::private_context();
+                }
                 changes.extend(effects.changes);
                 full_reset |= effects.full_reset;
                 pin |= effects.pins;
@@ -175,7 +187,7 @@ impl Session {
         }
         self.rbuf.advance(scan.consumed);
         if let Err(e) = written {
-            return Some(Relayed::ServerGone(e.to_string()));
+            return Some(Relayed::ServerGone(e.to_string().into()));
         }
         self.held = held;
         if let Some(answers) = self.tracker.due() {
@@ -191,10 +203,10 @@ impl Session {
     /// ParameterStatus changes.
     async fn forward_server(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
         if self.replay.is_some() {
-            if let Some(why) = route::goodbye_before_ready(&conn.rbuf) {
+            if let Some(lost) = route::goodbye_before_ready(&conn.rbuf) {
                 // A server shutting down: its goodbye (and any part of an
                 // answer before it) is not the answer.
-                return Some(Relayed::ServerGone(why));
+                return Some(Relayed::ServerGone(lost));
             }
         }
         let flight = &mut self.flight;
@@ -205,6 +217,7 @@ impl Session {
         let track = self.track;
         let tracker = &mut self.tracker;
         let mut cx = Ctx::new(&mut self.stmts, &mut conn.prepared, self.pool.settings.max_prepared_statements);
+        cx.log = Some(self.pool.invalidations());
         let txn_mode = self.mode == PoolMode::Transaction;
         let watch_settings = !self.pending_settings.is_empty();
         let mut settle: Vec<(u8, u8)> = Vec::new();
@@ -268,10 +281,12 @@ impl Session {
             ended = stop_at_idle && tag == b'Z' && flight.idle() && tracker.idle();
             flow
         });
+        let events = std::mem::take(&mut cx.events);
         let scan = match scanned {
             Ok(scan) => scan,
-            Err(e) => return Some(Relayed::ServerGone(format!("invalid message from server: {e}"))),
+            Err(e) => return Some(Relayed::ServerGone(format!("invalid message from server: {e}").into())),
         };
+        self.invalidate(conn, &events);
         self.settle_settings(&settle);
         for h in learned {
             self.pool.learn_statement(h);
@@ -301,6 +316,49 @@ impl Session {
         if !sent {
             return Some(Relayed::ClientGone);
         }
+        if let Some(again) = self.tracker.take_rerun() {
+            return self.run_again(conn, again).await;
+        }
         gone.map(Relayed::ServerGone)
+    }
+
+    /// Statements the server found stale, or DDL relayed: every connection
+    /// to the database drops them (this one at once).
+    fn invalidate(&mut self, conn: &mut ServerConn, events: &prepared::CacheEvents) {
+        if events.stale.is_empty() && !events.schema_changed {
+            return;
+        }
+        let log = self.pool.invalidations();
+        for &(ident, reshaped) in &events.stale {
+            log.statement(ident, reshaped);
+        }
+        if events.schema_changed {
+            log.all();
+        }
+        conn.prepared.catch_up(log);
+        self.account.prepared(events, &self.pool);
+    }
+
+    /// Send a batch whose statement was stale again, ahead of the client's
+    /// later messages; when that cannot be, give the client the server's
+    /// answer to it.
+    async fn run_again(&mut self, conn: &mut ServerConn, again: prepared::Again) -> Option<Relayed> {
+        match again.resend {
+            Some(mut resend) if !self.crelay.mid_message() => {
+                tracing::debug!(pool = %self.pool.name(), "a stale prepared statement: its batch runs again");
+                if let Some(replay) = &mut self.replay {
+                    // Sent last: they are sent again below.
+                    let kept = replay.sent.len().saturating_sub(resend.len());
+                    replay.sent.truncate(kept);
+                }
+                resend.extend_from_slice(&self.rbuf);
+                self.rbuf = resend;
+                self.forward_client(conn).await
+            }
+            _ => {
+                self.replay = None;
+                self.stream.write_all(&again.answer).await.err().map(|_| Relayed::ClientGone)
+            }
+        }
     }
 }

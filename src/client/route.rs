@@ -13,6 +13,7 @@ use super::{pool_error, Session};
 use crate::config::{PoolMode, TransactionRouting};
 use crate::flight::Flight;
 use crate::pool::{Checkout, Pool, PoolError};
+use crate::prepared;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
@@ -41,15 +42,42 @@ pub(super) struct Replay {
     pub names: Vec<String>,
 }
 
-/// The text of a server's goodbye among the whole messages of `buf` before
-/// any ReadyForQuery (an answer that ended is not affected).
-pub(super) fn goodbye_before_ready(mut buf: &[u8]) -> Option<String> {
+/// Why a server connection was lost.
+#[derive(Debug)]
+pub(super) struct Lost {
+    /// For the log and for pgmux's own error.
+    pub why: String,
+    /// The server's own FATAL ErrorResponse (body), when it said goodbye
+    /// with one: a client whose session ends with the connection gets it
+    /// as the server sent it (SQLSTATE, severity, message).
+    pub fatal: Option<Vec<u8>>,
+}
+
+impl From<String> for Lost {
+    fn from(why: String) -> Self {
+        Lost { why, fatal: None }
+    }
+}
+
+impl Lost {
+    /// What a client whose session ends with the connection is told.
+    pub fn client_error(&self) -> PgError {
+        match &self.fatal {
+            Some(body) => PgError::fatal_from_server(body),
+            None => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {}", self.why)),
+        }
+    }
+}
+
+/// A server's goodbye among the whole messages of `buf` before any
+/// ReadyForQuery (an answer that ended is not affected).
+pub(super) fn goodbye_before_ready(mut buf: &[u8]) -> Option<Lost> {
     while let Some((tag, body)) = first_message(buf) {
         if tag == b'Z' {
             return None;
         }
-        if let Some(why) = goodbye(tag, body) {
-            return Some(why);
+        if let Some(lost) = goodbye(tag, body) {
+            return Some(lost);
         }
         buf = &buf[HEADER_LEN + body.len()..];
     }
@@ -58,15 +86,16 @@ pub(super) fn goodbye_before_ready(mut buf: &[u8]) -> Option<String> {
 
 /// A server's goodbye: a FATAL ErrorResponse, or the notice (class 57,
 /// operator intervention) a backend sends when its server shuts down.
-pub(super) fn goodbye(tag: u8, body: &[u8]) -> Option<String> {
+pub(super) fn goodbye(tag: u8, body: &[u8]) -> Option<Lost> {
     use crate::protocol::error::{describe_server_error, field, parse_fields};
     if tag != b'E' && tag != b'N' {
         return None;
     }
     let fields = parse_fields(body);
     let severity = field(&fields, b'V').or(field(&fields, b'S'));
+    let fatal = tag == b'E' && matches!(severity, Some("FATAL" | "PANIC"));
     let shutdown = field(&fields, b'C').is_some_and(|c| c.starts_with("57P"));
-    (shutdown || (tag == b'E' && matches!(severity, Some("FATAL" | "PANIC")))).then(|| describe_server_error(body))
+    (shutdown || fatal).then(|| Lost { why: describe_server_error(body), fatal: fatal.then(|| body.to_vec()) })
 }
 
 /// What a client is told of a batch whose server connection was lost.
@@ -345,7 +374,7 @@ impl Session {
                 _ => None,
             };
             let failure = match pool.get().await {
-                Ok(mut server) => match self.attach(server.conn()).await {
+                Ok(mut server) => match self.attach(&mut server).await {
                     Ok(()) => return Ok((server, replica)),
                     Err(ServerError::Query(body)) => {
                         server.release();
@@ -366,12 +395,19 @@ impl Session {
     }
 
     /// Make a freshly checked-out connection this client's: its settings,
-    /// its cancel target.
-    async fn attach(&mut self, conn: &mut ServerConn) -> Result<(), ServerError> {
+    /// its statements' naming context, the statement invalidations made
+    /// since it was last used, its cancel target.
+    async fn attach(&mut self, server: &mut Checkout) -> Result<(), ServerError> {
+        let pool = server.pool().clone();
+        let conn = server.conn();
         if conn.applied != self.wanted || conn.needs_reset {
             // Boxed: rare, and its state would make every session's task
             // larger.
             Box::pin(self.resync(conn)).await?;
+        }
+        if self.track {
+            conn.prepared.context = prepared::naming_context(&self.wanted);
+            conn.prepared.catch_up(pool.invalidations());
         }
         self.cancel.set(conn.cancel_key());
         self.flight = Flight::new();

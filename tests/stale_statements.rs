@@ -1,0 +1,184 @@
+//! Shared server-side prepared statements that must not outlive what they
+//! were planned for: a schema change made behind pgmux's back (straight on
+//! the server), a different `search_path` per client, a type dropped and
+//! created again; and the server's own FATAL reaching the client as sent.
+//! Transaction mode, one server connection, so every client shares it.
+
+mod support;
+
+use bytes::BytesMut;
+use support::raw::{self, Raw};
+use support::{code, APP};
+
+/// tokio-postgres, prepared once and reused (Parse + Describe, then Binds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_does_not_break_later_clients() {
+    let db = support::fresh_db("stale_mig");
+    let p = support::proxy(&db, "default_pool_size = 1").await;
+    let direct = support::direct(&db).await;
+    direct
+        .batch_execute("CREATE TABLE t3 (id int, v text); INSERT INTO t3 VALUES (1, 'a'); GRANT ALL ON t3 TO PUBLIC")
+        .await
+        .unwrap();
+    let a = support::app(&p, &db).await;
+    let sql = "SELECT * FROM t3 WHERE id = $1";
+    let old = a.prepare(sql).await.unwrap();
+    assert_eq!(a.query_one(&old, &[&1i32]).await.unwrap().len(), 2);
+    // Behind pgmux's back: only the server's error can tell.
+    direct.batch_execute("ALTER TABLE t3 ADD COLUMN note text DEFAULT 'x'").await.unwrap();
+    for _ in 0..3 {
+        let b = support::app(&p, &db).await;
+        let st = b.prepare(sql).await.unwrap();
+        assert_eq!(st.columns().len(), 3, "a later client gets a fresh plan");
+        let row = b.query_one(&st, &[&1i32]).await.unwrap();
+        assert_eq!(row.get::<_, String>(2), "x");
+        // Unnamed-per-call form too.
+        assert_eq!(b.query_one(sql, &[&1i32]).await.unwrap().len(), 3);
+    }
+    // The client that was told the old shape gets PostgreSQL's own error,
+    // as on its own connection, every time; preparing again mends it.
+    for _ in 0..2 {
+        let e = a.query_one(&old, &[&1i32]).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{e:?}");
+    }
+    let fresh = a.prepare(sql).await.unwrap();
+    assert_eq!(a.query_one(&fresh, &[&1i32]).await.unwrap().len(), 3);
+    // A column type change, then DROP/CREATE of the table.
+    direct.batch_execute("ALTER TABLE t3 ALTER COLUMN id TYPE bigint").await.unwrap();
+    let b = support::app(&p, &db).await;
+    assert_eq!(b.query_one("SELECT * FROM t3 WHERE id = $1", &[&1i64]).await.unwrap().get::<_, i64>(0), 1);
+    direct
+        .batch_execute("DROP TABLE t3; CREATE TABLE t3 (id bigint, z int); INSERT INTO t3 VALUES (1, 7); GRANT ALL ON t3 TO PUBLIC")
+        .await
+        .unwrap();
+    let row = b.query_one("SELECT * FROM t3 WHERE id = $1", &[&1i64]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(1), 7);
+    let m = support::scalar(&direct, "SELECT 1").await;
+    assert_eq!(m, "1");
+    p.stop().await;
+}
+
+/// Schema per tenant: the same text under two search paths is two
+/// statements on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_path_decides_which_statement() {
+    let db = support::fresh_db("stale_path");
+    let p = support::proxy(&db, "default_pool_size = 1").await;
+    let direct = support::direct(&db).await;
+    direct
+        .batch_execute(
+            "CREATE SCHEMA ta; CREATE SCHEMA tb; GRANT ALL ON SCHEMA ta, tb TO PUBLIC;
+             CREATE TABLE ta.items (id int, a text); INSERT INTO ta.items VALUES (1, 'from ta');
+             CREATE TABLE tb.items (id int, b int, c int); INSERT INTO tb.items VALUES (1, 2, 3);
+             GRANT ALL ON ALL TABLES IN SCHEMA ta, tb TO PUBLIC",
+        )
+        .await
+        .unwrap();
+    let url =
+        |path: &str| format!("{} options='-c search_path={path}'", support::conn_str(p.addr.port(), APP.0, APP.1, &db));
+    let ta = support::connect_str(&url("ta")).await.unwrap();
+    let tb = support::connect_str(&url("tb")).await.unwrap();
+    let sql = "SELECT * FROM items WHERE id > $1";
+    for _ in 0..3 {
+        let row = ta.query_one(sql, &[&0i32]).await.unwrap();
+        assert_eq!((row.len(), row.get::<_, String>(1)), (2, "from ta".to_string()));
+        let row = tb.query_one(sql, &[&0i32]).await.unwrap();
+        assert_eq!((row.len(), row.get::<_, i32>(2)), (3, 3));
+    }
+    // A SET inside the session moves the statement too, in and out of a
+    // transaction.
+    ta.batch_execute("SET search_path = tb").await.unwrap();
+    assert_eq!(ta.query_one(sql, &[&0i32]).await.unwrap().len(), 3);
+    ta.batch_execute("BEGIN; SET LOCAL search_path = ta").await.unwrap();
+    assert_eq!(ta.query_one(sql, &[&0i32]).await.unwrap().len(), 2);
+    ta.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(ta.query_one(sql, &[&0i32]).await.unwrap().len(), 3);
+    assert_eq!(tb.query_one(sql, &[&0i32]).await.unwrap().len(), 3);
+    p.stop().await;
+}
+
+/// Parse, then Bind/Execute/Sync with text parameters of unspecified type
+/// (what psycopg and libpq send): the rows, or the errors.
+async fn run_typed(c: &mut Raw, name: &str, param: &str) -> (Vec<String>, Vec<String>) {
+    let mut b = BytesMut::new();
+    raw::bind(&mut b, "", name, &[Some(param)]);
+    raw::execute(&mut b, "", 0);
+    raw::sync(&mut b);
+    c.send(&b).await;
+    raw::rows_and_errors(&c.until_ready().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_dropped_and_created_again() {
+    let db = support::fresh_db("stale_type");
+    let p = support::proxy(&db, "default_pool_size = 1").await;
+    let direct = support::direct(&db).await;
+    direct.batch_execute("CREATE TYPE mood AS ENUM ('ok')").await.unwrap();
+    let port = p.addr.port();
+    let mut a = Raw::login(port, APP.0, APP.1, &db, &[]).await;
+    a.prepare("m", "SELECT $1::mood::text").await;
+    assert_eq!(run_typed(&mut a, "m", "ok").await, (vec!["ok".to_string()], vec![]));
+    direct.batch_execute("DROP TYPE mood; CREATE TYPE mood AS ENUM ('ok', 'fine')").await.unwrap();
+    let mut b = Raw::login(port, APP.0, APP.1, &db, &[]).await;
+    b.prepare("m2", "SELECT $1::mood::text").await;
+    assert_eq!(run_typed(&mut b, "m2", "fine").await, (vec!["fine".to_string()], vec![]));
+    // The first client never saw a description: its statement runs anew.
+    assert_eq!(run_typed(&mut a, "m", "fine").await, (vec!["fine".to_string()], vec![]));
+    p.stop().await;
+}
+
+/// DDL relayed through pgmux invalidates every statement of the database
+/// at once (no error needed), also on other pools of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_through_pgmux_invalidates() {
+    let db = support::fresh_db("stale_ddl");
+    let p = support::proxy(&db, "default_pool_size = 1").await;
+    let a = support::app(&p, &db).await;
+    a.batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)").await.unwrap();
+    let mut raw_client = Raw::login(p.addr.port(), APP.0, APP.1, &db, &[]).await;
+    raw_client.prepare("q", "SELECT * FROM t").await;
+    assert_eq!(raw_client.run_prepared("q").await.0, vec!["1".to_string()]);
+    // In a transaction: the statements are dropped once it commits.
+    a.batch_execute("BEGIN; ALTER TABLE t ADD COLUMN w int DEFAULT 5; COMMIT").await.unwrap();
+    let b = support::app(&p, &db).await;
+    let row = b.query_one("SELECT * FROM t", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(1), 5);
+    assert_eq!(raw_client.run_prepared("q").await.1, Vec::<String>::new());
+    p.stop().await;
+}
+
+/// The FATAL the server sent on its own, as the client received it:
+/// (SQLSTATE, severity, message); the connection is closed after it.
+async fn server_goodbye(c: &mut Raw) -> (String, String, String) {
+    let (tag, body) = c.recv().await;
+    assert_eq!(tag, b'E', "an ErrorResponse, not {}", tag as char);
+    let f = pgmux::protocol::error::parse_fields(&body);
+    let get = |k| pgmux::protocol::error::field(&f, k).unwrap_or_default().to_string();
+    assert!(c.closed().await, "the session ends, as with PostgreSQL");
+    (get(b'C'), get(b'V'), get(b'M'))
+}
+
+/// The server ends the session with its own FATAL: the client gets that
+/// error (SQLSTATE, severity, message), not a generic 08006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_fatal_reaches_the_client() {
+    let db = support::fresh_db("stale_fatal");
+    let p = support::proxy(&db, "default_pool_size = 2").await;
+    let port = p.addr.port();
+    let opts = [("options", "-c idle_in_transaction_session_timeout=300")];
+    let mut c = Raw::login(port, APP.0, APP.1, &db, &opts).await;
+    c.query("BEGIN").await;
+    let (code, severity, message) = server_goodbye(&mut c).await;
+    assert_eq!((code.as_str(), severity.as_str()), ("25P03", "FATAL"), "{message}");
+    assert!(message.contains("idle-in-transaction timeout"), "{message}");
+
+    let direct = support::direct(&db).await;
+    let mut c = Raw::login(port, APP.0, APP.1, &db, &[]).await;
+    let (pid, errors) = c.query("BEGIN; SELECT pg_backend_pid()").await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let pid: i32 = pid[0].parse().unwrap();
+    direct.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    let (code, severity, message) = server_goodbye(&mut c).await;
+    assert_eq!((code.as_str(), severity.as_str()), ("57P01", "FATAL"), "{message}");
+    p.stop().await;
+}
