@@ -149,7 +149,7 @@ async fn migration_under_a_prepared_statement_load() {
     let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "pgbench -M prepared failed during the migration:\n{report}");
     assert!(report.contains("number of failed transactions: 0"), "{report}");
-    let errors = tally.errors.lock().unwrap();
+    let errors = std::mem::take(&mut *tally.errors.lock().unwrap());
     let ok = tally.ok.load(Ordering::Relaxed);
     eprintln!("{ok} statements ok, {} errors (all spanning a migration step)", errors.len());
     assert!(ok > 1000, "the load ran too little to prove anything: {ok}");
