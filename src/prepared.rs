@@ -79,6 +79,9 @@ enum Expect {
     CopyEnd,
     /// A reply (by tag) to a message pgmux injected: not for the client.
     Hidden(u8),
+    /// The error pgmux had the server raise: the client gets this message
+    /// (PostgreSQL's own fields) in its place.
+    Raise(BytesMut),
     Sync,
     Query,
     FunctionCall,
@@ -201,6 +204,12 @@ impl Tracker {
     /// be (see [`Again`]).
     pub fn take_rerun(&mut self) -> Option<Again> {
         self.rerun.take()
+    }
+
+    /// A Sync pgmux must send the server now, ending a failed batch the
+    /// client has not synced (its ReadyForQuery is not the client's).
+    pub fn take_sync(&mut self) -> bool {
+        self.rerun.take_sync()
     }
 
     /// The server's answer to a batch is held back until a re-run: send
@@ -448,7 +457,7 @@ impl Tracker {
             stmt.mark_stale_shape();
         }
         if stmt.stale_shape() {
-            return Err(rerun::result_type_changed());
+            return Err(PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, rerun::RESULT_TYPE_CHANGED));
         }
         let mut out = BytesMut::with_capacity(body.len() + 24);
         let Some((client, ident)) = self.resolve(name, cx, &mut out) else { return Ok((Flow::Forward, None)) };
@@ -471,7 +480,7 @@ impl Tracker {
         };
         match self.use_statement(b'B', body, name, cx, write) {
             Ok((flow, used)) => self.expect_bind(used, flow),
-            Err(e) => self.emulate_error(e),
+            Err(e) => self.raise_stale_shape(e),
         }
     }
 
@@ -498,7 +507,7 @@ impl Tracker {
                 self.expect.push_back(Expect::Describe(used));
                 flow
             }
-            Err(e) => self.emulate_error(e),
+            Err(e) => self.raise_stale_shape(e),
         }
     }
 
@@ -610,6 +619,13 @@ impl Tracker {
                     self.copy_in = end.is_none();
                     self.expect.push_front(head);
                 }
+            }
+            b'E' if matches!(head, Some(Expect::Raise(_))) => {
+                if let Some(Expect::Raise(own)) = self.expect.front_mut() {
+                    before = Some(std::mem::take(own));
+                }
+                hide = true;
+                self.on_error(cx);
             }
             b'E' => {
                 self.copy_in = false;

@@ -182,3 +182,27 @@ async fn the_servers_fatal_reaches_the_client() {
     assert_eq!((code.as_str(), severity.as_str()), ("57P01", "FATAL"), "{message}");
     p.stop().await;
 }
+
+/// psycopg 3 (auto-prepare) and asyncpg: tests/drivers/stale_statements.py.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_and_asyncpg() {
+    let db = support::fresh_db("stale_py");
+    let p = support::proxy(&db, "default_pool_size = 1").await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers");
+    let out = tokio::process::Command::new("python3")
+        .arg("stale_statements.py")
+        .current_dir(dir)
+        .env("PGMUX_HOST", "127.0.0.1")
+        .env("PGMUX_PORT", p.addr.port().to_string())
+        .env("PGMUX_DIRECT_PORT", support::cluster().primary.port.to_string())
+        .env("PGMUX_USER", APP.0)
+        .env("PGMUX_PASSWORD", APP.1)
+        .env("PGMUX_DB", &db)
+        .kill_on_drop(true)
+        .output();
+    let out =
+        tokio::time::timeout(std::time::Duration::from_secs(120), out).await.expect("timed out").expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("OK"), "{text}");
+    p.stop().await;
+}

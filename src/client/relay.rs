@@ -316,6 +316,9 @@ impl Session {
         if !sent {
             return Some(Relayed::ClientGone);
         }
+        if self.tracker.take_sync() && conn.stream.write_all(b"S\0\0\0\x04").await.is_err() {
+            return Some(Relayed::ServerGone("server connection lost".to_string().into()));
+        }
         if let Some(again) = self.tracker.take_rerun() {
             return self.run_again(conn, again).await;
         }

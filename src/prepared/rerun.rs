@@ -10,7 +10,9 @@
 //! A batch can be run again when the failed message was the first use of
 //! a named statement in its batch (up to its Sync), nothing ran before it
 //! in that batch (no Execute), no transaction block was open, and nothing
-//! was sent after its Sync. The client's messages from that first use on
+//! was sent after its Sync. A batch the client has not synced yet (it
+//! waits on a Flush, as asyncpg's prepare does) is ended by a Sync of
+//! pgmux's own, whose ReadyForQuery the client never sees. The client's messages from that first use on
 //! are kept (at most [`RERUN_LIMIT`] bytes) until the batch is answered.
 //! While the server skips to the Sync, its replies are held back and the
 //! client's next messages wait; then the session sends the kept messages
@@ -52,6 +54,9 @@ pub struct Rerun {
     batch: u64,
     /// The server's error, held back until its ReadyForQuery.
     held: Option<BytesMut>,
+    /// A Sync pgmux must send to end a failed batch the client has not
+    /// synced yet (it waits on a Flush).
+    sync: bool,
     again: Option<Again>,
 }
 
@@ -115,6 +120,7 @@ impl Rerun {
         self.executed = false;
         self.held = None;
         self.again = None;
+        self.sync = false;
     }
 
     pub(super) fn idle(&self) -> bool {
@@ -148,9 +154,7 @@ enum Staleness {
 /// Whether an error (SQLSTATE, message, routine) says the statement is stale.
 fn staleness(code: &str, message: &str, routine: &str) -> Option<Staleness> {
     match code {
-        sqlstate::FEATURE_NOT_SUPPORTED
-            if routine == "RevalidateCachedQuery" || message == "cached plan must not change result type" =>
-        {
+        sqlstate::FEATURE_NOT_SUPPORTED if routine == "RevalidateCachedQuery" || message == RESULT_TYPE_CHANGED => {
             Some(Staleness::ResultType)
         }
         sqlstate::INTERNAL_ERROR
@@ -164,9 +168,34 @@ fn staleness(code: &str, message: &str, routine: &str) -> Option<Staleness> {
     }
 }
 
-/// PostgreSQL's error for a statement whose result shape changed.
-pub(super) fn result_type_changed() -> PgError {
-    PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "cached plan must not change result type")
+/// PostgreSQL's message for a statement whose result shape changed.
+pub(super) const RESULT_TYPE_CHANGED: &str = "cached plan must not change result type";
+
+impl Tracker {
+    /// Refuse a use of a statement whose shape the client was told and
+    /// that changed since: the server raises the error in the message's
+    /// place (see `emulate_error`), and the client gets it with
+    /// PostgreSQL's own fields (drivers such as asyncpg re-prepare on
+    /// seeing its routine).
+    pub(super) fn raise_stale_shape(&mut self, err: PgError) -> Flow {
+        let flow = self.emulate_error(err);
+        if let Some(last) = self.expect.back_mut() {
+            let mut own = BytesMut::new();
+            for (k, v) in [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', sqlstate::FEATURE_NOT_SUPPORTED)]
+                .into_iter()
+                .chain([(b'M', RESULT_TYPE_CHANGED), (b'F', "plancache.c"), (b'R', "RevalidateCachedQuery")])
+            {
+                own.put_u8(k);
+                own.put_slice(v.as_bytes());
+                own.put_u8(0);
+            }
+            own.put_u8(0);
+            let mut message = BytesMut::new();
+            append(&mut message, b'E', &own);
+            *last = Expect::Raise(message);
+        }
+        flow
+    }
 }
 
 /// A command tag of DDL that can make existing statements stale (index
@@ -195,16 +224,23 @@ impl Tracker {
             used.client.mark_stale_shape();
             return false;
         }
-        let again = whole && self.status == b'I' && used.rerun.is_some_and(|n| self.rerun.closed(n));
+        let again = whole && self.status == b'I' && used.rerun.is_some_and(|n| self.rerun.kept(n));
         if !again {
             return false;
         }
+        // A batch waiting on a Flush: pgmux ends the failed part itself.
+        let sync = self.rerun.state == State::Recording;
         let mut held = BytesMut::with_capacity(body.len() + 5);
         append(&mut held, b'E', body);
         self.rerun.held = Some(held);
         cx.events.reruns += 1;
         // The server skips the rest of the batch, up to its Sync.
         self.on_error(cx);
+        if sync {
+            self.server_skipping = false;
+            self.expect.push_back(Expect::Sync);
+            self.rerun.sync = true;
+        }
         true
     }
 
@@ -230,9 +266,15 @@ impl Tracker {
 }
 
 impl Rerun {
-    /// Whether batch `n` is the one kept, complete, with nothing after it.
-    fn closed(&self, n: u64) -> bool {
-        self.state == State::Closed && self.batch == n
+    /// Whether batch `n` is the one kept, with nothing sent after it (up
+    /// to its Sync, or all of it so far, waiting on a Flush).
+    fn kept(&self, n: u64) -> bool {
+        self.state != State::Off && self.batch == n
+    }
+
+    /// The server must be sent a Sync now (see [`Tracker::stale`]).
+    pub(super) fn take_sync(&mut self) -> bool {
+        std::mem::take(&mut self.sync)
     }
 }
 
@@ -277,11 +319,11 @@ mod tests {
         assert!(n.is_some());
         r.message(b'E', b"\0\0\0\0\0");
         r.message(b'S', b"");
-        assert!(r.closed(n.unwrap_or_default()));
+        assert!(r.kept(n.unwrap_or_default()));
         assert_eq!(r.bytes.len(), 5 + 10 + 5 + 5 + 5);
         // Something sent after the Sync: the batch can no longer run again.
         r.message(b'B', b"\0s2\0\0\0\0\0\0\0");
-        assert!(!r.closed(n.unwrap_or_default()));
+        assert!(!r.kept(n.unwrap_or_default()));
         // After an Execute in the same batch nothing is kept.
         r.message(b'E', b"\0\0\0\0\0");
         assert_eq!(r.start(b'B', b"\0s3\0\0\0\0\0\0\0"), None);
