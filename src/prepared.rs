@@ -163,9 +163,10 @@ pub struct CacheEvents {
     pub misses: u64,
     /// A statement closed on the server to make room.
     pub evictions: u64,
-    /// Server statements found stale, and whether their result type
-    /// changed: to drop from every connection.
-    pub stale: Vec<(u64, bool)>,
+    /// Server statements found stale (with the preparation number of the
+    /// stale copy when their result type changed): to drop from every
+    /// connection.
+    pub stale: Vec<(u64, Option<u64>)>,
     /// Batches run again after a stale statement.
     pub reruns: u64,
     /// A transaction that ran DDL ended: every statement may be stale.
@@ -415,7 +416,8 @@ impl Tracker {
         hidden: bool,
     ) {
         cx.events.misses += 1;
-        if let Some(victim) = cx.server.insert(ident, cx.server_cap) {
+        let seq = cx.log.map_or(0, Invalidations::next_seq);
+        if let Some(victim) = cx.server.insert(ident, seq, cx.server_cap) {
             cx.events.evictions += 1;
             let at = start_message(out, b'C');
             out.put_u8(b'S');
@@ -585,7 +587,7 @@ impl Tracker {
             }
             b'T' | b'n' if matches!(head, Some(Expect::Describe(_))) => {
                 if let Some(Expect::Describe(Some(used))) = self.expect.pop_front() {
-                    used.client.mark_described(cx.log.map_or(0, |l| l.epoch()));
+                    used.client.mark_described(cx.server.seq(used.ident).unwrap_or(0));
                 }
                 before = self.param_desc.take();
             }
@@ -685,7 +687,7 @@ impl Tracker {
                         Some(Expect::Parse { undo: Some(u), .. }) | Some(Expect::Synthetic(_, Some(u))) => undo(u, cx),
                         // The server skipped the eviction Close: it still has it.
                         Some(Expect::Close { victim: Some(h), .. }) => {
-                            cx.server.insert(h, usize::MAX);
+                            cx.server.insert(h, 0, usize::MAX);
                         }
                         Some(Expect::Close { doomed: Some(h), .. }) => cx.server.doomed.push(h),
                         Some(Expect::Query | Expect::FunctionCall) => skipped += 1,

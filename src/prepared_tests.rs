@@ -72,7 +72,7 @@ fn first_parse_goes_to_server_under_hashed_name() {
 fn known_statement_is_answered_by_pgmux_and_injected_when_missing() {
     let mut w = World::new();
     let hash = statement_hash(&parse_body("", "SELECT 2")[1..]);
-    w.server.insert(hash, 10);
+    w.server.insert(hash, 0, 10);
     // The server has it: ParseComplete comes from pgmux at once.
     assert_eq!(w.client(b'P', &parse_body("a", "SELECT 2")), Flow::Drop);
     assert_eq!(w.t.due().map(|b| b.to_vec()), Some(msg(b'1', b"")));
@@ -99,7 +99,7 @@ fn failed_parse_leaves_no_half_state() {
     // A second statement the server already has, answered by pgmux later
     // in the stream, must vanish with the error too.
     let hash = statement_hash(&parse_body("", "SELECT 3")[1..]);
-    w.server.insert(hash, 10);
+    w.server.insert(hash, 0, 10);
     assert_eq!(w.client(b'P', &parse_body("good", "SELECT 3")), Flow::Drop);
     assert_eq!(w.t.due(), None, "must wait behind the first Parse");
     w.client(b'S', b"");

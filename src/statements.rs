@@ -27,8 +27,11 @@ pub struct Statement {
     body: Bytes,
     /// The client was sent this statement's description (Describe of the
     /// statement): its result shape is the client's to rely on. The
-    /// invalidation epoch it was last known good at, plus one (0: never).
-    described: AtomicU64,
+    /// preparation number of the server statement that told it, plus one
+    /// (0: never described).
+    told: AtomicU64,
+    /// The invalidation epoch up to which `told` was checked.
+    checked: AtomicU64,
     /// Its server statement changed result type after the client was
     /// told its shape: every use fails, as on PostgreSQL, until the client
     /// prepares it again.
@@ -106,7 +109,8 @@ impl Statement {
         Statement {
             hash: statement_hash(query_and_types),
             body: Bytes::copy_from_slice(query_and_types),
-            described: AtomicU64::new(0),
+            told: AtomicU64::new(0),
+            checked: AtomicU64::new(0),
             stale_shape: AtomicBool::new(false),
         }
     }
@@ -119,27 +123,28 @@ impl Statement {
         finish_message(out, at);
     }
 
-    /// The client was told its shape, at invalidation epoch `epoch`.
-    pub(crate) fn mark_described(&self, epoch: u64) {
-        self.described.store(epoch + 1, Ordering::Relaxed);
+    /// The client was told its shape by the server statement prepared as
+    /// number `seq` (see [`Invalidations::next_seq`]).
+    pub(crate) fn mark_described(&self, seq: u64) {
+        self.told.store(seq + 1, Ordering::Relaxed);
     }
 
-    pub(crate) fn described(&self) -> bool {
-        self.described.load(Ordering::Relaxed) > 0
+    /// The preparation number of the statement that told the client its
+    /// shape, if it was told.
+    pub(crate) fn told(&self) -> Option<u64> {
+        self.told.load(Ordering::Relaxed).checked_sub(1)
     }
 
-    /// Whether the shape the client was told is gone: its server statement
-    /// `ident` changed result type since (found by any client).
+    /// Whether the shape the client was told is gone: a server statement
+    /// `ident` prepared no earlier than the one that told it was found to
+    /// have changed result type (by any client).
     pub(crate) fn reshaped(&self, ident: u64, log: &Invalidations) -> bool {
-        let at = self.described.load(Ordering::Relaxed);
-        if at == 0 || log.epoch() + 1 == at {
+        let Some(told) = self.told() else { return false };
+        let epoch = log.epoch();
+        if self.checked.swap(epoch, Ordering::Relaxed) == epoch {
             return false;
         }
-        if log.reshaped_since(ident, at - 1) {
-            return true;
-        }
-        self.mark_described(log.epoch());
-        false
+        log.reshaped_upto(ident).is_some_and(|upto| told <= upto)
     }
 
     pub(crate) fn mark_stale_shape(&self) {
@@ -179,7 +184,8 @@ impl ClientStatements {
 /// What one server connection has prepared, least recently used first out.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    used: HashMap<u64, u64>,
+    /// Statement → (last use, preparation number).
+    used: HashMap<u64, (u64, u64)>,
     tick: u64,
     /// The naming context of the session state on the connection now.
     pub context: u64,
@@ -195,7 +201,7 @@ impl ServerStatements {
     pub fn touch(&mut self, hash: u64) -> bool {
         self.tick += 1;
         match self.used.get_mut(&hash) {
-            Some(t) => {
+            Some((t, _)) => {
                 *t = self.tick;
                 true
             }
@@ -203,17 +209,22 @@ impl ServerStatements {
         }
     }
 
-    /// Record a statement as prepared; returns the one to close when the
-    /// connection holds more than `cap`.
-    pub fn insert(&mut self, hash: u64, cap: usize) -> Option<u64> {
+    /// Record a statement as prepared (its preparation number `seq`);
+    /// returns the one to close when the connection holds more than `cap`.
+    pub fn insert(&mut self, hash: u64, seq: u64, cap: usize) -> Option<u64> {
         self.tick += 1;
-        self.used.insert(hash, self.tick);
+        self.used.insert(hash, (self.tick, seq));
         if self.used.len() <= cap.max(1) {
             return None;
         }
-        let victim = self.used.iter().filter(|(h, _)| **h != hash).min_by_key(|(_, t)| **t).map(|(h, _)| *h)?;
+        let victim = self.used.iter().filter(|(h, _)| **h != hash).min_by_key(|(_, (t, _))| *t).map(|(h, _)| *h)?;
         self.used.remove(&victim);
         Some(victim)
+    }
+
+    /// The preparation number of a statement prepared here.
+    pub fn seq(&self, hash: u64) -> Option<u64> {
+        self.used.get(&hash).map(|(_, seq)| *seq)
     }
 
     pub fn remove(&mut self, hash: u64) {
@@ -272,8 +283,11 @@ pub struct Invalidations {
     epoch: AtomicU64,
     /// (epoch, statement) in order; `None`: every statement.
     log: Mutex<VecDeque<(u64, Option<u64>)>>,
-    /// Statements whose result type changed, with the epoch it was found.
+    /// Statements whose result type changed: the latest preparation
+    /// number found stale.
     reshaped: Mutex<HashMap<u64, u64>>,
+    /// Numbers server statements as they are prepared (their order).
+    seq: AtomicU64,
 }
 
 impl Invalidations {
@@ -281,23 +295,29 @@ impl Invalidations {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// A statement found stale on one server (`reshaped`: its result type
-    /// changed): drop it from all.
-    pub fn statement(&self, ident: u64, reshaped: bool) {
-        self.push(Some(ident));
-        if reshaped {
+    /// A statement found stale on one server; `reshaped`: its result type
+    /// changed, and this is the preparation number of the stale copy:
+    /// drop it from all.
+    pub fn statement(&self, ident: u64, reshaped: Option<u64>) {
+        if let Some(seq) = reshaped {
             let mut m = self.reshaped.lock().unwrap_or_else(|e| e.into_inner());
             if m.len() >= RESHAPED_KEPT {
                 m.clear();
             }
-            m.insert(ident, self.epoch());
+            let upto = m.entry(ident).or_default();
+            *upto = (*upto).max(seq);
         }
+        self.push(Some(ident));
     }
 
-    /// Whether statement `ident` changed result type after `epoch`.
-    fn reshaped_since(&self, ident: u64, epoch: u64) -> bool {
-        let m = self.reshaped.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&ident).is_some_and(|e| *e > epoch)
+    /// The latest preparation of `ident` found to have changed result type.
+    fn reshaped_upto(&self, ident: u64) -> Option<u64> {
+        self.reshaped.lock().unwrap_or_else(|e| e.into_inner()).get(&ident).copied()
+    }
+
+    /// The next preparation number (1, 2, ...).
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// The schema changed (DDL relayed): drop every statement.

@@ -218,9 +218,13 @@ impl Tracker {
         let fields = parse_fields(body);
         let get = |c| field(&fields, c).unwrap_or("");
         let Some(kind) = staleness(get(b'C'), get(b'M'), get(b'R')) else { return false };
+        let stale_seq = cx.server.seq(used.ident).unwrap_or(0);
         cx.server.doom(used.ident);
-        cx.events.stale.push((used.ident, kind == Staleness::ResultType));
-        if kind == Staleness::ResultType && used.client.described() {
+        let reshaped = kind == Staleness::ResultType;
+        cx.events.stale.push((used.ident, reshaped.then_some(stale_seq)));
+        // The client was told the shape of this stale copy (or an older
+        // one): it gets PostgreSQL's error, as on its own connection.
+        if reshaped && used.client.told().is_some_and(|told| told <= stale_seq) {
             used.client.mark_stale_shape();
             return false;
         }
