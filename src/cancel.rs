@@ -1,5 +1,7 @@
 //! Cancel keys: pgmux hands each client its own BackendKeyData and maps it
-//! to the server connection currently running that client's query.
+//! to the server connection currently running that client's query. The
+//! secret is always pgmux's own; the pid is random in transaction mode and
+//! the real backend pid of the client's server connection in session mode.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -57,9 +59,21 @@ impl Drop for CancelGuard<'_> {
 impl CancelRegistry {
     /// A fresh, unique (pid, secret) for a client.
     pub fn register(&self) -> CancelGuard<'_> {
+        self.register_with(|| rand::random::<i32>() & 0x7fff_ffff)
+    }
+
+    /// A unique key whose pid is `pid` (the backend pid of the server
+    /// connection the client keeps, in session mode) and whose secret is
+    /// pgmux's own: a pid may repeat across servers, the secret keeps the
+    /// keys apart.
+    pub fn register_pid(&self, pid: i32) -> CancelGuard<'_> {
+        self.register_with(|| pid)
+    }
+
+    fn register_with(&self, pid: impl Fn() -> i32) -> CancelGuard<'_> {
         let slot = Arc::new(CancelSlot::default());
         loop {
-            let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
+            let key = (pid(), rand::random::<i32>());
             let Ok(mut m) = self.map.lock() else {
                 return CancelGuard { registry: self, key, slot };
             };

@@ -26,6 +26,9 @@ static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 /// Most statement hashes a pool remembers as known-good.
 pub const KNOWN_STATEMENTS: usize = 100_000;
 
+/// Most (parameter, client value) spellings a pool remembers.
+pub const KNOWN_SPELLINGS: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("query_wait_timeout: no server connection became available within {0:?}")]
@@ -104,6 +107,10 @@ pub struct Pool {
     total: AtomicUsize,
     /// ParameterStatus values of the last login, for client welcomes.
     welcome: Mutex<Option<Vec<(String, String)>>>,
+    /// The server's spelling of a reported parameter's value as a client
+    /// wrote it in its startup packet: (lowercase name, client value) →
+    /// what the server reports (`utf8` → `UTF8`).
+    spellings: Mutex<HashMap<(String, String), String>>,
     /// Identities of statements some server of this pool prepared
     /// successfully, as of an epoch of `invalidations`.
     known: Mutex<(u64, HashSet<u64>)>,
@@ -159,6 +166,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             total: AtomicUsize::new(0),
             welcome: Mutex::new(None),
+            spellings: Mutex::new(HashMap::new()),
             known: Mutex::new((0, HashSet::new())),
             invalidations: std::sync::OnceLock::new(),
             stats: PoolStats::default(),
@@ -209,6 +217,24 @@ impl Pool {
     /// The statement invalidations of this pool's database.
     pub fn invalidations(&self) -> &Invalidations {
         self.invalidations.get_or_init(Default::default)
+    }
+
+    /// The server's spelling of `value` for the reported parameter `name`
+    /// (lowercase), when a server of this pool was asked before.
+    pub fn spelling(&self, name: &str, value: &str) -> Option<String> {
+        let s = self.spellings.lock().ok()?;
+        s.get(&(name.to_string(), value.to_string())).cloned()
+    }
+
+    /// Remember a server's spelling of a client's value (bounded:
+    /// forgotten wholesale past [`KNOWN_SPELLINGS`]).
+    pub fn learn_spelling(&self, name: &str, value: &str, spelled: &str) {
+        if let Ok(mut s) = self.spellings.lock() {
+            if s.len() >= KNOWN_SPELLINGS {
+                s.clear();
+            }
+            s.insert((name.to_string(), value.to_string()), spelled.to_string());
+        }
     }
 
     pub fn total(&self) -> usize {

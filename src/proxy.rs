@@ -362,8 +362,7 @@ impl Proxy {
         }
         let app = info.params.get("application_name").cloned().unwrap_or_default();
         let registered = self.sessions.register(peer, &user.name, &info.database, &app);
-        let guard = self.cancels.register();
-        let mut session = Session::new(stream, buf, pool, info.params, guard.slot.clone(), self.metrics.clone());
+        let mut session = Session::new(stream, buf, pool, info.params, self.metrics.clone());
         session.set_client(registered.info.clone(), self.draining.subscribe());
         session.log_slow(config.general.log_slow_queries.0);
         let looked_up = (!config.users.contains_key(&user.name)).then(|| user.clone());
@@ -379,9 +378,11 @@ impl Proxy {
         if let Some(sh) = sharding {
             session.set_sharding(sh);
         }
-        if let Err(e) = session.welcome(guard.key()).await {
-            return session.close_with(&e).await;
-        }
+        // The client's cancel key, registered until it leaves.
+        let _key = match session.welcome(&self.cancels).await {
+            Ok(key) => key,
+            Err(e) => return session.close_with(&e).await,
+        };
         session.run().await;
     }
 

@@ -192,10 +192,11 @@ async fn invalid_startup_parameter_fails_login() {
     let e =
         Raw::try_login(p.addr.port(), APP.0, APP.1, &db, &[("no_such_setting", "1")]).await.err().expect("must fail");
     assert!(e.starts_with("42704"), "{e}");
-    let e = Raw::try_login(p.addr.port(), APP.0, APP.1, &db, &[("DateStyle", "bogus")]).await;
-    // Known parameters are validated on first use instead; either way the
-    // pool must stay healthy.
-    drop(e);
+    // A parameter the server reports is tried too (pgmux learns the
+    // server's spelling of the client's value): a bad value fails the
+    // login as well. Either way the pool must stay healthy.
+    let e = Raw::try_login(p.addr.port(), APP.0, APP.1, &db, &[("DateStyle", "bogus")]).await.err();
+    assert!(e.as_deref().is_some_and(|e| e.starts_with("22023")), "{e:?}");
     let c = support::app(&p, &db).await;
     assert_eq!(scalar(&c, "SELECT 1").await, "1");
     p.stop().await;

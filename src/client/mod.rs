@@ -113,9 +113,15 @@ pub struct Session {
     /// The client bytes sent so far, while no byte of the answer reached
     /// the client (None: a lost server connection ends the session).
     replay: Option<route::Replay>,
-    /// ParameterStatus values this client has been told.
+    /// ParameterStatus values this client has been told (the server's
+    /// spelling).
     told: BTreeMap<String, String>,
     cancel: Arc<CancelSlot>,
+    /// The pid of the BackendKeyData this client was given.
+    key_pid: i32,
+    /// Session mode: the server connection checked out at login, whose
+    /// pid is the client's key, until its first transaction takes it.
+    reserved: Option<crate::pool::Checkout>,
     crelay: Relay,
     srelay: Relay,
     flight: Flight,
@@ -134,7 +140,6 @@ impl Session {
         rbuf: BytesMut,
         pool: Arc<Pool>,
         wanted: BTreeMap<String, String>,
-        cancel: Arc<CancelSlot>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         let track = pool.settings.mode == PoolMode::Transaction && pool.settings.max_prepared_statements > 0;
@@ -161,7 +166,9 @@ impl Session {
             pool,
             wanted,
             told: BTreeMap::new(),
-            cancel,
+            cancel: Arc::default(),
+            key_pid: 0,
+            reserved: None,
             crelay: Relay::default(),
             srelay: Relay::default(),
             flight: Flight::new(),
@@ -197,6 +204,10 @@ impl Session {
     /// (By reference: a future owning the session would hold it twice.)
     pub async fn run(&mut self) {
         self.serve_until_killed().await;
+        if let Some(server) = self.reserved.take() {
+            // Taken at login and never used: as clean as it came.
+            server.release();
+        }
         self.leave_multi().await;
     }
 
@@ -209,7 +220,8 @@ impl Session {
                 return self.goodbye().await;
             }
             // Idle: no server connection until a whole message is here (a
-            // routed extended-protocol batch: up to its Execute/Sync/Flush).
+            // routed extended-protocol batch: up to its Execute/Sync/Flush);
+            // in session mode the one reserved at login waits for it.
             loop {
                 match peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
                     Ok(Some((_, len))) if self.rbuf.len() >= HEADER_LEN + len && !self.batch_incomplete() => break,

@@ -225,7 +225,7 @@ impl Session {
             if track {
                 t != b'D' && t != b'd'
             } else {
-                matches!(t, b'Z' | b'S' | b'E' | b'N') || (txn_mode && t == b'C')
+                matches!(t, b'Z' | b'S' | b'E' | b'N' | b'A') || (txn_mode && t == b'C')
             }
         };
         let (mut readies, mut idle) = (0u64, 0u64);
@@ -236,9 +236,13 @@ impl Session {
         let stop_at_idle = txn_mode && !self.pinned;
         let mut ended = false;
         let mut gone = None;
+        let pids = (conn.backend_pid, self.key_pid);
         let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
             if ended {
                 return Flow::Stop;
+            }
+            if let Some(own) = (tag == b'A').then(|| super::welcome::own_notification(body, pids)).flatten() {
+                return Flow::Replace(own); // asynchronous: nothing of pgmux's is due at it
             }
             if stop_at_idle && (tag == b'E' || tag == b'N') {
                 // A FATAL ends the connection, not the client's session.

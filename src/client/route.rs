@@ -373,7 +373,13 @@ impl Session {
                 Some(Target::Replica(i)) if decision == Decision::Read => Some(i),
                 _ => None,
             };
-            let failure = match pool.get().await {
+            // Session mode: the connection taken at login (its pid is the
+            // client's key) serves the first transaction.
+            let got = match (self.reserved.take(), replica) {
+                (Some(server), None) => Ok(server),
+                _ => pool.get().await,
+            };
+            let failure = match got {
                 Ok(mut server) => match self.attach(&mut server).await {
                     Ok(()) => return Ok((server, replica)),
                     Err(ServerError::Query(body)) => {
