@@ -18,6 +18,7 @@ pub mod flight;
 pub mod login;
 pub mod metrics;
 pub mod prepared;
+pub mod prepared_view;
 
 pub mod pgbin;
 pub mod pgcerts;

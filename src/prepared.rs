@@ -128,6 +128,10 @@ pub struct Tracker {
     /// until its RowDescription/NoData: the server may refuse the rest
     /// (stale), and the Describe then runs again whole.
     param_desc: Option<BytesMut>,
+    /// Statements prepared here inside the open transaction block: a
+    /// rollback may take with it what they were planned with (a type
+    /// created in it), so it drops them.
+    in_block: Vec<u64>,
 }
 
 impl Default for Tracker {
@@ -140,6 +144,7 @@ impl Default for Tracker {
             rerun: Default::default(),
             ddl: false,
             param_desc: None,
+            in_block: Vec::new(),
         }
     }
 }
@@ -198,6 +203,7 @@ impl Tracker {
         self.rerun.reset();
         self.ddl = false;
         self.param_desc = None;
+        self.in_block.clear();
     }
 
     /// A batch whose statement was stale, to send again (then the client's
@@ -370,9 +376,21 @@ impl Tracker {
 
     fn parse(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
         let Some((name, rest)) = split_cstr(body) else { return Flow::Forward };
+        // A text reading pg_prepared_statements reads the client's own.
+        let own_view = split_cstr(rest).and_then(|(sql, types)| {
+            let sql = crate::prepared_view::for_client(sql, cx.stmts, cx.server.context)?;
+            let mut rest = BytesMut::with_capacity(sql.len() + 1 + types.len());
+            put_cstr(&mut rest, &sql);
+            rest.put_slice(types);
+            Some(rest)
+        });
+        let rest = own_view.as_deref().unwrap_or(rest);
         if name.is_empty() {
             self.expect.push_back(Expect::Parse { undo: None, hidden: false });
-            return Flow::Forward;
+            return match own_view {
+                Some(_) => Flow::Replace(message(b'P', &[&[0u8][..], rest].concat())),
+                None => Flow::Forward,
+            };
         }
         if cx.stmts.map.contains_key(name) {
             return self.emulate_error(PgError::error(
@@ -424,6 +442,9 @@ impl Tracker {
             put_server_name(out, victim);
             finish_message(out, at);
             self.expect.push_back(Expect::Close { hidden: true, victim: Some(victim), doomed: None });
+        }
+        if self.status != b'I' {
+            self.in_block.push(ident);
         }
         stmt.put_parse(out, ident);
         let undo = Undo { hash: Some(ident), client_name: client.map(str::to_string), restore: None };
@@ -545,7 +566,14 @@ impl Tracker {
             }
             _ => {
                 self.expect.push_back(Expect::Query);
-                Flow::Forward
+                match crate::prepared_view::for_client(sql, cx.stmts, cx.server.context) {
+                    Some(own_view) => {
+                        let mut out = BytesMut::new();
+                        crate::protocol::messages::query(&mut out, &own_view);
+                        Flow::Replace(out)
+                    }
+                    None => Flow::Forward,
+                }
             }
         }
     }
@@ -593,10 +621,12 @@ impl Tracker {
             }
             b'C' | b'I' | b's' if matches!(head, Some(Expect::Execute)) => {
                 self.ddl |= tag == b'C' && rerun::is_ddl(body);
+                self.rolled_back(tag == b'C' && body == b"ROLLBACK\0", cx);
                 self.expect.pop_front();
             }
             b'C' if matches!(head, Some(Expect::Query)) => {
                 self.ddl |= rerun::is_ddl(body);
+                self.rolled_back(body == b"ROLLBACK\0", cx);
                 if body == b"DISCARD ALL\0" {
                     cx.stmts.clear();
                     cx.server.clear();
@@ -644,6 +674,9 @@ impl Tracker {
             b'Z' => {
                 self.expect.pop_front();
                 self.status = body.first().copied().unwrap_or(b'I');
+                if self.status == b'I' {
+                    self.in_block.clear();
+                }
                 if self.ddl && self.status == b'I' {
                     self.ddl = false;
                     cx.events.schema_changed = true;
@@ -673,6 +706,16 @@ impl Tracker {
             }
         };
         (flow, event)
+    }
+
+    /// A ROLLBACK (or ROLLBACK TO SAVEPOINT) completed: the statements
+    /// prepared in the block are closed here before their next use.
+    fn rolled_back(&mut self, rollback: bool, cx: &mut Ctx) {
+        if rollback {
+            for ident in self.in_block.drain(..) {
+                cx.server.doom(ident);
+            }
+        }
     }
 
     /// Returns how many Query/FunctionCall messages the server will skip.

@@ -206,3 +206,53 @@ async fn psycopg_and_asyncpg() {
     assert!(out.status.success() && text.contains("OK"), "{text}");
     p.stop().await;
 }
+
+/// pg_prepared_statements lists the client's own statements (by its
+/// names), never the texts other clients prepared on the same server
+/// connection; SQL-level PREPAREs are listed as PostgreSQL lists them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_view_is_the_clients_own() {
+    let db = support::fresh_db("stale_view");
+    let p = support::proxy(&db, "default_pool_size = 1").await;
+    let port = p.addr.port();
+    let mut a = Raw::login(port, APP.0, APP.1, &db, &[]).await;
+    a.prepare("card", "SELECT $1::text AS card /* client A */").await;
+    let mut b = Raw::login(port, APP.0, APP.1, &db, &[]).await;
+    b.prepare("mine", "SELECT 2 /* client B */").await;
+    let (rows, errors) = b.query("SELECT name || ': ' || statement FROM pg_prepared_statements ORDER BY 1").await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(rows, vec!["mine: SELECT 2 /* client B */".to_string()]);
+    let (rows, _) = a.query("SELECT count(*) FROM pg_catalog.pg_prepared_statements p WHERE p.name = 'card'").await;
+    assert_eq!(rows, vec!["1".to_string()]);
+    // The extended protocol (psycopg's default), unnamed.
+    let mut m = BytesMut::new();
+    raw::parse(&mut m, "", "SELECT string_agg(name, ',') FROM pg_prepared_statements");
+    raw::bind(&mut m, "", "", &[]);
+    raw::execute(&mut m, "", 0);
+    raw::sync(&mut m);
+    a.send(&m).await;
+    assert_eq!(raw::rows_and_errors(&a.until_ready().await).0, vec!["card".to_string()]);
+    p.stop().await;
+}
+
+/// A type created in a savepoint that is rolled back: statements prepared
+/// inside it are not used again after the rollback (psycopg's
+/// test_change_type_savepoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_in_a_rolled_back_savepoint() {
+    let db = support::fresh_db("stale_savepoint");
+    let p = support::proxy(&db, "default_pool_size = 1").await;
+    let mut c = Raw::login(p.addr.port(), APP.0, APP.1, &db, &[]).await;
+    c.query("BEGIN").await;
+    for round in 0..3 {
+        let (_, errors) = c.query("SAVEPOINT sp; CREATE TYPE sp_mood AS ENUM ('ok')").await;
+        assert!(errors.is_empty(), "{errors:?}");
+        let name = format!("q{round}");
+        c.prepare(&name, "SELECT $1::sp_mood::text").await;
+        assert_eq!(run_typed(&mut c, &name, "ok").await, (vec!["ok".to_string()], vec![]), "round {round}");
+        let (_, errors) = c.query("ROLLBACK TO SAVEPOINT sp").await;
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+    c.query("COMMIT").await;
+    p.stop().await;
+}
