@@ -130,7 +130,10 @@ async fn sql_prepare_pins_and_limits_hold() {
         scalar(&direct, &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND usename = 'app'"))
             .await;
     assert!(on_server.parse::<i32>().unwrap() <= 2, "{on_server} server connections");
-    assert!(scalar(&c, "SELECT count(*) FROM pg_prepared_statements").await.parse::<i32>().unwrap() <= 5);
+    // The server connection keeps at most 5 (its own list, read through
+    // the function behind the view); the view lists the client's 30.
+    assert!(scalar(&c, "SELECT count(*) FROM pg_prepared_statement()").await.parse::<i32>().unwrap() <= 5);
+    assert_eq!(scalar(&c, "SELECT count(*) FROM pg_prepared_statements").await, "30");
     // The client-side cap: a clear error, and the session goes on.
     let e = c.prepare("SELECT 'one too many'").await.unwrap_err();
     assert_eq!(code(&e), "53400", "{}", support::text(&e));
