@@ -33,6 +33,7 @@
 #             pgbench `-M` value: simple, extended, prepared
 #                                                     [simple extended prepared]
 #   SKIP_BUILD=1  use the existing target/release/pgmux as is          [unset]
+#   PGMUX_BIN     the pgmux binary to measure (with SKIP_BUILD=1)   [target/release/pgmux]
 #   PGMUX_THREADS pgmux worker threads (0 = one per core)              [0]
 #   REPLICAS  streaming replicas for the read-scaling run (0 = skip)    [2]
 #   SHARDS    2: a keyed-read run through pgmux over 2 shard databases
@@ -60,7 +61,7 @@ REPLICA_PORTS=()
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$SCRIPT_DIR")
 RESULTS_DIR="$SCRIPT_DIR/results"
-PGMUX_BIN="$ROOT/target/release/pgmux"
+PGMUX_BIN=${PGMUX_BIN:-"$ROOT/target/release/pgmux"}
 
 START_SECONDS=$SECONDS
 # Keep the original stdout/stderr: a signal trap can fire inside a function

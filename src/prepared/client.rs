@@ -182,17 +182,16 @@ impl Tracker {
         self.expect.push_back(Expect::Parse { undo: Some(undo), hidden });
     }
 
-    /// The statement named `name`, prepared on this server (a Parse is
+    /// The client's statement `stmt`, prepared on this server (a Parse is
     /// written to `out` when it is not yet), and its identity there.
-    fn resolve(&mut self, name: &str, cx: &mut Ctx, out: &mut BytesMut) -> Option<(Arc<Statement>, u64)> {
-        let stmt = cx.stmts.map.get(name)?.clone();
+    fn resolve(&mut self, stmt: &Statement, cx: &mut Ctx, out: &mut BytesMut) -> u64 {
         let ident = identity(stmt.hash, cx.server.context);
         if cx.server.touch(ident) {
             cx.events.hits += 1;
         } else {
-            self.prepare_on_server(&stmt, ident, cx, out, None, true);
+            self.prepare_on_server(stmt, ident, cx, out, None, true);
         }
-        Some((stmt, ident))
+        ident
     }
 
     /// A Bind or Describe of a client's named statement (`name`), with the
@@ -205,7 +204,7 @@ impl Tracker {
         cx: &mut Ctx,
         write: impl FnOnce(&mut BytesMut, u64),
     ) -> Result<(Flow, Option<Used>), PgError> {
-        let Some(stmt) = cx.stmts.map.get(name) else { return Ok((Flow::Forward, None)) };
+        let Some(stmt) = cx.stmts.map.get(name).cloned() else { return Ok((Flow::Forward, None)) };
         let reshaped = cx.log.is_some_and(|log| stmt.reshaped(identity(stmt.hash, cx.server.context), log));
         if reshaped {
             stmt.mark_stale_shape();
@@ -214,12 +213,12 @@ impl Tracker {
             return Err(PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, rerun::RESULT_TYPE_CHANGED));
         }
         let mut out = BytesMut::with_capacity(body.len() + 24);
-        let Some((client, ident)) = self.resolve(name, cx, &mut out) else { return Ok((Flow::Forward, None)) };
+        let ident = self.resolve(&stmt, cx, &mut out);
         let at = start_message(&mut out, tag);
         write(&mut out, ident);
         finish_message(&mut out, at);
         let rerun = self.rerun.start(tag, body);
-        Ok((Flow::Replace(out), Some(Used { client, ident, rerun })))
+        Ok((Flow::Replace(out), Some(Used { client: stmt, ident, rerun })))
     }
 
     fn bind(&mut self, body: &[u8], cx: &mut Ctx) -> Flow {
