@@ -75,19 +75,9 @@ PGBOUNCER_PIDFILE=""
 PG_STARTED=""
 CHILD_PID=""
 
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-is_root() { [[ $(id -u) -eq 0 ]]; }
-
-# Run a PostgreSQL/PgBouncer server binary as the postgres user when root.
-as_pg() {
-    if is_root; then
-        runuser -u postgres -- "$@"
-    else
-        "$@"
-    fi
-}
+LOG_TAG=bench READY_USER=bench READY_PASSWORD=bench READY_DB=bench
+# shellcheck source=../scripts/pgtools.sh
+. "$ROOT/scripts/pgtools.sh"
 
 # Run a command in the background and wait for it, so that a TERM/INT sent
 # to this script runs the cleanup trap at once instead of after the command.
@@ -145,17 +135,6 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ------------------------------------------------------------------ tools ---
-find_pgbin() {
-    local d best=""
-    for d in /usr/lib/postgresql/*/bin; do
-        [[ -x "$d/initdb" ]] && best=$d
-    done
-    if [[ -z "$best" ]] && command -v initdb >/dev/null 2>&1; then
-        best=$(dirname "$(readlink -f "$(command -v initdb)")")
-    fi
-    printf '%s' "$best"
-}
-
 ensure_tools() {
     PGBIN=$(find_pgbin)
     if [[ -z "$PGBIN" ]]; then
@@ -172,18 +151,7 @@ ensure_tools() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer \
             || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer; }
     fi
-    local t
-    for t in pgbench psql python3 timeout; do
-        command -v "$t" >/dev/null 2>&1 || die "$t not found"
-    done
-    if is_root; then
-        command -v runuser >/dev/null 2>&1 || die "runuser not found"
-        id postgres >/dev/null 2>&1 || die "user 'postgres' not found (needed to run servers as root)"
-    fi
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+    need_tools pgbench psql python3 timeout
 }
 
 # psql as the superuser over the temp-dir unix socket.
@@ -191,48 +159,12 @@ pg_admin() {
     psql -X -q -v ON_ERROR_STOP=1 -h "$WORK" -p "$PG_PORT" -U postgres -d "${PGADMIN_DB:-postgres}" "$@"
 }
 
-# Wait until `SELECT 1` as bench works on PORT (through a proxy): 20 s max.
-wait_ready() {
-    local name=$1 port=$2 pid_check=${3:-}
-    local deadline=$((SECONDS + 20))
-    while ((SECONDS < deadline)); do
-        if [[ -n "$pid_check" ]] && ! kill -0 "$pid_check" 2>/dev/null; then
-            return 1
-        fi
-        if PGPASSWORD=bench PGCONNECT_TIMEOUT=2 psql -X -Atq -h 127.0.0.1 -p "$port" -U bench -d bench \
-            -c 'SELECT 1' >/dev/null 2>&1; then
-            log "$name is accepting connections on 127.0.0.1:$port"
-            return 0
-        fi
-        sleep 0.25
-    done
-    return 1
-}
-
 # ------------------------------------------------------------- PostgreSQL ---
 start_postgres() {
     PGDATA="$WORK/pgdata"
     PG_PORT=$(free_port)
-    mkdir -p "$PGDATA"
-    if is_root; then chown -R postgres:postgres "$WORK"; fi
-    log "initdb ($PGBIN) in $PGDATA"
-    as_pg "$PGBIN/initdb" -D "$PGDATA" -U postgres -E UTF8 --locale=C \
-        --auth-local=trust --auth-host=scram-sha-256 >"$WORK/initdb.log" 2>&1 \
-        || { cat "$WORK/initdb.log" >&2; die "initdb failed"; }
-    cat >>"$PGDATA/postgresql.conf" <<EOF
-
-# --- benches/bench.sh ---
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$WORK'
-max_connections = 200
-shared_buffers = 128MB
-fsync = off
-synchronous_commit = off
-full_page_writes = off
-password_encryption = 'scram-sha-256'
-logging_collector = off
-EOF
+    init_cluster "$PGDATA" "$PG_PORT" "$WORK/initdb.log" benches/bench.sh
+    echo "shared_buffers = 128MB" >>"$PGDATA/postgresql.conf"
     cat >"$PGDATA/pg_hba.conf" <<EOF
 local all all trust
 host  replication postgres 127.0.0.1/32 trust
