@@ -1,8 +1,10 @@
 //! Shared server-side prepared statements that must not outlive what they
 //! were planned for: a schema change made behind pgmux's back (straight on
 //! the server), a different `search_path` per client, a type dropped and
-//! created again; and the server's own FATAL reaching the client as sent.
-//! Transaction mode, one server connection, so every client shares it.
+//! created again; the server's own FATAL reaching the client as sent; and
+//! the same through real drivers (psycopg 3, asyncpg), with startup
+//! parameters from libpq's environment. Transaction mode, one server
+//! connection, so every client shares it (unless a test says otherwise).
 
 mod support;
 
@@ -188,23 +190,40 @@ async fn the_servers_fatal_reaches_the_client() {
 async fn psycopg_and_asyncpg() {
     let db = support::fresh_db("stale_py");
     let p = support::proxy(&db, "default_pool_size = 1").await;
+    python_check("stale_statements.py", &p, &db).await;
+    p.stop().await;
+}
+
+/// Run `tests/drivers/<script>` against `p` (and the server straight, as
+/// PGMUX_DIRECT_PORT); it must print OK.
+pub async fn python_check(script: &str, p: &pgmux::proxy::RunningProxy, db: &str) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers");
     let out = tokio::process::Command::new("python3")
-        .arg("stale_statements.py")
+        .arg(script)
         .current_dir(dir)
         .env("PGMUX_HOST", "127.0.0.1")
         .env("PGMUX_PORT", p.addr.port().to_string())
         .env("PGMUX_DIRECT_PORT", support::cluster().primary.port.to_string())
         .env("PGMUX_USER", APP.0)
         .env("PGMUX_PASSWORD", APP.1)
-        .env("PGMUX_DB", &db)
+        .env("PGMUX_DB", db)
         .kill_on_drop(true)
         .output();
     let out =
         tokio::time::timeout(std::time::Duration::from_secs(120), out).await.expect("timed out").expect("python3");
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("OK"), "{text}");
-    p.stop().await;
+    assert!(out.status.success() && text.contains("OK"), "{script}: {text}");
+}
+
+/// Startup parameters from libpq's environment: tests/drivers/libpq_env.py.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libpq_environment_parameters() {
+    let db = support::fresh_db("stale_env");
+    for mode in ["transaction", "session"] {
+        let p = support::proxy(&db, &format!("default_pool_size = 2\npool_mode = \"{mode}\"")).await;
+        python_check("libpq_env.py", &p, &db).await;
+        p.stop().await;
+    }
 }
 
 /// pg_prepared_statements lists the client's own statements (by its
