@@ -215,6 +215,15 @@ impl Tracker {
         self.rerun.take()
     }
 
+    /// pgmux rolls back the client's transaction block itself (the client
+    /// left in it): the statements prepared inside it are closed on the
+    /// connection before its next use, as after a client's ROLLBACK.
+    pub fn abandon_block(&mut self, server: &mut ServerStatements) {
+        for ident in self.in_block.drain(..) {
+            server.doom(ident);
+        }
+    }
+
     /// A Sync pgmux must send the server now, ending a failed batch the
     /// client has not synced (its ReadyForQuery is not the client's).
     pub fn take_sync(&mut self) -> bool {

@@ -156,7 +156,8 @@ async fn server_goodbye(c: &mut Raw) -> (String, String, String) {
     assert_eq!(tag, b'E', "an ErrorResponse, not {}", tag as char);
     let f = pgmux::protocol::error::parse_fields(&body);
     let get = |k| pgmux::protocol::error::field(&f, k).unwrap_or_default().to_string();
-    assert!(c.closed().await, "the session ends, as with PostgreSQL");
+    let next = c.try_recv().await.map(|(tag, _)| tag as char);
+    assert_eq!(next, None, "nothing after the FATAL: the session ends, as with PostgreSQL");
     (get(b'C'), get(b'V'), get(b'M'))
 }
 
@@ -178,6 +179,16 @@ async fn the_servers_fatal_reaches_the_client() {
     let mut c = Raw::login(port, APP.0, APP.1, &db, &[]).await;
     let (pid, errors) = c.query("BEGIN; SELECT pg_backend_pid()").await;
     assert!(errors.is_empty(), "{errors:?}");
+    let pid: i32 = pid[0].parse().unwrap();
+    direct.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    let (code, severity, message) = server_goodbye(&mut c).await;
+    assert_eq!((code.as_str(), severity.as_str()), ("57P01", "FATAL"), "{message}");
+    p.stop().await;
+
+    // Session mode: the same, once (not followed by pgmux's own error).
+    let p = support::proxy(&db, "default_pool_size = 2\npool_mode = \"session\"").await;
+    let mut c = Raw::login(p.addr.port(), APP.0, APP.1, &db, &[]).await;
+    let (pid, _) = c.query("SELECT pg_backend_pid()").await;
     let pid: i32 = pid[0].parse().unwrap();
     direct.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
     let (code, severity, message) = server_goodbye(&mut c).await;
@@ -273,5 +284,16 @@ async fn statements_prepared_in_a_rolled_back_savepoint() {
         assert!(errors.is_empty(), "{errors:?}");
     }
     c.query("COMMIT").await;
+    // A client that leaves inside its transaction: pgmux rolls it back, and
+    // what it prepared there goes with it.
+    for round in 0..2 {
+        let mut c = Raw::login(p.addr.port(), APP.0, APP.1, &db, &[]).await;
+        let (_, errors) = c.query("BEGIN; CREATE TYPE gone_mood AS ENUM ('ok')").await;
+        assert!(errors.is_empty(), "{errors:?}");
+        c.prepare("g", "SELECT $1::gone_mood::text").await;
+        assert_eq!(run_typed(&mut c, "g", "ok").await, (vec!["ok".to_string()], vec![]), "round {round}");
+        drop(c);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
     p.stop().await;
 }

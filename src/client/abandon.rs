@@ -24,6 +24,7 @@ impl Session {
         let reset = self.pool.settings.reset_query.clone();
         let Flight { pending, unsynced, copy_in, status, .. } = self.flight;
         let conn = server.conn();
+        self.tracker.abandon_block(&mut conn.prepared);
         let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, async {
             let mut pending = pending;
             let mut out = BytesMut::new();

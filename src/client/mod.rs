@@ -381,7 +381,12 @@ impl Session {
                 Relayed::ServerGone(lost) => {
                     tracing::warn!(pool = %self.pool.name(), "server connection lost mid-transaction: {}", lost.why);
                     drop(server);
-                    return Self::fatal(&mut self.stream, &lost.client_error()).await;
+                    return match lost.client_error() {
+                        Some(err) => Self::fatal(&mut self.stream, &err).await,
+                        None => {
+                            let _ = self.stream.shutdown().await;
+                        }
+                    };
                 }
                 Relayed::ClientError(err) => {
                     let _ = self.stream.write_all(&err.to_bytes()).await;

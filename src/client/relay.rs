@@ -250,6 +250,10 @@ impl Session {
                 if gone.is_some() {
                     return Flow::Stop;
                 }
+            } else if tag == b'E' {
+                // Session mode or pinned: the server's FATAL goes to the
+                // client as it is, and ends its session.
+                gone = route::goodbye(tag, body).filter(|l| l.fatal.is_some()).map(|l| route::Lost { told: true, ..l });
             }
             flight.server(tag, body);
             match tag {

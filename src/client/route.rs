@@ -51,20 +51,25 @@ pub(super) struct Lost {
     /// with one: a client whose session ends with the connection gets it
     /// as the server sent it (SQLSTATE, severity, message).
     pub fatal: Option<Vec<u8>>,
+    /// That FATAL was relayed to the client already (session mode, pinned):
+    /// it is told nothing more.
+    pub told: bool,
 }
 
 impl From<String> for Lost {
     fn from(why: String) -> Self {
-        Lost { why, fatal: None }
+        Lost { why, fatal: None, told: false }
     }
 }
 
 impl Lost {
-    /// What a client whose session ends with the connection is told.
-    pub fn client_error(&self) -> PgError {
+    /// What a client whose session ends with the connection is told
+    /// (`None`: it was told already).
+    pub fn client_error(&self) -> Option<PgError> {
         match &self.fatal {
-            Some(body) => PgError::fatal_from_server(body),
-            None => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {}", self.why)),
+            _ if self.told => None,
+            Some(body) => Some(PgError::fatal_from_server(body)),
+            None => Some(PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {}", self.why))),
         }
     }
 }
@@ -95,7 +100,11 @@ pub(super) fn goodbye(tag: u8, body: &[u8]) -> Option<Lost> {
     let severity = field(&fields, b'V').or(field(&fields, b'S'));
     let fatal = tag == b'E' && matches!(severity, Some("FATAL" | "PANIC"));
     let shutdown = field(&fields, b'C').is_some_and(|c| c.starts_with("57P"));
-    (shutdown || fatal).then(|| Lost { why: describe_server_error(body), fatal: fatal.then(|| body.to_vec()) })
+    (shutdown || fatal).then(|| Lost {
+        why: describe_server_error(body),
+        fatal: fatal.then(|| body.to_vec()),
+        told: false,
+    })
 }
 
 /// What a client is told of a batch whose server connection was lost.
