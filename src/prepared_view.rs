@@ -370,13 +370,20 @@ mod tests;
 
 /// [`rewrite`] for a client whose protocol statements are `stmts`, on a
 /// server connection in naming context `context`; `None` (at the cost of
-/// one scan) for the texts that do not mention the view.
-pub(crate) fn for_client(sql: &str, stmts: &crate::statements::ClientStatements, context: u64) -> Option<String> {
+/// one scan) for the texts that do not mention the view. `named`: the
+/// text is the Parse of the client's statement of that name, which the
+/// view lists too once it is prepared (as PostgreSQL lists it).
+pub(crate) fn for_client(
+    sql: &str,
+    stmts: &crate::statements::ClientStatements,
+    context: u64,
+    named: &str,
+) -> Option<String> {
     use crate::statements::{identity, server_name};
     if !crate::sqlhead::mentions(sql, NAME) {
         return None;
     }
-    let own: Vec<(String, String, String)> = stmts
+    let mut own: Vec<(String, String, String)> = stmts
         .map
         .iter()
         .map(|(name, st)| {
@@ -384,5 +391,10 @@ pub(crate) fn for_client(sql: &str, stmts: &crate::statements::ClientStatements,
             (name.clone(), server_name(identity(st.hash, context)), text)
         })
         .collect();
+    if !named.is_empty() {
+        // Its own server name depends on the rewritten text: listed with
+        // the defaults of a statement this connection does not have.
+        own.push((named.to_string(), String::new(), sql.to_string()));
+    }
     rewrite(sql, &own)
 }
