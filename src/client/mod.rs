@@ -30,6 +30,7 @@ mod abandon;
 mod account;
 mod copy;
 mod life;
+mod lost;
 mod multi;
 mod relay;
 mod route;
@@ -61,7 +62,7 @@ enum Relayed {
     /// Terminate or EOF from the client.
     ClientGone,
     /// The server connection broke.
-    ServerGone(route::Lost),
+    ServerGone(lost::Lost),
     /// The client broke the protocol.
     ClientError(PgError),
     /// A query outlived `query_timeout`.
@@ -338,7 +339,7 @@ impl Session {
                     }
                 }
                 Relayed::Batch => self.rejoin(self.shard_at, server, self.flight.status),
-                Relayed::ServerGone(route::Lost { why, .. }) if replay.is_some() && replica.is_none() => {
+                Relayed::ServerGone(lost::Lost { why, .. }) if replay.is_some() && replica.is_none() => {
                     tracing::warn!(pool = %server.pool().name(), "server connection lost before an answer: {why}");
                     drop(server);
                     if let Some(replay) = replay {
@@ -350,7 +351,7 @@ impl Session {
                         }
                     }
                 }
-                Relayed::ServerGone(route::Lost { why, .. }) if replay.is_some() && replica.is_some() => {
+                Relayed::ServerGone(lost::Lost { why, .. }) if replay.is_some() && replica.is_some() => {
                     // Nothing of the answer reached the client: ban the
                     // replica and run the read elsewhere.
                     if let (Some(r), Some(i), Some(replay)) = (&self.routing, replica, replay) {
@@ -371,7 +372,7 @@ impl Session {
                         PgError::fatal(sqlstate::QUERY_CANCELED, "canceling statement due to query_timeout (pgmux)");
                     return Self::fatal(&mut self.stream, &err).await;
                 }
-                Relayed::ServerGone(route::Lost { why, .. }) if kept && self.keeps_session() => {
+                Relayed::ServerGone(lost::Lost { why, .. }) if kept && self.keeps_session() => {
                     tracing::warn!(pool = %server.pool().name(), "server connection lost mid-answer: {why}");
                     drop(server);
                     if !Box::pin(self.lost_mid_answer(&why)).await {

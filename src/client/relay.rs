@@ -7,7 +7,7 @@
 use bytes::Buf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{account, frame_error, route, Event, Relayed, Session, REPLAY_LIMIT};
+use super::{account, frame_error, lost, Event, Relayed, Session, REPLAY_LIMIT};
 use crate::config::PoolMode;
 use crate::prepared::{self, Ctx};
 use crate::protocol::error::{sqlstate, PgError};
@@ -203,7 +203,7 @@ impl Session {
     /// ParameterStatus changes.
     async fn forward_server(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
         if self.replay.is_some() {
-            if let Some(lost) = route::goodbye_before_ready(&conn.rbuf) {
+            if let Some(lost) = lost::goodbye_before_ready(&conn.rbuf) {
                 // A server shutting down: its goodbye (and any part of an
                 // answer before it) is not the answer.
                 return Some(Relayed::ServerGone(lost));
@@ -246,14 +246,14 @@ impl Session {
             }
             if stop_at_idle && (tag == b'E' || tag == b'N') {
                 // A FATAL ends the connection, not the client's session.
-                gone = route::goodbye(tag, body);
+                gone = lost::goodbye(tag, body);
                 if gone.is_some() {
                     return Flow::Stop;
                 }
             } else if tag == b'E' {
                 // Session mode or pinned: the server's FATAL goes to the
                 // client as it is, and ends its session.
-                gone = route::goodbye(tag, body).filter(|l| l.fatal.is_some()).map(|l| route::Lost { told: true, ..l });
+                gone = lost::goodbye(tag, body).filter(|l| l.fatal.is_some()).map(|l| lost::Lost { told: true, ..l });
             }
             flight.server(tag, body);
             match tag {
