@@ -300,10 +300,15 @@ impl Tracker {
 /// A whole message of `tag` with `body`.
 fn message(tag: u8, body: &[u8]) -> BytesMut {
     let mut b = BytesMut::with_capacity(5 + body.len());
+    put_message(&mut b, tag, body);
+    b
+}
+
+/// Append a whole message of `tag` with `body`.
+fn put_message(b: &mut BytesMut, tag: u8, body: &[u8]) {
     b.put_u8(tag);
     b.put_i32(body.len() as i32 + 4);
     b.put_slice(body);
-    b
 }
 
 /// SQL that makes the server raise `err` (SQLSTATE, message, hint).

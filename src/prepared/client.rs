@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 
-use super::{message, rerun, Ctx, Expect, Invalidations, Statement, Tracker, Undo, Used};
+use super::{message, put_message, rerun, Ctx, Expect, Invalidations, Statement, Tracker, Undo, Used};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::Flow;
 use crate::protocol::messages::{finish_message, start_message};
@@ -40,9 +40,7 @@ impl Tracker {
                         if let Flow::Insert(b) = &flow {
                             out.extend_from_slice(b);
                         }
-                        out.put_u8(tag);
-                        out.put_i32(body.len() as i32 + 4);
-                        out.put_slice(body);
+                        put_message(&mut out, tag, body);
                     }
                     Flow::Replace(b) => out.extend_from_slice(&b),
                     Flow::Drop => {}

@@ -26,7 +26,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::{Ctx, Expect, Tracker};
+use super::{put_message, Ctx, Expect, Tracker};
 use crate::protocol::error::{field, parse_fields, sqlstate, PgError};
 use crate::protocol::frame::Flow;
 
@@ -78,7 +78,7 @@ impl Rerun {
             self.stop();
         }
         if self.state == State::Recording {
-            append(&mut self.bytes, tag, body);
+            put_message(&mut self.bytes, tag, body);
             if tag == b'S' {
                 self.state = State::Closed;
             } else if self.bytes.len() > RERUN_LIMIT {
@@ -99,7 +99,7 @@ impl Rerun {
             return None;
         }
         self.bytes.clear();
-        append(&mut self.bytes, tag, body);
+        put_message(&mut self.bytes, tag, body);
         self.state = State::Recording;
         self.batch += 1;
         Some(self.batch)
@@ -134,12 +134,6 @@ impl Rerun {
     pub(super) fn take(&mut self) -> Option<Again> {
         self.again.take()
     }
-}
-
-fn append(b: &mut BytesMut, tag: u8, body: &[u8]) {
-    b.put_u8(tag);
-    b.put_i32(body.len() as i32 + 4);
-    b.put_slice(body);
 }
 
 /// How a server statement went stale.
@@ -191,7 +185,7 @@ impl Tracker {
             }
             own.put_u8(0);
             let mut message = BytesMut::new();
-            append(&mut message, b'E', &own);
+            put_message(&mut message, b'E', &own);
             *last = Expect::Raise(message);
         }
         flow
@@ -235,7 +229,7 @@ impl Tracker {
         // A batch waiting on a Flush: pgmux ends the failed part itself.
         let sync = self.rerun.state == State::Recording;
         let mut held = BytesMut::with_capacity(body.len() + 5);
-        append(&mut held, b'E', body);
+        put_message(&mut held, b'E', body);
         self.rerun.held = Some(held);
         cx.events.reruns += 1;
         // The server skips the rest of the batch, up to its Sync.
@@ -256,7 +250,7 @@ impl Tracker {
                 self.expect.pop_front();
                 self.status = body.first().copied().unwrap_or(b'I');
                 let mut answer = self.rerun.held.take().unwrap_or_default();
-                append(&mut answer, b'Z', body);
+                put_message(&mut answer, b'Z', body);
                 let resend = (self.status == b'I').then(|| std::mem::take(&mut self.rerun.bytes));
                 self.rerun.stop();
                 self.rerun.again = Some(Again { resend, answer });
