@@ -62,6 +62,10 @@ async fn metrics_and_show_match_a_known_workload() {
         let r = cl.query_one(&stmt, &[&i]).await.unwrap();
         assert_eq!(r.get::<_, i32>(0), i);
     }
+    // Two pipelined: both answers usually arrive in one read, and each
+    // is counted and timed.
+    let (a, b) = futures_util::future::join(cl.query_one(&stmt, &[&7]), cl.query_one(&stmt, &[&8])).await;
+    assert_eq!((a.unwrap().get::<_, i32>(0), b.unwrap().get::<_, i32>(0)), (7, 8));
     let series = |name: &str| format!("pgmux_{name}{{backend=\"{db}\",route=\"primary\"}}");
     // The client may read its last answer before the session gives the
     // connection back: scrape until the session is idle.
@@ -73,15 +77,15 @@ async fn metrics_and_show_match_a_known_workload() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // 10 + 3 + 1 + 4 (prepare, 3 executions) answers; 10 + 1 + 1 + 4
+    // 10 + 3 + 1 + 6 (prepare, 5 executions) answers; 10 + 1 + 1 + 6
     // transactions.
-    assert_eq!(metric(&m, &series("queries_total")), 18.0, "{m}");
-    assert_eq!(metric(&m, &series("transactions_total")), 16.0);
-    assert_eq!(metric(&m, "pgmux_query_duration_seconds_count{route=\"primary\"}"), 18.0);
-    assert_eq!(metric(&m, "pgmux_transaction_duration_seconds_count{route=\"primary\"}"), 16.0);
+    assert_eq!(metric(&m, &series("queries_total")), 20.0, "{m}");
+    assert_eq!(metric(&m, &series("transactions_total")), 18.0);
+    assert_eq!(metric(&m, "pgmux_query_duration_seconds_count{route=\"primary\"}"), 20.0);
+    assert_eq!(metric(&m, "pgmux_transaction_duration_seconds_count{route=\"primary\"}"), 18.0);
     assert_eq!(metric(&m, "pgmux_prepared_statements_total{event=\"miss\"}"), 1.0);
-    // The Describe after the Parse, and the 3 Binds, find it prepared.
-    assert_eq!(metric(&m, "pgmux_prepared_statements_total{event=\"hit\"}"), 4.0);
+    // The Describe after the Parse, and the 5 Binds, find it prepared.
+    assert_eq!(metric(&m, "pgmux_prepared_statements_total{event=\"hit\"}"), 6.0);
     assert_eq!(metric(&m, "pgmux_errors_total{class=\"22\"}"), 1.0);
     assert!(metric(&m, &format!("pgmux_pool_wait_seconds_count{{backend=\"{db}\"}}")) >= 12.0);
     assert_eq!(metric(&m, "pgmux_client_connections{state=\"idle\"}"), 1.0);
@@ -97,9 +101,9 @@ async fn metrics_and_show_match_a_known_workload() {
     assert_eq!((pool[2].as_deref(), pool[5].as_deref(), pool[11].as_deref()), (Some("0"), Some("1"), Some("3")));
     let stats = rows(&admin, "SHOW STATS").await;
     let st = stats.iter().find(|r| r[0].as_deref() == Some(db.as_str())).expect("stats");
-    assert_eq!((st[2].as_deref(), st[3].as_deref()), (Some("16"), Some("18")));
+    assert_eq!((st[2].as_deref(), st[3].as_deref()), (Some("18"), Some("20")));
     let routes = rows(&admin, "SHOW ROUTES").await;
-    assert!(routes.contains(&vec![Some(db.clone()), Some("primary".into()), Some("18".into()), Some("16".into())]));
+    assert!(routes.contains(&vec![Some(db.clone()), Some("primary".into()), Some("20".into()), Some("18".into())]));
     let clients = rows(&admin, "SHOW CLIENTS").await;
     assert_eq!(clients.iter().filter(|r| r[2].as_deref() == Some(db.as_str())).count(), 1);
     assert!(clients.iter().any(|r| r[2].as_deref() == Some("pgmux") && r[3].as_deref() == Some("idle")));

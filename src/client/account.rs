@@ -4,6 +4,7 @@
 //! prepared statement cache — on the handles of the pool whose connection
 //! the session holds.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,8 +17,9 @@ pub(super) struct Account {
     pub metrics: Arc<Metrics>,
     /// The pool of the connection held now.
     pool: Option<Arc<Pool>>,
-    /// When the oldest unanswered query was sent.
-    query_started: Option<Instant>,
+    /// When each unanswered query (Query, Sync) was sent, oldest first:
+    /// a pipelined batch's answers can arrive in one read, each is timed.
+    sent_at: VecDeque<Instant>,
     /// When the current transaction began (its connection's checkout, or
     /// the end of the previous one on it).
     xact_started: Instant,
@@ -45,7 +47,7 @@ pub(super) fn statement_text(tag: u8, body: &[u8]) -> String {
 
 impl Account {
     pub fn new(metrics: Arc<Metrics>) -> Account {
-        Account { metrics, pool: None, query_started: None, xact_started: Instant::now(), slow: None, sql: None }
+        Account { metrics, pool: None, sent_at: VecDeque::new(), xact_started: Instant::now(), slow: None, sql: None }
     }
 
     /// Log queries slower than `threshold` (zero: none).
@@ -55,7 +57,7 @@ impl Account {
 
     /// When the oldest query still unanswered was sent.
     pub fn query_started(&self) -> Option<Instant> {
-        self.query_started
+        self.sent_at.front().copied()
     }
 
     pub fn slow_log(&self) -> bool {
@@ -70,7 +72,7 @@ impl Account {
     /// A connection of `pool` is this session's now.
     pub fn start(&mut self, pool: &Arc<Pool>) {
         self.pool = Some(pool.clone());
-        self.query_started = None;
+        self.sent_at.clear();
         self.xact_started = Instant::now();
     }
 
@@ -80,8 +82,9 @@ impl Account {
             p.metrics.sent.inc_by(bytes as u64);
             p.stats.sent.fetch_add(bytes as u64, Relaxed);
         }
-        if pending > 0 && self.query_started.is_none() {
-            self.query_started = Some(Instant::now());
+        if self.sent_at.len() < pending {
+            let now = Instant::now();
+            self.sent_at.resize(pending, now);
         }
     }
 
@@ -98,12 +101,13 @@ impl Account {
         let now = Instant::now();
         m.queries.inc_by(readies);
         s.queries.fetch_add(readies, Relaxed);
-        if let Some(t) = self.query_started {
-            m.query_seconds.observe((now - t).as_secs_f64());
-            s.query_us.fetch_add((now - t).as_micros() as u64, Relaxed);
-            if self.slow.is_some_and(|limit| now - t >= limit) {
+        for _ in 0..readies {
+            let took = now - self.sent_at.pop_front().unwrap_or(now);
+            m.query_seconds.observe(took.as_secs_f64());
+            s.query_us.fetch_add(took.as_micros() as u64, Relaxed);
+            if self.slow.is_some_and(|limit| took >= limit) {
                 tracing::warn!(
-                    duration_ms = (now - t).as_millis() as u64,
+                    duration_ms = took.as_millis() as u64,
                     database = %p.database,
                     user = %p.user,
                     statement = self.sql.as_deref().unwrap_or("?"),
@@ -111,12 +115,20 @@ impl Account {
                 );
             }
         }
-        self.query_started = (pending > 0).then_some(now);
+        // Answers pgmux itself consumed (a skipped Sync) are not awaited.
+        while self.sent_at.len() > pending {
+            self.sent_at.pop_front();
+        }
         if idle > 0 {
             m.xacts.inc_by(idle);
             s.xacts.fetch_add(idle, Relaxed);
-            m.xact_seconds.observe((now - self.xact_started).as_secs_f64());
-            s.xact_us.fetch_add((now - self.xact_started).as_micros() as u64, Relaxed);
+            // Transactions pipelined behind the first ended with it.
+            let took = now - self.xact_started;
+            m.xact_seconds.observe(took.as_secs_f64());
+            for _ in 1..idle {
+                m.xact_seconds.observe(0.0);
+            }
+            s.xact_us.fetch_add(took.as_micros() as u64, Relaxed);
             self.xact_started = now;
         }
     }
