@@ -40,6 +40,8 @@ pub struct PoolMetrics {
     /// prepared again; and the batches pgmux re-ran for that.
     pub prepared_stale: IntCounter,
     pub prepared_reruns: IntCounter,
+    /// Statements whose shape a client was told, checked after DDL.
+    pub prepared_checks: IntCounter,
 }
 
 pub struct Metrics {
@@ -142,6 +144,7 @@ impl Metrics {
             prepared_evictions: self.prepared.with_label_values(&["eviction"]),
             prepared_stale: self.prepared.with_label_values(&["stale"]),
             prepared_reruns: self.prepared.with_label_values(&["rerun"]),
+            prepared_checks: self.prepared.with_label_values(&["check"]),
         }
     }
 

@@ -17,7 +17,9 @@
 //! lookup failed for type ...`): [`rerun`] drops it everywhere and, when no
 //! byte of the failed batch's answer reached the client, runs the batch
 //! again on a fresh statement. DDL relayed (a `CREATE`/`ALTER`/`DROP`
-//! command completed) invalidates every statement of the database.
+//! command completed) invalidates every statement of the database; a
+//! statement whose result shape a client was told is then checked (a
+//! Describe of pgmux's own) before the client uses it again.
 //!
 //! Answers pgmux gives itself must reach the client in protocol order, and
 //! answers to injected messages must not reach it at all, so a [`Tracker`]
@@ -81,6 +83,13 @@ enum Expect {
     CopyEnd,
     /// A reply (by tag) to a message pgmux injected: not for the client.
     Hidden(u8),
+    /// The description (hidden) of a statement whose shape the client was
+    /// told before a schema change, checked before its use (`upto`: that
+    /// change, see [`Invalidations::all_seq`]); the client's message waits.
+    Verify {
+        stmt: Arc<Statement>,
+        upto: u64,
+    },
     /// The error pgmux had the server raise: the client gets this message
     /// (PostgreSQL's own fields) in its place.
     Raise(BytesMut),
@@ -134,6 +143,11 @@ pub struct Tracker {
     /// rollback may take with it what they were planned with (a type
     /// created in it), so it drops them.
     in_block: Vec<u64>,
+    /// A statement's shape is being checked (`Expect::Verify`): the
+    /// client's messages wait.
+    verifying: bool,
+    /// The check is over: the session sends the client's messages again.
+    resume: bool,
 }
 
 impl Default for Tracker {
@@ -147,6 +161,8 @@ impl Default for Tracker {
             ddl: false,
             param_desc: None,
             in_block: Vec::new(),
+            verifying: false,
+            resume: false,
         }
     }
 }
@@ -176,6 +192,8 @@ pub struct CacheEvents {
     pub stale: Vec<(u64, Option<u64>)>,
     /// Batches run again after a stale statement.
     pub reruns: u64,
+    /// Shapes a client was told, checked after DDL (`Expect::Verify`).
+    pub checks: u64,
     /// A transaction that ran DDL ended: every statement may be stale.
     pub schema_changed: bool,
 }
@@ -206,6 +224,8 @@ impl Tracker {
         self.ddl = false;
         self.param_desc = None;
         self.in_block.clear();
+        self.verifying = false;
+        self.resume = false;
     }
 
     /// A batch whose statement was stale, to send again (then the client's
@@ -230,10 +250,17 @@ impl Tracker {
         self.rerun.take_sync()
     }
 
-    /// The server's answer to a batch is held back until a re-run: send
-    /// the client's next messages after it.
+    /// The server's answer to a batch is held back until a re-run, or a
+    /// statement's shape is being checked: send the client's next messages
+    /// after it.
     pub fn holding(&self) -> bool {
-        self.rerun.holding()
+        self.rerun.holding() || self.verifying
+    }
+
+    /// A statement's shape was checked (see `Expect::Verify`): send the
+    /// client's messages that waited for it now.
+    pub fn take_resume(&mut self) -> bool {
+        std::mem::take(&mut self.resume)
     }
 
     /// Answers of pgmux's own that are due now (all earlier replies have

@@ -32,6 +32,11 @@ pub struct Statement {
     told: AtomicU64,
     /// The invalidation epoch up to which `told` was checked.
     checked: AtomicU64,
+    /// The result shape the client was told (see [`result_shape`]).
+    shape: AtomicU64,
+    /// The last schema change (see [`Invalidations::all_seq`]) after
+    /// which a server statement was found to still have that shape.
+    verified: AtomicU64,
     /// Its server statement changed result type after the client was
     /// told its shape: every use fails, as on PostgreSQL, until the client
     /// prepares it again.
@@ -89,6 +94,28 @@ pub(crate) fn put_server_name(b: &mut BytesMut, ident: u64) {
     b.put_u8(0);
 }
 
+/// What of a RowDescription (`tag` `T`, its body) or NoData (`n`) makes a
+/// statement's result type, as PostgreSQL compares it when it re-plans
+/// (column names, types and type modifiers; not the source table, which
+/// may be a new one of the same shape): its hash, 0 if unreadable.
+pub(crate) fn result_shape(tag: u8, body: &[u8]) -> u64 {
+    if tag == b'n' {
+        return 1;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let Some((count, mut rest)) = body.split_first_chunk::<2>() else { return 0 };
+    for _ in 0..i16::from_be_bytes(*count) {
+        let Some(end) = rest.iter().position(|&b| b == 0) else { return 0 };
+        // name, table oid (4), column number (2), type oid (4), type
+        // length (2), type modifier (4), format (2)
+        let Some(field) = rest.get(end + 1..end + 19) else { return 0 };
+        h.write(&rest[..end]);
+        h.write(&field[6..16]);
+        rest = &rest[end + 19..];
+    }
+    h.finish().max(2)
+}
+
 impl Statement {
     /// The query text (for routing).
     pub fn query(&self) -> &[u8] {
@@ -111,6 +138,8 @@ impl Statement {
             body: Bytes::copy_from_slice(query_and_types),
             told: AtomicU64::new(0),
             checked: AtomicU64::new(0),
+            shape: AtomicU64::new(0),
+            verified: AtomicU64::new(0),
             stale_shape: AtomicBool::new(false),
         }
     }
@@ -123,10 +152,32 @@ impl Statement {
         finish_message(out, at);
     }
 
-    /// The client was told its shape by the server statement prepared as
-    /// number `seq` (see [`Invalidations::next_seq`]).
-    pub(crate) fn mark_described(&self, seq: u64) {
+    /// The client was told its shape (see [`result_shape`]) by the server
+    /// statement prepared as number `seq` (see [`Invalidations::next_seq`]).
+    pub(crate) fn mark_described(&self, seq: u64, shape: u64) {
+        self.shape.store(shape, Ordering::Relaxed);
         self.told.store(seq + 1, Ordering::Relaxed);
+    }
+
+    /// Whether the shape the client was told must be checked before the
+    /// statement is used: it was told before the schema last changed
+    /// through pgmux (`all_seq`), and not checked since.
+    pub(crate) fn unverified(&self, all_seq: u64) -> bool {
+        self.told().is_some_and(|told| told <= all_seq)
+            && self.verified.load(Ordering::Relaxed) < all_seq
+            && !self.stale_shape()
+    }
+
+    /// A server statement prepared after the schema change `all_seq`
+    /// answers with `shape`: the same as the client was told (it may be
+    /// used), or not (it fails from now on, as on PostgreSQL).
+    pub(crate) fn verified(&self, all_seq: u64, shape: u64) {
+        let told = self.shape.load(Ordering::Relaxed);
+        if told == shape || told == 0 || shape == 0 {
+            self.verified.fetch_max(all_seq, Ordering::Relaxed);
+        } else {
+            self.mark_stale_shape();
+        }
     }
 
     /// The preparation number of the statement that told the client its
@@ -288,6 +339,9 @@ pub struct Invalidations {
     reshaped: Mutex<HashMap<u64, u64>>,
     /// Numbers server statements as they are prepared (their order).
     seq: AtomicU64,
+    /// The last preparation number issued before the schema last changed
+    /// through pgmux ([`Invalidations::all`]).
+    all_seq: AtomicU64,
 }
 
 impl Invalidations {
@@ -320,9 +374,17 @@ impl Invalidations {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// The schema changed (DDL relayed): drop every statement.
+    /// The schema changed (DDL relayed): drop every statement. Statements
+    /// whose shape a client was told are checked before their next use
+    /// (see [`Statement::unverified`]).
     pub fn all(&self) {
+        self.all_seq.fetch_max(self.seq.load(Ordering::Relaxed), Ordering::Relaxed);
         self.push(None);
+    }
+
+    /// See [`Invalidations::all`].
+    pub fn all_seq(&self) -> u64 {
+        self.all_seq.load(Ordering::Relaxed)
     }
 
     fn push(&self, what: Option<u64>) {
@@ -402,4 +464,38 @@ pub(crate) fn tiny(tag: u8) -> BytesMut {
     b.put_u8(tag);
     b.put_i32(4);
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::result_shape;
+
+    /// A RowDescription body of columns (name, table oid, type oid, typmod).
+    fn row_description(cols: &[(&str, i32, i32, i32)]) -> Vec<u8> {
+        let mut b = (cols.len() as i16).to_be_bytes().to_vec();
+        for (name, table, ty, typmod) in cols {
+            b.extend_from_slice(name.as_bytes());
+            b.push(0);
+            b.extend_from_slice(&table.to_be_bytes());
+            b.extend_from_slice(&1i16.to_be_bytes());
+            b.extend_from_slice(&ty.to_be_bytes());
+            b.extend_from_slice(&4i16.to_be_bytes());
+            b.extend_from_slice(&typmod.to_be_bytes());
+            b.extend_from_slice(&0i16.to_be_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn result_shape_is_names_and_types_not_tables() {
+        let shape = |cols| result_shape(b'T', &row_description(cols));
+        let base = shape(&[("id", 100, 23, -1), ("v", 100, 25, -1)]);
+        assert!(base > 1);
+        assert_eq!(base, shape(&[("id", 200, 23, -1), ("v", 200, 25, -1)]), "a table made again");
+        assert_ne!(base, shape(&[("id", 100, 20, -1), ("v", 100, 25, -1)]), "a type changed");
+        assert_ne!(base, shape(&[("id", 100, 23, -1)]), "a column gone");
+        assert_ne!(base, shape(&[("id", 100, 23, -1), ("w", 100, 25, -1)]), "a column renamed");
+        assert_eq!(result_shape(b'n', b""), 1);
+        assert_eq!(result_shape(b'T', &row_description(&[("id", 1, 23, -1)])[..8]), 0, "cut short");
+    }
 }

@@ -297,3 +297,123 @@ async fn statements_prepared_in_a_rolled_back_savepoint() {
     }
     p.stop().await;
 }
+
+/// What each of a client's described statements answers after DDL run by
+/// another client: (SQLSTATE or "ok" with the column count) per statement.
+async fn after_ddl(a: &tokio_postgres::Client, stmts: &[tokio_postgres::Statement]) -> Vec<String> {
+    let mut out = Vec::new();
+    for st in stmts {
+        out.push(match a.query(st, &[]).await {
+            Ok(rows) => format!("ok {}", rows.first().map_or(0, |r| r.len())),
+            Err(e) => code(&e).to_string(),
+        });
+    }
+    out
+}
+
+/// A client told its statements' shapes (tokio-postgres describes what it
+/// prepares), then DDL relayed through pgmux by another client: every
+/// statement answers as it would on the client's own connection — the
+/// one whose columns changed fails with 0A000 (never rows of a shape it
+/// was not told), one of a dropped table with 42P01, the others run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn described_statements_across_ddl_through_pgmux() {
+    let db = support::fresh_db("stale_told");
+    let p = support::proxy(&db, "default_pool_size = 2").await;
+    let setup = "CREATE TABLE t4 (id int, v text); CREATE TABLE t5 (id int); CREATE TABLE t6 (id int); \
+                 INSERT INTO t4 VALUES (1, 'a'); INSERT INTO t5 VALUES (1); INSERT INTO t6 VALUES (1); \
+                 GRANT ALL ON t4, t5, t6 TO PUBLIC; ";
+    let setup = format!(
+        "{setup} ALTER TABLE t4 OWNER TO {u}; ALTER TABLE t5 OWNER TO {u}; ALTER TABLE t6 OWNER TO {u}",
+        u = APP.0
+    );
+    support::direct(&db).await.batch_execute(&setup).await.unwrap();
+    let texts = ["SELECT * FROM t4", "SELECT id FROM t5", "SELECT * FROM t6", "SELECT id FROM t4"];
+    let ddl = "ALTER TABLE t4 ADD COLUMN note text DEFAULT 'x'; DROP TABLE t6";
+    let mut answers = Vec::new();
+    for through_pgmux in [false, true] {
+        let (a, b) = if through_pgmux {
+            (support::app(&p, &db).await, support::app(&p, &db).await)
+        } else {
+            (support::direct(&db).await, support::direct(&db).await)
+        };
+        let mut stmts = Vec::new();
+        for t in texts {
+            stmts.push(a.prepare(t).await.unwrap());
+        }
+        assert_eq!(after_ddl(&a, &stmts).await, ["ok 2", "ok 1", "ok 1", "ok 1"]);
+        b.batch_execute(ddl).await.unwrap();
+        let mut seen = vec![after_ddl(&a, &stmts).await];
+        // And again (still failing, as on PostgreSQL), then inside a
+        // transaction block.
+        seen.push(after_ddl(&a, &stmts[1..2]).await);
+        a.batch_execute("BEGIN").await.unwrap();
+        seen.push(after_ddl(&a, &stmts[3..]).await);
+        seen.push(after_ddl(&a, &stmts[..1]).await);
+        a.batch_execute("ROLLBACK").await.unwrap();
+        seen.push(after_ddl(&a, &stmts[..1]).await);
+        // Preparing again mends it.
+        let fresh = a.prepare(texts[0]).await.unwrap();
+        seen.push(after_ddl(&a, &[fresh]).await);
+        answers.push(seen);
+        // The same schema for the next round.
+        support::direct(&db).await.batch_execute(&format!("DROP TABLE IF EXISTS t4, t5, t6; {setup}")).await.unwrap();
+    }
+    let expected = vec![
+        vec!["0A000", "ok 1", "42P01", "ok 1"],
+        vec!["ok 1"],
+        vec!["ok 1"],
+        vec!["0A000"],
+        vec!["0A000"],
+        vec!["ok 3"],
+    ];
+    assert_eq!(answers[0], expected, "directly");
+    assert_eq!(answers[1], expected, "through pgmux");
+    p.stop().await;
+}
+
+/// The check of a described statement's shape after DDL, in the middle
+/// of a pipelined batch: behind an Execute that fails (the server skips
+/// the check; the client gets that error, nothing hangs) and behind one
+/// that runs (its rows, then the 0A000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shape_check_in_a_pipeline() {
+    let db = support::fresh_db("stale_pipe");
+    let p = support::proxy(&db, "default_pool_size = 1").await;
+    let other = support::app(&p, &db).await;
+    other.batch_execute("CREATE TABLE t7 (id int); INSERT INTO t7 VALUES (1)").await.unwrap();
+    let mut c = Raw::login(p.addr.port(), APP.0, APP.1, &db, &[]).await;
+    let mut m = BytesMut::new();
+    raw::parse(&mut m, "q", "SELECT * FROM t7");
+    raw::describe_statement(&mut m, "q");
+    raw::sync(&mut m);
+    c.send(&m).await;
+    c.until_ready().await;
+    other.batch_execute("ALTER TABLE t7 ADD COLUMN w int DEFAULT 2").await.unwrap();
+    let within = std::time::Duration::from_secs(10);
+    let mut m = BytesMut::new();
+    raw::failing_execute(&mut m);
+    raw::bind(&mut m, "", "q", &[]);
+    raw::execute(&mut m, "", 0);
+    raw::sync(&mut m);
+    c.send(&m).await;
+    let got = tokio::time::timeout(within, c.until_ready()).await.expect("an answer");
+    let (rows, errors) = raw::rows_and_errors(&got);
+    assert!(rows.is_empty() && errors.len() == 1 && errors[0].starts_with("22012"), "{rows:?} {errors:?}");
+    let mut m = BytesMut::new();
+    raw::parse(&mut m, "", "SELECT 5");
+    raw::bind(&mut m, "", "", &[]);
+    raw::execute(&mut m, "", 0);
+    raw::bind(&mut m, "", "q", &[]);
+    raw::execute(&mut m, "", 0);
+    raw::sync(&mut m);
+    c.send(&m).await;
+    let got = tokio::time::timeout(within, c.until_ready()).await.expect("an answer");
+    assert_eq!(
+        raw::rows_and_errors(&got),
+        (vec!["5".to_string()], vec!["0A000 cached plan must not change result type".to_string()])
+    );
+    // The connection is clean for the next client.
+    assert_eq!(support::scalar(&other, "SELECT count(*) FROM t7").await, "1");
+    p.stop().await;
+}

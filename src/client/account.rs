@@ -141,6 +141,7 @@ impl Account {
             (&m.prepared_evictions, e.evictions),
             (&m.prepared_stale, e.stale.len() as u64),
             (&m.prepared_reruns, e.reruns),
+            (&m.prepared_checks, e.checks),
         ] {
             if n > 0 {
                 counter.inc_by(n);

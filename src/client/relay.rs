@@ -55,6 +55,8 @@ impl Session {
                 }
                 Event::Server(Err(e)) => return Relayed::ServerGone(e.to_string().into()),
                 Event::Server(Ok(_)) => match self.forward_server(conn).await {
+                    // The client's messages waited for a statement check.
+                    None if self.tracker.take_resume() => self.forward_client(conn).await,
                     // A batch held back: send it once this one is answered,
                     // unless the transaction ended (it is routed anew).
                     None if self.held

@@ -1,9 +1,9 @@
 //! The client side of the tracker: each client message on its way to the
 //! server, rewritten where the server knows the statement under another
 //! name (Parse answered by pgmux, Bind/Describe renamed with the Parse
-//! injected when the server lacks it, stale statements closed first,
-//! `pg_prepared_statements` read as the client's own), with the replies it
-//! will bring queued in order.
+//! injected when the server lacks it, stale statements closed first, a
+//! told shape checked first after DDL, `pg_prepared_statements` read as
+//! the client's own), with the replies it will bring queued in order.
 
 use std::sync::Arc;
 
@@ -26,6 +26,9 @@ impl Tracker {
             }
             return Flow::Forward;
         }
+        if let Some(flow) = self.verify_first(tag, body, cx) {
+            return flow;
+        }
         self.rerun.message(tag, body);
         let closes = match tag {
             b'P' | b'B' | b'D' | b'C' | b'E' | b'H' | b'S' if !self.server_skipping => self.close_doomed(cx),
@@ -43,11 +46,52 @@ impl Tracker {
                         put_message(&mut out, tag, body);
                     }
                     Flow::Replace(b) => out.extend_from_slice(&b),
+                    Flow::StopAfter(b) => {
+                        out.extend_from_slice(&b);
+                        return Flow::StopAfter(out);
+                    }
                     Flow::Drop => {}
                 }
                 Flow::Replace(out)
             }
         }
+    }
+
+    /// A Bind or Describe of a statement whose shape the client was told
+    /// before the schema last changed through pgmux: first a Describe of
+    /// pgmux's own (prepared fresh if this server lacks it) says whether
+    /// the server would still give that shape. The message waits for the
+    /// answer (`Flow::StopAfter`) and comes again; if the shape changed it
+    /// fails then, as on the client's own connection.
+    fn verify_first(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Option<Flow> {
+        if self.server_skipping || self.verifying {
+            return None;
+        }
+        let name = match tag {
+            b'B' => split_cstr(body).and_then(|(_, rest)| split_cstr(rest)).map(|(name, _)| name),
+            b'D' => body.strip_prefix(b"S").and_then(split_cstr).map(|(name, _)| name),
+            _ => None,
+        };
+        let upto = cx.log?.all_seq();
+        let stmt = cx.stmts.map.get(name.filter(|n| !n.is_empty())?)?;
+        if !stmt.unverified(upto) {
+            return None;
+        }
+        let stmt = stmt.clone();
+        let mut out = self.close_doomed(cx).unwrap_or_default();
+        let ident = identity(stmt.hash, cx.server.context);
+        if !cx.server.touch(ident) {
+            self.prepare_on_server(&stmt, ident, cx, &mut out, None, true);
+        }
+        let at = start_message(&mut out, b'D');
+        out.put_u8(b'S');
+        put_server_name(&mut out, ident);
+        finish_message(&mut out, at);
+        put_message(&mut out, b'H', &[]);
+        self.expect.push_back(Expect::Verify { stmt, upto });
+        self.verifying = true;
+        cx.events.checks += 1;
+        Some(Flow::StopAfter(out))
     }
 
     /// Close statements found stale on this server (hidden), ahead of the

@@ -5,6 +5,7 @@
 
 use super::{message, rerun, Ctx, Event, Expect, Tracker, Undo};
 use crate::protocol::frame::Flow;
+use crate::statements::result_shape;
 
 impl Tracker {
     /// A server message on its way to the client (`whole`: its body is
@@ -18,6 +19,14 @@ impl Tracker {
         let mut before = None;
         let head = self.expect.front();
         match tag {
+            b't' if matches!(head, Some(Expect::Verify { .. })) => hide = true,
+            b'T' | b'n' if matches!(head, Some(Expect::Verify { .. })) => {
+                if let Some(Expect::Verify { stmt, upto }) = self.expect.pop_front() {
+                    stmt.verified(upto, result_shape(tag, body));
+                }
+                self.verified();
+                hide = true;
+            }
             b't' if whole && matches!(head, Some(Expect::Describe(Some(_)))) => {
                 self.param_desc = Some(message(tag, body));
                 hide = true;
@@ -44,7 +53,7 @@ impl Tracker {
             }
             b'T' | b'n' if matches!(head, Some(Expect::Describe(_))) => {
                 if let Some(Expect::Describe(Some(used))) = self.expect.pop_front() {
-                    used.client.mark_described(cx.server.seq(used.ident).unwrap_or(0));
+                    used.client.mark_described(cx.server.seq(used.ident).unwrap_or(0), result_shape(tag, body));
                 }
                 before = self.param_desc.take();
             }
@@ -86,6 +95,12 @@ impl Tracker {
         }
         let due = self.due();
         (compose(tag, body, hide, before, due), event)
+    }
+
+    /// A statement's shape check is over: the client's messages go on.
+    fn verified(&mut self) {
+        self.verifying = false;
+        self.resume = true;
     }
 
     /// A COPY started: Syncs queued behind the COPY's Execute (and before
@@ -160,6 +175,9 @@ impl Tracker {
                         }
                         Some(Expect::Close { doomed: Some(h), .. }) => cx.server.doomed.push(h),
                         Some(Expect::Query | Expect::FunctionCall) => skipped += 1,
+                        // The check did not run: the client's message goes
+                        // to a server skipping to the Sync.
+                        Some(Expect::Verify { .. }) => self.verified(),
                         _ => {}
                     }
                 }

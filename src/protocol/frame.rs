@@ -117,6 +117,9 @@ pub enum Flow {
     Replace(BytesMut),
     /// Send these bytes, then the message.
     Insert(BytesMut),
+    /// Send these bytes, then stop as [`Flow::Stop`] does: the message
+    /// waits for an answer to them.
+    StopAfter(BytesMut),
 }
 
 /// The result of one [`Relay::scan`].
@@ -200,6 +203,10 @@ impl Relay {
             let flow = on_msg(tag, if whole { &buf[pos + HEADER_LEN..end] } else { &[] });
             match flow {
                 Flow::Stop => return done(out, run, pos),
+                Flow::StopAfter(bytes) => {
+                    edit(&mut out, &mut run, pos, &bytes, pos);
+                    return done(out, run, pos);
+                }
                 Flow::Drop if whole => edit(&mut out, &mut run, pos, &[], end),
                 Flow::Replace(bytes) if whole => edit(&mut out, &mut run, pos, &bytes, end),
                 Flow::Insert(bytes) => edit(&mut out, &mut run, pos, &bytes, pos),
@@ -328,6 +335,29 @@ mod tests {
         expect.extend(msg(b'3', b""));
         expect.extend(msg(b'D', b"row"));
         expect.extend(msg(b'Z', b"T"));
+        assert_eq!(scan.rewritten.unwrap().to_vec(), expect);
+    }
+
+    #[test]
+    fn stop_after_sends_its_bytes_and_keeps_the_message() {
+        let mut wire = msg(b'P', b"p");
+        wire.extend(msg(b'B', b"b"));
+        wire.extend(msg(b'S', b""));
+        let mut relay = Relay::default();
+        let scan = relay
+            .scan(
+                &wire,
+                MAX_MESSAGE_LEN,
+                |_| true,
+                |t, _| match t {
+                    b'B' => Flow::StopAfter(BytesMut::from(&msg(b'H', b"")[..])),
+                    _ => Flow::Forward,
+                },
+            )
+            .unwrap();
+        assert_eq!(scan.consumed, 6, "the Bind and what follows wait");
+        let mut expect = msg(b'P', b"p");
+        expect.extend(msg(b'H', b""));
         assert_eq!(scan.rewritten.unwrap().to_vec(), expect);
     }
 }

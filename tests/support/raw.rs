@@ -229,6 +229,13 @@ pub fn describe_portal(b: &mut BytesMut, portal: &str) {
     finish(b, b'D', body);
 }
 
+pub fn describe_statement(b: &mut BytesMut, name: &str) {
+    let mut body = BytesMut::new();
+    body.put_u8(b'S');
+    put_cstr(&mut body, name);
+    finish(b, b'D', body);
+}
+
 pub fn execute(b: &mut BytesMut, portal: &str, max_rows: i32) {
     let mut body = BytesMut::new();
     put_cstr(&mut body, portal);
