@@ -11,10 +11,12 @@
 //! `$tag$…$tag$` literals, `"…"` identifiers, `--` and nested `/* */`
 //! comments, and rewrites the name (`pg_prepared_statements`,
 //! `pg_catalog.pg_prepared_statements`, any case, or `"pg_prepared_statements"`
-//! quoted) only where a relation stands: after `FROM`, `JOIN`, `USING`, after
-//! a comma of a `FROM` list, and as `TABLE pg_prepared_statements` at the
+//! quoted), and calls of the function behind it (`pg_prepared_statement()`),
+//! only where a relation stands: after `FROM`, `JOIN`, `USING`, after a
+//! comma of a `FROM` list, and as `TABLE pg_prepared_statements` at the
 //! start of a statement. Limits:
-//! - other uses are left alone: a whole-row or qualified column reference
+//! - other uses are left alone: the function called in a select list or
+//!   `WITH ORDINALITY`, a whole-row or qualified column reference
 //!   (`pg_prepared_statements.name` still works: the derived table takes
 //!   that alias), `FROM ONLY …`, `UPDATE` / `LOCK TABLE` / DDL naming the
 //!   view, `U&"…"` identifiers, and SQL inside literals (function bodies);
@@ -34,6 +36,8 @@ use std::fmt::Write;
 use crate::protocol::messages::quote_literal;
 
 const NAME: &[u8] = b"pg_prepared_statements";
+/// The function behind the view (a prefix of its name).
+const FUNCTION: &[u8] = b"pg_prepared_statement";
 
 /// PostgreSQL's reserved and type/function-name keywords: the words that
 /// cannot be a table alias written without `AS`.
@@ -57,7 +61,7 @@ const END_FROM: &str =
 /// client's protocol-level statements: (client name, server name
 /// `pgmux_<hash>`, query text).
 pub fn rewrite(sql: &str, own: &[(String, String, String)]) -> Option<String> {
-    if !crate::sqlhead::mentions(sql, NAME) {
+    if !crate::sqlhead::mentions(sql, FUNCTION) {
         return None;
     }
     let refs = references(sql.as_bytes());
@@ -74,7 +78,7 @@ pub fn rewrite(sql: &str, own: &[(String, String, String)]) -> Option<String> {
         }
         out.push_str(&sub);
         if !r.aliased {
-            out.push_str(" AS pg_prepared_statements");
+            out.push_str(if r.function { " AS pg_prepared_statement" } else { " AS pg_prepared_statements" });
         }
         copied = r.end;
     }
@@ -120,6 +124,8 @@ struct Ref {
     aliased: bool,
     /// `TABLE pg_prepared_statements`: `start` is at `TABLE`.
     table: bool,
+    /// A call of the function behind the view, `pg_prepared_statement()`.
+    function: bool,
 }
 
 /// Blank: white space or a comment. Word: a keyword or unquoted identifier.
@@ -161,13 +167,14 @@ fn references(b: &[u8]) -> Vec<Ref> {
             continue;
         }
         let end = if scan.relation_next || scan.table_at.is_some() { reference_end(b, t) } else { None };
-        if let Some(end) = end {
+        if let Some((end, function)) = end {
             let table = scan.table_at.is_some();
             refs.push(Ref {
                 start: scan.table_at.unwrap_or(t.start),
                 end,
                 aliased: !table && next_is_alias(b, end),
                 table,
+                function,
             });
             i = end;
             scan.step(b, Tok { kind: Kind::Literal, start: t.start, end });
@@ -223,18 +230,26 @@ impl Scan {
 }
 
 /// When `t` starts a reference to the view (`[pg_catalog.]name`, not a
-/// qualifier `name.column`): where it ends.
-fn reference_end(b: &[u8], t: Tok) -> Option<usize> {
+/// qualifier `name.column`) or a call of its function
+/// (`[pg_catalog.]pg_prepared_statement()`): where it ends, and whether it
+/// is the call.
+fn reference_end(b: &[u8], t: Tok) -> Option<(usize, bool)> {
     let name = if is_ident(b, t, b"pg_catalog") {
         let dot = next_significant(b, t.end).filter(|d| d.kind == Kind::Punct(b'.'))?;
         next_significant(b, dot.end)?
     } else {
         t
     };
+    if is_ident(b, name, FUNCTION) {
+        let open = next_significant(b, name.end).filter(|t| t.kind == Kind::Punct(b'('))?;
+        let close = next_significant(b, open.end).filter(|t| t.kind == Kind::Punct(b')'))?;
+        let ordinality = next_significant(b, close.end).is_some_and(|w| is_ident(b, w, b"with"));
+        return (!ordinality).then_some((close.end, true));
+    }
     if !is_ident(b, name, NAME) || next_significant(b, name.end).is_some_and(|n| n.kind == Kind::Punct(b'.')) {
         return None;
     }
-    Some(name.end)
+    Some((name.end, false))
 }
 
 /// Whether the user wrote an alias after the reference ending at `at`.
@@ -380,7 +395,7 @@ pub(crate) fn for_client(
     named: &str,
 ) -> Option<String> {
     use crate::statements::{identity, server_name};
-    if !crate::sqlhead::mentions(sql, NAME) {
+    if !crate::sqlhead::mentions(sql, FUNCTION) {
         return None;
     }
     let mut own: Vec<(String, String, String)> = stmts

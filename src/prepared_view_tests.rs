@@ -23,7 +23,6 @@ fn short(sql: &str) -> Option<String> {
 fn untouched_without_the_name() {
     assert_eq!(rewrite("SELECT 1", &two()), None);
     assert_eq!(rewrite("", &two()), None);
-    assert_eq!(rewrite("SELECT * FROM pg_prepared_statement()", &two()), None);
     assert_eq!(rewrite("SELECT * FROM pg_stat_activity", &two()), None);
 }
 
@@ -63,6 +62,10 @@ fn untouched_outside_a_relation_position() {
         "SELECT * FROM f(1, pg_prepared_statements)",
         "SELECT * FROM t pg_prepared_statements",
         "SELECT * FROM t WHERE x = $1 OR pg_prepared_statements",
+        "SELECT pg_prepared_statement()",
+        "SELECT * FROM pg_prepared_statement() WITH ORDINALITY",
+        "SELECT * FROM pg_prepared_statement",
+        "SELECT * FROM myschema.pg_prepared_statement()",
     ] {
         assert_eq!(rewrite(sql, &two()), None, "{sql}");
     }
@@ -166,6 +169,13 @@ fn every_relation_position() {
             "SELECT 'FROM pg_prepared_statements', $$x$$ FROM V AS pg_prepared_statements -- pg_prepared_statements",
         ),
         ("SELECT 'é' FROM pg_prepared_statements", "SELECT 'é' FROM V AS pg_prepared_statements"),
+        // The function behind the view.
+        ("SELECT name FROM pg_prepared_statement()", "SELECT name FROM V AS pg_prepared_statement"),
+        ("SELECT * FROM pg_catalog.pg_prepared_statement ( ) p", "SELECT * FROM V p"),
+        (
+            "SELECT pg_prepared_statement.name FROM t, PG_PREPARED_STATEMENT()",
+            "SELECT pg_prepared_statement.name FROM t, V AS pg_prepared_statement",
+        ),
     ] {
         assert_eq!(short(sql).as_deref(), Some(want), "{sql}");
     }

@@ -254,6 +254,11 @@ async fn prepared_statements_view_is_the_clients_own() {
     assert_eq!(rows, vec!["mine: SELECT 2 /* client B */".to_string()]);
     let (rows, _) = a.query("SELECT count(*) FROM pg_catalog.pg_prepared_statements p WHERE p.name = 'card'").await;
     assert_eq!(rows, vec!["1".to_string()]);
+    // The function behind the view.
+    let (rows, errors) =
+        b.query("SELECT string_agg(name || ': ' || statement, ',') FROM pg_prepared_statement()").await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(rows, vec!["mine: SELECT 2 /* client B */".to_string()]);
     // The extended protocol (psycopg's default), unnamed.
     let mut m = BytesMut::new();
     raw::parse(&mut m, "", "SELECT string_agg(name, ',') FROM pg_prepared_statements");
