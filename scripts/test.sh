@@ -29,4 +29,4 @@ fi
 # and packages.
 bash tests/drivers/install.sh
 
-exec cargo test "$@"
+exec cargo test --workspace "$@"

@@ -2,16 +2,16 @@
 //! binaries — a primary and two streaming replicas in a temp dir on free
 //! loopback ports — with pgmux in front. Ctrl-C tears it all down.
 
-use crate::config::Config;
-use crate::pgcluster::{free_port, Cluster, ClusterError, ClusterSpec, HbaMethod, PgBin, Role};
-use crate::proxy::Proxy;
+use pgmux::config::Config;
+use pgmux::proxy::Proxy;
+use pgmux_testkit::{free_port, Cluster, ClusterError, ClusterSpec, HbaMethod, PgBin, Role};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error("{0}")]
     Cluster(#[from] ClusterError),
     #[error("{0}")]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] pgmux::config::ConfigError),
     #[error("pgmux could not listen: {0}")]
     Listen(std::io::Error),
     #[error("{0}")]

@@ -12,7 +12,6 @@ pub mod client;
 pub mod clients;
 pub mod config;
 pub mod control;
-pub mod demo;
 pub mod flight;
 
 pub mod login;
@@ -20,9 +19,6 @@ pub mod metrics;
 pub mod prepared;
 pub mod prepared_view;
 
-pub mod pgbin;
-pub mod pgcerts;
-pub mod pgcluster;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+#[cfg(feature = "demo")]
+mod demo;
+
 use pgmux::config::{Config, LogFormat};
 use pgmux::proxy::Proxy;
 
@@ -126,23 +129,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Demo { install, port }) => {
-            init_logging("info", LogFormat::Text);
-            let rt = match runtime(0) {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(pgmux::demo::run(install, port)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("demo failed: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Some(Command::Demo { install, port }) => run_demo(install, port),
         None => {
             let Some(path) = cli.config else {
                 eprintln!("usage: pgmux --config FILE | pgmux check-config FILE | pgmux demo (see --help)");
@@ -212,4 +199,29 @@ async fn serve(config: Config, path: std::path::PathBuf) -> ExitCode {
     running.stop().await;
     tracing::info!("pgmux stopped");
     ExitCode::SUCCESS
+}
+
+#[cfg(feature = "demo")]
+fn run_demo(install: bool, port: Option<u16>) -> ExitCode {
+    init_logging("info", LogFormat::Text);
+    let rt = match runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(demo::run(install, port)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "demo"))]
+fn run_demo(_install: bool, _port: Option<u16>) -> ExitCode {
+    eprintln!("this pgmux was built without the demo (cargo feature \"demo\")");
+    ExitCode::FAILURE
 }

@@ -126,7 +126,7 @@ fn cli_help_and_check_config() {
 fn demo_brings_up_a_replicated_topology_and_tears_it_down() {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let port = pgmux::pgcluster::free_port().unwrap();
+    let port = pgmux_testkit::free_port().unwrap();
     let mut child = pgmux()
         .args(["demo", "--port", &port.to_string()])
         .stdout(Stdio::piped())

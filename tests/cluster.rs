@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use pgmux::pgcluster::{Cluster, ClusterError, ClusterSpec, HbaMethod, Node, NodeRole, PgBin, Role};
+use pgmux_testkit::{Cluster, ClusterError, ClusterSpec, HbaMethod, Node, NodeRole, PgBin, Role};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use pgmux::config::Config;
-use pgmux::pgcluster::{free_port, Cluster, ClusterSpec};
+use pgmux_testkit::{free_port, Cluster, ClusterSpec};
 use serde_yaml::Value;
 
 fn docker_dir() -> PathBuf {

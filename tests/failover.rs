@@ -199,7 +199,7 @@ async fn primary_restart_writes_fail_fast_then_recover() {
 
 /// Kill, on the primary, the backends that run a query with `marker` in
 /// its text, one after another as they appear, `times` in all.
-fn kill_running(c: &pgmux::pgcluster::Cluster, marker: &str, times: usize) {
+fn kill_running(c: &pgmux_testkit::Cluster, marker: &str, times: usize) {
     let mut killed: HashSet<String> = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     let find = format!(

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgmux::pgcluster::{Cluster, ClusterSpec, Node};
 use pgmux::replicas::monitor::{Backend, Monitor, MonitorConfig};
+use pgmux_testkit::{Cluster, ClusterSpec, Node};
 
 const INTERVAL: Duration = Duration::from_millis(200);
 

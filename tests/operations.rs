@@ -43,7 +43,7 @@ async fn console(p: &pgmux::proxy::RunningProxy) -> tokio_postgres::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_show_match_a_known_workload() {
     let db = support::fresh_db("ops_metrics");
-    let metrics_port = pgmux::pgcluster::free_port().unwrap();
+    let metrics_port = pgmux_testkit::free_port().unwrap();
     let metrics_line = format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n");
     let cfg = with_admin(&support::config_text(&db, "default_pool_size = 3", ""), &metrics_line);
     let p = support::start_proxy(&cfg).await;

@@ -7,8 +7,8 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use pgmux::pgcluster::Cluster;
 use pgmux::proxy::RunningProxy;
+use pgmux_testkit::Cluster;
 use support::replicated::{self, SERIAL};
 use support::scalar;
 use tokio_postgres::types::Type;

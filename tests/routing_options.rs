@@ -7,7 +7,7 @@ mod support;
 
 use std::collections::HashSet;
 
-use pgmux::pgcluster::free_port;
+use pgmux_testkit::free_port;
 use support::replicated::{self, client, port_of, SERIAL};
 use support::{code, scalar, text};
 

@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::{pin_mut, SinkExt};
-use pgmux::pgcluster::{Cluster, ClusterSpec};
 use pgmux::shard::hash::{column_hash, hash_remainder, KeyValue, HASH_PARTITION_SEED};
+use pgmux_testkit::{Cluster, ClusterSpec};
 use tokio_postgres::{Client, NoTls};
 
 const KEYS_PER_TYPE: usize = 100_000;

@@ -7,9 +7,9 @@
 
 mod support;
 
-use pgmux::pgcluster::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
 use pgmux::proxy::RunningProxy;
 use pgmux::shard::hash::{hash_remainder, KeyValue};
+use pgmux_testkit::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
 use support::{code, rows, scalar, text, APP};
 use tokio_postgres::SimpleQueryMessage;
 

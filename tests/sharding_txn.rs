@@ -8,9 +8,9 @@
 
 mod support;
 
-use pgmux::pgcluster::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
 use pgmux::proxy::RunningProxy;
 use pgmux::shard::hash::{hash_remainder, KeyValue};
+use pgmux_testkit::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
 use support::{code, scalar, text, APP};
 
 const SCHEMA: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text);

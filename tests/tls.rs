@@ -8,7 +8,7 @@ mod support;
 
 use std::process::Command;
 
-use pgmux::pgcluster::{free_port, make_certs, Cluster, ClusterSpec, HbaMethod, Role};
+use pgmux_testkit::{free_port, make_certs, Cluster, ClusterSpec, HbaMethod, Role};
 use support::APP;
 
 fn psql(port: u16, sslmode: &str, sql: &str) -> (bool, String) {
@@ -24,7 +24,7 @@ fn psql(port: u16, sslmode: &str, sql: &str) -> (bool, String) {
     (out.status.success(), text.trim().to_string())
 }
 
-fn config(c: &Cluster, certs: &pgmux::pgcluster::Certs, server_mode: &str, ca: &std::path::Path) -> String {
+fn config(c: &Cluster, certs: &pgmux_testkit::Certs, server_mode: &str, ca: &std::path::Path) -> String {
     format!(
         r#"[pgmux]
 listen = "127.0.0.1:{port}"

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use pgmux::config::Config;
-use pgmux::pgcluster::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
 use pgmux::proxy::{Proxy, RunningProxy};
+use pgmux_testkit::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
 use tokio_postgres::{Client, NoTls};
 
 pub const APP: (&str, &str) = ("app", "app-secret");

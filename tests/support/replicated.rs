@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use pgmux::pgcluster::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
 use pgmux::proxy::RunningProxy;
+use pgmux_testkit::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
 
 use super::APP;
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::pgcluster::{run, ClusterError};
+use crate::cluster::{run, ClusterError};
 
 type Res<T> = Result<T, ClusterError>;
 

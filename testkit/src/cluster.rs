@@ -51,8 +51,8 @@ pub enum ClusterError {
 
 type Res<T> = Result<T, ClusterError>;
 
+pub use crate::certs::{make_certs, Certs};
 pub use crate::pgbin::PgBin;
-pub use crate::pgcerts::{make_certs, Certs};
 
 /// pg_hba.conf authentication method of a [`Role`] over TCP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,17 +294,18 @@ impl Cluster {
     /// dummy synchronous commit flushes nothing: an xid-only transaction
     /// commits asynchronously whatever the setting).
     pub fn wait_replicas_caught_up(&self) -> Result<(), ClusterError> {
-        use crate::replicas::monitor::{insert_end, parse_lsn};
-        let sql = "SELECT pg_current_wal_insert_lsn(), current_setting('wal_block_size'), \
-                   pg_size_bytes(current_setting('wal_segment_size'))";
+        // At a page start the insert position is past the page header
+        // (24 bytes; 40 on a segment's first page), where no record ends.
+        let sql = "SELECT CASE WHEN (l - '0/0') % seg = 40 THEN l - 40 \
+                   WHEN (l - '0/0') % blk = 24 THEN l - 24 ELSE l END \
+                   FROM (SELECT pg_current_wal_insert_lsn() AS l, \
+                   current_setting('wal_block_size')::numeric AS blk, \
+                   pg_size_bytes(current_setting('wal_segment_size')) AS seg) s";
         let out = self.psql(&self.primary, "postgres", sql)?;
-        let fields: Vec<&str> = out.trim().split('|').collect();
-        let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-        let Some(insert) = fields.first().and_then(|f| parse_lsn(f)) else {
+        let lsn = out.trim().to_string();
+        if !lsn.contains('/') {
             return Err(ClusterError::Command { cmd: sql.into(), status: "unexpected output".into(), output: out });
-        };
-        let end = insert_end(insert, number(1), number(2));
-        let lsn = format!("{:X}/{:X}", end >> 32, end & 0xFFFF_FFFF);
+        }
         let sql = format!("SELECT pg_last_wal_replay_lsn() >= {}::pg_lsn", lit(&lsn));
         let deadline = Instant::now() + READY_TIMEOUT;
         for r in &self.replicas {

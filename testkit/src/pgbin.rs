@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::pgcluster::{is_root, run, ClusterError};
+use crate::cluster::{is_root, run, ClusterError};
 
 /// Directory holding `initdb`, `pg_ctl`, `postgres`, `pg_basebackup`, `psql`, ...
 #[derive(Clone, Debug)]
