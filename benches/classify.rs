@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use pgmux::router::classify::Classifier;
+use pgmux::sql::classify::Classifier;
 
 const SIMPLE: &str = "SELECT id, name FROM users WHERE id = $1";
 

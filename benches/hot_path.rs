@@ -8,8 +8,8 @@ use bytes::{BufMut, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 
-use pgmux::prepared::{statement_hash, ClientStatements, Ctx, ServerStatements, Tracker};
 use pgmux::protocol::frame::{Flow, Relay, MAX_MESSAGE_LEN};
+use pgmux::protocol::prepared::{statement_hash, ClientStatements, Ctx, ServerStatements, Tracker};
 
 const QUERY: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 
@@ -42,14 +42,16 @@ fn bench_statements(c: &mut Criterion) {
     // What each statement text is checked for in transaction mode (SET,
     // RESET, pinning state): nothing, in the common case.
     let select = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;";
-    c.bench_function("session_effects_plain_select", |b| b.iter(|| pgmux::sqlhead::session_effects(black_box(select))));
+    c.bench_function("session_effects_plain_select", |b| {
+        b.iter(|| pgmux::sql::scan::session_effects(black_box(select)))
+    });
     c.bench_function("session_effects_three_checks", |b| {
         b.iter(|| {
             let sql = black_box(select);
             (
-                pgmux::sqlhead::setting_changes(sql),
-                pgmux::sqlhead::needs_full_reset(sql),
-                pgmux::sqlhead::pins_session(sql),
+                pgmux::sql::scan::setting_changes(sql),
+                pgmux::sql::scan::needs_full_reset(sql),
+                pgmux::sql::scan::pins_session(sql),
             )
         })
     });

@@ -1,35 +1,23 @@
 //! pgmux: a PostgreSQL proxy.
 //!
-//! The data path reads from the file names: a client socket is accepted in
-//! [`proxy`], logs in through [`login`], its frames are cut by
-//! [`protocol::frame`] and relayed by [`client`] to a server connection
-//! ([`server`]) checked out of a [`pool`], and back.
+//! The data path reads from the folder names: a client socket is accepted
+//! by [`proxy`] and logs in through the [`frontend`] (login, cancel keys,
+//! the client registry), whose session relays its frames ([`protocol`]:
+//! framing, what is in flight, prepared statements) after [`sql`] has
+//! said what a statement is and [`router`] (or [`shard`]) where it goes,
+//! to a server connection checked out of a [`backend`] pool, and back.
+//! Around it: [`config`] (typed, validated once) and [`ops`] (console,
+//! control verbs, reload, metrics).
 
-pub mod admin;
-pub mod authquery;
-pub mod cancel;
-pub mod client;
-pub mod clients;
+pub mod backend;
 pub mod config;
-pub mod control;
-pub mod flight;
-
-pub mod login;
-pub mod metrics;
-pub mod prepared;
-pub mod prepared_view;
-
-pub mod pool;
+pub mod frontend;
+pub mod ops;
 pub mod protocol;
 pub mod proxy;
-pub mod reload;
-pub mod replicas;
 pub mod router;
-pub mod server;
 pub mod shard;
-pub mod sqlhead;
-pub mod statements;
-pub mod tls;
+pub mod sql;
 
 /// Database name of the admin console.
 pub const ADMIN_DB: &str = "pgmux";

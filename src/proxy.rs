@@ -14,21 +14,21 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cancel::CancelRegistry;
-use crate::client::Session;
+use crate::backend::pool::{Pool, Pools};
+use crate::backend::replicas::monitor::Monitor;
+use crate::backend::server::Login;
 use crate::config::{Config, Database, MapConfig, User};
-use crate::login::{self, LoginError, Startup};
-use crate::metrics::Metrics;
-use crate::pool::{Pool, Pools};
+use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::login::{self, LoginError, Startup};
+use crate::frontend::session::Session;
+use crate::ops::metrics::Metrics;
 use crate::protocol::auth::{ScramCredentials, ScramVerifier, Secret};
 use crate::protocol::error::{sqlstate, PgError};
-use crate::replicas::monitor::Monitor;
-use crate::router::classify::Classifier;
+use crate::protocol::tls::{ClientTls, ServerTls, TlsError};
 use crate::router::route::{RouteOptions, Routing};
-use crate::server::Login;
 use crate::shard::directory::{Directory, DirectoryConfig};
 use crate::shard::{ShardBackend, ShardRouter};
-use crate::tls::{ClientTls, ServerTls, TlsError};
+use crate::sql::classify::Classifier;
 
 pub struct Proxy {
     config: std::sync::RwLock<Arc<Config>>,
@@ -47,7 +47,7 @@ pub struct Proxy {
     /// Lag/health monitors of groups that route reads to replicas.
     pub(crate) monitors: std::sync::RwLock<HashMap<String, Arc<Monitor>>>,
     /// The clients connected now.
-    pub sessions: crate::clients::Clients,
+    pub sessions: crate::frontend::registry::Clients,
     pub started: std::time::Instant,
     /// Databases whose new transactions are held (PAUSE).
     pub(crate) paused: Mutex<std::collections::HashSet<String>>,
@@ -91,8 +91,8 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, TlsError> {
         let (client_tls, server_tls) = tls_of(&config)?;
         let server_tls = Arc::new(server_tls);
-        let verifiers = crate::reload::verifiers(&config);
-        let (monitors, classifiers) = crate::reload::topology(&config, None, &server_tls);
+        let verifiers = crate::ops::reload::verifiers(&config);
+        let (monitors, classifiers) = crate::ops::reload::topology(&config, None, &server_tls);
         Ok(Arc::new(Proxy {
             client_tls: std::sync::RwLock::new(Arc::new(client_tls)),
             server_tls: std::sync::RwLock::new(server_tls),
@@ -214,7 +214,7 @@ impl Proxy {
             metrics_addr = listener.local_addr().ok();
             let weak = Arc::downgrade(&proxy);
             let render = Arc::new(move || weak.upgrade().map(|p| p.render_metrics()).unwrap_or_default());
-            metrics_task = Some(tokio::spawn(crate::metrics::serve(listener, render)));
+            metrics_task = Some(tokio::spawn(crate::ops::metrics::serve(listener, render)));
         }
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(proxy.clone().serve(listener, rx));
@@ -280,8 +280,13 @@ impl Proxy {
         let user = match config.users.get(&info.user) {
             Some(u) => u,
             // Boxed: a rare path, kept out of every session's task.
-            None => match Box::pin(crate::authquery::lookup(&config, &self.server_tls(), &info.database, &info.user))
-                .await
+            None => match Box::pin(crate::frontend::authquery::lookup(
+                &config,
+                &self.server_tls(),
+                &info.database,
+                &info.user,
+            ))
+            .await
             {
                 Ok(Some(u)) => {
                     looked_up = u;
@@ -327,9 +332,9 @@ impl Proxy {
         if info.database == crate::ADMIN_DB {
             let general = &config.general;
             let role = if general.admin_users.contains(&user.name) {
-                crate::admin::Role::Admin
+                crate::ops::admin::Role::Admin
             } else if general.stats_users.contains(&user.name) {
-                crate::admin::Role::Stats
+                crate::ops::admin::Role::Stats
             } else {
                 let e = PgError::fatal(
                     sqlstate::INVALID_AUTHORIZATION,
@@ -340,7 +345,7 @@ impl Proxy {
             let app = info.params.get("application_name").map(String::as_str).unwrap_or_default();
             let _registered = self.sessions.register(peer, &user.name, &info.database, app);
             let guard = self.cancels.register();
-            return Box::pin(crate::admin::serve(self.clone(), stream, buf, role, guard.key())).await;
+            return Box::pin(crate::ops::admin::serve(self.clone(), stream, buf, role, guard.key())).await;
         }
         let (backends, sharding) = match self.session_backends(&config, &info.database, user) {
             Ok(b) => b,
@@ -523,7 +528,7 @@ impl Proxy {
 
     async fn cancel(&self, pid: i32, secret: i32) {
         if let Some((addr, spid, ssecret)) = self.cancels.target(pid, secret) {
-            if let Err(e) = crate::server::send_cancel(&addr, spid, ssecret).await {
+            if let Err(e) = crate::backend::server::send_cancel(&addr, spid, ssecret).await {
                 tracing::warn!("forwarding cancel to {addr} failed: {e}");
             }
         }

@@ -1,4 +1,4 @@
-//! Integration tests of the pgcluster harness against real PostgreSQL servers.
+//! Integration tests of the test kit's cluster harness (`pgmux-testkit`) against real PostgreSQL servers.
 
 use std::net::TcpStream;
 use std::panic::AssertUnwindSafe;

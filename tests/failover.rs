@@ -237,7 +237,7 @@ async fn a_read_whose_server_dies_before_answering_runs_again_once() {
     }
     // A sample in flight when BAN came does not lift it.
     m.wait_sample().await;
-    assert!((0..2).all(|i| pgmux::replicas::monitor::Monitor::is_banned(&m.replica(i))));
+    assert!((0..2).all(|i| pgmux::backend::replicas::monitor::Monitor::is_banned(&m.replica(i))));
     let cl = Arc::new(client(&p).await);
     // Killed once: the read runs again on a new connection, unseen.
     let reader = cl.clone();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use pgmux::protocol::auth::{ScramClient, ScramCredentials, ScramServer, ScramVerifier};
 use pgmux::protocol::frame::{self, Flow, Relay, MAX_MESSAGE_LEN};
 use pgmux::protocol::messages as msg;
-use pgmux::router::classify::Classifier;
+use pgmux::sql::classify::Classifier;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -131,12 +131,12 @@ proptest! {
         let classifier = Classifier::new(0, &["my_write".to_string()], false);
         for text in [sql.as_str(), junk.as_str()] {
             let _ = classifier.classify(text);
-            let _ = pgmux::sqlhead::statements(text);
-            let _ = pgmux::sqlhead::shape_and_literals(text);
-            let _ = pgmux::sqlhead::pins_session(text);
-            let _ = pgmux::sqlhead::setting_changes(text);
-            let _ = pgmux::sqlhead::needs_full_reset(text);
-            let _ = pgmux::sqlhead::leading_command(text);
+            let _ = pgmux::sql::scan::statements(text);
+            let _ = pgmux::sql::scan::shape_and_literals(text);
+            let _ = pgmux::sql::scan::pins_session(text);
+            let _ = pgmux::sql::scan::setting_changes(text);
+            let _ = pgmux::sql::scan::needs_full_reset(text);
+            let _ = pgmux::sql::scan::leading_command(text);
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgmux::replicas::monitor::{Backend, Monitor, MonitorConfig};
+use pgmux::backend::replicas::monitor::{Backend, Monitor, MonitorConfig};
 use pgmux_testkit::{Cluster, ClusterSpec, Node};
 
 const INTERVAL: Duration = Duration::from_millis(200);

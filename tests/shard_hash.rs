@@ -6,7 +6,7 @@
 //!    equals `hash_remainder`;
 //! 3. `satisfies_hash_partition(parent, 2147483647, our_remainder, k)` is true (row hash modulo a large prime).
 //!
-//! The server comes from the test harness (`pgcluster`, initdb'd for this test).
+//! The server comes from the test harness (`pgmux-testkit`, initdb'd for this test).
 
 use std::fmt::Write as _;
 use std::time::Instant;

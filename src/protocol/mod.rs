@@ -1,7 +1,13 @@
-//! The PostgreSQL v3 wire protocol: framing, the messages pgmux builds or
-//! decodes, authentication exchanges, and error responses.
+//! The PostgreSQL v3 wire protocol, both directions: framing, the messages
+//! pgmux builds or decodes, authentication exchanges, error responses, TLS,
+//! what is in flight between a client and its server connection, and
+//! protocol-level prepared statements (their tracker and storage).
 
 pub mod auth;
 pub mod error;
+pub mod flight;
 pub mod frame;
 pub mod messages;
+pub mod prepared;
+pub mod statements;
+pub mod tls;

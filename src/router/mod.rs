@@ -1,6 +1,4 @@
-//! Routing: what a statement is (read, write, transaction control, session
-//! state, hints) and, later, where it goes. The classifier is in place and
-//! tested; routing reads to replicas is not wired into sessions yet.
+//! Routing: where a transaction goes (the primary, or which replica and
+//! why), from what [`crate::sql::classify`] says its first statement is.
 
-pub mod classify;
 pub mod route;

@@ -15,13 +15,13 @@ use std::time::Instant;
 
 use lru::LruCache;
 
+use crate::backend::pool::Pool;
+use crate::backend::replicas::monitor::Monitor;
 use crate::config::{Database, LoadBalancing, PrimaryReads, ReadYourWrites, TransactionRouting};
-use crate::pool::Pool;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::messages::split_nul as cstr;
-use crate::replicas::monitor::Monitor;
-use crate::router::classify::{Classifier, Hint, Kind, SessionKind};
-use crate::statements::{ClientStatements, Statement};
+use crate::protocol::statements::{ClientStatements, Statement};
+use crate::sql::classify::{Classifier, Hint, Kind, SessionKind};
 
 /// What a transaction does, judged by its first statements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,10 +166,10 @@ impl Routing {
         let Ok(sql) = std::str::from_utf8(sql) else { return Ok(Decision::Write) };
         // EXPLAIN (ANALYZE 0|1) is the one place a literal decides, and a
         // pgmux setting's value must be checked each time.
-        if crate::sqlhead::mentions(sql, b"explain") || crate::sqlhead::mentions(sql, b"pgmux") {
+        if crate::sql::scan::mentions(sql, b"explain") || crate::sql::scan::mentions(sql, b"pgmux") {
             return self.classify(sql);
         }
-        let shape = crate::sqlhead::literal_shape(sql);
+        let shape = crate::sql::scan::literal_shape(sql);
         if let Some(d) = self.shapes.lock().ok().and_then(|mut c| c.get(&shape).copied()) {
             return Ok(d);
         }

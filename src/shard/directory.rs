@@ -41,7 +41,7 @@ pub struct DirectoryConfig {
     pub cache_size: usize,
     pub connect_timeout: Duration,
     /// TLS to its server (`server_tls_mode`).
-    pub tls: Arc<crate::tls::ServerTls>,
+    pub tls: Arc<crate::protocol::tls::ServerTls>,
 }
 
 #[derive(Debug, thiserror::Error)]

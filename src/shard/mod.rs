@@ -21,11 +21,11 @@ use lru::LruCache;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
+use crate::backend::pool::Pool;
 use crate::config::{Database, KeyType};
-use crate::pool::Pool;
 use crate::protocol::error::{sqlstate, PgError};
-use crate::router::classify::{Classifier, Hint, Kind};
 use crate::router::route::Routing;
+use crate::sql::classify::{Classifier, Hint, Kind};
 use key::{KeyExpr, Scope};
 use map::{Key, ShardMap};
 
@@ -262,7 +262,7 @@ impl ShardRouter {
         if let Some(a) = self.cache.lock().ok().and_then(|mut c| c.get(sql).cloned()) {
             return a;
         }
-        let shaped = crate::sqlhead::shape_and_literals(sql);
+        let shaped = crate::sql::scan::shape_and_literals(sql);
         if let Some((shape, lits)) = &shaped {
             let hit = self.shapes.lock().ok().and_then(|mut c| c.get(shape).cloned());
             if let Some(Analysis::Scope { scope: Scope::Keys { map, keys }, read, insert, home, .. }) = hit {
@@ -280,7 +280,7 @@ impl ShardRouter {
             }
         }
         let a = self.analyze(sql);
-        if sql.len() > crate::router::classify::MAX_CACHED_LEN {
+        if sql.len() > crate::sql::classify::MAX_CACHED_LEN {
             return a;
         }
         // A shape is reusable when its key literals sit at known positions:

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use futures_util::{pin_mut, SinkExt, StreamExt};
 use tokio_postgres::Client;
 
-use crate::tls::ServerTls;
+use crate::protocol::tls::ServerTls;
 
 use crate::config::{Config, Database, MapConfig};
 use crate::protocol::messages::quote_literal;

@@ -20,9 +20,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::ShardBackend;
-use crate::pool::Checkout;
+use crate::backend::pool::Checkout;
+use crate::backend::server::{ServerConn, ServerError};
 use crate::protocol::error::{sqlstate, PgError};
-use crate::server::{ServerConn, ServerError};
 
 /// The decision log on each coordinator shard.
 pub const LOG_TABLE: &str = "pgmux_commit_log";

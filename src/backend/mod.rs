@@ -1,0 +1,7 @@
+//! The server side: pools of server connections (checkout, return, the
+//! janitor), one server connection (connect, authenticate, sync settings,
+//! reset), and the replica monitor (health and lag of every backend).
+
+pub mod pool;
+pub mod replicas;
+pub mod server;

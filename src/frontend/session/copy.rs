@@ -1,0 +1,263 @@
+//! COPY FROM STDIN into a sharded table: one COPY per shard, each row of
+//! the client's stream sent to the shard of its key, the row counts added
+//! up. A row without a usable key, or an error on any shard, fails the
+//! whole COPY on every shard.
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::route::first_message;
+use super::scatter::read_answer;
+use super::Session;
+use crate::backend::pool::Checkout;
+use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::frame::{peek_header, MAX_MESSAGE_LEN};
+use crate::protocol::messages as msg;
+use crate::shard::copy::{CopyIn, RowSplitter};
+use crate::shard::map::Key;
+use crate::shard::ShardRouter;
+
+/// Bytes buffered for one shard before they are sent.
+const FLUSH_AT: usize = 64 * 1024;
+
+fn copy_error(message: String) -> PgError {
+    PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, format!("pgmux: {message}"))
+}
+
+impl Session {
+    /// Run the COPY at the front of the buffer (a Query). `false`: the
+    /// client went away.
+    pub(super) async fn copy_into_shards(&mut self, copy: CopyIn, sql: String, extended: bool) -> bool {
+        let Some(sh) = self.sharding.clone() else { return false };
+        // Extended protocol: Parse/Bind replies, then the COPY starts at
+        // the Execute (a Sync sent before the data is ignored, as
+        // PostgreSQL ignores it in COPY mode; the one after CopyDone is
+        // answered as usual).
+        let mut before = BytesMut::new();
+        while let Some((tag, _)) = first_message(&self.rbuf) {
+            self.consume_first();
+            match tag {
+                b'P' => before.extend_from_slice(b"1\0\0\0\x04"),
+                b'B' => before.extend_from_slice(b"2\0\0\0\x04"),
+                _ => {}
+            }
+            if !extended || tag == b'E' {
+                break;
+            }
+        }
+        if !before.is_empty() && self.stream.write_all(&before).await.is_err() {
+            return false;
+        }
+        let mut conns = match self.shard_conns(&sh, None, false).await {
+            Ok(c) => c.into_iter().map(|(_, c)| c).collect::<Vec<_>>(),
+            Err(e) => return self.answer_error(&e).await,
+        };
+        let result = self.copy_rows(&sh, &copy, &sql, &mut conns).await;
+        let mut out = BytesMut::new();
+        match result {
+            Ok(Some(n)) => {
+                let at = msg::start_message(&mut out, b'C');
+                out.extend_from_slice(format!("COPY {n}\0").as_bytes());
+                msg::finish_message(&mut out, at);
+                for c in conns {
+                    c.release();
+                }
+            }
+            Ok(None) => return false,
+            Err(e) => {
+                e.encode(&mut out);
+                // Every shard is brought back to idle (or closed).
+                for mut c in conns {
+                    let conn = c.conn();
+                    let mut fail = BytesMut::new();
+                    msg::copy_fail(&mut fail, "pgmux: COPY failed on another shard");
+                    let clean = conn.stream.write_all(&fail).await.is_ok() && read_answer(conn).await.is_ok();
+                    if clean {
+                        c.release();
+                    }
+                }
+            }
+        }
+        if !extended {
+            msg::ready_for_query(&mut out, b'I');
+        }
+        self.stream.write_all(&out).await.is_ok()
+    }
+
+    /// Start the COPY on every shard, split the client's rows, finish.
+    /// `Ok(None)`: the client went away. On `Err` the shards may still be
+    /// in COPY mode (the caller fails them).
+    async fn copy_rows(
+        &mut self,
+        sh: &ShardRouter,
+        copy: &CopyIn,
+        sql: &str,
+        conns: &mut [Checkout],
+    ) -> Result<Option<u64>, PgError> {
+        let (key_col, map) =
+            sh.sharded_table(&copy.table).ok_or_else(|| copy_error(format!("{} is not sharded", copy.table)))?;
+        let key_type = sh.key_type(map).ok_or_else(|| copy_error("unknown shard map".into()))?;
+        let columns =
+            if copy.columns.is_empty() { table_columns(conns, &copy.table).await? } else { copy.columns.clone() };
+        let key_at = columns.iter().position(|c| *c == key_col).ok_or_else(|| {
+            copy_error(format!("COPY into {} must include its shard key column {key_col}", copy.table))
+        })?;
+        let mut start = BytesMut::new();
+        msg::query(&mut start, sql);
+        let mut response = None;
+        for c in conns.iter_mut() {
+            let conn = c.conn();
+            conn.stream.write_all(&start).await.map_err(|e| copy_error(e.to_string()))?;
+            let (tag, body) = conn.read_message().await.map_err(|e| copy_error(e.to_string()))?;
+            match tag {
+                b'G' => response = response.or(Some(body)),
+                b'E' => {
+                    let _ = read_answer(conn).await;
+                    return Err(PgError::error_from_server(&body));
+                }
+                other => return Err(copy_error(format!("unexpected reply {:?} to COPY", other as char))),
+            }
+        }
+        let mut reply = BytesMut::new();
+        let at = msg::start_message(&mut reply, b'G');
+        reply.extend_from_slice(&response.unwrap_or_default());
+        msg::finish_message(&mut reply, at);
+        if self.stream.write_all(&reply).await.is_err() {
+            return Ok(None);
+        }
+        let mut splitter = RowSplitter::new(copy.clone());
+        let mut outgoing: Vec<BytesMut> = conns.iter().map(|_| BytesMut::new()).collect();
+        let mut header = copy.header;
+        let mut resolved = std::mem::take(&mut self.resolved);
+        let result = loop {
+            let Some((tag, body)) = first_message(&self.rbuf).map(|(t, b)| (t, b.to_vec())) else {
+                if peek_header(&self.rbuf, MAX_MESSAGE_LEN).is_err() {
+                    break Err(copy_error("invalid message during COPY".into()));
+                }
+                self.rbuf.reserve(64 * 1024);
+                match self.stream.read_buf(&mut self.rbuf).await {
+                    Ok(n) if n > 0 => continue,
+                    _ => break Ok(None),
+                }
+            };
+            self.consume_first();
+            match tag {
+                b'd' => {
+                    let mut rows = Vec::new();
+                    splitter.feed(&body, |r| rows.push(r.to_vec()));
+                    for row in rows {
+                        if std::mem::take(&mut header) {
+                            // Every shard's COPY expects the header line.
+                            outgoing.iter_mut().for_each(|o| o.extend_from_slice(&row));
+                            continue;
+                        }
+                        let shard = match row_shard(sh, &splitter, &row, key_at, key_type, map, &mut resolved).await {
+                            Ok(s) => s,
+                            Err(e) => return Err(e),
+                        };
+                        outgoing[shard].extend_from_slice(&row);
+                    }
+                    flush(conns, &mut outgoing, FLUSH_AT).await?;
+                }
+                b'c' => {
+                    let rest = splitter.finish();
+                    if !rest.is_empty() {
+                        let shard = row_shard(sh, &splitter, &rest, key_at, key_type, map, &mut resolved).await?;
+                        outgoing[shard].extend_from_slice(&rest);
+                    }
+                    flush(conns, &mut outgoing, 0).await?;
+                    break finish(conns).await.map(Some);
+                }
+                b'f' => {
+                    break Err(PgError::error(
+                        "57014",
+                        format!("COPY from stdin failed: {}", String::from_utf8_lossy(&body).trim_end_matches('\0')),
+                    ))
+                }
+                // Flush and Sync mean nothing during a COPY.
+                b'H' | b'S' => {}
+                other => break Err(copy_error(format!("unexpected message {:?} during COPY", other as char))),
+            }
+        };
+        self.resolved = resolved;
+        result
+    }
+}
+
+/// The shard of one row.
+async fn row_shard(
+    sh: &ShardRouter,
+    splitter: &RowSplitter,
+    row: &[u8],
+    key_at: usize,
+    key_type: crate::config::KeyType,
+    map: usize,
+    resolved: &mut crate::shard::Resolved,
+) -> Result<usize, PgError> {
+    let text = splitter
+        .field(row, key_at)
+        .ok_or_else(|| copy_error("a row of COPY into a sharded table has no shard key".into()))?;
+    let key = Key::from_text(key_type, &text)
+        .map_err(|e| PgError::error(sqlstate::INVALID_TEXT_REPRESENTATION, format!("pgmux: {e}")))?;
+    sh.shard_of_key(map, &key, resolved).await
+}
+
+/// Send each shard's buffered rows (when over `at` bytes) as CopyData.
+async fn flush(conns: &mut [Checkout], outgoing: &mut [BytesMut], at: usize) -> Result<(), PgError> {
+    for (c, o) in conns.iter_mut().zip(outgoing.iter_mut()) {
+        if o.is_empty() || o.len() < at {
+            continue;
+        }
+        let mut m = BytesMut::with_capacity(o.len() + 5);
+        m.put_u8(b'd');
+        m.put_u32(u32::try_from(o.len() + 4).map_err(|_| copy_error("row too large".into()))?);
+        m.extend_from_slice(o);
+        o.clear();
+        c.conn().stream.write_all(&m).await.map_err(|e| copy_error(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// CopyDone to every shard; the rows they took, added up.
+async fn finish(conns: &mut [Checkout]) -> Result<u64, PgError> {
+    let mut total = 0u64;
+    let mut error = None;
+    for c in conns.iter_mut() {
+        let conn = c.conn();
+        conn.stream.write_all(b"c\0\0\0\x04").await.map_err(|e| copy_error(e.to_string()))?;
+    }
+    for c in conns.iter_mut() {
+        let a = read_answer(c.conn()).await.map_err(|e| copy_error(e.to_string()))?;
+        if let (None, Some(e)) = (&error, &a.error) {
+            error = Some(PgError::error_from_server(e));
+        }
+        total += a.copied;
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
+}
+
+/// A table's column names in order (for a COPY without a column list).
+async fn table_columns(conns: &mut [Checkout], table: &str) -> Result<Vec<String>, PgError> {
+    let c = conns.first_mut().ok_or_else(|| copy_error("no shards".into()))?;
+    let conn = c.conn();
+    let sql = format!(
+        "SELECT attname FROM pg_attribute WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        msg::quote_literal(table)
+    );
+    let mut q = BytesMut::new();
+    msg::query(&mut q, &sql);
+    conn.stream.write_all(&q).await.map_err(|e| copy_error(e.to_string()))?;
+    let a = read_answer(conn).await.map_err(|e| copy_error(e.to_string()))?;
+    if let Some(e) = a.error {
+        return Err(PgError::error_from_server(&e));
+    }
+    Ok(a.rows
+        .iter()
+        .filter_map(|r| crate::shard::merge::parse_row(r))
+        .filter_map(|r| r.into_iter().next().flatten())
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .collect())
+}

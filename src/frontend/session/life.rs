@@ -1,0 +1,148 @@
+//! A session as the operator sees it: its state in the client list
+//! (`SHOW CLIENTS`), `KILL`, and its end when pgmux shuts down (at its
+//! next transaction boundary, or when the shutdown timeout kills it).
+
+use std::sync::{Arc, Weak};
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use super::Session;
+use crate::frontend::registry::{ClientInfo, ClientState};
+use crate::protocol::auth::ScramCredentials;
+use crate::protocol::error::{sqlstate, PgError};
+use crate::proxy::Proxy;
+
+/// How a session finds its pools again after a reload.
+pub struct Refresh {
+    proxy: Weak<Proxy>,
+    database: String,
+    user: String,
+    epoch: watch::Receiver<u64>,
+    /// SCRAM keys from the client's login, for pools made after it.
+    scram: Option<ScramCredentials>,
+    /// The user as auth_query found it (not in `[[users]]`).
+    looked_up: Option<crate::config::User>,
+}
+
+impl Session {
+    /// Let the session follow config reloads (see [`crate::ops::reload`]).
+    pub fn set_refresh(
+        &mut self,
+        proxy: Weak<Proxy>,
+        database: &str,
+        user: &str,
+        epoch: watch::Receiver<u64>,
+        scram: Option<ScramCredentials>,
+        looked_up: Option<crate::config::User>,
+    ) {
+        let (database, user) = (database.into(), user.into());
+        self.refresh = Some(Box::new(Refresh { proxy, database, user, epoch, scram, looked_up }));
+    }
+
+    /// Between transactions after a reload: take the pools of the config
+    /// in force. Fails (FATAL) when the database or user is gone.
+    pub(super) fn follow_reload(&mut self) -> Result<(), PgError> {
+        let Some(r) = &mut self.refresh else { return Ok(()) };
+        if !r.epoch.has_changed().unwrap_or(false) || self.multi.is_some() || self.deferred.is_some() {
+            return Ok(());
+        }
+        r.epoch.borrow_and_update();
+        let Some(proxy) = r.proxy.upgrade() else { return Ok(()) };
+        let config = proxy.config();
+        let Some(user) = config.users.get(&r.user).or(r.looked_up.as_ref()) else {
+            return Err(PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                format!("user \"{}\" was removed from the pgmux config", r.user),
+            ));
+        };
+        let (backends, sharding) = proxy.session_backends(&config, &r.database, user)?;
+        if let Some(creds) = &r.scram {
+            for b in &backends {
+                for p in b.routing.iter().flat_map(|x| x.replicas.iter()).chain([&b.primary]) {
+                    p.learn_scram(creds.clone());
+                }
+            }
+        }
+        self.pool = backends[0].primary.clone();
+        self.routing = backends[0].routing.clone();
+        self.sharding = sharding;
+        self.shard_at = 0;
+        if self.stmts.map.is_empty() {
+            // Nothing depends on the old mode: take the new one.
+            let s = &self.pool.settings;
+            self.mode = s.mode;
+            self.track = s.mode == crate::config::PoolMode::Transaction && s.max_prepared_statements > 0;
+        }
+        Ok(())
+    }
+
+    /// Register the session's entry in the client list and the shutdown
+    /// signal it ends on.
+    pub fn set_client(&mut self, info: Arc<ClientInfo>, draining: watch::Receiver<bool>) {
+        self.client = Some(info);
+        self.draining = Some(draining);
+    }
+
+    /// Log this session's queries slower than `threshold` (zero: none).
+    pub fn log_slow(&mut self, threshold: std::time::Duration) {
+        self.account.log_slow(threshold);
+    }
+
+    pub(super) fn set_state(&self, state: ClientState) {
+        if let Some(c) = &self.client {
+            c.set(state);
+        }
+    }
+
+    /// Between transactions while pgmux shuts down: the session ends.
+    pub(super) fn must_leave(&self) -> bool {
+        self.multi.is_none() && self.deferred.is_none() && self.draining.as_ref().is_some_and(|d| *d.borrow())
+    }
+
+    /// Read more client bytes while idle; `None`: pgmux is shutting down.
+    /// With nothing buffered, the session waits for the socket to become
+    /// readable holding no buffer at all: an idle client costs pgmux no
+    /// read buffer.
+    pub(super) async fn read_idle(&mut self) -> Option<std::io::Result<usize>> {
+        let between = self.multi.is_none() && self.deferred.is_none();
+        let Session { stream, rbuf, draining, .. } = self;
+        let read = async {
+            if rbuf.is_empty() {
+                *rbuf = BytesMut::new();
+                stream.readable().await?;
+                rbuf.reserve(8192);
+            }
+            stream.read_buf(rbuf).await
+        };
+        match draining {
+            Some(d) if between => tokio::select! {
+                r = read => Some(r),
+                _ = async { let _ = d.wait_for(|x| *x).await; } => None,
+            },
+            _ => Some(read.await),
+        }
+    }
+
+    /// Tell the client pgmux is going away.
+    pub(super) async fn goodbye(&mut self) {
+        let e = PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down");
+        Self::fatal(&mut self.stream, &e).await
+    }
+
+    /// Serve until the client leaves or is killed (KILL, or the end of
+    /// the shutdown timeout).
+    pub(super) async fn serve_until_killed(&mut self) {
+        let Some(info) = self.client.clone() else { return self.serve().await };
+        let killed = tokio::select! {
+            _ = self.serve() => false,
+            _ = info.killed() => true,
+        };
+        if killed {
+            tracing::info!(client = info.id, "client connection killed");
+            let e = PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command");
+            Self::fatal(&mut self.stream, &e).await;
+        }
+    }
+}

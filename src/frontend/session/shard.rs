@@ -1,0 +1,289 @@
+//! The session's sharding step: which shard the transaction at the front
+//! of the buffer goes to (its key from the query text or the Bind, a hint,
+//! `SET pgmux.shard`), a deferred `BEGIN` until that is known, and reads
+//! that run on every shard with their rows merged.
+
+use std::sync::Arc;
+
+use super::route::{first_message, Deferred, Plan};
+use super::Session;
+use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::frame::HEADER_LEN;
+use crate::protocol::messages::{self as msg, split_nul as cstr};
+use crate::protocol::statements::Statement;
+use crate::shard::{ShardRouter, ShardTarget};
+
+/// The parameter values of a Bind body: (value, binary); none if the
+/// Bind is malformed (the server refuses it).
+fn bind_params(body: &[u8]) -> Vec<(Option<&[u8]>, bool)> {
+    msg::parse_bind(body).map(|b| b.params).unwrap_or_default()
+}
+
+/// Checks, in a transaction on one shard, that each statement sent
+/// belongs there: a statement for another shard (or for all of them) is
+/// refused instead of running on the wrong one.
+pub(super) struct ShardGuard {
+    router: Arc<ShardRouter>,
+    resolved: crate::shard::Resolved,
+    shard: usize,
+    session_shard: Option<String>,
+    /// The last unnamed Parse's text (its Bind carries the key).
+    unnamed: Option<String>,
+}
+
+impl ShardGuard {
+    pub(super) fn check(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        stmts: &crate::protocol::statements::ClientStatements,
+    ) -> Option<PgError> {
+        let ss = self.session_shard.as_deref();
+        let target = match tag {
+            b'Q' => self.router.route(&String::from_utf8_lossy(cstr(body).0), &[], ss, &mut self.resolved),
+            b'P' => {
+                let (name, after) = cstr(body);
+                if name.is_empty() {
+                    self.unnamed = Some(String::from_utf8_lossy(cstr(after).0).into_owned());
+                }
+                return None;
+            }
+            b'B' => {
+                let stmt = cstr(cstr(body).1).0;
+                let sql = if stmt.is_empty() {
+                    self.unnamed.clone()?
+                } else {
+                    let s = std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(stmts, n))?;
+                    String::from_utf8_lossy(s.query()).into_owned()
+                };
+                self.router.route(&sql, &bind_params(body), ss, &mut self.resolved)
+            }
+            _ => return None,
+        };
+        let here = &self.router.backends[self.shard].name;
+        match target {
+            Ok(ShardTarget::Any) => None,
+            Ok(ShardTarget::Lookup { key, .. }) => Some(
+                PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!("pgmux: key {key} is not in the shard directory cache; it cannot join this transaction"),
+                )
+                .with_hint("Start a transaction with a statement for that key."),
+            ),
+            Ok(ShardTarget::One(i)) if i == self.shard => None,
+            Ok(ShardTarget::One(i)) => Some(
+                PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "pgmux: this transaction runs on shard {here}; a statement for shard {} cannot join it",
+                        self.router.backends[i].name
+                    ),
+                )
+                .with_hint("Transactions spanning shards are not supported: one transaction per shard."),
+            ),
+            Ok(ShardTarget::Write(_) | ShardTarget::Everywhere) => Some(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("pgmux: this transaction runs on shard {here}; a write to several shards cannot join it"),
+            )),
+            Ok(ShardTarget::CopyIn(_)) => Some(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("pgmux: this transaction runs on shard {here}; a COPY into a sharded table cannot join it"),
+            )),
+            Ok(ShardTarget::All(_)) => Some(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("pgmux: this transaction runs on shard {here}; a read across shards cannot join it"),
+            )),
+            Err(e) => Some(e),
+        }
+    }
+}
+
+impl Session {
+    pub(super) fn shard_guard(&self) -> Option<ShardGuard> {
+        let router = self.sharding.clone()?;
+        let session_shard = self.wanted.get("pgmux.shard").cloned();
+        let resolved = self.resolved.clone();
+        Some(ShardGuard { router, resolved, shard: self.shard_at, session_shard, unnamed: None })
+    }
+
+    pub(super) fn use_shard(&mut self, sh: &ShardRouter, i: usize) {
+        let b = &sh.backends[i];
+        self.pool = b.primary.clone();
+        self.routing = b.routing.clone();
+        self.shard_at = i;
+    }
+
+    /// `None`: routing goes on within the chosen shard (now `self.pool`
+    /// and `self.routing`); `Some`: the plan for this batch.
+    pub(super) fn shard_step(&mut self, sh: &Arc<ShardRouter>, query: Option<&str>) -> Option<Plan> {
+        if let (Some(q), None, None) = (query, &self.deferred, &self.multi) {
+            // A transaction's shard is that of its first statement.
+            if sh.begins_transaction(q) {
+                self.deferred = Some(Deferred { sql: q.to_string(), failed: false });
+                self.consume_first();
+                return Some(Plan::Answer(super::route::command_reply("BEGIN", b'T')));
+            }
+        }
+        if self.cross() {
+            // The transaction may span shards: its parts begin as it
+            // reaches them.
+            if let Some(d) = self.deferred.take() {
+                self.multi = Some(super::multi::Multi::new(d.sql));
+            }
+            if self.multi.is_some() {
+                let sql = query.map(str::to_string).or_else(|| self.batch_sql());
+                if let Some(e) = self.check_savepoint(sql.as_deref()) {
+                    return Some(Plan::Refuse(e));
+                }
+            }
+        }
+        let target = match self.batch_target(sh) {
+            Ok(t) => t,
+            Err(e) => return Some(Plan::Refuse(e)),
+        };
+        // In a transaction spanning shards, the batch runs on its shard's part.
+        let part = || Plan::Go { target: None, decision: crate::router::route::Decision::Write };
+        let in_multi = self.multi.is_some();
+        match target {
+            ShardTarget::One(i) => {
+                self.use_shard(sh, i);
+                in_multi.then(part)
+            }
+            ShardTarget::Any => in_multi.then(part),
+            ShardTarget::Write(_) | ShardTarget::Everywhere if query.is_none() => Some(Plan::Refuse(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "pgmux: a write to several shards runs only over the simple query protocol",
+            ))),
+            ShardTarget::Write(shards) => {
+                Some(Plan::ScatterWrite(query.unwrap_or_default().to_string(), shards, false))
+            }
+            ShardTarget::Everywhere => Some(Plan::ScatterWrite(query.unwrap_or_default().to_string(), None, true)),
+            ShardTarget::CopyIn(_) if self.deferred.is_some() || in_multi => Some(Plan::Refuse(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "pgmux: COPY into a sharded table cannot run inside a transaction",
+            ))),
+            ShardTarget::CopyIn(c) => match query {
+                Some(q) => Some(Plan::CopyIn(c, q.to_string(), false)),
+                None if self.batch_executes() => {
+                    let sql = self.batch_sql()?;
+                    Some(Plan::CopyIn(c, sql, true))
+                }
+                // Parse / Describe alone: any shard answers them alike.
+                None => None,
+            },
+            ShardTarget::Lookup { key, .. } => Some(Plan::Refuse(PgError::error(
+                sqlstate::CONNECTION_FAILURE,
+                format!("pgmux: the shard directory did not resolve key {key}"),
+            ))),
+            ShardTarget::All(_) if self.deferred.is_some() => Some(Plan::Refuse(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "pgmux: a read across shards cannot run inside a transaction",
+            ))),
+            ShardTarget::All(plan) if query.is_some() => Some(Plan::Scatter(plan)),
+            // Parse / Describe alone: any shard answers them alike.
+            ShardTarget::All(_) if !self.batch_executes() => None,
+            ShardTarget::All(plan) => Some(Plan::ScatterExtended(plan)),
+        }
+    }
+
+    /// The statement text the batch at the front of the buffer executes.
+    pub(super) fn batch_sql(&self) -> Option<String> {
+        let mut rest: &[u8] = &self.rbuf;
+        let mut parsed = None;
+        while let Some((tag, body)) = first_message(rest) {
+            rest = &rest[HEADER_LEN + body.len()..];
+            match tag {
+                b'P' => parsed = Some(String::from_utf8_lossy(cstr(cstr(body).1).0).into_owned()),
+                b'B' => {
+                    let stmt = cstr(cstr(body).1).0;
+                    if stmt.is_empty() {
+                        return parsed;
+                    }
+                    let s = std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(&self.stmts, n))?;
+                    return Some(String::from_utf8_lossy(s.query()).into_owned());
+                }
+                _ => {}
+            }
+        }
+        parsed
+    }
+
+    /// Whether the batch at the front of the buffer has an Execute.
+    pub(super) fn batch_executes(&self) -> bool {
+        let mut rest: &[u8] = &self.rbuf;
+        while let Some((tag, body)) = first_message(rest) {
+            rest = &rest[HEADER_LEN + body.len()..];
+            match tag {
+                b'E' => return true,
+                b'S' | b'Q' => return false,
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// The shard target of the batch at the front of the buffer: its
+    /// first Query, Parse (with the Bind that follows) or Bind.
+    fn batch_target(&mut self, sh: &ShardRouter) -> Result<ShardTarget, PgError> {
+        let Session { rbuf, stmts, wanted, resolved, .. } = self;
+        let session_shard = wanted.get("pgmux.shard").map(String::as_str);
+        let mut rest: &[u8] = rbuf;
+        let mut parsed: Option<(String, &[u8])> = None;
+        while let Some((tag, body)) = first_message(rest) {
+            rest = &rest[HEADER_LEN + body.len()..];
+            match tag {
+                b'Q' => return sh.route(&String::from_utf8_lossy(cstr(body).0), &[], session_shard, resolved),
+                b'P' => {
+                    let (name, after) = cstr(body);
+                    parsed = Some((String::from_utf8_lossy(cstr(after).0).into_owned(), name));
+                }
+                b'B' => {
+                    let stmt = cstr(cstr(body).1).0;
+                    let params = bind_params(body);
+                    let sql = match &parsed {
+                        Some((sql, name)) if *name == stmt => sql.clone(),
+                        _ => match std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(stmts, n)) {
+                            Some(s) => String::from_utf8_lossy(s.query()).into_owned(),
+                            None => continue,
+                        },
+                    };
+                    return sh.route(&sql, &params, session_shard, resolved);
+                }
+                b'S' | b'H' | b'E' => break,
+                _ => {}
+            }
+        }
+        match parsed {
+            Some((sql, _)) => sh.route(&sql, &[], session_shard, resolved).or(Ok(ShardTarget::Any)),
+            None => Ok(ShardTarget::Any),
+        }
+    }
+
+    /// Look up (and for an INSERT assign) the directory keys the batch at
+    /// the front of the buffer needs, so that routing it finds them
+    /// cached. A failure is the batch's error.
+    pub(super) async fn resolve_directory(&mut self) -> Result<(), PgError> {
+        let Some(sh) = self.sharding.clone() else { return Ok(()) };
+        if self.mode != crate::config::PoolMode::Transaction || self.pinned {
+            return Ok(());
+        }
+        if self.deferred.is_none() && self.multi.is_none() {
+            // A new transaction: forget the last one's keys.
+            self.resolved.clear();
+        }
+        for _ in 0..8 {
+            match self.batch_target(&sh) {
+                Ok(ShardTarget::Lookup { map, key, assign }) => {
+                    let mut resolved = std::mem::take(&mut self.resolved);
+                    // Boxed: a directory query's state would otherwise
+                    // make every session's task larger.
+                    let looked = Box::pin(sh.lookup(map, &key, assign, &mut resolved)).await;
+                    self.resolved = resolved;
+                    looked?;
+                }
+                _ => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+}

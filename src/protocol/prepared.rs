@@ -1,0 +1,360 @@
+//! Protocol-level prepared statements in transaction mode.
+//!
+//! A client's next transaction may run on another server connection, where
+//! its named statements do not exist. pgmux therefore keeps each client's
+//! statements (name → query text + parameter types) and prepares them on
+//! servers under a name derived from a hash of (query, types, naming
+//! context: `search_path` and `role`): the same statement from many clients
+//! with the same name resolution is prepared once per server connection. A
+//! Parse the server already has is answered by pgmux; a Bind or Describe of
+//! a statement the server lacks gets the Parse injected in front of it, in
+//! the same write. Each server connection keeps an LRU of what it has
+//! prepared (`max_prepared_statements`); the Close of an evicted or stale
+//! statement travels with the next write.
+//!
+//! A server statement goes stale when the schema changes under it (the
+//! server then answers `cached plan must not change result type`, `cache
+//! lookup failed for type ...`): [`rerun`] drops it everywhere and, when no
+//! byte of the failed batch's answer reached the client, runs the batch
+//! again on a fresh statement. DDL relayed (a `CREATE`/`ALTER`/`DROP`
+//! command completed) invalidates every statement of the database; a
+//! statement whose result shape a client was told is then checked (a
+//! Describe of pgmux's own) before the client uses it again.
+//!
+//! Answers pgmux gives itself must reach the client in protocol order, and
+//! answers to injected messages must not reach it at all, so a [`Tracker`]
+//! keeps the queue of replies expected from the server for every message
+//! forwarded, with pgmux's own answers in their places. An error in the
+//! extended protocol makes the server skip to Sync; the tracker drops what
+//! the server will not answer and undoes bookkeeping for statements that
+//! were not created after all.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+
+use crate::protocol::error::PgError;
+use crate::protocol::frame::Flow;
+use crate::protocol::messages::{finish_message, start_message};
+use crate::protocol::statements::put_cstr;
+pub use crate::protocol::statements::{
+    answer_parse_batch, identity, naming_context, private_context, server_name, statement_hash, ClientStatements,
+    Invalidations, ServerStatements, Statement,
+};
+
+mod client;
+mod rerun;
+mod server;
+pub mod view;
+pub use rerun::Again;
+
+/// Bookkeeping to undo when the server skips a Parse after an error.
+#[derive(Debug)]
+struct Undo {
+    hash: Option<u64>,
+    client_name: Option<String>,
+    /// A client statement pgmux dropped (Close, DEALLOCATE) to put back.
+    restore: Option<(String, Arc<Statement>)>,
+}
+
+#[derive(Debug)]
+enum Expect {
+    /// pgmux answers at this point in the stream.
+    Synthetic(BytesMut, Option<Undo>),
+    /// ReadyForQuery with the current transaction status, from pgmux.
+    SyntheticReady,
+    Parse {
+        undo: Option<Undo>,
+        hidden: bool,
+    },
+    /// A Bind; of a client's named statement: `Some`.
+    Bind(Option<Used>),
+    /// A Describe; of a client's named statement: `Some`.
+    Describe(Option<Used>),
+    Execute,
+    Close {
+        hidden: bool,
+        /// The statement an eviction Close removes from the server set.
+        victim: Option<u64>,
+        /// A stale statement closed: to close again if the server skips it.
+        doomed: Option<u64>,
+    },
+    /// The client ended a COPY IN before the server started it (pipelined).
+    CopyEnd,
+    /// A reply (by tag) to a message pgmux injected: not for the client.
+    Hidden(u8),
+    /// The description (hidden) of a statement whose shape the client was
+    /// told before a schema change, checked before its use (`upto`: that
+    /// change, see [`Invalidations::all_seq`]); the client's message waits.
+    Verify {
+        stmt: Arc<Statement>,
+        upto: u64,
+    },
+    /// The error pgmux had the server raise: the client gets this message
+    /// (PostgreSQL's own fields) in its place.
+    Raise(BytesMut),
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+/// A client's named statement in use on the server.
+#[derive(Debug)]
+struct Used {
+    client: Arc<Statement>,
+    /// Its server-side identity there.
+    ident: u64,
+    /// This message starts the batch kept for a re-run (its number).
+    rerun: Option<u64>,
+}
+
+/// Something the session must act on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    None,
+    /// The server ran DISCARD ALL for this client.
+    DiscardAll,
+    /// A server prepared this statement: its SQL is valid.
+    Prepared(u64),
+    /// The server will skip this many Query/FunctionCall messages (sent
+    /// after an extended-protocol error, before Sync): no ReadyForQuery
+    /// comes for them.
+    Skipped(usize),
+}
+
+/// The reply queue of one attached server connection.
+#[derive(Debug)]
+pub struct Tracker {
+    expect: VecDeque<Expect>,
+    /// After an extended-protocol error the server ignores all until Sync.
+    server_skipping: bool,
+    /// The server is in COPY IN, where it ignores Sync and Flush.
+    copy_in: bool,
+    status: u8,
+    /// The batch kept for a re-run, and a re-run under way.
+    rerun: rerun::Rerun,
+    /// A DDL command completed: the schema changed once its transaction ends.
+    ddl: bool,
+    /// The ParameterDescription of a client statement's Describe, held
+    /// until its RowDescription/NoData: the server may refuse the rest
+    /// (stale), and the Describe then runs again whole.
+    param_desc: Option<BytesMut>,
+    /// Statements prepared here inside the open transaction block: a
+    /// rollback may take with it what they were planned with (a type
+    /// created in it), so it drops them.
+    in_block: Vec<u64>,
+    /// A statement's shape is being checked (`Expect::Verify`): the
+    /// client's messages wait.
+    verifying: bool,
+    /// The check is over: the session sends the client's messages again.
+    resume: bool,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            expect: VecDeque::new(),
+            server_skipping: false,
+            copy_in: false,
+            status: b'I',
+            rerun: Default::default(),
+            ddl: false,
+            param_desc: None,
+            in_block: Vec::new(),
+            verifying: false,
+            resume: false,
+        }
+    }
+}
+
+/// The state the tracker works on.
+pub struct Ctx<'a> {
+    pub stmts: &'a mut ClientStatements,
+    pub server: &'a mut ServerStatements,
+    pub server_cap: usize,
+    pub events: CacheEvents,
+    /// The statement invalidations of the server's database.
+    pub log: Option<&'a Invalidations>,
+}
+
+/// What the server statement cache did (for metrics).
+#[derive(Debug, Default)]
+pub struct CacheEvents {
+    /// A statement the server had already.
+    pub hits: u64,
+    /// A statement prepared on the server.
+    pub misses: u64,
+    /// A statement closed on the server to make room.
+    pub evictions: u64,
+    /// Server statements found stale (with the preparation number of the
+    /// stale copy when their result type changed): to drop from every
+    /// connection.
+    pub stale: Vec<(u64, Option<u64>)>,
+    /// Batches run again after a stale statement.
+    pub reruns: u64,
+    /// Shapes a client was told, checked after DDL (`Expect::Verify`).
+    pub checks: u64,
+    /// A transaction that ran DDL ended: every statement may be stale.
+    pub schema_changed: bool,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(stmts: &'a mut ClientStatements, server: &'a mut ServerStatements, server_cap: usize) -> Self {
+        Ctx { stmts, server, server_cap, events: CacheEvents::default(), log: None }
+    }
+}
+
+impl Tracker {
+    /// Nothing outstanding: the connection may go back to the pool.
+    pub fn idle(&self) -> bool {
+        self.expect.is_empty() && !self.server_skipping && self.rerun.idle()
+    }
+
+    /// A Parse is in flight whose outcome the bookkeeping depends on.
+    pub fn parse_in_flight(&self) -> bool {
+        self.expect.iter().any(|e| matches!(e, Expect::Parse { undo: Some(_), .. }))
+    }
+
+    pub fn reset(&mut self, status: u8) {
+        self.expect.clear();
+        self.server_skipping = false;
+        self.copy_in = false;
+        self.status = status;
+        self.rerun.reset();
+        self.ddl = false;
+        self.param_desc = None;
+        self.in_block.clear();
+        self.verifying = false;
+        self.resume = false;
+    }
+
+    /// A batch whose statement was stale, to send again (then the client's
+    /// later messages), or the answer to give the client when it cannot
+    /// be (see [`Again`]).
+    pub fn take_rerun(&mut self) -> Option<Again> {
+        self.rerun.take()
+    }
+
+    /// pgmux rolls back the client's transaction block itself (the client
+    /// left in it): the statements prepared inside it are closed on the
+    /// connection before its next use, as after a client's ROLLBACK.
+    pub fn abandon_block(&mut self, server: &mut ServerStatements) {
+        for ident in self.in_block.drain(..) {
+            server.doom(ident);
+        }
+    }
+
+    /// A Sync pgmux must send the server now, ending a failed batch the
+    /// client has not synced (its ReadyForQuery is not the client's).
+    pub fn take_sync(&mut self) -> bool {
+        self.rerun.take_sync()
+    }
+
+    /// The server's answer to a batch is held back until a re-run, or a
+    /// statement's shape is being checked: send the client's next messages
+    /// after it.
+    pub fn holding(&self) -> bool {
+        self.rerun.holding() || self.verifying
+    }
+
+    /// A statement's shape was checked (see `Expect::Verify`): send the
+    /// client's messages that waited for it now.
+    pub fn take_resume(&mut self) -> bool {
+        std::mem::take(&mut self.resume)
+    }
+
+    /// Answers of pgmux's own that are due now (all earlier replies have
+    /// been relayed). Send them to the client.
+    pub fn due(&mut self) -> Option<BytesMut> {
+        let mut out: Option<BytesMut> = None;
+        loop {
+            match self.expect.front() {
+                Some(Expect::Synthetic(..)) => {
+                    if let Some(Expect::Synthetic(b, _)) = self.expect.pop_front() {
+                        out.get_or_insert_with(BytesMut::new).extend_from_slice(&b);
+                    }
+                }
+                Some(Expect::SyntheticReady) => {
+                    self.expect.pop_front();
+                    crate::protocol::messages::ready_for_query(out.get_or_insert_with(BytesMut::new), self.status);
+                }
+                _ => return out,
+            }
+        }
+    }
+
+    /// Report an error pgmux detects in the extended protocol. The server
+    /// raises it (an unnamed `DO` that raises it, run in place of the
+    /// message), so the transaction is aborted and the rest of the batch
+    /// skipped exactly as PostgreSQL would.
+    fn emulate_error(&mut self, err: PgError) -> Flow {
+        let mut out = BytesMut::new();
+        let at = start_message(&mut out, b'P');
+        out.put_u8(0);
+        put_cstr(&mut out, &raise_sql(&err));
+        out.put_i16(0);
+        finish_message(&mut out, at);
+        let at = start_message(&mut out, b'B');
+        out.put_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        finish_message(&mut out, at);
+        let at = start_message(&mut out, b'E');
+        out.put_u8(0);
+        out.put_i32(0);
+        finish_message(&mut out, at);
+        self.expect.push_back(Expect::Parse { undo: None, hidden: true });
+        self.expect.push_back(Expect::Hidden(b'2'));
+        self.expect.push_back(Expect::Execute);
+        Flow::Replace(out)
+    }
+
+    /// Refuse the client message `tag` (a Query, or a Bind/Parse/Describe/
+    /// Execute) with `err`: the server raises it in the message's place,
+    /// so the transaction fails as it would on PostgreSQL.
+    pub fn refuse(&mut self, tag: u8, body: &[u8], cx: &mut Ctx, err: PgError) -> Flow {
+        if self.copy_in || self.server_skipping || !matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E') {
+            return self.on_client(tag, body, cx);
+        }
+        if tag != b'Q' {
+            return self.emulate_error(err);
+        }
+        let mut out = BytesMut::new();
+        crate::protocol::messages::query(&mut out, &raise_sql(&err));
+        self.expect.push_back(Expect::Query);
+        Flow::Replace(out)
+    }
+}
+
+/// A whole message of `tag` with `body`.
+fn message(tag: u8, body: &[u8]) -> BytesMut {
+    let mut b = BytesMut::with_capacity(5 + body.len());
+    put_message(&mut b, tag, body);
+    b
+}
+
+/// Append a whole message of `tag` with `body`.
+fn put_message(b: &mut BytesMut, tag: u8, body: &[u8]) {
+    b.put_u8(tag);
+    b.put_i32(body.len() as i32 + 4);
+    b.put_slice(body);
+}
+
+/// SQL that makes the server raise `err` (SQLSTATE, message, hint).
+fn raise_sql(err: &PgError) -> String {
+    use crate::protocol::messages::quote_literal;
+    let clean = |t: &str| t.replace("$pgmux_raise$", "");
+    let mut sql = format!(
+        "DO $pgmux_raise$BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}",
+        quote_literal(&clean(&err.code)),
+        quote_literal(&clean(&err.message))
+    );
+    if let Some(h) = &err.hint {
+        sql.push_str(&format!(", HINT = {}", quote_literal(&clean(h))));
+    }
+    sql.push_str("; END$pgmux_raise$");
+    sql
+}
+
+#[cfg(test)]
+#[path = "prepared_tests.rs"]
+mod tests;
