@@ -43,15 +43,15 @@ fn bench_statements(c: &mut Criterion) {
     // RESET, pinning state): nothing, in the common case.
     let select = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;";
     c.bench_function("session_effects_plain_select", |b| {
-        b.iter(|| pgmux::sql::scan::session_effects(black_box(select)))
+        b.iter(|| pgmux::sql::effects::session_effects(black_box(select)))
     });
     c.bench_function("session_effects_three_checks", |b| {
         b.iter(|| {
             let sql = black_box(select);
             (
-                pgmux::sql::scan::setting_changes(sql),
-                pgmux::sql::scan::needs_full_reset(sql),
-                pgmux::sql::scan::pins_session(sql),
+                pgmux::sql::effects::setting_changes(sql),
+                pgmux::sql::effects::needs_full_reset(sql),
+                pgmux::sql::effects::pins_session(sql),
             )
         })
     });

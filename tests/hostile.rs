@@ -133,9 +133,9 @@ proptest! {
             let _ = classifier.classify(text);
             let _ = pgmux::sql::scan::statements(text);
             let _ = pgmux::sql::scan::shape_and_literals(text);
-            let _ = pgmux::sql::scan::pins_session(text);
-            let _ = pgmux::sql::scan::setting_changes(text);
-            let _ = pgmux::sql::scan::needs_full_reset(text);
+            let _ = pgmux::sql::effects::pins_session(text);
+            let _ = pgmux::sql::effects::setting_changes(text);
+            let _ = pgmux::sql::effects::needs_full_reset(text);
             let _ = pgmux::sql::scan::leading_command(text);
         }
     }

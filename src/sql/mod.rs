@@ -1,6 +1,9 @@
-//! What a statement is: a scan of its text without a parse (leading
-//! command, session effects) and the parser-backed classifier (read,
-//! write, transaction control, session state, routing hints), cached.
+//! What a statement is: scans of its text without a parse ([`scan`]:
+//! leading command, transaction end, savepoints, statements, literal
+//! shape; [`effects`]: what it does to the session) and the parser-backed
+//! classifier ([`classify`]: read, write, transaction control, session
+//! state, routing hints), cached.
 
 pub mod classify;
+pub mod effects;
 pub mod scan;

@@ -24,7 +24,7 @@ use crate::protocol::frame::{peek_header, FrameError, Relay, HEADER_LEN, MAX_MES
 use crate::protocol::prepared::{self, ClientStatements, Tracker};
 use crate::protocol::tls::ClientStream;
 use crate::router::route::{Decision, Routing};
-use crate::sql::scan;
+use crate::sql::effects;
 
 mod abandon;
 mod account;
@@ -89,7 +89,7 @@ pub struct Session {
     stmts: ClientStatements,
     tracker: Tracker,
     /// SET/RESETs sent, waiting for the server to confirm them.
-    pending_settings: Vec<scan::SettingChange>,
+    pending_settings: Vec<effects::SettingChange>,
     settings_failed: bool,
     /// Read routing to replicas, when the database (or the current shard)
     /// has it.

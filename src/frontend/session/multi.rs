@@ -44,18 +44,6 @@ impl Multi {
     }
 }
 
-/// `SAVEPOINT`, `RELEASE [SAVEPOINT]`, `ROLLBACK [WORK | TRANSACTION] TO`:
-/// they act on one shard's transaction.
-pub(super) fn is_savepoint(sql: &str) -> bool {
-    let lower = sql.trim_start().to_ascii_lowercase();
-    let mut words = lower.split(|c: char| c.is_whitespace() || c == ';').filter(|w| !w.is_empty());
-    match words.next() {
-        Some("savepoint" | "release") => true,
-        Some("rollback") => words.take(2).any(|w| w == "to"),
-        _ => false,
-    }
-}
-
 /// Give a connection back after pgmux's own statements on it: reused when
 /// they left it idle, closed otherwise.
 fn put_back(mut c: Checkout) {
@@ -220,7 +208,7 @@ impl Session {
     /// refusal of a savepoint it cannot keep, if that is what it is.
     pub(super) fn check_savepoint(&mut self, sql: Option<&str>) -> Option<PgError> {
         let m = self.multi.as_mut()?;
-        if !sql.is_some_and(is_savepoint) {
+        if !sql.is_some_and(crate::sql::scan::is_savepoint) {
             return None;
         }
         if m.conns.len() > 1 {
@@ -310,22 +298,5 @@ impl Session {
             }
         }
         self.stream.write_all(&out).await.is_ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_savepoint;
-
-    #[test]
-    fn savepoint_statements() {
-        assert!(is_savepoint("SAVEPOINT a"));
-        assert!(is_savepoint("  release savepoint a;"));
-        assert!(is_savepoint("RELEASE a"));
-        assert!(is_savepoint("ROLLBACK TO a"));
-        assert!(is_savepoint("rollback work to savepoint a"));
-        assert!(!is_savepoint("ROLLBACK"));
-        assert!(!is_savepoint("rollback;"));
-        assert!(!is_savepoint("SELECT 'savepoint'"));
     }
 }

@@ -13,7 +13,7 @@ use crate::config::PoolMode;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{Flow, MAX_MESSAGE_LEN};
 use crate::protocol::prepared::{self, Ctx};
-use crate::sql::scan;
+use crate::sql::effects;
 
 impl Session {
     /// The client's transaction is over (transaction mode). Server bytes
@@ -146,7 +146,7 @@ impl Session {
                 let mut parts = body.split(|b| *b == 0);
                 let sql = if tag == b'P' { parts.nth(1) } else { parts.next() }.unwrap_or_default();
                 let sql = String::from_utf8_lossy(sql);
-                let effects = scan::session_effects(&sql);
+                let effects = effects::session_effects(&sql);
                 if effects.names {
                     // Statements prepared from here on resolve names
                     // differently: they are this connection's alone.

@@ -20,6 +20,7 @@ use crate::protocol::frame::{peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
 use crate::protocol::prepared;
 use crate::router::route::{Decision, Target};
+use crate::sql::scan;
 
 /// An extended-protocol batch larger than this is routed on what has come.
 const BATCH_WAIT_LIMIT: usize = 1 << 20;
@@ -71,18 +72,6 @@ pub(super) fn first_message(buf: &[u8]) -> Option<(u8, &[u8])> {
     Some((tag, buf.get(HEADER_LEN..HEADER_LEN + len)?))
 }
 
-/// `COMMIT` / `ROLLBACK` (and synonyms) alone in a query: its command tag.
-fn txn_end_tag(sql: &str) -> Option<&'static str> {
-    let sql = sql.trim().trim_end_matches(';').to_ascii_lowercase();
-    let mut words = sql.split_whitespace();
-    let tag = match words.next()? {
-        "commit" | "end" => "COMMIT",
-        "rollback" | "abort" => "ROLLBACK",
-        _ => return None,
-    };
-    words.all(|w| w == "work" || w == "transaction").then_some(tag)
-}
-
 pub(super) fn command_reply(tag: &str, status: u8) -> BytesMut {
     let mut out = BytesMut::new();
     let at = msg::start_message(&mut out, b'C');
@@ -106,9 +95,9 @@ impl Session {
         };
         let query = (tag == b'Q')
             .then(|| String::from_utf8_lossy(body.split(|&b| b == 0).next().unwrap_or_default()).into_owned());
-        if let (Some(d), Some(end)) = (&self.deferred, query.as_deref().and_then(txn_end_tag)) {
+        if let (Some(d), Some(end)) = (&self.deferred, query.as_deref().and_then(scan::transaction_end)) {
             // The transaction never reached a server: nothing to commit.
-            let tag = if d.failed { "ROLLBACK" } else { end };
+            let tag = if d.failed { "ROLLBACK" } else { end.tag() };
             self.deferred = None;
             self.consume_first();
             return Plan::Answer(command_reply(tag, b'I'));
@@ -119,11 +108,11 @@ impl Session {
                 None if self.batch_executes() => self.batch_sql(),
                 None => None,
             };
-            if let Some(end) = sql.as_deref().and_then(txn_end_tag) {
-                return Plan::EndMulti(end == "COMMIT");
+            if let Some(end) = sql.as_deref().and_then(scan::transaction_end) {
+                return Plan::EndMulti(end == scan::TxnEnd::Commit);
             }
             // A savepoint may undo the failure of a transaction on one shard.
-            let undo = m.conns.len() == 1 && sql.as_deref().is_some_and(super::multi::is_savepoint);
+            let undo = m.conns.len() == 1 && sql.as_deref().is_some_and(scan::is_savepoint);
             if m.failed && !undo {
                 return Plan::Refuse(PgError::error(
                     sqlstate::IN_FAILED_SQL_TRANSACTION,
@@ -463,21 +452,5 @@ impl Session {
             self.flight.status = b'T';
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::txn_end_tag;
-
-    #[test]
-    fn transaction_ends() {
-        assert_eq!(txn_end_tag("COMMIT"), Some("COMMIT"));
-        assert_eq!(txn_end_tag(" end work; "), Some("COMMIT"));
-        assert_eq!(txn_end_tag("ROLLBACK TRANSACTION"), Some("ROLLBACK"));
-        assert_eq!(txn_end_tag("abort"), Some("ROLLBACK"));
-        assert_eq!(txn_end_tag("ROLLBACK TO SAVEPOINT a"), None);
-        assert_eq!(txn_end_tag("COMMIT AND CHAIN"), None);
-        assert_eq!(txn_end_tag("SELECT 1"), None);
     }
 }

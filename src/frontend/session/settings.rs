@@ -5,15 +5,15 @@
 
 use super::{Session, UNKNOWN_SETTING};
 use crate::backend::server::ServerConn;
-use crate::sql::scan;
+use crate::sql::effects;
 
 impl Session {
     /// A client's SET/RESET in transaction mode: this server is marked for
     /// re-sync at once (nothing leaks to the next client); the client's own
     /// settings change when the server confirms (ReadyForQuery idle, no
     /// error, no rollback), and then follow it to every server it gets.
-    pub(super) fn note_settings(&mut self, conn: &mut ServerConn, changes: Vec<scan::SettingChange>) {
-        use scan::SettingChange;
+    pub(super) fn note_settings(&mut self, conn: &mut ServerConn, changes: Vec<effects::SettingChange>) {
+        use effects::SettingChange;
         for change in &changes {
             let keys: Vec<String> = match change {
                 SettingChange::Set { name, .. } | SettingChange::Reset(name) => vec![name.to_ascii_lowercase()],
@@ -29,7 +29,7 @@ impl Session {
     /// Settle pending SET/RESETs on the server's replies: `events` holds
     /// b'E' (error), b'R' (ROLLBACK done) and ReadyForQuery statuses.
     pub(super) fn settle_settings(&mut self, events: &[(u8, u8)]) {
-        use scan::SettingChange;
+        use effects::SettingChange;
         for &(ev, status) in events {
             match (ev, status) {
                 (b'E', _) | (b'R', _) | (b'Z', b'E') => self.settings_failed = true,
