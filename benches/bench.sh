@@ -38,6 +38,9 @@
 #   REPLICAS  streaming replicas for the read-scaling run (0 = skip)    [2]
 #   SHARDS    2: a keyed-read run through pgmux over 2 shard databases
 #             (on the same server) vs one database; 0 = skip             [2]
+#   DDL_EVERY seconds between DDL statements run through pgmux during a
+#             second `-S -M prepared` run (the cost of pgmux dropping and
+#             re-preparing every statement after DDL); 0 = skip          [0]
 #
 # Adding a scenario: add its name to MODES and, if it is not a plain pgbench
 # `-M` protocol, a branch to mode_args(). Each (target, mode) pair becomes one
@@ -55,6 +58,8 @@ MODES=${MODES:-simple extended prepared}
 SKIP_BUILD=${SKIP_BUILD:-}
 REPLICAS=${REPLICAS:-2}
 SHARDS=${SHARDS:-2}
+DDL_EVERY=${DDL_EVERY:-0}
+DDL_PID=""
 REPLICA_DIRS=()
 REPLICA_PORTS=()
 
@@ -96,6 +101,7 @@ cleanup() {
     trap - EXIT INT TERM
     set +e
     exec 1>&3 2>&4
+    if [[ -n "$DDL_PID" ]]; then kill "$DDL_PID" 2>/dev/null; wait "$DDL_PID" 2>/dev/null; fi
     if [[ -n "$CHILD_PID" ]] && kill -0 "$CHILD_PID" 2>/dev/null; then
         kill -TERM "$CHILD_PID" 2>/dev/null
         wait "$CHILD_PID" 2>/dev/null
@@ -396,6 +402,17 @@ run_pgbench() {
     ROWS+=("$name|$CURRENT_MODE|$tps|${lat:-n/a}|${failed:-n/a}|$cpu_us|$status")
 }
 
+# DDL through pgmux every DDL_EVERY seconds (counted in $WORK/ddl.count).
+ddl_loop() {
+    local n=0
+    while true; do
+        PGPASSWORD=bench psql -h 127.0.0.1 -p "$PGMUX_PORT" -U bench -d bench -qX \
+            -c "ALTER TABLE pgbench_branches ALTER COLUMN filler SET DEFAULT 'x'" >/dev/null 2>&1 \
+            && n=$((n + 1)) && echo "$n" >"$WORK/ddl.count"
+        sleep "$DDL_EVERY"
+    done
+}
+
 # ratio NUM DEN -> "1.23" or "n/a"
 ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN {
@@ -446,6 +463,10 @@ summary() {
     if [[ "$SHARDS" == 2 ]]; then
         printf 'sharded   pgmux over 2 shards / pgmux one database = %sx   (keyed reads, both shards on one server: the cost of routing by key)\n' \
             "$(ratio "$(lookup_tps pgmux+shards sharded)" "$(lookup_tps pgmux sharded)")"
+    fi
+    if [[ "$DDL_EVERY" != 0 ]]; then
+        printf 'ddl       pgmux with DDL every %ss (%s ran) / pgmux without = %sx   (-S -M prepared)\n' \
+            "$DDL_EVERY" "${DDL_RUNS:-0}" "$(ratio "$(lookup_tps pgmux+ddl ddl)" "$(lookup_tps pgmux ddl)")"
     fi
     printf 'prepared  pgmux(-M prepared)/PgBouncer(-S simple) = %sx\n' \
         "$(ratio "$(lookup_tps pgmux prepared)" "$(lookup_tps PgBouncer simple)")"
@@ -511,6 +532,21 @@ main() {
         CURRENT_MODE=sharded
         run_pgbench "pgmux" "$PGMUX_PORT" bench -f "$WORK/keyed.sql" -D "scale=$SCALE" -M simple
         run_pgbench "pgmux+shards" "$PGMUX_PORT" bench_sharded -f "$WORK/keyed.sql" -D "scale=$SCALE" -M simple
+    fi
+
+    if [[ "$DDL_EVERY" != 0 ]]; then
+        # Schema changes under load: DDL relayed through pgmux makes it
+        # drop every prepared statement of the database (each connection
+        # prepares again on next use).
+        CURRENT_MODE=ddl
+        run_pgbench "pgmux" "$PGMUX_PORT" bench -S -M prepared
+        ddl_loop &
+        DDL_PID=$!
+        run_pgbench "pgmux+ddl" "$PGMUX_PORT" bench -S -M prepared
+        kill "$DDL_PID" 2>/dev/null
+        wait "$DDL_PID" 2>/dev/null || true
+        DDL_RUNS=$(cat "$WORK/ddl.count" 2>/dev/null || echo 0)
+        DDL_PID=""
     fi
 
     if ! kill -0 "$PGMUX_PID" 2>/dev/null; then
