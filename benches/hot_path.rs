@@ -63,15 +63,15 @@ fn bench_statements(c: &mut Criterion) {
     let mut tracker = Tracker::default();
     for i in 0..50 {
         let mut cx = Ctx::new(&mut stmts, &mut server, 500);
-        let _ = tracker.on_client(b'P', &parse_body(&format!("P_{i}")), &mut cx);
-        let _ = tracker.on_server(b'1', b"", true, &mut cx);
+        let _ = tracker.client(b'P', &parse_body(&format!("P_{i}")), Some(&mut cx), None);
+        let _ = tracker.server(b'1', b"", true, Some(&mut cx));
     }
     let bind = bind_body("P_17");
     c.bench_function("bind_lookup_and_rename", |b| {
         b.iter(|| {
             let mut cx = Ctx::new(&mut stmts, &mut server, 500);
-            let flow = tracker.on_client(b'B', black_box(&bind), &mut cx);
-            let _ = tracker.on_server(b'2', b"", true, &mut cx);
+            let flow = tracker.client(b'B', black_box(&bind), Some(&mut cx), None);
+            let _ = tracker.server(b'2', b"", true, Some(&mut cx));
             black_box(flow)
         })
     });

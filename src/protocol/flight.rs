@@ -2,8 +2,9 @@
 //! from message tags alone: Queries and Syncs not yet answered by
 //! ReadyForQuery, extended-protocol messages not yet synced, COPY IN state
 //! (during which the server ignores Sync), and the last transaction status.
-//! The session returns a server connection to the pool only when all of it
-//! says idle.
+//! It is the part of the protocol tracker ([`crate::protocol::prepared::Tracker`])
+//! every session keeps, tracked statements or not: the session returns a
+//! server connection to the pool only when all of it says idle.
 
 /// What is in flight on the attached server connection, from tags alone.
 #[derive(Debug)]

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 
 use crate::protocol::error::PgError;
+use crate::protocol::flight::Flight;
 use crate::protocol::frame::Flow;
 use crate::protocol::messages::{finish_message, start_message};
 use crate::protocol::statements::put_cstr;
@@ -119,19 +120,22 @@ pub enum Event {
     Prepared(u64),
     /// The server will skip this many Query/FunctionCall messages (sent
     /// after an extended-protocol error, before Sync): no ReadyForQuery
-    /// comes for them.
+    /// comes for them (the flight no longer waits for them).
     Skipped(usize),
 }
 
-/// The reply queue of one attached server connection.
-#[derive(Debug)]
+/// What is in flight between a client and its attached server connection:
+/// the one record of it. [`Flight`] counts what the relay must wait for
+/// (Queries and Syncs unanswered, COPY IN, the transaction status) for
+/// every session; in transaction mode the queue of replies expected, with
+/// pgmux's own answers in their places, drives the statement bookkeeping.
+#[derive(Debug, Default)]
 pub struct Tracker {
+    /// Unanswered Queries and Syncs, COPY IN, the transaction status.
+    pub flight: Flight,
     expect: VecDeque<Expect>,
     /// After an extended-protocol error the server ignores all until Sync.
     server_skipping: bool,
-    /// The server is in COPY IN, where it ignores Sync and Flush.
-    copy_in: bool,
-    status: u8,
     /// The batch kept for a re-run, and a re-run under way.
     rerun: rerun::Rerun,
     /// A DDL command completed: the schema changed once its transaction ends.
@@ -149,23 +153,6 @@ pub struct Tracker {
     verifying: bool,
     /// The check is over: the session sends the client's messages again.
     resume: bool,
-}
-
-impl Default for Tracker {
-    fn default() -> Self {
-        Tracker {
-            expect: VecDeque::new(),
-            server_skipping: false,
-            copy_in: false,
-            status: b'I',
-            rerun: Default::default(),
-            ddl: false,
-            param_desc: None,
-            in_block: Vec::new(),
-            verifying: false,
-            resume: false,
-        }
-    }
 }
 
 /// The state the tracker works on.
@@ -206,9 +193,43 @@ impl<'a> Ctx<'a> {
 }
 
 impl Tracker {
-    /// Nothing outstanding: the connection may go back to the pool.
+    /// Everything answered, outside a transaction: the connection may go
+    /// back to the pool (at a message boundary).
     pub fn idle(&self) -> bool {
+        self.flight.idle() && self.settled()
+    }
+
+    /// No reply of the statement bookkeeping outstanding (the transaction
+    /// may be open).
+    pub fn settled(&self) -> bool {
         self.expect.is_empty() && !self.server_skipping && self.rerun.idle()
+    }
+
+    /// A client message on its way to the server: what to send instead,
+    /// from the statement bookkeeping when `cx` is given (transaction
+    /// mode; `veto`: refuse it with this error), and the count of what is
+    /// in flight.
+    pub fn client(&mut self, tag: u8, body: &[u8], cx: Option<&mut Ctx>, veto: Option<PgError>) -> Flow {
+        let flow = match (cx, veto) {
+            (Some(cx), Some(err)) => self.refuse(tag, body, cx, err),
+            (Some(cx), None) => self.on_client(tag, body, cx),
+            (None, _) => Flow::Forward,
+        };
+        self.flight.client(tag, flow != Flow::Drop);
+        flow
+    }
+
+    /// A server message on its way to the client (`whole`: its body is
+    /// present): the count of what is in flight, then, when `cx` is given,
+    /// what the statement bookkeeping sends instead.
+    pub fn server(&mut self, tag: u8, body: &[u8], whole: bool, cx: Option<&mut Ctx>) -> (Flow, Event) {
+        self.flight.server(tag, body);
+        let Some(cx) = cx else { return (Flow::Forward, Event::None) };
+        let (flow, event) = self.on_server(tag, body, whole, cx);
+        if let Event::Skipped(n) = event {
+            self.flight.pending = self.flight.pending.saturating_sub(n);
+        }
+        (flow, event)
     }
 
     /// A Parse is in flight whose outcome the bookkeeping depends on.
@@ -216,11 +237,12 @@ impl Tracker {
         self.expect.iter().any(|e| matches!(e, Expect::Parse { undo: Some(_), .. }))
     }
 
+    /// A connection just attached, its transaction status `status`.
     pub fn reset(&mut self, status: u8) {
+        self.flight = Flight::new();
+        self.flight.status = status;
         self.expect.clear();
         self.server_skipping = false;
-        self.copy_in = false;
-        self.status = status;
         self.rerun.reset();
         self.ddl = false;
         self.param_desc = None;
@@ -277,7 +299,10 @@ impl Tracker {
                 }
                 Some(Expect::SyntheticReady) => {
                     self.expect.pop_front();
-                    crate::protocol::messages::ready_for_query(out.get_or_insert_with(BytesMut::new), self.status);
+                    crate::protocol::messages::ready_for_query(
+                        out.get_or_insert_with(BytesMut::new),
+                        self.flight.status,
+                    );
                 }
                 _ => return out,
             }
@@ -311,8 +336,8 @@ impl Tracker {
     /// Refuse the client message `tag` (a Query, or a Bind/Parse/Describe/
     /// Execute) with `err`: the server raises it in the message's place,
     /// so the transaction fails as it would on PostgreSQL.
-    pub fn refuse(&mut self, tag: u8, body: &[u8], cx: &mut Ctx, err: PgError) -> Flow {
-        if self.copy_in || self.server_skipping || !matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E') {
+    fn refuse(&mut self, tag: u8, body: &[u8], cx: &mut Ctx, err: PgError) -> Flow {
+        if self.flight.copy_in || self.server_skipping || !matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E') {
             return self.on_client(tag, body, cx);
         }
         if tag != b'Q' {

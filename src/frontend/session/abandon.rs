@@ -9,7 +9,6 @@ use super::{Session, CLEANUP_TIMEOUT};
 use crate::backend::pool::Checkout;
 use crate::backend::server::ServerError;
 use crate::config::PoolMode;
-use crate::protocol::flight::Flight;
 use crate::protocol::messages as msg;
 
 impl Session {
@@ -22,7 +21,7 @@ impl Session {
         let mode = self.mode;
         let pinned = self.pinned;
         let reset = self.pool.settings.reset_query.clone();
-        let Flight { pending, unsynced, copy_in, status, .. } = self.flight;
+        let crate::protocol::flight::Flight { pending, unsynced, copy_in, status, .. } = self.tracker.flight;
         let conn = server.conn();
         self.tracker.abandon_block(&mut conn.prepared);
         let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, async {

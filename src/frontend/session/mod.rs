@@ -19,7 +19,6 @@ use crate::backend::server::ServerError;
 use crate::config::PoolMode;
 use crate::frontend::cancel::CancelSlot;
 use crate::protocol::error::{sqlstate, PgError, Severity};
-use crate::protocol::flight::Flight;
 use crate::protocol::frame::{peek_header, FrameError, Relay, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::prepared::{self, ClientStatements, Tracker};
 use crate::protocol::tls::ClientStream;
@@ -125,7 +124,7 @@ pub struct Session {
     reserved: Option<crate::backend::pool::Checkout>,
     crelay: Relay,
     srelay: Relay,
-    flight: Flight,
+
     account: account::Account,
     /// This client's entry in the client list.
     client: Option<Arc<crate::frontend::registry::ClientInfo>>,
@@ -172,7 +171,6 @@ impl Session {
             reserved: None,
             crelay: Relay::default(),
             srelay: Relay::default(),
-            flight: Flight::new(),
             account: account::Account::new(metrics),
             client: None,
             draining: None,
@@ -338,7 +336,7 @@ impl Session {
                         let _ = Box::pin(self.finish_multi(false)).await;
                     }
                 }
-                Relayed::Batch => self.rejoin(self.shard_at, server, self.flight.status),
+                Relayed::Batch => self.rejoin(self.shard_at, server, self.tracker.flight.status),
                 Relayed::ServerGone(lost::Lost { why, .. }) if replay.is_some() && replica.is_none() => {
                     tracing::warn!(pool = %server.pool().name(), "server connection lost before an answer: {why}");
                     drop(server);

@@ -18,7 +18,6 @@ use crate::backend::pool::Checkout;
 use crate::backend::server::ServerConn;
 use crate::config::PoolMode;
 use crate::protocol::error::{sqlstate, PgError};
-use crate::protocol::flight::Flight;
 use crate::protocol::messages as msg;
 use crate::router::route::{Decision, Target};
 use crate::shard::twophase::{self, server_error};
@@ -93,14 +92,14 @@ impl Session {
     /// next one is routed anew.
     pub(super) fn answered_in_transaction(&self, conn: &ServerConn) -> bool {
         !self.pinned
-            && self.flight.status != b'I'
-            && self.flight.pending == 0
-            && !self.flight.unsynced
-            && !self.flight.copy_in
+            && self.tracker.flight.status != b'I'
+            && self.tracker.flight.pending == 0
+            && !self.tracker.flight.unsynced
+            && !self.tracker.flight.copy_in
             && !self.crelay.mid_message()
             && !self.srelay.mid_message()
             && conn.rbuf.is_empty()
-            && self.tracker.idle()
+            && self.tracker.settled()
             && self.cross()
     }
 
@@ -123,8 +122,6 @@ impl Session {
             let (_, mut c) = m.conns.remove(at);
             self.use_shard(sh, i);
             self.cancel.set(c.conn().cancel_key());
-            self.flight = Flight::new();
-            self.flight.status = b'T';
             self.tracker.reset(b'T');
             return Ok(c);
         }
@@ -148,7 +145,6 @@ impl Session {
             put_back(c);
             return Err(server_error(e));
         }
-        self.flight.status = b'T';
         self.tracker.reset(b'T');
         Ok(c)
     }

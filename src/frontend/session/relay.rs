@@ -20,7 +20,7 @@ impl Session {
     /// left unread are not the client's (see `forward_server`): the pool
     /// drops such a connection rather than reuse it.
     fn releasable(&self) -> bool {
-        self.flight.idle() && !self.crelay.mid_message() && !self.srelay.mid_message() && self.tracker.idle()
+        self.tracker.idle() && !self.crelay.mid_message() && !self.srelay.mid_message()
     }
 
     pub(super) async fn relay(&mut self, conn: &mut ServerConn) -> Relayed {
@@ -38,7 +38,9 @@ impl Session {
                 self.rbuf.reserve(16 * 1024);
             }
             let deadline = match (self.pool.settings.query_timeout, self.account.query_started()) {
-                (Some(limit), Some(sent)) if !self.flight.copy_in => Some(tokio::time::Instant::from_std(sent + limit)),
+                (Some(limit), Some(sent)) if !self.tracker.flight.copy_in => {
+                    Some(tokio::time::Instant::from_std(sent + limit))
+                }
                 _ => None,
             };
             let ev = tokio::select! {
@@ -61,9 +63,9 @@ impl Session {
                     // unless the transaction ended (it is routed anew).
                     None if self.held
                         && !self.cross()
-                        && self.flight.pending == 0
-                        && !self.flight.copy_in
-                        && (self.flight.status != b'I' || self.pinned) =>
+                        && self.tracker.flight.pending == 0
+                        && !self.tracker.flight.copy_in
+                        && (self.tracker.flight.status != b'I' || self.pinned) =>
                     {
                         self.forward_client(conn).await
                     }
@@ -84,9 +86,9 @@ impl Session {
             return None;
         }
         self.held = false;
-        let outstanding = self.flight.pending > 0 && !self.flight.unsynced && !self.flight.copy_in;
+        let outstanding =
+            self.tracker.flight.pending > 0 && !self.tracker.flight.unsynced && !self.tracker.flight.copy_in;
         let mut guard = self.shard_guard();
-        let flight = &mut self.flight;
         let mut stop: Option<Relayed> = None;
         let track = self.track;
         let tracker = &mut self.tracker;
@@ -132,12 +134,7 @@ impl Session {
                 }
             }
             let veto = guard.as_mut().and_then(|g| g.check(tag, body, cx.stmts));
-            let flow = match (track, veto) {
-                (true, Some(err)) => tracker.refuse(tag, body, &mut cx, err),
-                (true, None) => tracker.on_client(tag, body, &mut cx),
-                (false, _) => Flow::Forward,
-            };
-            flight.client(tag, flow != Flow::Drop);
+            let flow = tracker.client(tag, body, track.then_some(&mut cx), veto);
             if slow_log && matches!(tag, b'Q' | b'P') {
                 statement = Some(account::statement_text(tag, body));
             }
@@ -177,7 +174,7 @@ impl Session {
         // Bytes a failed write may have sent in part count as sent.
         let written = match out.len() {
             0 => Ok(()),
-            n => conn.stream.write_all(out).await.map(|()| self.account.sent(n, self.flight.pending)),
+            n => conn.stream.write_all(out).await.map(|()| self.account.sent(n, self.tracker.flight.pending)),
         };
         if let Some(replay) = &mut self.replay {
             if replay.sent.len() + scan.consumed > REPLAY_LIMIT {
@@ -211,7 +208,6 @@ impl Session {
                 return Some(Relayed::ServerGone(lost));
             }
         }
-        let flight = &mut self.flight;
         let mut changed: Vec<(usize, usize)> = Vec::new();
         let mut discarded = false;
         let mut learned = Vec::new();
@@ -257,7 +253,7 @@ impl Session {
                 // client as it is, and ends its session.
                 gone = lost::goodbye(tag, body).filter(|l| l.fatal.is_some()).map(|l| lost::Lost { told: true, ..l });
             }
-            flight.server(tag, body);
+            let (flow, event) = tracker.server(tag, body, needs_body(tag), track.then_some(&mut cx));
             match tag {
                 b'Z' => {
                     readies += 1;
@@ -277,18 +273,12 @@ impl Session {
                     _ => {}
                 }
             }
-            if !track {
-                ended = stop_at_idle && tag == b'Z' && flight.idle();
-                return Flow::Forward;
-            }
-            let (flow, event) = tracker.on_server(tag, body, needs_body(tag), &mut cx);
             match event {
                 prepared::Event::DiscardAll => discarded = true,
                 prepared::Event::Prepared(h) => learned.push(h),
-                prepared::Event::Skipped(n) => flight.pending = flight.pending.saturating_sub(n),
-                prepared::Event::None => {}
+                prepared::Event::Skipped(_) | prepared::Event::None => {}
             }
-            ended = stop_at_idle && tag == b'Z' && flight.idle() && tracker.idle();
+            ended = stop_at_idle && tag == b'Z' && tracker.idle();
             flow
         });
         let events = std::mem::take(&mut cx.events);
@@ -320,7 +310,7 @@ impl Session {
         if !out.is_empty() {
             self.replay = None;
         }
-        self.account.answered(out.len(), readies, idle, self.flight.pending);
+        self.account.answered(out.len(), readies, idle, self.tracker.flight.pending);
         let sent = out.is_empty() || self.stream.write_all(out).await.is_ok();
         conn.rbuf.advance(scan.consumed);
         if !sent {

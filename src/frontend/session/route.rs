@@ -15,7 +15,6 @@ use crate::backend::pool::{Checkout, Pool, PoolError};
 use crate::backend::server::{is_server_owned, ServerConn, ServerError};
 use crate::config::{PoolMode, TransactionRouting};
 use crate::protocol::error::{sqlstate, PgError};
-use crate::protocol::flight::Flight;
 use crate::protocol::frame::{peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
 use crate::protocol::prepared;
@@ -344,7 +343,6 @@ impl Session {
             conn.prepared.catch_up(pool.invalidations());
         }
         self.cancel.set(conn.cancel_key());
-        self.flight = Flight::new();
         self.tracker.reset(b'I');
         Ok(())
     }
@@ -414,8 +412,8 @@ impl Session {
         !self.pinned
             && !self.srelay.mid_message()
             && !self.crelay.mid_message()
-            && self.flight.status == b'I'
-            && !self.flight.copy_in
+            && self.tracker.flight.status == b'I'
+            && !self.tracker.flight.copy_in
     }
 
     /// The server connection was lost after part of an answer reached the
@@ -425,7 +423,7 @@ impl Session {
     pub(super) async fn lost_mid_answer(&mut self, why: &str) -> bool {
         let err = lost_error(why);
         let mut out = BytesMut::new();
-        for _ in 0..self.flight.pending {
+        for _ in 0..self.tracker.flight.pending {
             out.extend_from_slice(&err.to_bytes());
             msg::ready_for_query(&mut out, b'I');
         }
@@ -434,7 +432,7 @@ impl Session {
             return false;
         }
         // A batch without its Sync yet: the rest of it is skipped.
-        !self.flight.unsynced || self.refuse(&err).await
+        !self.tracker.flight.unsynced || self.refuse(&err).await
     }
 
     /// SET/RESETs of batches that were lost never took effect.
@@ -449,7 +447,6 @@ impl Session {
         if let Some(d) = self.deferred.take() {
             server.conn().run_expecting(&d.sql, b'T').await?;
             self.tracker.reset(b'T');
-            self.flight.status = b'T';
         }
         Ok(())
     }

@@ -18,12 +18,9 @@ use crate::protocol::statements::{identity, put_cstr, put_server_name, split_cst
 impl Tracker {
     /// A client message on its way to the server (body present for every
     /// tag but CopyData). Returns what to send instead, if anything.
-    pub fn on_client(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Flow {
-        if self.copy_in {
+    pub(super) fn on_client(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Flow {
+        if self.flight.copy_in {
             self.rerun.stop();
-            if matches!(tag, b'c' | b'f') {
-                self.copy_in = false;
-            }
             return Flow::Forward;
         }
         if let Some(flow) = self.verify_first(tag, body, cx) {
@@ -216,7 +213,7 @@ impl Tracker {
             finish_message(out, at);
             self.expect.push_back(Expect::Close { hidden: true, victim: Some(victim), doomed: None });
         }
-        if self.status != b'I' {
+        if self.flight.status != b'I' {
             self.in_block.push(ident);
         }
         stmt.put_parse(out, ident);

@@ -222,7 +222,7 @@ impl Tracker {
             used.client.mark_stale_shape();
             return false;
         }
-        let again = whole && self.status == b'I' && used.rerun.is_some_and(|n| self.rerun.kept(n));
+        let again = whole && self.flight.status == b'I' && used.rerun.is_some_and(|n| self.rerun.kept(n));
         if !again {
             return false;
         }
@@ -248,10 +248,9 @@ impl Tracker {
         match tag {
             b'Z' => {
                 self.expect.pop_front();
-                self.status = body.first().copied().unwrap_or(b'I');
                 let mut answer = self.rerun.held.take().unwrap_or_default();
                 put_message(&mut answer, b'Z', body);
-                let resend = (self.status == b'I').then(|| std::mem::take(&mut self.rerun.bytes));
+                let resend = (self.flight.status == b'I').then(|| std::mem::take(&mut self.rerun.bytes));
                 self.rerun.stop();
                 self.rerun.again = Some(Again { resend, answer });
                 Flow::Drop

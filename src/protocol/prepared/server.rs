@@ -9,8 +9,9 @@ use crate::protocol::statements::result_shape;
 
 impl Tracker {
     /// A server message on its way to the client (`whole`: its body is
-    /// present). Returns what to send instead and any event.
-    pub fn on_server(&mut self, tag: u8, body: &[u8], whole: bool, cx: &mut Ctx) -> (Flow, Event) {
+    /// present), the flight already counted. Returns what to send instead
+    /// and any event.
+    pub(super) fn on_server(&mut self, tag: u8, body: &[u8], whole: bool, cx: &mut Ctx) -> (Flow, Event) {
         if self.rerun.holding() {
             return (self.hold_back(tag, body), Event::None);
         }
@@ -72,7 +73,6 @@ impl Tracker {
                 self.on_error(cx);
             }
             b'E' => {
-                self.copy_in = false;
                 if self.stale(body, whole, cx) {
                     self.param_desc = None;
                     return (Flow::Drop, Event::None);
@@ -83,7 +83,7 @@ impl Tracker {
                     event = Event::Skipped(skipped);
                 }
             }
-            b'Z' => self.ready(body, cx),
+            b'Z' => self.ready(cx),
             _ => {}
         }
         // A CopyEnd whose COPY never started (it failed) is moot.
@@ -115,7 +115,7 @@ impl Tracker {
                 let before_end = end.is_none_or(|end| i <= end + 1);
                 !(before_end && matches!(e, Expect::Sync | Expect::CopyEnd))
             });
-            self.copy_in = end.is_none();
+            // (Whether the server is now in COPY IN is the flight's.)
             self.expect.push_front(head);
         }
     }
@@ -136,12 +136,11 @@ impl Tracker {
         }
     }
 
-    /// ReadyForQuery: the transaction status; a transaction that ran DDL
-    /// ended.
-    fn ready(&mut self, body: &[u8], cx: &mut Ctx) {
+    /// ReadyForQuery (the flight has its transaction status): a
+    /// transaction that ran DDL ended.
+    fn ready(&mut self, cx: &mut Ctx) {
         self.expect.pop_front();
-        self.status = body.first().copied().unwrap_or(b'I');
-        if self.status == b'I' {
+        if self.flight.status == b'I' {
             self.in_block.clear();
             if std::mem::take(&mut self.ddl) {
                 cx.events.schema_changed = true;
