@@ -2,7 +2,7 @@
 //! from message tags alone: Queries and Syncs not yet answered by
 //! ReadyForQuery, extended-protocol messages not yet synced, COPY IN state
 //! (during which the server ignores Sync), and the last transaction status.
-//! It is the part of the protocol tracker ([`crate::protocol::prepared::Tracker`])
+//! It is the part of the protocol tracker ([`crate::protocol::tracker::Tracker`])
 //! every session keeps, tracked statements or not: the session returns a
 //! server connection to the pool only when all of it says idle.
 

@@ -1,7 +1,8 @@
 //! The PostgreSQL v3 wire protocol, both directions: framing, the messages
 //! pgmux builds or decodes, authentication exchanges, error responses, TLS,
-//! what is in flight between a client and its server connection, and
-//! protocol-level prepared statements (their tracker and storage).
+//! what is in flight between a client and its server connection (the
+//! tracker and its flight), and protocol-level prepared statements (their
+//! bookkeeping and storage).
 
 pub mod auth;
 pub mod error;
@@ -11,3 +12,4 @@ pub mod messages;
 pub mod prepared;
 pub mod statements;
 pub mod tls;
+pub mod tracker;

@@ -20,8 +20,9 @@ use crate::config::PoolMode;
 use crate::frontend::cancel::CancelSlot;
 use crate::protocol::error::{sqlstate, PgError, Severity};
 use crate::protocol::frame::{peek_header, FrameError, Relay, HEADER_LEN, MAX_MESSAGE_LEN};
-use crate::protocol::prepared::{self, ClientStatements, Tracker};
+use crate::protocol::prepared::{self, ClientStatements};
 use crate::protocol::tls::ClientStream;
+use crate::protocol::tracker::Tracker;
 use crate::router::route::{Decision, Routing};
 use crate::sql::effects;
 

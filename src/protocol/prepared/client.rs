@@ -18,7 +18,7 @@ use crate::protocol::statements::{identity, put_cstr, put_server_name, split_cst
 impl Tracker {
     /// A client message on its way to the server (body present for every
     /// tag but CopyData). Returns what to send instead, if anything.
-    pub(super) fn on_client(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Flow {
+    pub(in crate::protocol) fn on_client(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Flow {
         if self.flight.copy_in {
             self.rerun.stop();
             return Flow::Forward;

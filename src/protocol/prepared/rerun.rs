@@ -73,7 +73,7 @@ pub struct Again {
 
 impl Rerun {
     /// A client message goes to the server.
-    pub(super) fn message(&mut self, tag: u8, body: &[u8]) {
+    pub(in crate::protocol) fn message(&mut self, tag: u8, body: &[u8]) {
         if self.state == State::Closed || (self.state == State::Recording && matches!(tag, b'Q' | b'F')) {
             self.stop();
         }
@@ -94,7 +94,7 @@ impl Rerun {
 
     /// A use of a named statement: the batch is kept from here on when
     /// nothing ran in it yet. Returns the kept batch's number.
-    pub(super) fn start(&mut self, tag: u8, body: &[u8]) -> Option<u64> {
+    pub(in crate::protocol) fn start(&mut self, tag: u8, body: &[u8]) -> Option<u64> {
         if self.state != State::Off || self.executed {
             return None;
         }
@@ -106,7 +106,7 @@ impl Rerun {
     }
 
     /// Keep nothing (COPY data, or something that cannot be run again).
-    pub(super) fn stop(&mut self) {
+    pub(in crate::protocol) fn stop(&mut self) {
         self.state = State::Off;
         if self.bytes.capacity() > 8192 {
             self.bytes = BytesMut::new();
@@ -115,7 +115,7 @@ impl Rerun {
         }
     }
 
-    pub(super) fn reset(&mut self) {
+    pub(in crate::protocol) fn reset(&mut self) {
         self.stop();
         self.executed = false;
         self.held = None;
@@ -123,15 +123,15 @@ impl Rerun {
         self.sync = false;
     }
 
-    pub(super) fn idle(&self) -> bool {
+    pub(in crate::protocol) fn idle(&self) -> bool {
         self.held.is_none() && self.again.is_none()
     }
 
-    pub(super) fn holding(&self) -> bool {
+    pub(in crate::protocol) fn holding(&self) -> bool {
         self.held.is_some()
     }
 
-    pub(super) fn take(&mut self) -> Option<Again> {
+    pub(in crate::protocol) fn take(&mut self) -> Option<Again> {
         self.again.take()
     }
 }
@@ -171,7 +171,7 @@ impl Tracker {
     /// place (see `emulate_error`), and the client gets it with
     /// PostgreSQL's own fields (drivers such as asyncpg re-prepare on
     /// seeing its routine).
-    pub(super) fn raise_stale_shape(&mut self, err: PgError) -> Flow {
+    pub(in crate::protocol) fn raise_stale_shape(&mut self, err: PgError) -> Flow {
         let flow = self.emulate_error(err);
         if let Some(last) = self.expect.back_mut() {
             let mut own = BytesMut::new();
@@ -194,7 +194,7 @@ impl Tracker {
 
 /// A command tag of DDL that can make existing statements stale (index
 /// changes cannot: PostgreSQL re-plans those by itself).
-pub(super) fn is_ddl(tag: &[u8]) -> bool {
+pub(in crate::protocol) fn is_ddl(tag: &[u8]) -> bool {
     let t = tag.strip_suffix(&[0]).unwrap_or(tag);
     let changes = t.starts_with(b"ALTER ") || t.starts_with(b"DROP ") || t == b"CREATE VIEW" || t == b"CREATE RULE";
     changes && !t.ends_with(b" INDEX")
@@ -205,7 +205,7 @@ impl Tracker {
     /// in use is stale, that statement is dropped from every server; when
     /// the batch can run again, the error is held back (`true`) until the
     /// server is ready, and then the batch goes to the session to resend.
-    pub(super) fn stale(&mut self, body: &[u8], whole: bool, cx: &mut Ctx) -> bool {
+    pub(in crate::protocol) fn stale(&mut self, body: &[u8], whole: bool, cx: &mut Ctx) -> bool {
         let (Some(Expect::Bind(Some(used))) | Some(Expect::Describe(Some(used)))) = self.expect.front() else {
             return false;
         };
@@ -244,7 +244,7 @@ impl Tracker {
 
     /// While an error is held back: the server skips to the Sync; what it
     /// sends until its ReadyForQuery is hidden, then the batch runs again.
-    pub(super) fn hold_back(&mut self, tag: u8, body: &[u8]) -> Flow {
+    pub(in crate::protocol) fn hold_back(&mut self, tag: u8, body: &[u8]) -> Flow {
         match tag {
             b'Z' => {
                 self.expect.pop_front();
@@ -270,7 +270,7 @@ impl Rerun {
     }
 
     /// The server must be sent a Sync now (see [`Tracker::stale`]).
-    pub(super) fn take_sync(&mut self) -> bool {
+    pub(in crate::protocol) fn take_sync(&mut self) -> bool {
         std::mem::take(&mut self.sync)
     }
 }

@@ -11,7 +11,7 @@ impl Tracker {
     /// A server message on its way to the client (`whole`: its body is
     /// present), the flight already counted. Returns what to send instead
     /// and any event.
-    pub(super) fn on_server(&mut self, tag: u8, body: &[u8], whole: bool, cx: &mut Ctx) -> (Flow, Event) {
+    pub(in crate::protocol) fn on_server(&mut self, tag: u8, body: &[u8], whole: bool, cx: &mut Ctx) -> (Flow, Event) {
         if self.rerun.holding() {
             return (self.hold_back(tag, body), Event::None);
         }
@@ -150,7 +150,7 @@ impl Tracker {
 
     /// A ROLLBACK (or ROLLBACK TO SAVEPOINT) completed: the statements
     /// prepared in the block are closed here before their next use.
-    pub(super) fn rolled_back(&mut self, rollback: bool, cx: &mut Ctx) {
+    pub(in crate::protocol) fn rolled_back(&mut self, rollback: bool, cx: &mut Ctx) {
         if rollback {
             for ident in self.in_block.drain(..) {
                 cx.server.doom(ident);
@@ -159,7 +159,7 @@ impl Tracker {
     }
 
     /// Returns how many Query/FunctionCall messages the server will skip.
-    pub(super) fn on_error(&mut self, cx: &mut Ctx) -> usize {
+    pub(in crate::protocol) fn on_error(&mut self, cx: &mut Ctx) -> usize {
         let mut skipped = 0;
         match self.expect.front() {
             None | Some(Expect::Query | Expect::FunctionCall | Expect::Sync | Expect::CopyEnd) => {}
