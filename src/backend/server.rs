@@ -12,6 +12,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::protocol::messages::TxStatus;
 use crate::protocol::tls::{ServerStream, ServerTls};
 
 use crate::config::HostPort;
@@ -103,7 +104,7 @@ pub struct ServerConn {
     pub created: Instant,
     pub last_used: Instant,
     /// The transaction status after pgmux's own last query on it.
-    pub status: u8,
+    pub status: TxStatus,
     /// The pool's generation when it opened (RECONNECT closes older ones).
     pub generation: u64,
 }
@@ -141,7 +142,7 @@ impl ServerConn {
             needs_reset: false,
             created: now,
             last_used: now,
-            status: b'I',
+            status: TxStatus::Idle,
             generation: 0,
         };
         tokio::time::timeout(timeout, conn.startup(login)).await.map_err(|_| ServerError::ConnectTimeout(name))??;
@@ -269,12 +270,12 @@ impl ServerConn {
     /// an ErrorResponse (after draining to ReadyForQuery, so the connection
     /// stays usable) or a non-idle final status.
     pub async fn run(&mut self, sql: &str) -> Result<(), ServerError> {
-        self.run_expecting(sql, b'I').await
+        self.run_expecting(sql, TxStatus::Idle).await
     }
 
     /// Run pgmux's own simple query that must leave the transaction
     /// status `status` (`b'T'` for a BEGIN).
-    pub async fn run_expecting(&mut self, sql: &str, status: u8) -> Result<(), ServerError> {
+    pub async fn run_expecting(&mut self, sql: &str, status: TxStatus) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
         msg::query(&mut out, sql);
         self.stream.write_all(&out).await?;
@@ -293,7 +294,7 @@ impl ServerConn {
                 (b'D', body) => rows.push(body),
                 (b'E', body) => err = Some(body),
                 (b'Z', body) => {
-                    self.status = body.first().copied().unwrap_or(b'?');
+                    self.status = TxStatus::of_ready(&body);
                     break;
                 }
                 _ => {}
@@ -308,35 +309,35 @@ impl ServerConn {
     /// Read and discard until `pending` ReadyForQuery messages have arrived;
     /// fails if any ErrorResponse came or the final status is not idle.
     pub async fn drain(&mut self, pending: usize) -> Result<(), ServerError> {
-        self.drain_expecting(pending, b'I').await
+        self.drain_expecting(pending, TxStatus::Idle).await
     }
 
-    async fn drain_expecting(&mut self, pending: usize, expected: u8) -> Result<(), ServerError> {
+    async fn drain_expecting(&mut self, pending: usize, expected: TxStatus) -> Result<(), ServerError> {
         let (status, err) = self.drain_inner(pending).await?;
         if let Some(body) = err {
             return Err(ServerError::Query(body));
         }
         if status != expected {
-            return Err(ServerError::Protocol(format!("status '{}' after pgmux query", status as char)));
+            return Err(ServerError::Protocol(format!("status '{}' after pgmux query", status.byte() as char)));
         }
         Ok(())
     }
 
     /// Read and discard a departed client's replies up to `pending`
     /// ReadyForQuery messages; returns the final transaction status.
-    pub async fn drain_status(&mut self, pending: usize) -> Result<u8, ServerError> {
+    pub async fn drain_status(&mut self, pending: usize) -> Result<TxStatus, ServerError> {
         Ok(self.drain_inner(pending).await?.0)
     }
 
-    async fn drain_inner(&mut self, mut pending: usize) -> Result<(u8, Option<BytesMut>), ServerError> {
+    async fn drain_inner(&mut self, mut pending: usize) -> Result<(TxStatus, Option<BytesMut>), ServerError> {
         let mut err = None;
-        let mut status = b'I';
+        let mut status = TxStatus::Idle;
         while pending > 0 {
             let (tag, body) = self.read_message().await?;
             match tag {
                 b'Z' => {
                     pending -= 1;
-                    status = body.first().copied().unwrap_or(b'?');
+                    status = TxStatus::of_ready(&body);
                     self.status = status;
                 }
                 b'E' => err = Some(body),

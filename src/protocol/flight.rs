@@ -6,6 +6,8 @@
 //! every session keeps, tracked statements or not: the session returns a
 //! server connection to the pool only when all of it says idle.
 
+use crate::protocol::messages::TxStatus;
+
 /// What is in flight on the attached server connection, from tags alone.
 #[derive(Debug)]
 pub struct Flight {
@@ -24,7 +26,7 @@ pub struct Flight {
     /// pipelined COPY), with the Syncs sent before it.
     pub early_copy_end: std::collections::VecDeque<usize>,
     /// Transaction status of the last ReadyForQuery.
-    pub status: u8,
+    pub status: TxStatus,
 }
 
 impl Flight {
@@ -36,7 +38,7 @@ impl Flight {
             syncs_after_exec: 0,
             exec_extended: false,
             early_copy_end: std::collections::VecDeque::new(),
-            status: b'I',
+            status: TxStatus::Idle,
         }
     }
 
@@ -71,7 +73,7 @@ impl Flight {
         match tag {
             b'Z' => {
                 self.pending = self.pending.saturating_sub(1);
-                self.status = body.first().copied().unwrap_or(b'?');
+                self.status = TxStatus::of_ready(body);
                 if self.pending == 0 {
                     // Every COPY that could start has started or failed.
                     self.early_copy_end.clear();
@@ -97,7 +99,7 @@ impl Flight {
     }
 
     pub fn idle(&self) -> bool {
-        self.pending == 0 && !self.unsynced && self.status == b'I' && !self.copy_in
+        self.pending == 0 && !self.unsynced && self.status == TxStatus::Idle && !self.copy_in
     }
 }
 

@@ -40,10 +40,45 @@ fn put_cstr(buf: &mut BytesMut, s: &str) {
     buf.put_u8(0);
 }
 
-pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+/// A transaction status, as ReadyForQuery reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TxStatus {
+    /// `I`: not in a transaction block.
+    #[default]
+    Idle,
+    /// `T`: in a transaction block.
+    InBlock,
+    /// `E`: in a failed transaction block (queries are refused until it
+    /// ends).
+    Failed,
+}
+
+impl TxStatus {
+    /// The status of a ReadyForQuery body. A byte PostgreSQL never sends
+    /// counts as a failed transaction: such a connection is never taken
+    /// for idle.
+    pub fn of_ready(body: &[u8]) -> TxStatus {
+        match body.first() {
+            Some(b'I') => TxStatus::Idle,
+            Some(b'T') => TxStatus::InBlock,
+            _ => TxStatus::Failed,
+        }
+    }
+
+    /// Its byte on the wire.
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InBlock => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
     buf.put_u8(b'Z');
     buf.put_i32(5);
-    buf.put_u8(status);
+    buf.put_u8(status.byte());
 }
 
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::protocol::messages::TxStatus;
 use crate::protocol::messages::{finish_message, start_message};
 
 /// A client's statement: its query text and parameter types. Servers know
@@ -444,7 +445,7 @@ pub fn answer_parse_batch(
         stmts.map.insert(name, Arc::new(stmt));
         reply.extend_from_slice(&tiny(b'1'));
     }
-    crate::protocol::messages::ready_for_query(&mut reply, b'I');
+    crate::protocol::messages::ready_for_query(&mut reply, TxStatus::Idle);
     Some((pos, reply))
 }
 

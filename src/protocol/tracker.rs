@@ -22,6 +22,7 @@ use bytes::{BufMut, BytesMut};
 use crate::protocol::error::PgError;
 use crate::protocol::flight::Flight;
 use crate::protocol::frame::Flow;
+use crate::protocol::messages::TxStatus;
 use crate::protocol::prepared::{rerun, Again, Ctx};
 use crate::protocol::statements::Statement;
 
@@ -171,7 +172,7 @@ impl Tracker {
     }
 
     /// A connection just attached, its transaction status `status`.
-    pub fn reset(&mut self, status: u8) {
+    pub fn reset(&mut self, status: TxStatus) {
         self.flight = Flight::new();
         self.flight.status = status;
         self.expect.clear();

@@ -23,6 +23,7 @@ use super::ShardBackend;
 use crate::backend::pool::Checkout;
 use crate::backend::server::{ServerConn, ServerError};
 use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::messages::TxStatus;
 
 /// The decision log on each coordinator shard.
 pub const LOG_TABLE: &str = "pgmux_commit_log";
@@ -80,7 +81,7 @@ pub async fn commit(parts: &mut [(usize, Checkout)], log_ready: bool) -> Result<
     };
     let log = format!("{create}INSERT INTO {LOG_TABLE} (gid) VALUES ('{txn}')");
     // Phase one: the log row, then every part prepared.
-    let mut failure = match parts[0].1.conn().run_expecting(&log, b'T').await {
+    let mut failure = match parts[0].1.conn().run_expecting(&log, TxStatus::InBlock).await {
         Ok(()) => None,
         Err(e) => Some(server_error(e)),
     };

@@ -10,6 +10,7 @@ use crate::backend::pool::Checkout;
 use crate::backend::server::ServerError;
 use crate::config::PoolMode;
 use crate::protocol::messages as msg;
+use crate::protocol::messages::TxStatus;
 
 impl Session {
     /// The client left while holding a server connection: bring it back to
@@ -41,7 +42,7 @@ impl Session {
             if pending > 0 {
                 status = conn.drain_status(pending).await?;
             }
-            if status != b'I' {
+            if status != TxStatus::Idle {
                 conn.run("ROLLBACK").await?;
             }
             if pinned {

@@ -13,6 +13,7 @@ use crate::backend::pool::Checkout;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{peek_header, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
+use crate::protocol::messages::TxStatus;
 use crate::shard::copy::{CopyIn, RowSplitter};
 use crate::shard::map::Key;
 use crate::shard::ShardRouter;
@@ -79,7 +80,7 @@ impl Session {
             }
         }
         if !extended {
-            msg::ready_for_query(&mut out, b'I');
+            msg::ready_for_query(&mut out, TxStatus::Idle);
         }
         self.stream.write_all(&out).await.is_ok()
     }

@@ -19,6 +19,7 @@ use crate::backend::server::ServerConn;
 use crate::config::PoolMode;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::messages as msg;
+use crate::protocol::messages::TxStatus;
 use crate::router::route::{Decision, Target};
 use crate::shard::twophase::{self, server_error};
 use crate::shard::ShardRouter;
@@ -46,14 +47,14 @@ impl Multi {
 /// Give a connection back after pgmux's own statements on it: reused when
 /// they left it idle, closed otherwise.
 fn put_back(mut c: Checkout) {
-    if c.conn().status == b'I' {
+    if c.conn().status == TxStatus::Idle {
         c.release();
     }
 }
 
 async fn rollback_all(parts: &mut [(usize, Checkout)]) {
     for (shard, c) in parts.iter_mut() {
-        if c.conn().status != b'I' {
+        if c.conn().status != TxStatus::Idle {
             if let Err(e) = c.conn().run("ROLLBACK").await {
                 tracing::debug!(shard, "rollback of a transaction part: {e}");
             }
@@ -92,7 +93,7 @@ impl Session {
     /// next one is routed anew.
     pub(super) fn answered_in_transaction(&self, conn: &ServerConn) -> bool {
         !self.pinned
-            && self.tracker.flight.status != b'I'
+            && self.tracker.flight.status != TxStatus::Idle
             && self.tracker.flight.pending == 0
             && !self.tracker.flight.unsynced
             && !self.tracker.flight.copy_in
@@ -122,7 +123,7 @@ impl Session {
             let (_, mut c) = m.conns.remove(at);
             self.use_shard(sh, i);
             self.cancel.set(c.conn().cancel_key());
-            self.tracker.reset(b'T');
+            self.tracker.reset(TxStatus::InBlock);
             return Ok(c);
         }
         if m.savepoint && !m.conns.is_empty() {
@@ -141,11 +142,11 @@ impl Session {
             };
             self.checkout(Some(target), Decision::Write).await?
         };
-        if let Err(e) = c.conn().run_expecting(&begin, b'T').await {
+        if let Err(e) = c.conn().run_expecting(&begin, TxStatus::InBlock).await {
             put_back(c);
             return Err(server_error(e));
         }
-        self.tracker.reset(b'T');
+        self.tracker.reset(TxStatus::InBlock);
         Ok(c)
     }
 
@@ -164,7 +165,7 @@ impl Session {
                 Ok(c) => conns.push((i, c)),
                 Err(e) => {
                     for (i, c) in conns {
-                        self.give_back(i, c, b'T');
+                        self.give_back(i, c, TxStatus::InBlock);
                     }
                     return Err(e);
                 }
@@ -176,20 +177,20 @@ impl Session {
     /// Return shard `i`'s connection after a batch that left transaction
     /// status `status`: to the transaction spanning shards, or to its pool
     /// when idle (closed otherwise).
-    pub(super) fn give_back(&mut self, i: usize, c: Checkout, status: u8) {
+    pub(super) fn give_back(&mut self, i: usize, c: Checkout, status: TxStatus) {
         if let Some(m) = &mut self.multi {
             // The only part back from an error (ROLLBACK TO SAVEPOINT) is
             // no longer failed; with several parts a failure stays.
-            m.failed = status == b'E' || (m.failed && !m.conns.is_empty());
+            m.failed = status == TxStatus::Failed || (m.failed && !m.conns.is_empty());
             m.conns.push((i, c));
-        } else if status == b'I' {
+        } else if status == TxStatus::Idle {
             c.release();
         }
     }
 
     /// A batch left shard `i`'s connection inside a transaction: keep it
     /// (a transaction begun by the batch itself starts here).
-    pub(super) fn rejoin(&mut self, i: usize, c: Checkout, status: u8) {
+    pub(super) fn rejoin(&mut self, i: usize, c: Checkout, status: TxStatus) {
         self.multi.get_or_insert_with(|| Multi::new("BEGIN"));
         self.give_back(i, c, status);
     }
@@ -222,7 +223,7 @@ impl Session {
     pub(super) async fn finish_multi(&mut self, commit: bool) -> Result<&'static str, PgError> {
         let Some(mut m) = self.multi.take() else { return Ok(if commit { "COMMIT" } else { "ROLLBACK" }) };
         for (_, c) in &mut m.conns {
-            c.conn().status = b'T';
+            c.conn().status = TxStatus::InBlock;
         }
         let result = match self.sharding.clone() {
             Some(sh) if commit && !m.failed => match m.conns.len() {
@@ -290,7 +291,7 @@ impl Session {
                 _ => {}
             }
             if matches!(tag, b'Q' | b'S') {
-                msg::ready_for_query(&mut out, b'I');
+                msg::ready_for_query(&mut out, TxStatus::Idle);
             }
         }
         self.stream.write_all(&out).await.is_ok()

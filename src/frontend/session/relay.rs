@@ -7,11 +7,13 @@
 use bytes::Buf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::settings::Settle;
 use super::{account, frame_error, lost, Event, Relayed, Session, REPLAY_LIMIT};
 use crate::backend::server::{is_server_owned, ServerConn};
 use crate::config::PoolMode;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{Flow, MAX_MESSAGE_LEN};
+use crate::protocol::messages::TxStatus;
 use crate::protocol::prepared::{self, Ctx};
 use crate::sql::effects;
 
@@ -65,7 +67,7 @@ impl Session {
                         && !self.cross()
                         && self.tracker.flight.pending == 0
                         && !self.tracker.flight.copy_in
-                        && (self.tracker.flight.status != b'I' || self.pinned) =>
+                        && (self.tracker.flight.status != TxStatus::Idle || self.pinned) =>
                     {
                         self.forward_client(conn).await
                     }
@@ -218,7 +220,7 @@ impl Session {
         cx.log = Some(self.pool.invalidations());
         let txn_mode = self.mode == PoolMode::Transaction;
         let watch_settings = !self.pending_settings.is_empty();
-        let mut settle: Vec<(u8, u8)> = Vec::new();
+        let mut settle: Vec<Settle> = Vec::new();
         let needs_body = |t: u8| {
             if track {
                 t != b'D' && t != b'd'
@@ -257,7 +259,7 @@ impl Session {
             match tag {
                 b'Z' => {
                     readies += 1;
-                    idle += u64::from(body.first() == Some(&b'I'));
+                    idle += u64::from(TxStatus::of_ready(body) == TxStatus::Idle);
                 }
                 b'E' => account.error(crate::ops::metrics::error_code(body).unwrap_or("XX000")),
                 _ => {}
@@ -267,9 +269,9 @@ impl Session {
             }
             if watch_settings {
                 match tag {
-                    b'E' => settle.push((b'E', 0)),
-                    b'C' if body == b"ROLLBACK\0" => settle.push((b'R', 0)),
-                    b'Z' => settle.push((b'Z', body.first().copied().unwrap_or(b'I'))),
+                    b'E' => settle.push(Settle::Error),
+                    b'C' if body == b"ROLLBACK\0" => settle.push(Settle::Rollback),
+                    b'Z' => settle.push(Settle::Ready(TxStatus::of_ready(body))),
                     _ => {}
                 }
             }

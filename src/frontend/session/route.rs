@@ -17,6 +17,7 @@ use crate::config::{PoolMode, TransactionRouting};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
+use crate::protocol::messages::TxStatus;
 use crate::protocol::prepared;
 use crate::router::route::{Decision, Target};
 use crate::sql::scan;
@@ -71,7 +72,7 @@ pub(super) fn first_message(buf: &[u8]) -> Option<(u8, &[u8])> {
     Some((tag, buf.get(HEADER_LEN..HEADER_LEN + len)?))
 }
 
-pub(super) fn command_reply(tag: &str, status: u8) -> BytesMut {
+pub(super) fn command_reply(tag: &str, status: TxStatus) -> BytesMut {
     let mut out = BytesMut::new();
     let at = msg::start_message(&mut out, b'C');
     out.extend_from_slice(tag.as_bytes());
@@ -99,7 +100,7 @@ impl Session {
             let tag = if d.failed { "ROLLBACK" } else { end.tag() };
             self.deferred = None;
             self.consume_first();
-            return Plan::Answer(command_reply(tag, b'I'));
+            return Plan::Answer(command_reply(tag, TxStatus::Idle));
         }
         if let Some(m) = &self.multi {
             let sql = match &query {
@@ -154,7 +155,7 @@ impl Session {
             if let Some(sql) = query {
                 self.deferred = Some(Deferred { sql, failed: false });
                 self.consume_first();
-                return Plan::Answer(command_reply("BEGIN", b'T'));
+                return Plan::Answer(command_reply("BEGIN", TxStatus::InBlock));
             }
         }
         match self.wanted.get("pgmux.route").map(|v| v.to_ascii_lowercase()).as_deref() {
@@ -241,15 +242,15 @@ impl Session {
 
     /// The transaction status after an error pgmux answered: a
     /// transaction pgmux knows of has failed.
-    pub(super) fn failed_status(&mut self) -> u8 {
+    pub(super) fn failed_status(&mut self) -> TxStatus {
         let multi = self.fail_multi();
         match (&mut self.deferred, multi) {
             (Some(d), _) => {
                 d.failed = true;
-                b'E'
+                TxStatus::Failed
             }
-            (None, true) => b'E',
-            (None, false) => b'I',
+            (None, true) => TxStatus::Failed,
+            (None, false) => TxStatus::Idle,
         }
     }
 
@@ -343,7 +344,7 @@ impl Session {
             conn.prepared.catch_up(pool.invalidations());
         }
         self.cancel.set(conn.cancel_key());
-        self.tracker.reset(b'I');
+        self.tracker.reset(TxStatus::Idle);
         Ok(())
     }
 
@@ -412,7 +413,7 @@ impl Session {
         !self.pinned
             && !self.srelay.mid_message()
             && !self.crelay.mid_message()
-            && self.tracker.flight.status == b'I'
+            && self.tracker.flight.status == TxStatus::Idle
             && !self.tracker.flight.copy_in
     }
 
@@ -425,7 +426,7 @@ impl Session {
         let mut out = BytesMut::new();
         for _ in 0..self.tracker.flight.pending {
             out.extend_from_slice(&err.to_bytes());
-            msg::ready_for_query(&mut out, b'I');
+            msg::ready_for_query(&mut out, TxStatus::Idle);
         }
         self.forget_lost_settings();
         if self.stream.write_all(&out).await.is_err() {
@@ -445,8 +446,8 @@ impl Session {
     /// transaction's first statement.
     pub(super) async fn begin_deferred(&mut self, server: &mut Checkout) -> Result<(), ServerError> {
         if let Some(d) = self.deferred.take() {
-            server.conn().run_expecting(&d.sql, b'T').await?;
-            self.tracker.reset(b'T');
+            server.conn().run_expecting(&d.sql, TxStatus::InBlock).await?;
+            self.tracker.reset(TxStatus::InBlock);
         }
         Ok(())
     }

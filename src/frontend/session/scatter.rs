@@ -13,6 +13,7 @@ use crate::backend::pool::Checkout;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
+use crate::protocol::messages::TxStatus;
 use crate::protocol::statements::{split_cstr, Statement};
 use crate::shard::merge::{self, MergePlan, Row};
 use crate::shard::ShardRouter;
@@ -279,11 +280,11 @@ impl Session {
     }
 
     /// The transaction status pgmux reports after a batch it answered.
-    pub(super) fn txn_status(&self) -> u8 {
+    pub(super) fn txn_status(&self) -> TxStatus {
         match &self.multi {
-            Some(m) if m.failed => b'E',
-            Some(_) => b'T',
-            None => b'I',
+            Some(m) if m.failed => TxStatus::Failed,
+            Some(_) => TxStatus::InBlock,
+            None => TxStatus::Idle,
         }
     }
 
@@ -410,7 +411,7 @@ pub(super) struct Answer {
     /// The CommandComplete tag.
     pub(super) tag: Option<String>,
     /// The transaction status after it.
-    status: u8,
+    status: TxStatus,
 }
 
 /// A shard's answer, outside a transaction (it must leave none open).
@@ -418,7 +419,7 @@ pub(super) async fn read_answer(
     conn: &mut crate::backend::server::ServerConn,
 ) -> Result<Answer, crate::backend::server::ServerError> {
     let a = read_any_answer(conn).await?;
-    if a.status != b'I' {
+    if a.status != TxStatus::Idle {
         return Err(crate::backend::server::ServerError::Protocol("shard left a transaction open".into()));
     }
     Ok(a)
@@ -428,8 +429,15 @@ pub(super) async fn read_answer(
 async fn read_any_answer(
     conn: &mut crate::backend::server::ServerConn,
 ) -> Result<Answer, crate::backend::server::ServerError> {
-    let mut a =
-        Answer { desc: None, stmt_desc: Vec::new(), rows: Vec::new(), error: None, copied: 0, tag: None, status: b'I' };
+    let mut a = Answer {
+        desc: None,
+        stmt_desc: Vec::new(),
+        rows: Vec::new(),
+        error: None,
+        copied: 0,
+        tag: None,
+        status: TxStatus::Idle,
+    };
     let mut statement_next = false;
     loop {
         let (tag, body) = conn.read_message().await?;
@@ -460,7 +468,7 @@ async fn read_any_answer(
                 a.tag = Some(tag);
             }
             b'Z' => {
-                a.status = body.first().copied().unwrap_or(b'?');
+                a.status = TxStatus::of_ready(&body);
                 return Ok(a);
             }
             _ => {}

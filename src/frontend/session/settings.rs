@@ -5,7 +5,19 @@
 
 use super::{Session, UNKNOWN_SETTING};
 use crate::backend::server::ServerConn;
+use crate::protocol::messages::TxStatus;
 use crate::sql::effects;
+
+/// A server reply that decides whether pending SET/RESETs took effect.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Settle {
+    /// An ErrorResponse: the transaction (and its SETs) will not commit.
+    Error,
+    /// A ROLLBACK completed.
+    Rollback,
+    /// ReadyForQuery with this status.
+    Ready(TxStatus),
+}
 
 impl Session {
     /// A client's SET/RESET in transaction mode: this server is marked for
@@ -26,14 +38,13 @@ impl Session {
         self.pending_settings.extend(changes);
     }
 
-    /// Settle pending SET/RESETs on the server's replies: `events` holds
-    /// b'E' (error), b'R' (ROLLBACK done) and ReadyForQuery statuses.
-    pub(super) fn settle_settings(&mut self, events: &[(u8, u8)]) {
+    /// Settle pending SET/RESETs on the server's replies.
+    pub(super) fn settle_settings(&mut self, events: &[Settle]) {
         use effects::SettingChange;
-        for &(ev, status) in events {
-            match (ev, status) {
-                (b'E', _) | (b'R', _) | (b'Z', b'E') => self.settings_failed = true,
-                (b'Z', b'I') => {
+        for ev in events {
+            match ev {
+                Settle::Error | Settle::Rollback | Settle::Ready(TxStatus::Failed) => self.settings_failed = true,
+                Settle::Ready(TxStatus::Idle) => {
                     let changes = std::mem::take(&mut self.pending_settings);
                     if !std::mem::take(&mut self.settings_failed) {
                         for change in changes {

@@ -9,6 +9,7 @@ use super::route::{first_message, Deferred, Plan};
 use super::Session;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::HEADER_LEN;
+use crate::protocol::messages::TxStatus;
 use crate::protocol::messages::{self as msg, split_nul as cstr};
 use crate::protocol::statements::Statement;
 use crate::shard::{ShardRouter, ShardTarget};
@@ -121,7 +122,7 @@ impl Session {
             if sh.begins_transaction(q) {
                 self.deferred = Some(Deferred { sql: q.to_string(), failed: false });
                 self.consume_first();
-                return Some(Plan::Answer(super::route::command_reply("BEGIN", b'T')));
+                return Some(Plan::Answer(super::route::command_reply("BEGIN", TxStatus::InBlock)));
             }
         }
         if self.cross() {

@@ -14,6 +14,7 @@ use crate::config::PoolMode;
 use crate::frontend::cancel::{CancelGuard, CancelRegistry};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::messages as msg;
+use crate::protocol::messages::TxStatus;
 
 /// Startup parameters PostgreSQL accepts at any time; others are checked
 /// against a server at login so a typo fails the login as it would there.
@@ -64,7 +65,7 @@ impl Session {
             self.told.insert(k.to_ascii_lowercase(), v);
         }
         msg::backend_key_data(&mut out, pid, secret);
-        msg::ready_for_query(&mut out, b'I');
+        msg::ready_for_query(&mut out, TxStatus::Idle);
         self.stream.write_all(&out).await.map_err(|e| PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()))?;
         Ok(guard)
     }

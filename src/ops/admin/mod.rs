@@ -19,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 use crate::ops::control::ControlError;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{self, MAX_MESSAGE_LEN};
+use crate::protocol::messages::TxStatus;
 use crate::protocol::messages::{self as msg, split_nul};
 use crate::protocol::tls::ClientStream;
 use crate::proxy::Proxy;
@@ -59,7 +60,7 @@ pub async fn serve(proxy: Arc<Proxy>, mut stream: ClientStream, mut buf: BytesMu
         msg::parameter_status(&mut out, k, val);
     }
     msg::backend_key_data(&mut out, key.0, key.1);
-    msg::ready_for_query(&mut out, b'I');
+    msg::ready_for_query(&mut out, TxStatus::Idle);
     if stream.write_all(&out).await.is_err() {
         return;
     }
@@ -76,7 +77,7 @@ pub async fn serve(proxy: Arc<Proxy>, mut stream: ClientStream, mut buf: BytesMu
             b'X' => return,
             b'S' => {
                 skipping = false;
-                msg::ready_for_query(&mut out, b'I');
+                msg::ready_for_query(&mut out, TxStatus::Idle);
             }
             b'P' | b'B' | b'D' | b'E' | b'H' | b'C' | b'F' if !skipping => {
                 skipping = true;
@@ -129,7 +130,7 @@ async fn run_query(proxy: &Arc<Proxy>, role: Role, sql: &str, out: &mut BytesMut
             }
         }
     }
-    msg::ready_for_query(out, b'I');
+    msg::ready_for_query(out, TxStatus::Idle);
 }
 
 async fn execute(proxy: &Arc<Proxy>, cmd: Command) -> Result<Reply, PgError> {

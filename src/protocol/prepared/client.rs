@@ -12,6 +12,7 @@ use bytes::{BufMut, BytesMut};
 use super::{message, put_message, rerun, Ctx, Expect, Invalidations, Statement, Tracker, Undo, Used};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::Flow;
+use crate::protocol::messages::TxStatus;
 use crate::protocol::messages::{finish_message, start_message};
 use crate::protocol::statements::{identity, put_cstr, put_server_name, split_cstr, tiny};
 
@@ -213,7 +214,7 @@ impl Tracker {
             finish_message(out, at);
             self.expect.push_back(Expect::Close { hidden: true, victim: Some(victim), doomed: None });
         }
-        if self.flight.status != b'I' {
+        if self.flight.status != TxStatus::Idle {
             self.in_block.push(ident);
         }
         stmt.put_parse(out, ident);

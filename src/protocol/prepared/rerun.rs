@@ -29,6 +29,7 @@ use bytes::{BufMut, BytesMut};
 use super::{put_message, Ctx, Expect, Tracker};
 use crate::protocol::error::{field, parse_fields, sqlstate, PgError};
 use crate::protocol::frame::Flow;
+use crate::protocol::messages::TxStatus;
 
 /// Client bytes kept for a re-run, at most.
 const RERUN_LIMIT: usize = 64 * 1024;
@@ -222,7 +223,7 @@ impl Tracker {
             used.client.mark_stale_shape();
             return false;
         }
-        let again = whole && self.flight.status == b'I' && used.rerun.is_some_and(|n| self.rerun.kept(n));
+        let again = whole && self.flight.status == TxStatus::Idle && used.rerun.is_some_and(|n| self.rerun.kept(n));
         if !again {
             return false;
         }
@@ -250,7 +251,7 @@ impl Tracker {
                 self.expect.pop_front();
                 let mut answer = self.rerun.held.take().unwrap_or_default();
                 put_message(&mut answer, b'Z', body);
-                let resend = (self.flight.status == b'I').then(|| std::mem::take(&mut self.rerun.bytes));
+                let resend = (self.flight.status == TxStatus::Idle).then(|| std::mem::take(&mut self.rerun.bytes));
                 self.rerun.stop();
                 self.rerun.again = Some(Again { resend, answer });
                 Flow::Drop

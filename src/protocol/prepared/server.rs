@@ -5,6 +5,7 @@
 
 use super::{message, rerun, Ctx, Event, Expect, Tracker, Undo};
 use crate::protocol::frame::Flow;
+use crate::protocol::messages::TxStatus;
 use crate::protocol::statements::result_shape;
 
 impl Tracker {
@@ -140,7 +141,7 @@ impl Tracker {
     /// transaction that ran DDL ended.
     fn ready(&mut self, cx: &mut Ctx) {
         self.expect.pop_front();
-        if self.flight.status == b'I' {
+        if self.flight.status == TxStatus::Idle {
             self.in_block.clear();
             if std::mem::take(&mut self.ddl) {
                 cx.events.schema_changed = true;
