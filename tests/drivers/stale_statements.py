@@ -89,8 +89,36 @@ async def asyncpg_checks():
     # as on its own connection), on which asyncpg prepares again by itself.
     r = await a.fetchrow("SELECT * FROM q3 WHERE id = $1", 1)
     check(len(r) == 3, f"after asyncpg re-prepared: {tuple(r)}")
+    # The same with the DDL relayed through pgmux (no server error then
+    # says which statement changed: pgmux checks the shape asyncpg was
+    # told before the next use); an unchanged statement just runs.
+    check(len(await a.fetchrow("SELECT id FROM q3 WHERE id = $1", 1)) == 1, "one column")
+    b = await connect()
+    await b.execute("ALTER TABLE q3 ADD COLUMN w int DEFAULT 7")
+    await b.close()
+    r = await a.fetchrow("SELECT * FROM q3 WHERE id = $1", 1)
+    check(tuple(r) == (1, "a", "x", 7), f"after DDL through pgmux: {tuple(r)}")
+    r = await a.fetchrow("SELECT id FROM q3 WHERE id = $1", 1)
+    check(tuple(r) == (1,), f"unchanged statement: {tuple(r)}")
+    await b_ddl(connect, "ALTER TABLE q3 ADD COLUMN z int DEFAULT 9")
+    async with a.transaction():
+        # Inside a transaction asyncpg cannot re-prepare by itself: the
+        # error reaches it, as on its own connection.
+        try:
+            await a.fetchrow("SELECT * FROM q3 WHERE id = $1", 1)
+            check(False, "a changed shape inside a transaction must fail")
+        except asyncpg.exceptions.InvalidCachedStatementError:
+            pass
+    r = await a.fetchrow("SELECT * FROM q3 WHERE id = $1", 1)
+    check(len(r) == 5, f"after the transaction: {tuple(r)}")
     for c in (a, ta, tb, d):
         await c.close()
+
+
+async def b_ddl(connect, sql):
+    b = await connect()
+    await b.execute(sql)
+    await b.close()
 
 
 psycopg_checks()
