@@ -1,7 +1,8 @@
 //! Scale: 10,000 idle clients logged in at once plus 200 active ones
 //! (pgbench) on one pgmux process with 20 server connections per pool —
 //! every client served, no error — and pgmux's memory per idle client,
-//! measured from its RSS (printed; fails above the goal, 16 KiB).
+//! measured from its RSS (printed; fails above the goal, 16 KiB), beside
+//! PgBouncer's measured the same way in the same run when it is installed.
 
 mod support;
 
@@ -27,6 +28,101 @@ fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// `n` idle clients logged in to `port`, 100 at a time; the first failure
+/// to log in, with how many did.
+async fn idle_clients(port: u16, db: &str, n: usize) -> Result<Vec<TcpStream>, String> {
+    let mut idle = Vec::with_capacity(n);
+    while idle.len() < n {
+        let batch: Vec<_> = (0..(n - idle.len()).min(100))
+            .map(|_| {
+                let db = db.to_string();
+                tokio::spawn(async move { idle_client(port, &db).await })
+            })
+            .collect();
+        for b in batch {
+            match b.await {
+                Ok(Ok(s)) => idle.push(s),
+                Ok(Err(e)) => return Err(format!("login {} of {n} failed: {e}", idle.len() + 1)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    Ok(idle)
+}
+
+/// PgBouncer (transaction mode, pool 20, trust for the idle clients' user)
+/// in front of `db`, as a daemon: (its pid, its port, its directory).
+fn start_pgbouncer(db: &str) -> Option<(u32, u16, tempfile::TempDir)> {
+    let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let dir = tempfile::tempdir().ok()?;
+    let port = pgmux_testkit::free_port().ok()?;
+    let server = support::cluster().primary.port;
+    let (ini, auth, pidfile) = (dir.path().join("pgbouncer.ini"), dir.path().join("users.txt"), dir.path().join("pid"));
+    std::fs::write(&auth, format!("\"{}\" \"\"\n", TRUSTUSER.0)).ok()?;
+    let text = format!(
+        "[databases]\n{db} = host=127.0.0.1 port={server} dbname={db} user={} password={}\n\
+         [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\n\
+         auth_file = {}\npool_mode = transaction\ndefault_pool_size = 20\nmax_client_conn = 11000\n\
+         pidfile = {}\nlogfile = {}\nlog_connections = 0\nlog_disconnections = 0\n",
+        APP.0,
+        APP.1,
+        auth.display(),
+        pidfile.display(),
+        dir.path().join("log").display()
+    );
+    std::fs::write(&ini, text).ok()?;
+    // A daemon, with room for 11,000 sockets (runuser's PAM session starts
+    // from the default limit).
+    let run = format!("ulimit -n 16384 && exec {bin} -d {}", ini.display());
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if root {
+        let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status();
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "sh", "-c", &run]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &run]);
+        c
+    };
+    let ok = cmd.status().ok()?.success();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ok && Instant::now() < deadline {
+        if let Some(pid) = std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse().ok()) {
+            return Some((pid, port, dir));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// PgBouncer's RSS per idle client, measured as pgmux's is (a first
+/// client, then the rest), or why not.
+async fn pgbouncer_per_idle_client(db: &str) -> Result<f64, String> {
+    let Some((pid, port, _dir)) = start_pgbouncer(db) else {
+        return Err("PgBouncer not installed or not started".into());
+    };
+    let measured = async {
+        let first = idle_client(port, db).await.map_err(|e| e.to_string())?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = support::rss_kib(pid);
+        // A stalled PgBouncer fails the measurement, not the test.
+        let rest = tokio::time::timeout(Duration::from_secs(120), idle_clients(port, db, IDLE - 1))
+            .await
+            .map_err(|_| "10,000 logins did not finish in 120 s".to_string())??;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = support::rss_kib(pid);
+        drop((first, rest));
+        Ok::<f64, String>(after.saturating_sub(before) as f64 / IDLE as f64)
+    }
+    .await;
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    measured
 }
 
 /// Log in as the trust user and wait for ReadyForQuery.
@@ -80,21 +176,7 @@ fn ten_thousand_idle_clients_and_two_hundred_active() {
         let before = support::rss_kib(pid);
         let started = Instant::now();
         let mut idle = vec![first];
-        for chunk in 0..IDLE.div_ceil(100) {
-            let n = (IDLE - 1 - chunk * 100).min(100);
-            let batch: Vec<_> = (0..n)
-                .map(|_| {
-                    let db = db.clone();
-                    tokio::spawn(async move { idle_client(port, &db).await })
-                })
-                .collect();
-            for b in batch {
-                idle.push(b.await.unwrap().expect("an idle client logged in"));
-            }
-            if idle.len() >= IDLE {
-                break;
-            }
-        }
+        idle.extend(idle_clients(port, &db, IDLE - 1).await.expect("every idle client logged in"));
         let login_time = started.elapsed();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = support::rss_kib(pid);
@@ -129,9 +211,14 @@ fn ten_thousand_idle_clients_and_two_hundred_active() {
             }
         }
         let per_client = (after.saturating_sub(before) as f64) * 1024.0 / IDLE as f64;
+        drop(idle);
+        let bouncer = match pgbouncer_per_idle_client(&db).await {
+            Ok(kib) => format!("PgBouncer in the same run: {kib:.1} KiB per idle client"),
+            Err(why) => format!("PgBouncer not measured: {why}"),
+        };
         format!(
             "{IDLE} idle clients logged in in {login_time:?}; pgmux RSS {before} KiB -> {after} KiB = {:.1} KiB per idle client; \
-             {ACTIVE} active clients: pgbench -S tps {}, 0 failed, {servers} server connections",
+             {ACTIVE} active clients: pgbench -S tps {}, 0 failed, {servers} server connections; {bouncer}",
             per_client / 1024.0,
             tps.unwrap_or_default()
         )

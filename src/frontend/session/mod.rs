@@ -1,5 +1,11 @@
 //! One client session after login: the relay between the client socket and
-//! the server connection it holds, and the pooling decisions.
+//! the server connection it holds, and the pooling decisions. [`serve`] is
+//! its state machine (idle, a batch, checking out, relaying, the end of a
+//! relay stretch); the other files are what those steps call: `route.rs`
+//! (where a batch goes), `relay.rs` (the byte relay), `settings.rs`,
+//! `shard.rs` / `multi.rs` / `scatter.rs` / `copy.rs` (sharding),
+//! `lost.rs` / `abandon.rs` (a lost server, a departed client),
+//! `welcome.rs`, `life.rs` (login to goodbye), `account.rs` (counting).
 //!
 //! Frames are relayed as bytes. The session looks at tags only, plus the
 //! bodies of ReadyForQuery (transaction status) and ParameterStatus
@@ -11,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::backend::pool::{Pool, PoolError};
@@ -19,11 +25,11 @@ use crate::backend::server::ServerError;
 use crate::config::PoolMode;
 use crate::frontend::cancel::CancelSlot;
 use crate::protocol::error::{sqlstate, PgError, Severity};
-use crate::protocol::frame::{peek_header, FrameError, Relay, HEADER_LEN, MAX_MESSAGE_LEN};
-use crate::protocol::prepared::{self, ClientStatements};
+use crate::protocol::frame::{FrameError, Relay};
+use crate::protocol::prepared::ClientStatements;
 use crate::protocol::tls::ClientStream;
 use crate::protocol::tracker::Tracker;
-use crate::router::route::{Decision, Routing};
+use crate::router::route::Routing;
 use crate::sql::effects;
 
 mod abandon;
@@ -35,6 +41,7 @@ mod multi;
 mod relay;
 mod route;
 mod scatter;
+mod serve;
 mod settings;
 mod shard;
 mod welcome;
@@ -209,191 +216,6 @@ impl Session {
             server.release();
         }
         self.leave_multi().await;
-    }
-
-    async fn serve(&mut self) {
-        // A read whose server connection died before answering runs again,
-        // once: a statement that kills its server is not run forever.
-        let mut retrying = false;
-        loop {
-            if self.must_leave() {
-                return self.goodbye().await;
-            }
-            // Idle: no server connection until a whole message is here (a
-            // routed extended-protocol batch: up to its Execute/Sync/Flush);
-            // in session mode the one reserved at login waits for it.
-            loop {
-                match peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
-                    Ok(Some((_, len))) if self.rbuf.len() >= HEADER_LEN + len && !self.batch_incomplete() => break,
-                    Ok(Some((_, len))) if self.rbuf.len() >= HEADER_LEN + len => self.rbuf.reserve(8192),
-                    // Grow with what arrives, not with what the header
-                    // announces: a client cannot make pgmux allocate memory
-                    // it has not sent.
-                    Ok(Some((_, len))) => self.rbuf.reserve((HEADER_LEN + len - self.rbuf.len()).min(1 << 16)),
-                    // Nothing buffered: read_idle waits without a buffer.
-                    Ok(None) => {}
-                    Err(e) => return Self::fatal(&mut self.stream, &frame_error(e)).await,
-                }
-                match self.read_idle().await {
-                    None => return self.goodbye().await,
-                    Some(Ok(0) | Err(_)) => return,
-                    Some(Ok(_)) => {}
-                }
-            }
-            if self.rbuf[0] == b'X' {
-                return;
-            }
-            // A reload since the last transaction: this one uses its pools.
-            if let Err(e) = self.follow_reload() {
-                return Self::fatal(&mut self.stream, &e).await;
-            }
-            if matches!(self.rbuf[0], b'd' | b'c' | b'f') {
-                // COPY traffic after the COPY ended (it failed): PostgreSQL
-                // ignores it outside COPY mode, so does pgmux.
-                if let Ok(Some((_, len))) = peek_header(&self.rbuf, MAX_MESSAGE_LEN) {
-                    self.rbuf.advance(HEADER_LEN + len);
-                }
-                continue;
-            }
-            if self.track && self.rbuf[0] == b'P' {
-                let pool = &self.pool;
-                let ctx = prepared::naming_context(&self.wanted);
-                let known = |h| pool.knows_statement(prepared::identity(h, ctx));
-                if let Some((n, reply)) = prepared::answer_parse_batch(&self.rbuf, &mut self.stmts, known) {
-                    self.rbuf.advance(n);
-                    self.pool.metrics.prepared_hits.inc();
-                    if self.stream.write_all(&reply).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-            }
-            if let Err(e) = self.resolve_directory().await {
-                if !self.refuse(&e).await {
-                    return;
-                }
-                continue;
-            }
-            let (target, decision) = match self.plan() {
-                route::Plan::Go { target, decision } => (target, decision),
-                other => {
-                    if !self.carry_out(other).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            // This batch is the re-run of one that died: it gets no other.
-            let may_retry = !std::mem::take(&mut retrying);
-            self.set_state(crate::frontend::registry::ClientState::Waiting);
-            let checked = match self.sharding.clone() {
-                Some(sh) if self.multi.is_some() => {
-                    Box::pin(self.shard_conn(&sh, self.shard_at, false)).await.map(|c| (c, None))
-                }
-                _ => self.checkout(target, decision).await,
-            };
-            let (mut server, replica) = match checked {
-                Ok(s) => s,
-                Err(e) if e.severity == Severity::Error => {
-                    if !self.refuse(&e).await {
-                        return;
-                    }
-                    continue;
-                }
-                Err(e) => return Self::fatal(&mut self.stream, &e).await,
-            };
-            let deferred = self.deferred.is_some();
-            if let Err(e) = self.begin_deferred(&mut server).await {
-                let err = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {e}"));
-                return Self::fatal(&mut self.stream, &err).await;
-            }
-            // Until a byte of the answer reaches the client, a lost server
-            // costs it this batch only: a replica read runs elsewhere,
-            // anything else is answered with an error and the session
-            // goes on (the client is idle: transaction mode, no open
-            // transaction pgmux holds for it).
-            let kept = self.mode == PoolMode::Transaction && !self.pinned && self.multi.is_none() && !deferred;
-            self.replay = (replica.is_some() || kept).then(route::Replay::default);
-            self.set_state(crate::frontend::registry::ClientState::Active);
-            self.account.start(server.pool());
-            let outcome = self.relay(server.conn()).await;
-            self.cancel.clear();
-            let replay = self.replay.take();
-            match outcome {
-                Relayed::Released => {
-                    if replica.is_none() && matches!(decision, Decision::Write | Decision::Begin) {
-                        // Read-your-writes: later reads wait for replicas
-                        // to replay past this point.
-                        self.last_write = Some(Instant::now());
-                    }
-                    server.release();
-                    self.set_state(crate::frontend::registry::ClientState::Idle);
-                    if self.multi.is_some() {
-                        // One part ended by a statement of its own: the
-                        // others cannot be committed with it.
-                        tracing::warn!(
-                            "a transaction spanning shards ended on one shard only; rolling back the others"
-                        );
-                        let _ = Box::pin(self.finish_multi(false)).await;
-                    }
-                }
-                Relayed::Batch => self.rejoin(self.shard_at, server, self.tracker.flight.status),
-                Relayed::ServerGone(lost::Lost { why, .. }) if replay.is_some() && replica.is_none() => {
-                    tracing::warn!(pool = %server.pool().name(), "server connection lost before an answer: {why}");
-                    drop(server);
-                    if let Some(replay) = replay {
-                        if decision == Decision::Read && may_retry {
-                            retrying = true;
-                            self.restore(replay);
-                        } else if !Box::pin(self.lost_before_answer(replay, &why)).await {
-                            return;
-                        }
-                    }
-                }
-                Relayed::ServerGone(lost::Lost { why, .. }) if replay.is_some() && replica.is_some() => {
-                    // Nothing of the answer reached the client: ban the
-                    // replica and run the read elsewhere.
-                    if let (Some(r), Some(i), Some(replay)) = (&self.routing, replica, replay) {
-                        tracing::info!(pool = %server.pool().name(), "read retried elsewhere: {why}");
-                        r.monitor.ban(i, &why);
-                        server.pool().close_idle();
-                        drop(server);
-                        self.restore(replay);
-                    }
-                }
-                Relayed::ClientGone => return Box::pin(self.abandon(server)).await,
-                Relayed::QueryTimeout => {
-                    let (addr, pid, secret) = server.conn().cancel_key();
-                    tracing::warn!(pool = %server.pool().name(), "query_timeout: canceling the query, closing its client");
-                    tokio::spawn(async move { crate::backend::server::send_cancel(&addr, pid, secret).await });
-                    drop(server);
-                    let err =
-                        PgError::fatal(sqlstate::QUERY_CANCELED, "canceling statement due to query_timeout (pgmux)");
-                    return Self::fatal(&mut self.stream, &err).await;
-                }
-                Relayed::ServerGone(lost::Lost { why, .. }) if kept && self.keeps_session() => {
-                    tracing::warn!(pool = %server.pool().name(), "server connection lost mid-answer: {why}");
-                    drop(server);
-                    if !Box::pin(self.lost_mid_answer(&why)).await {
-                        return;
-                    }
-                }
-                Relayed::ServerGone(lost) => {
-                    tracing::warn!(pool = %self.pool.name(), "server connection lost mid-transaction: {}", lost.why);
-                    drop(server);
-                    return match lost.client_error() {
-                        Some(err) => Self::fatal(&mut self.stream, &err).await,
-                        None => {
-                            let _ = self.stream.shutdown().await;
-                        }
-                    };
-                }
-                Relayed::ClientError(err) => {
-                    let _ = self.stream.write_all(&err.to_bytes()).await;
-                    return Box::pin(self.abandon(server)).await;
-                }
-            }
-        }
     }
 }
 
