@@ -75,8 +75,7 @@ pub(super) fn at_end(s: &str) -> bool {
 }
 
 pub fn leading_command(sql: &str) -> Command {
-    let first = skip_blank(sql).as_bytes().first().map(|b| b.to_ascii_lowercase());
-    if !matches!(first, Some(b'p' | b'e' | b'd')) {
+    if !first_letter_in(sql, b"ped") {
         return Command::Other;
     }
     let Some((kw, rest)) = word(sql) else { return Command::Other };
@@ -237,8 +236,17 @@ impl TxnEnd {
     }
 }
 
+/// Whether the first word of `sql` starts with one of `letters`
+/// (lowercase): a test before a word is folded.
+fn first_letter_in(sql: &str, letters: &[u8]) -> bool {
+    skip_blank(sql).as_bytes().first().is_some_and(|c| letters.contains(&c.to_ascii_lowercase()))
+}
+
 /// See [`TxnEnd`]; comments and white space anywhere are skipped.
 pub fn transaction_end(sql: &str) -> Option<TxnEnd> {
+    if !first_letter_in(sql, b"cera") {
+        return None;
+    }
     let (kw, mut rest) = word(sql)?;
     let end = match kw.as_str() {
         "commit" | "end" => TxnEnd::Commit,
@@ -255,6 +263,9 @@ pub fn transaction_end(sql: &str) -> Option<TxnEnd> {
 /// `SAVEPOINT`, `RELEASE [SAVEPOINT]`, `ROLLBACK [WORK | TRANSACTION] TO`:
 /// statements that act inside a transaction block.
 pub fn is_savepoint(sql: &str) -> bool {
+    if !first_letter_in(sql, b"sr") {
+        return false;
+    }
     let Some((kw, mut rest)) = word(sql) else { return false };
     match kw.as_str() {
         "savepoint" | "release" => true,
