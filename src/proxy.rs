@@ -250,8 +250,7 @@ impl Proxy {
 
     async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
-        let count = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
-        let _count = ClientCount(&self.clients);
+        let count = ClientCount::new(self.clone());
         let mut buf = BytesMut::with_capacity(1024);
         let tls = self.client_tls.read().unwrap_or_else(|e| e.into_inner()).clone();
         // One deadline for the whole login: startup, TLS, authentication.
@@ -271,7 +270,7 @@ impl Proxy {
             Startup::Login(info) => info,
         };
         let config = self.config();
-        if count > config.general.max_client_conn {
+        if count.0 > config.general.max_client_conn {
             let e = PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already");
             return Session::fatal(&mut stream, &e).await;
         }
@@ -347,6 +346,17 @@ impl Proxy {
             let guard = self.cancels.register();
             return Box::pin(crate::ops::admin::serve(self.clone(), stream, buf, role, guard.key())).await;
         }
+        // The session is a task of its own: the login's state does not stay
+        // in every idle client's task.
+        let client = LoggedIn { stream, buf, info, user: user.clone(), client_key, peer };
+        tokio::spawn(self.clone().serve_client(client, config, count));
+    }
+
+    /// Serve a logged-in client until it leaves (`_count`: it counts as
+    /// connected until then).
+    async fn serve_client(self: Arc<Self>, client: LoggedIn, config: Arc<Config>, _count: ClientCount) {
+        let LoggedIn { mut stream, buf, info, user, client_key, peer } = client;
+        let user = &user;
         let (backends, sharding) = match self.session_backends(&config, &info.database, user) {
             Ok(b) => b,
             Err(e) => return Session::fatal(&mut stream, &e).await,
@@ -383,8 +393,10 @@ impl Proxy {
         if let Some(sh) = sharding {
             session.set_sharding(sh);
         }
-        // The client's cancel key, registered until it leaves.
-        let _key = match session.welcome(&self.cancels).await {
+        // The client's cancel key, registered until it leaves. Boxed (it
+        // may open a server connection): a future's largest state stays
+        // with an idle session for good.
+        let _key = match Box::pin(session.welcome(&self.cancels)).await {
             Ok(key) => key,
             Err(e) => return session.close_with(&e).await,
         };
@@ -535,12 +547,30 @@ impl Proxy {
     }
 }
 
-struct ClientCount<'a>(&'a AtomicUsize);
+/// A client counted as connected (`max_client_conn`) until dropped; the
+/// count with it included.
+struct ClientCount(usize, Arc<Proxy>);
 
-impl Drop for ClientCount<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+impl ClientCount {
+    fn new(proxy: Arc<Proxy>) -> ClientCount {
+        ClientCount(proxy.clients.fetch_add(1, Ordering::Relaxed) + 1, proxy)
     }
+}
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.1.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client past login, on its way to its session.
+struct LoggedIn {
+    stream: crate::protocol::tls::ClientStream,
+    buf: BytesMut,
+    info: crate::frontend::login::StartupInfo,
+    user: User,
+    client_key: Option<[u8; 32]>,
+    peer: SocketAddr,
 }
 
 /// Settle, every so often, the prepared transactions a pgmux that died

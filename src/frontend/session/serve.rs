@@ -81,13 +81,17 @@ impl Session {
             step = match step {
                 Step::Idle { retry } => self.idle(retry).await,
                 Step::Batch { retry } => self.batch(retry).await,
-                Step::Checkout { target, decision, may_retry } => self.take_server(target, decision, may_retry).await,
+                // Boxed, as the end of a stretch below: their state would
+                // otherwise sit in every idle session's task (see serve's doc).
+                Step::Checkout { target, decision, may_retry } => {
+                    Box::pin(self.take_server(target, decision, may_retry)).await
+                }
                 Step::Relay(mut at) => {
-                    let outcome = self.relay(at.server.conn()).await;
+                    let outcome = Box::pin(self.relay(at.server.conn())).await;
                     self.cancel.clear();
                     Step::Ended(at, outcome)
                 }
-                Step::Ended(at, outcome) => self.ended(at, outcome).await,
+                Step::Ended(at, outcome) => Box::pin(self.ended(at, outcome)).await,
                 Step::Done => return,
             };
         }
