@@ -62,15 +62,19 @@ impl Tracker {
     /// answer (`Flow::StopAfter`) and comes again; if the shape changed it
     /// fails then, as on the client's own connection.
     fn verify_first(&mut self, tag: u8, body: &[u8], cx: &mut Ctx) -> Option<Flow> {
-        if self.server_skipping || self.verifying {
+        if !matches!(tag, b'B' | b'D') || self.server_skipping || self.verifying {
+            return None;
+        }
+        // Nothing to check until DDL went through pgmux: the usual Bind
+        // costs one atomic load here.
+        let upto = cx.log?.all_seq();
+        if upto == 0 {
             return None;
         }
         let name = match tag {
             b'B' => split_cstr(body).and_then(|(_, rest)| split_cstr(rest)).map(|(name, _)| name),
-            b'D' => body.strip_prefix(b"S").and_then(split_cstr).map(|(name, _)| name),
-            _ => None,
+            _ => body.strip_prefix(b"S").and_then(split_cstr).map(|(name, _)| name),
         };
-        let upto = cx.log?.all_seq();
         let stmt = cx.stmts.map.get(name.filter(|n| !n.is_empty())?)?;
         if !stmt.unverified(upto) {
             return None;
