@@ -20,11 +20,12 @@ use crate::backend::server::Login;
 use crate::config::{Config, Database, MapConfig, User};
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::login::{self, LoginError, Startup};
+use crate::frontend::registry::Registered;
 use crate::frontend::session::Session;
 use crate::ops::metrics::Metrics;
 use crate::protocol::auth::{ScramCredentials, ScramVerifier, Secret};
 use crate::protocol::error::{sqlstate, PgError};
-use crate::protocol::tls::{ClientTls, ServerTls, TlsError};
+use crate::protocol::tls::{ClientStream, ClientTls, ServerTls, TlsError};
 use crate::router::route::{RouteOptions, Routing};
 use crate::shard::directory::{Directory, DirectoryConfig};
 use crate::shard::{ShardBackend, ShardRouter};
@@ -348,18 +349,39 @@ impl Proxy {
         }
         // The session is a task of its own: the login's state does not stay
         // in every idle client's task.
-        let client = LoggedIn { stream, buf, info, user: user.clone(), client_key, peer };
+        let client = Box::new(LoggedIn { stream, buf, info, user: user.clone(), client_key, peer });
         tokio::spawn(self.clone().serve_client(client, config, count));
     }
 
     /// Serve a logged-in client until it leaves (`_count`: it counts as
     /// connected until then).
-    async fn serve_client(self: Arc<Self>, client: LoggedIn, config: Arc<Config>, _count: ClientCount) {
-        let LoggedIn { mut stream, buf, info, user, client_key, peer } = client;
-        let user = &user;
-        let (backends, sharding) = match self.session_backends(&config, &info.database, user) {
+    async fn serve_client(self: Arc<Self>, client: Box<LoggedIn>, config: Arc<Config>, _count: ClientCount) {
+        let (mut session, _registered) = match self.open_session(*client, &config) {
+            Ok(opened) => opened,
+            Err((mut stream, e)) => return Box::pin(Session::fatal(&mut stream, &e)).await,
+        };
+        // The client's cancel key, registered until it leaves. Boxed (it
+        // may open a server connection), as the refusal: a future's
+        // largest state stays with an idle session for good.
+        let _key = match Box::pin(session.welcome(&self.cancels)).await {
+            Ok(key) => key,
+            Err(e) => return Box::pin(session.close_with(&e)).await,
+        };
+        session.run().await;
+    }
+
+    /// The session of a client just logged in, set up for its database and
+    /// user, and its entry in the client list (no await: what login left
+    /// is gone before the session is served).
+    fn open_session(
+        self: &Arc<Self>,
+        client: LoggedIn,
+        config: &Config,
+    ) -> Result<(Session, Registered<'_>), (ClientStream, PgError)> {
+        let LoggedIn { stream, buf, info, user, client_key, peer } = client;
+        let (backends, sharding) = match self.session_backends(config, &info.database, &user) {
             Ok(b) => b,
-            Err(e) => return Session::fatal(&mut stream, &e).await,
+            Err(e) => return Err((stream, e)),
         };
         let (pool, routing) = (backends[0].primary.clone(), backends[0].routing.clone());
         let scram = match (client_key, &user.secret) {
@@ -381,26 +403,12 @@ impl Proxy {
         session.set_client(registered.info.clone(), self.draining.subscribe());
         session.log_slow(config.general.log_slow_queries.0);
         let looked_up = (!config.users.contains_key(&user.name)).then(|| user.clone());
-        session.set_refresh(
-            Arc::downgrade(&self),
-            &info.database,
-            &user.name,
-            self.epoch.subscribe(),
-            scram,
-            looked_up,
-        );
+        session.set_refresh(Arc::downgrade(self), &info.database, &user.name, self.epoch.subscribe(), scram, looked_up);
         session.set_routing(routing);
         if let Some(sh) = sharding {
             session.set_sharding(sh);
         }
-        // The client's cancel key, registered until it leaves. Boxed (it
-        // may open a server connection): a future's largest state stays
-        // with an idle session for good.
-        let _key = match Box::pin(session.welcome(&self.cancels)).await {
-            Ok(key) => key,
-            Err(e) => return session.close_with(&e).await,
-        };
-        session.run().await;
+        Ok((session, registered))
     }
 
     /// What a session of `user` on database `name` uses: its backend

@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::server::{Login, ServerConn, ServerError};
 use crate::config::{HostPort, PoolSettings};
+use crate::protocol::settings::Interner;
 use crate::protocol::statements::Invalidations;
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
@@ -101,7 +102,11 @@ pub struct Pool {
     pub settings: PoolSettings,
     pub addr: HostPort,
     login: Mutex<Login>,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed: a connection (its TLS state inline) is large, and moves in
+    /// and out of the pool on every transaction.
+    idle: Mutex<Vec<Box<ServerConn>>>,
+    /// The session settings its clients logged in with, shared.
+    pub interned: Interner,
     permits: Arc<Semaphore>,
     /// Open connections (idle + checked out + connecting).
     total: AtomicUsize,
@@ -141,7 +146,7 @@ pub struct ServerInfo {
 
 /// A server connection lent to one client.
 pub struct Checkout {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
 }
@@ -164,6 +169,7 @@ impl Pool {
             addr,
             login: Mutex::new(login),
             idle: Mutex::new(Vec::new()),
+            interned: Interner::default(),
             total: AtomicUsize::new(0),
             welcome: Mutex::new(None),
             spellings: Mutex::new(HashMap::new()),
@@ -292,11 +298,11 @@ impl Pool {
         Ok(Checkout { conn: Some(conn), pool: self.clone(), _permit: permit })
     }
 
-    fn pop_idle(&self) -> Option<ServerConn> {
+    fn pop_idle(&self) -> Option<Box<ServerConn>> {
         self.idle.lock().ok()?.pop()
     }
 
-    async fn connect(&self) -> Result<ServerConn, ServerError> {
+    async fn connect(&self) -> Result<Box<ServerConn>, ServerError> {
         let login = self.login.lock().map(|l| l.clone()).unwrap_or_default();
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         self.total.fetch_add(1, Ordering::Relaxed);
@@ -313,7 +319,7 @@ impl Pool {
                     *w = Some(conn.reported.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
                 }
                 tracing::debug!(server = id, pid = conn.backend_pid, pool = %self.name(), "server connection opened");
-                Ok(conn)
+                Ok(Box::new(conn))
             }
             Err(e) => {
                 self.total.fetch_sub(1, Ordering::Relaxed);
@@ -334,7 +340,7 @@ impl Pool {
         Ok(self.welcome.lock().ok().and_then(|w| w.clone()).unwrap_or_default())
     }
 
-    fn forget(&self, conn: ServerConn) {
+    fn forget(&self, conn: Box<ServerConn>) {
         self.total.fetch_sub(1, Ordering::Relaxed);
         self.servers.lock().unwrap_or_else(|e| e.into_inner()).remove(&conn.id);
         tracing::debug!(server = conn.id, pool = %self.name(), "server connection closed");
@@ -391,14 +397,11 @@ impl Checkout {
     pub fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
             // Unread server bytes mean a reply is still in flight: never
-            // hand such a connection to another client.
+            // hand such a connection to another client. (A connection
+            // that breaks from now on is found at its next checkout.)
             let stale = conn.generation != self.pool.generation.load(Ordering::Relaxed)
                 || self.pool.retired.load(Ordering::Relaxed);
-            if stale
-                || conn.created.elapsed() >= self.pool.settings.lifetime
-                || !conn.rbuf.is_empty()
-                || conn.is_broken()
-            {
+            if stale || conn.created.elapsed() >= self.pool.settings.lifetime || !conn.rbuf.is_empty() {
                 self.pool.forget(conn);
                 return;
             }
@@ -430,7 +433,7 @@ async fn janitor(pool: Weak<Pool>) {
             return;
         }
         let s = &pool.settings;
-        let expired: Vec<ServerConn> = match pool.idle.lock() {
+        let expired: Vec<Box<ServerConn>> = match pool.idle.lock() {
             Ok(mut idle) => {
                 let mut keep = Vec::with_capacity(idle.len());
                 let mut out = Vec::new();

@@ -15,12 +15,15 @@ use tokio::net::TcpStream;
 use crate::protocol::messages::TxStatus;
 use crate::protocol::tls::{ServerStream, ServerTls};
 
+use std::sync::Arc;
+
 use crate::config::HostPort;
 use crate::protocol::auth::{self, ScramClient, ScramCredentials};
 use crate::protocol::error::describe_server_error;
 use crate::protocol::frame::{self, FrameError, MAX_PREAUTH_LEN};
 use crate::protocol::messages::{self as msg, quote_literal};
 use crate::protocol::prepared::ServerStatements;
+use crate::protocol::settings::Settings;
 
 /// Why a server connection could not be made or used.
 #[derive(Debug, thiserror::Error)]
@@ -88,14 +91,15 @@ pub struct ServerConn {
     pub stream: ServerStream,
     /// Bytes read from the server and not yet handled.
     pub rbuf: BytesMut,
-    pub addr: HostPort,
+    /// Shared with the cancel key a client holds while attached.
+    pub addr: Arc<HostPort>,
     pub backend_pid: i32,
     pub backend_secret: i32,
     /// Latest ParameterStatus value of each reported parameter.
     pub reported: BTreeMap<String, String>,
     /// Session settings made explicit on this connection (by pgmux or a
     /// client), compared with each client's on checkout.
-    pub applied: BTreeMap<String, String>,
+    pub applied: Settings,
     /// Statements pgmux has prepared here (transaction mode).
     pub prepared: ServerStatements,
     /// A client changed session state pgmux cannot replay (role, ...):
@@ -133,11 +137,11 @@ impl ServerConn {
             id,
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
-            addr: addr.clone(),
+            addr: Arc::new(addr.clone()),
             backend_pid: 0,
             backend_secret: 0,
             reported: BTreeMap::new(),
-            applied: BTreeMap::new(),
+            applied: Settings::default(),
             prepared: ServerStatements::default(),
             needs_reset: false,
             created: now,
@@ -260,7 +264,7 @@ impl ServerConn {
     pub fn note_status(&mut self, body: &[u8]) -> Option<(String, String)> {
         let (k, v) = msg::parse_parameter_status(body)?;
         if !is_server_owned(&k) {
-            self.applied.insert(k.to_ascii_lowercase(), v.clone());
+            self.applied.set(k.to_ascii_lowercase(), v.clone());
         }
         self.reported.insert(k.clone(), v.clone());
         Some((k, v))
@@ -353,7 +357,7 @@ impl ServerConn {
     /// Make the session settings match `wanted`: set what differs, reset
     /// what this connection has but the client does not. One round trip,
     /// none when nothing differs.
-    pub async fn sync_params(&mut self, wanted: &BTreeMap<String, String>) -> Result<(), ServerError> {
+    pub async fn sync_params(&mut self, wanted: &Settings) -> Result<(), ServerError> {
         if self.needs_reset {
             self.run("SET SESSION AUTHORIZATION DEFAULT; RESET ALL").await?;
             self.applied.clear();
@@ -361,7 +365,7 @@ impl ServerConn {
         }
         let mut sets = Vec::new();
         let mut resets = Vec::new();
-        for (k, v) in wanted {
+        for (k, v) in wanted.iter() {
             if self.applied.get(k) != Some(v) {
                 sets.push(format!("pg_catalog.set_config({}, {}, false)", quote_literal(k), quote_literal(v)));
             }
@@ -408,7 +412,7 @@ impl ServerConn {
     }
 
     /// Send a cancel for this connection's running query.
-    pub fn cancel_key(&self) -> (HostPort, i32, i32) {
+    pub fn cancel_key(&self) -> CancelKey {
         (self.addr.clone(), self.backend_pid, self.backend_secret)
     }
 
@@ -427,6 +431,10 @@ impl ServerConn {
         self.stream.read_buf(&mut self.rbuf).await
     }
 }
+
+/// Where and how to cancel a connection's running query: its address,
+/// backend pid and secret.
+pub type CancelKey = (Arc<HostPort>, i32, i32);
 
 /// Forward a CancelRequest to a server.
 pub async fn send_cancel(addr: &HostPort, pid: i32, secret: i32) -> std::io::Result<()> {

@@ -6,14 +6,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::config::HostPort;
+use crate::backend::server::CancelKey;
 
 /// Where a client's cancel goes right now: (server, backend pid, secret).
 #[derive(Default)]
-pub struct CancelSlot(Mutex<Option<(HostPort, i32, i32)>>);
+pub struct CancelSlot(Mutex<Option<CancelKey>>);
 
 impl CancelSlot {
-    pub fn set(&self, target: (HostPort, i32, i32)) {
+    pub fn set(&self, target: CancelKey) {
         if let Ok(mut s) = self.0.lock() {
             *s = Some(target);
         }
@@ -25,7 +25,7 @@ impl CancelSlot {
         }
     }
 
-    pub fn get(&self) -> Option<(HostPort, i32, i32)> {
+    pub fn get(&self) -> Option<CancelKey> {
         self.0.lock().ok().and_then(|s| s.clone())
     }
 }
@@ -85,7 +85,7 @@ impl CancelRegistry {
     }
 
     /// Where a CancelRequest with this key should go, if anywhere.
-    pub fn target(&self, pid: i32, secret: i32) -> Option<(HostPort, i32, i32)> {
+    pub fn target(&self, pid: i32, secret: i32) -> Option<CancelKey> {
         let slot = self.map.lock().ok()?.get(&(pid, secret)).cloned()?;
         slot.get()
     }

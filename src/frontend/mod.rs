@@ -1,8 +1,10 @@
 //! The client side: login (startup packet, TLS negotiation, client
 //! authentication, `auth_query`), cancel keys, the registry of the clients
-//! connected now, and the session that serves one client after login.
+//! connected now, the session that serves one client after login, and
+//! the spare read buffers sessions share.
 
 pub mod authquery;
+pub mod buffers;
 pub mod cancel;
 pub mod login;
 pub mod registry;

@@ -53,6 +53,9 @@ pub struct Ctx<'a> {
     pub events: CacheEvents,
     /// The statement invalidations of the server's database.
     pub log: Option<&'a Invalidations>,
+    /// The marks of the Query or Parse being tracked, when the relay found
+    /// them already (its one pass over the text).
+    pub marks: Option<crate::sql::marks::Marks>,
 }
 
 /// What the server statement cache did (for metrics).
@@ -78,7 +81,7 @@ pub struct CacheEvents {
 
 impl<'a> Ctx<'a> {
     pub fn new(stmts: &'a mut ClientStatements, server: &'a mut ServerStatements, server_cap: usize) -> Self {
-        Ctx { stmts, server, server_cap, events: CacheEvents::default(), log: None }
+        Ctx { stmts, server, server_cap, events: CacheEvents::default(), log: None, marks: None }
     }
 }
 

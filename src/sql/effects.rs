@@ -4,7 +4,8 @@
 //! to another client), whether it creates state that pins the client to
 //! its server connection, and whether the connection needs a full reset.
 
-use super::scan::{at_end, mentions, skip_blank, starts_a_word, statements, word};
+use super::marks::Marks;
+use super::scan::{at_end, mentions, skip_blank, statements, word};
 
 /// A session-level setting change (`SET` without `LOCAL`, `RESET`).
 #[derive(Debug, PartialEq, Eq)]
@@ -262,27 +263,16 @@ pub struct Effects {
     pub names: bool,
 }
 
-/// Every word the session checks start from, at the start of a word (a
-/// text without any of them — nearly every statement — has no effect).
-const EFFECT_WORDS: [&[u8]; 12] = [
-    b"set",
-    b"reset",
-    b"role",
-    b"authorization",
-    b"characteristics",
-    b"listen",
-    b"load",
-    b"temp",
-    b"hold",
-    b"prepare",
-    b"pg_advisory",
-    b"pg_try_advisory",
-];
-
 /// [`setting_changes`], [`needs_full_reset`] and [`pins_session`] of one
-/// statement text, with one pass over it when it has none.
+/// statement text.
 pub fn session_effects(sql: &str) -> Effects {
-    if !starts_a_word(sql, &EFFECT_WORDS) {
+    marked_effects(sql, Marks::of(sql.as_bytes()))
+}
+
+/// [`session_effects`] of a text whose marks are known: none of the words
+/// every check starts from (nearly every statement) rules them all out.
+pub fn marked_effects(sql: &str, marks: Marks) -> Effects {
+    if !marks.effects() {
         return Effects::default();
     }
     let (full_reset, pins) = (needs_full_reset(sql), pins_session(sql));

@@ -100,9 +100,11 @@ fn effects_in_one_pass_match_the_checks() {
         assert_eq!(e.full_reset, needs_full_reset(sql), "{sql}");
         assert_eq!(e.pins, pins_session(sql), "{sql}");
     }
-    assert!(starts_a_word("x LiStEn y", &EFFECT_WORDS));
-    assert!(starts_a_word("SELECT pg_catalog.set_config('a', 'b', false)", &EFFECT_WORDS));
-    assert!(!starts_a_word("SELECT abalance FROM pgbench_accounts WHERE aid = 1", &EFFECT_WORDS));
-    assert!(!starts_a_word("SELECT offset_x FROM unset", &EFFECT_WORDS));
-    assert!(!starts_a_word("", &EFFECT_WORDS));
+    let marked = |sql: &str| crate::sql::marks::Marks::of(sql.as_bytes()).effects();
+    assert!(marked("x LiStEn y"));
+    assert!(marked("SELECT pg_catalog.set_config('a', 'b', false)"));
+    assert!(!marked("SELECT abalance FROM pgbench_accounts WHERE aid = 1"));
+    assert!(!marked("SELECT offset_x FROM unset"));
+    assert!(!marked("SELECT * FROM pg_prepared_statements"));
+    assert!(!marked(""));
 }

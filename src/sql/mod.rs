@@ -1,4 +1,6 @@
-//! What a statement is: scans of its text without a parse ([`scan`]:
+//! What a statement is: the one pass every relayed statement gets
+//! ([`marks`]: which watched words it has, ruling out the other looks for
+//! nearly every statement), scans of its text without a parse ([`scan`]:
 //! leading command, transaction end, savepoints, statements, literal
 //! shape; [`effects`]: what it does to the session) and the parser-backed
 //! classifier ([`classify`]: read, write, transaction control, session
@@ -6,4 +8,5 @@
 
 pub mod classify;
 pub mod effects;
+pub mod marks;
 pub mod scan;

@@ -299,28 +299,6 @@ pub fn mentions(sql: &str, word: &[u8]) -> bool {
     false
 }
 
-/// Whether a word of `sql` starts with one of `words` (lowercase ASCII),
-/// in any case. One pass, looking only where a word starts.
-pub fn starts_a_word(sql: &str, words: &[&[u8]]) -> bool {
-    let b = sql.as_bytes();
-    let mut in_word = false;
-    for (at, &c) in b.iter().enumerate() {
-        let ident = c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
-        if ident && !in_word {
-            let first = c.to_ascii_lowercase();
-            let rest = &b[at..];
-            if words
-                .iter()
-                .any(|w| w.first() == Some(&first) && rest.get(..w.len()).is_some_and(|t| t.eq_ignore_ascii_case(w)))
-            {
-                return true;
-            }
-        }
-        in_word = ident;
-    }
-    false
-}
-
 #[cfg(test)]
 #[path = "scan_tests.rs"]
 mod tests;

@@ -34,9 +34,7 @@ const STATEMENT_LOG_LEN: usize = 200;
 
 /// A Query's or Parse's statement text, truncated for the log (never its
 /// parameters: they travel in Bind messages, which are not read here).
-pub(super) fn statement_text(tag: u8, body: &[u8]) -> String {
-    let mut parts = body.split(|b| *b == 0);
-    let sql = if tag == b'P' { parts.nth(1) } else { parts.next() }.unwrap_or_default();
+pub(super) fn statement_text(sql: &[u8]) -> String {
     let sql = String::from_utf8_lossy(&sql[..sql.len().min(STATEMENT_LOG_LEN * 4)]);
     let mut text: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");
     if text.chars().count() > STATEMENT_LOG_LEN {

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Weak};
 
-use bytes::BytesMut;
+use crate::frontend::buffers;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
@@ -110,9 +110,10 @@ impl Session {
         let Session { stream, rbuf, draining, .. } = self;
         let read = async {
             if rbuf.is_empty() {
-                *rbuf = BytesMut::new();
+                // No buffer while the client is idle.
+                buffers::give(std::mem::take(rbuf));
                 stream.readable().await?;
-                rbuf.reserve(8192);
+                *rbuf = buffers::take();
             }
             stream.read_buf(rbuf).await
         };

@@ -27,6 +27,7 @@ use crate::frontend::cancel::CancelSlot;
 use crate::protocol::error::{sqlstate, PgError, Severity};
 use crate::protocol::frame::{FrameError, Relay};
 use crate::protocol::prepared::ClientStatements;
+use crate::protocol::settings::Settings;
 use crate::protocol::tls::ClientStream;
 use crate::protocol::tracker::Tracker;
 use crate::router::route::Routing;
@@ -88,9 +89,9 @@ pub struct Session {
     pool: Arc<Pool>,
     mode: PoolMode,
     /// Settings this client chose (startup packet, then its own SETs).
-    wanted: BTreeMap<String, String>,
+    wanted: Settings,
     /// The startup packet's settings: what DISCARD ALL returns to.
-    startup: BTreeMap<String, String>,
+    startup: Settings,
     /// Protocol-level prepared statements are tracked (transaction mode).
     track: bool,
     stmts: ClientStatements,
@@ -123,7 +124,7 @@ pub struct Session {
     replay: Option<route::Replay>,
     /// ParameterStatus values this client has been told (the server's
     /// spelling).
-    told: BTreeMap<String, String>,
+    told: Settings,
     cancel: Arc<CancelSlot>,
     /// The pid of the BackendKeyData this client was given.
     key_pid: i32,
@@ -151,6 +152,8 @@ impl Session {
         metrics: Arc<crate::ops::metrics::Metrics>,
     ) -> Self {
         let track = pool.settings.mode == PoolMode::Transaction && pool.settings.max_prepared_statements > 0;
+        // Clients that log in alike share their settings (until one sets).
+        let wanted = pool.interned.intern(wanted.into());
         Session {
             stream,
             rbuf,
@@ -173,7 +176,7 @@ impl Session {
             startup: wanted.clone(),
             pool,
             wanted,
-            told: BTreeMap::new(),
+            told: Settings::default(),
             cancel: Arc::default(),
             key_pid: 0,
             reserved: None,
@@ -203,7 +206,7 @@ impl Session {
     }
 
     /// Refuse the session with an error.
-    pub async fn close_with(mut self, err: &PgError) {
+    pub async fn close_with(&mut self, err: &PgError) {
         Self::fatal(&mut self.stream, err).await
     }
 
@@ -215,7 +218,9 @@ impl Session {
             // Taken at login and never used: as clean as it came.
             server.release();
         }
-        self.leave_multi().await;
+        // Boxed, as every rare step: a session's future is as large as
+        // its largest state, for as long as the client stays.
+        Box::pin(self.leave_multi()).await;
     }
 }
 

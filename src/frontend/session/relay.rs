@@ -16,6 +16,7 @@ use crate::protocol::frame::{Flow, MAX_MESSAGE_LEN};
 use crate::protocol::messages::TxStatus;
 use crate::protocol::prepared::{self, Ctx};
 use crate::sql::effects;
+use crate::sql::marks::Marks;
 
 impl Session {
     /// The client's transaction is over (transaction mode). Server bytes
@@ -136,16 +137,19 @@ impl Session {
                 }
             }
             let veto = guard.as_mut().and_then(|g| g.check(tag, body, cx.stmts));
+            // The one pass over a statement's text (see sql::marks).
+            let text = matches!(tag, b'Q' | b'P').then(|| statement_text(tag, body));
+            cx.marks = text.map(Marks::of);
             let flow = tracker.client(tag, body, track.then_some(&mut cx), veto);
-            if slow_log && matches!(tag, b'Q' | b'P') {
-                statement = Some(account::statement_text(tag, body));
+            let marks = cx.marks.take();
+            if let (true, Some(sql)) = (slow_log, text) {
+                statement = Some(account::statement_text(sql));
             }
-            if txn_mode && matches!(tag, b'Q' | b'P') && flow != Flow::Drop {
-                // Parse: statement name, then the query text.
-                let mut parts = body.split(|b| *b == 0);
-                let sql = if tag == b'P' { parts.nth(1) } else { parts.next() }.unwrap_or_default();
-                let sql = String::from_utf8_lossy(sql);
-                let effects = effects::session_effects(&sql);
+            if let (true, Some(sql), Some(marks)) = (txn_mode && flow != Flow::Drop, text, marks) {
+                if !marks.effects() {
+                    return flow;
+                }
+                let effects = effects::marked_effects(&String::from_utf8_lossy(sql), marks);
                 if effects.names {
                     // Statements prepared from here on resolve names
                     // differently: they are this connection's alone.
@@ -303,8 +307,8 @@ impl Session {
             if let Some((k, v)) = conn.note_status(&body) {
                 if !is_server_owned(&k) {
                     let lk = k.to_ascii_lowercase();
-                    self.wanted.insert(lk.clone(), v.clone());
-                    self.told.insert(lk, v);
+                    self.wanted.set(lk.clone(), v.clone());
+                    self.told.set(lk, v);
                 }
             }
         }
@@ -366,4 +370,12 @@ impl Session {
             }
         }
     }
+}
+
+/// The statement text of a Query or Parse body (Parse: the statement
+/// name comes first).
+fn statement_text(tag: u8, body: &[u8]) -> &[u8] {
+    let cstr = |b: &[u8]| -> usize { memchr::memchr(0, b).unwrap_or(b.len()) };
+    let body = if tag == b'P' { body.get(cstr(body) + 1..).unwrap_or_default() } else { body };
+    &body[..cstr(body)]
 }

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use crate::frontend::buffers;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -36,12 +37,24 @@ pub(super) struct Deferred {
 
 /// A read on a replica, kept for a retry elsewhere while no byte of its
 /// answer has reached the client.
-#[derive(Default)]
 pub(super) struct Replay {
-    /// The client's bytes sent to the server.
+    /// The client's bytes sent to the server (a spare buffer, given back
+    /// when the replay is dropped).
     pub sent: BytesMut,
     /// Statement names those bytes created (a retry creates them again).
     pub names: Vec<String>,
+}
+
+impl Replay {
+    pub fn new() -> Replay {
+        Replay { sent: buffers::take(), names: Vec::new() }
+    }
+}
+
+impl Drop for Replay {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.sent));
+    }
 }
 
 /// What to do with the transaction at the front of the buffer.
@@ -357,7 +370,7 @@ impl Session {
             let lk = k.to_ascii_lowercase();
             if !is_server_owned(k) && self.told.get(&lk) != Some(v) {
                 msg::parameter_status(&mut out, k, v);
-                self.told.insert(lk, v.clone());
+                self.told.set(lk, v.clone());
             }
         }
         if !out.is_empty() {
@@ -368,13 +381,13 @@ impl Session {
 
     /// Put a failed read's bytes back in front of the buffer, as if they
     /// had not been sent.
-    pub(super) fn restore(&mut self, replay: Replay) {
+    pub(super) fn restore(&mut self, mut replay: Replay) {
         for name in &replay.names {
             self.stmts.map.remove(name);
         }
-        let mut buf = replay.sent;
+        let mut buf = std::mem::take(&mut replay.sent);
         buf.extend_from_slice(&self.rbuf);
-        self.rbuf = buf;
+        buffers::give(std::mem::replace(&mut self.rbuf, buf));
         self.crelay = Default::default();
         self.srelay = Default::default();
     }

@@ -1,7 +1,8 @@
 //! The session's state machine: [`Step`] says where serving the client
 //! stands between two client batches, [`Session::serve`] is the one loop
-//! that moves from each step to the next, and each step is handled by its
-//! own function. What a step leaves for the next travels in the enum, not
+//! that moves from each step to the next (the steps on the way to or
+//! holding a server connection in its inner loop, `attached`, boxed once
+//! per transaction), and each step is handled by its own function. What a step leaves for the next travels in the enum, not
 //! in flags.
 //!
 //! ```text
@@ -81,19 +82,37 @@ impl Session {
             step = match step {
                 Step::Idle { retry } => self.idle(retry).await,
                 Step::Batch { retry } => self.batch(retry).await,
-                // Boxed, as the end of a stretch below: their state would
-                // otherwise sit in every idle session's task (see serve's doc).
-                Step::Checkout { target, decision, may_retry } => {
-                    Box::pin(self.take_server(target, decision, may_retry)).await
+                // Boxed, once per transaction: the attached steps' state
+                // would otherwise sit in every idle session's task.
+                attached @ (Step::Checkout { .. } | Step::Relay(_) | Step::Ended(..)) => {
+                    Box::pin(self.attached(attached)).await
                 }
+                Step::Done => return,
+            };
+        }
+    }
+
+    /// The steps with a server connection (or on the way to one), until
+    /// the session is back without one.
+    async fn attached(&mut self, mut step: Step) -> Step {
+        loop {
+            step = match step {
+                Step::Checkout { target, decision, may_retry } => self.take_server(target, decision, may_retry).await,
                 Step::Relay(mut at) => {
-                    let outcome = Box::pin(self.relay(at.server.conn())).await;
+                    let outcome = self.relay(at.server.conn()).await;
                     self.cancel.clear();
                     Step::Ended(at, outcome)
                 }
-                Step::Ended(at, outcome) => Box::pin(self.ended(at, outcome)).await,
-                Step::Done => return,
+                Step::Ended(at, outcome) => self.ended(at, outcome).await,
+                // The caller's loop shows it in the client list.
+                other => return other,
             };
+            if !matches!(step, Step::Checkout { .. } | Step::Relay(_) | Step::Ended(..)) {
+                return step;
+            }
+            if let Some(state) = step.client_state() {
+                self.set_state(state);
+            }
         }
     }
 
@@ -101,7 +120,7 @@ impl Session {
     /// its Execute/Sync/Flush) without a server connection.
     async fn idle(&mut self, retry: bool) -> Step {
         if self.must_leave() {
-            self.goodbye().await;
+            Box::pin(self.goodbye()).await;
             return Step::Done;
         }
         loop {
@@ -118,7 +137,7 @@ impl Session {
             }
             match self.read_idle().await {
                 None => {
-                    self.goodbye().await;
+                    Box::pin(self.goodbye()).await;
                     return Step::Done;
                 }
                 Some(Ok(0) | Err(_)) => return Step::Done,
@@ -159,13 +178,15 @@ impl Session {
                 };
             }
         }
-        if let Err(e) = self.resolve_directory().await {
-            return self.refused(&e).await;
+        if self.sharding.is_some() {
+            if let Err(e) = Box::pin(self.resolve_directory()).await {
+                return self.refused(&e).await;
+            }
         }
         match self.plan() {
             // A re-run of a read whose server died gets no other.
             route::Plan::Go { target, decision } => Step::Checkout { target, decision, may_retry: !retry },
-            other => match self.carry_out(other).await {
+            other => match Box::pin(self.carry_out(other)).await {
                 true => Step::Idle { retry: false },
                 false => Step::Done,
             },
@@ -196,7 +217,7 @@ impl Session {
         // (the client is idle: transaction mode, no open transaction pgmux
         // holds for it).
         let kept = self.mode == PoolMode::Transaction && !self.pinned && self.multi.is_none() && !deferred;
-        self.replay = (replica.is_some() || kept).then(route::Replay::default);
+        self.replay = (replica.is_some() || kept).then(route::Replay::new);
         self.account.start(server.pool());
         Step::Relay(Attached { server, replica, decision, kept, may_retry })
     }
@@ -307,7 +328,8 @@ impl Session {
 
     /// Refuse the batch with `e` (the session goes on unless the client left).
     async fn refused(&mut self, e: &PgError) -> Step {
-        if self.refuse(e).await {
+        // Boxed: rare (see attached).
+        if Box::pin(self.refuse(e)).await {
             Step::Idle { retry: false }
         } else {
             Step::Done
@@ -316,7 +338,7 @@ impl Session {
 
     /// Tell the client `e` and end the session.
     async fn end_with(&mut self, e: &PgError) -> Step {
-        Self::fatal(&mut self.stream, e).await;
+        Box::pin(Self::fatal(&mut self.stream, e)).await;
         Step::Done
     }
 }

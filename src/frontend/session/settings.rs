@@ -32,7 +32,7 @@ impl Session {
                 SettingChange::ResetAll => conn.applied.keys().chain(self.startup.keys()).cloned().collect(),
             };
             for k in keys {
-                conn.applied.insert(k, UNKNOWN_SETTING.to_string());
+                conn.applied.set(k, UNKNOWN_SETTING.to_string());
             }
         }
         self.pending_settings.extend(changes);
@@ -50,12 +50,12 @@ impl Session {
                         for change in changes {
                             match change {
                                 SettingChange::Set { name, value: Some(v) } => {
-                                    self.wanted.insert(name.to_ascii_lowercase(), v);
+                                    self.wanted.set(name.to_ascii_lowercase(), v);
                                 }
                                 SettingChange::Set { name, value: None } | SettingChange::Reset(name) => {
                                     let k = name.to_ascii_lowercase();
                                     match self.startup.get(&k) {
-                                        Some(v) => self.wanted.insert(k, v.clone()),
+                                        Some(v) => self.wanted.set(k, v.clone()),
                                         None => self.wanted.remove(&k),
                                     };
                                 }

@@ -60,10 +60,12 @@ impl Session {
         self.key_pid = pid;
         let mut out = BytesMut::with_capacity(512);
         msg::auth_request(&mut out, msg::AUTH_OK, &[]);
+        let mut told = BTreeMap::new();
         for (k, v) in values {
             msg::parameter_status(&mut out, &k, &v);
-            self.told.insert(k.to_ascii_lowercase(), v);
+            told.insert(k.to_ascii_lowercase(), v);
         }
+        self.told = self.pool.interned.intern(told.into());
         msg::backend_key_data(&mut out, pid, secret);
         msg::ready_for_query(&mut out, TxStatus::Idle);
         self.stream.write_all(&out).await.map_err(|e| PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()))?;

@@ -153,7 +153,7 @@ impl Tracker {
         let Some((name, rest)) = split_cstr(body) else { return Flow::Forward };
         // A text reading pg_prepared_statements reads the client's own.
         let own_view = split_cstr(rest).and_then(|(sql, types)| {
-            let sql = crate::protocol::prepared::view::for_client(sql, cx.stmts, cx.server.context, name)?;
+            let sql = crate::protocol::prepared::view::for_client(sql, cx.marks, cx.stmts, cx.server.context, name)?;
             let mut rest = BytesMut::with_capacity(sql.len() + 1 + types.len());
             put_cstr(&mut rest, &sql);
             rest.put_slice(types);
@@ -340,7 +340,7 @@ impl Tracker {
             }
             _ => {
                 self.expect.push_back(Expect::Query);
-                match crate::protocol::prepared::view::for_client(sql, cx.stmts, cx.server.context, "") {
+                match crate::protocol::prepared::view::for_client(sql, cx.marks, cx.stmts, cx.server.context, "") {
                     Some(own_view) => {
                         let mut out = BytesMut::new();
                         crate::protocol::messages::query(&mut out, &own_view);

@@ -34,6 +34,7 @@
 use std::fmt::Write;
 
 use crate::protocol::messages::quote_literal;
+use crate::sql::marks::{Mark, Marks};
 
 const NAME: &[u8] = b"pg_prepared_statements";
 /// The function behind the view (a prefix of its name).
@@ -390,12 +391,13 @@ mod tests;
 /// view lists too once it is prepared (as PostgreSQL lists it).
 pub(crate) fn for_client(
     sql: &str,
+    marks: Option<Marks>,
     stmts: &crate::protocol::statements::ClientStatements,
     context: u64,
     named: &str,
 ) -> Option<String> {
     use crate::protocol::statements::{identity, server_name};
-    if !crate::sql::scan::mentions(sql, FUNCTION) {
+    if !marks.unwrap_or_else(|| Marks::of(sql.as_bytes())).has(Mark::PreparedView) {
         return None;
     }
     let mut own: Vec<(String, String, String)> = stmts
