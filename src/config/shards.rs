@@ -155,93 +155,39 @@ impl MapConfig {
     }
 }
 
+/// A key and what is wrong with it.
+type Invalid = (String, String);
+
 /// Check a sharded database's keys; the error names the offending key.
-pub fn check(db: &str, k: &Database) -> Result<(), (String, String)> {
-    let key = |s: &str| format!("databases.{db}.{s}");
-    let shard_names: Vec<&str> = k.shards.iter().map(|s| s.name.as_str()).collect();
+pub fn check(db: &str, k: &Database) -> Result<(), Invalid> {
+    let keys = Keys { db, shards: k.shards.iter().map(|s| s.name.as_str()).collect() };
     for (i, s) in k.shards.iter().enumerate() {
-        if s.name.is_empty() || shard_names[..i].contains(&s.name.as_str()) {
-            return Err((key(&format!("shards[{i}].name")), format!("shard name \"{}\" is empty or repeated", s.name)));
+        if s.name.is_empty() || keys.shards[..i].contains(&s.name.as_str()) {
+            return Err((
+                keys.key(&format!("shards[{i}].name")),
+                format!("shard name \"{}\" is empty or repeated", s.name),
+            ));
         }
     }
     if k.two_phase_commit && !k.allow_cross_shard_writes {
-        return Err((key("two_phase_commit"), "needs allow_cross_shard_writes = true".into()));
+        return Err((keys.key("two_phase_commit"), "needs allow_cross_shard_writes = true".into()));
     }
-    let known_shard = |what: String, name: &str| -> Result<(), (String, String)> {
-        if shard_names.contains(&name) {
-            Ok(())
-        } else {
-            Err((what, format!("unknown shard \"{name}\" (shards: {})", shard_names.join(", "))))
-        }
-    };
     for (name, map) in &k.maps {
-        let kt = map.key_type();
-        let typed = |what: String, v: &RawKey| -> Result<(), (String, String)> {
-            match (kt, v) {
-                (KeyType::Int2 | KeyType::Int4 | KeyType::Int8, RawKey::Int(_)) => Ok(()),
-                (KeyType::Text | KeyType::Uuid, RawKey::Text(_)) => Ok(()),
-                _ => Err((what, format!("value {v:?} does not match the map's type {kt:?}"))),
-            }
-        };
         match map {
             MapConfig::Hash { .. } => {}
             MapConfig::Directory { table, weights, user, .. } => {
-                let at = key(&format!("maps.{name}"));
-                let ident = |t: &str| {
-                    t.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-                        && t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                };
-                if !ident(table) {
-                    return Err((format!("{at}.table"), "must be a lower-case identifier".into()));
-                }
-                for w in weights.keys() {
-                    known_shard(format!("{at}.weights"), w)?;
-                }
-                if user.is_none() && k.monitor_user.is_none() {
-                    return Err((format!("{at}.user"), "needed (or the database's monitor_user)".into()));
-                }
+                let login = user.is_some() || k.monitor_user.is_some();
+                check_directory(&keys, &keys.key(&format!("maps.{name}")), table, weights, login)?
             }
-            MapConfig::Range { ranges, .. } => {
-                for (i, r) in ranges.iter().enumerate() {
-                    let at = key(&format!("maps.{name}.ranges[{i}]"));
-                    known_shard(format!("{at}.shard"), &r.shard)?;
-                    for v in r.from.iter().chain(r.to.iter()) {
-                        typed(at.clone(), v)?;
-                    }
-                    if let (Some(f), Some(t)) = (&r.from, &r.to) {
-                        if cmp_raw(f, t) != std::cmp::Ordering::Less {
-                            return Err((at, "from must be below to (from is inclusive, to exclusive)".into()));
-                        }
-                    }
-                    for (j, o) in ranges[..i].iter().enumerate() {
-                        if overlaps(r, o) {
-                            return Err((at, format!("overlaps ranges[{j}]")));
-                        }
-                    }
-                }
-            }
+            MapConfig::Range { ranges, .. } => check_ranges(&keys, name, map.key_type(), ranges)?,
             MapConfig::List { lists, default, .. } => {
-                let mut seen: Vec<&RawKey> = Vec::new();
-                for (i, l) in lists.iter().enumerate() {
-                    let at = key(&format!("maps.{name}.lists[{i}]"));
-                    known_shard(format!("{at}.shard"), &l.shard)?;
-                    for v in &l.values {
-                        typed(at.clone(), v)?;
-                        if seen.contains(&v) {
-                            return Err((at, format!("value {v:?} is listed twice")));
-                        }
-                        seen.push(v);
-                    }
-                }
-                if let Some(d) = default {
-                    known_shard(key(&format!("maps.{name}.default")), d)?;
-                }
+                check_lists(&keys, name, map.key_type(), lists, default.as_deref())?
             }
         }
     }
     let mut tables: Vec<String> = Vec::new();
     for (i, t) in k.tables.iter().enumerate() {
-        let at = key(&format!("tables[{i}]"));
+        let at = keys.key(&format!("tables[{i}]"));
         let lower = t.name.to_ascii_lowercase();
         if tables.contains(&lower) || k.reference_tables.iter().any(|r| r.eq_ignore_ascii_case(&t.name)) {
             return Err((at, format!("table \"{}\" is mapped twice", t.name)));
@@ -250,6 +196,112 @@ pub fn check(db: &str, k: &Database) -> Result<(), (String, String)> {
             return Err((format!("{at}.map"), format!("unknown map \"{}\"", t.map)));
         }
         tables.push(lower);
+    }
+    Ok(())
+}
+
+/// Where the keys of one sharded database are, and its shard names.
+struct Keys<'a> {
+    db: &'a str,
+    shards: Vec<&'a str>,
+}
+
+impl Keys<'_> {
+    /// The full name of a key of the database.
+    fn key(&self, s: &str) -> String {
+        format!("databases.{}.{s}", self.db)
+    }
+
+    /// `name` must be one of the shards; `what` is the key naming it.
+    fn known_shard(&self, what: String, name: &str) -> Result<(), Invalid> {
+        if self.shards.contains(&name) {
+            Ok(())
+        } else {
+            Err((what, format!("unknown shard \"{name}\" (shards: {})", self.shards.join(", "))))
+        }
+    }
+}
+
+/// A key value of a map must be of the map's type.
+fn typed(kt: KeyType, what: String, v: &RawKey) -> Result<(), Invalid> {
+    match (kt, v) {
+        (KeyType::Int2 | KeyType::Int4 | KeyType::Int8, RawKey::Int(_)) => Ok(()),
+        (KeyType::Text | KeyType::Uuid, RawKey::Text(_)) => Ok(()),
+        _ => Err((what, format!("value {v:?} does not match the map's type {kt:?}"))),
+    }
+}
+
+/// A directory map (`at`: its key): its table, its weights, and a user
+/// to log in as (`login`: its own or the database's monitor_user).
+fn check_directory(
+    keys: &Keys,
+    at: &str,
+    table: &str,
+    weights: &std::collections::BTreeMap<String, u32>,
+    login: bool,
+) -> Result<(), Invalid> {
+    let ident = |t: &str| {
+        t.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    if !ident(table) {
+        return Err((format!("{at}.table"), "must be a lower-case identifier".into()));
+    }
+    for w in weights.keys() {
+        keys.known_shard(format!("{at}.weights"), w)?;
+    }
+    if !login {
+        return Err((format!("{at}.user"), "needed (or the database's monitor_user)".into()));
+    }
+    Ok(())
+}
+
+/// The ranges of range map `name`: known shards, typed, ordered bounds,
+/// no overlaps.
+fn check_ranges(keys: &Keys, name: &str, kt: KeyType, ranges: &[RangeEntry]) -> Result<(), Invalid> {
+    for (i, r) in ranges.iter().enumerate() {
+        let at = keys.key(&format!("maps.{name}.ranges[{i}]"));
+        keys.known_shard(format!("{at}.shard"), &r.shard)?;
+        for v in r.from.iter().chain(r.to.iter()) {
+            typed(kt, at.clone(), v)?;
+        }
+        if let (Some(f), Some(t)) = (&r.from, &r.to) {
+            if cmp_raw(f, t) != std::cmp::Ordering::Less {
+                return Err((at, "from must be below to (from is inclusive, to exclusive)".into()));
+            }
+        }
+        for (j, o) in ranges[..i].iter().enumerate() {
+            if overlaps(r, o) {
+                return Err((at, format!("overlaps ranges[{j}]")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The lists of list map `name`: known shards, typed values, each value
+/// once; a known default shard.
+fn check_lists(
+    keys: &Keys,
+    name: &str,
+    kt: KeyType,
+    lists: &[ListEntry],
+    default: Option<&str>,
+) -> Result<(), Invalid> {
+    let mut seen: Vec<&RawKey> = Vec::new();
+    for (i, l) in lists.iter().enumerate() {
+        let at = keys.key(&format!("maps.{name}.lists[{i}]"));
+        keys.known_shard(format!("{at}.shard"), &l.shard)?;
+        for v in &l.values {
+            typed(kt, at.clone(), v)?;
+            if seen.contains(&v) {
+                return Err((at, format!("value {v:?} is listed twice")));
+            }
+            seen.push(v);
+        }
+    }
+    if let Some(d) = default {
+        keys.known_shard(keys.key(&format!("maps.{name}.default")), d)?;
     }
     Ok(())
 }

@@ -1,5 +1,8 @@
 //! Config parsing and validation.
+use std::time::Duration;
+
 use super::*;
+use crate::protocol::auth::Secret;
 
 const GOOD: &str = r#"
 [pgmux]

@@ -6,6 +6,9 @@
 //! before its next use), and the invalidations of one database (DDL
 //! relayed, statements found stale) that every connection to it applies
 //! when it is next checked out. [`crate::protocol::prepared`] drives them.
+//!
+//! A batch of Parses of statements servers already know is answered
+//! without one in `statements/parse_batch.rs`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hasher;
@@ -14,8 +17,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::protocol::messages::TxStatus;
 use crate::protocol::messages::{finish_message, start_message};
+
+mod parse_batch;
+pub use parse_batch::answer_parse_batch;
 
 /// A client's statement: its query text and parameter types. Servers know
 /// it as `pgmux_<identity>`, where the identity mixes its hash with the
@@ -406,47 +411,6 @@ impl Invalidations {
         }
         log.iter().filter(|(e, _)| *e > epoch).map(|(_, h)| *h).collect()
     }
-}
-
-/// Answer a batch of `Parse(name)…, Sync` without a server when every
-/// statement in it has been prepared successfully before (`known`): saves a
-/// round trip, and keeps drivers that prepare synchronously (pgbench
-/// -M prepared) from waiting on a pool their own open transactions hold.
-/// Returns (bytes consumed, reply) when the whole batch qualifies.
-pub fn answer_parse_batch(
-    buf: &[u8],
-    stmts: &mut ClientStatements,
-    known: impl Fn(u64) -> bool,
-) -> Option<(usize, BytesMut)> {
-    let mut pos = 0;
-    let mut parsed: Vec<(String, Statement)> = Vec::new();
-    loop {
-        let (tag, len) =
-            crate::protocol::frame::peek_header(&buf[pos..], crate::protocol::frame::MAX_MESSAGE_LEN).ok()??;
-        let end = pos + 5 + len;
-        let body = buf.get(pos + 5..end)?;
-        pos = end;
-        match tag {
-            b'P' => {
-                let (name, rest) = split_cstr(body)?;
-                let stmt = Statement::new(rest);
-                let fresh = !name.is_empty() && !stmts.map.contains_key(name) && !parsed.iter().any(|(n, _)| n == name);
-                if !fresh || !known(stmt.hash) || stmts.map.len() + parsed.len() >= stmts.cap {
-                    return None;
-                }
-                parsed.push((name.to_string(), stmt));
-            }
-            b'S' if !parsed.is_empty() => break,
-            _ => return None,
-        }
-    }
-    let mut reply = BytesMut::with_capacity(parsed.len() * 5 + 6);
-    for (name, stmt) in parsed {
-        stmts.map.insert(name, Arc::new(stmt));
-        reply.extend_from_slice(&tiny(b'1'));
-    }
-    crate::protocol::messages::ready_for_query(&mut reply, TxStatus::Idle);
-    Some((pos, reply))
 }
 
 pub(crate) fn put_cstr(b: &mut BytesMut, s: &str) {

@@ -10,15 +10,19 @@
 //!   `GROUP BY` of select-list columns, are combined per group;
 //! - anything else (`avg`, `DISTINCT`, `HAVING`, window functions, set
 //!   operations, float sums) is refused: never a wrong answer.
+//!
+//! Here: what a plan is, and the rows combined by it ([`finish`]). The
+//! plan is made in `merge/plan.rs`, DataRow and RowDescription bodies are
+//! read and written in `merge/rows.rs`.
 
 use std::cmp::Ordering;
 
-use sqlparser::ast::{
-    Expr, FunctionArguments, GroupByExpr, LimitClause, OrderByKind, OrderBySort, Query, SelectItem, SetExpr, Statement,
-    Value,
-};
-
 use super::values::{self, oid};
+
+mod plan;
+mod rows;
+pub use plan::plan;
+pub use rows::{columns, parse_row, row_body, trim_description, Row};
 
 /// How one output column is combined across shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,265 +70,8 @@ pub struct MergePlan {
     pub shards: Option<Vec<usize>>,
 }
 
-fn number(e: &Expr) -> Option<u64> {
-    match e {
-        Expr::Value(v) => match &v.value {
-            Value::Number(n, _) => n.parse().ok(),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
 fn refuse<T>(why: &str) -> Result<T, String> {
     Err(why.to_string())
-}
-
-/// The merge plan of a read that goes to every shard, or why it cannot
-/// be merged exactly.
-pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
-    let Statement::Query(q) = stmt else { return refuse("only queries can run on every shard") };
-    let mut q: Query = (**q).clone();
-    let SetExpr::Select(select) = q.body.as_ref() else {
-        return refuse("set operations (UNION, INTERSECT, EXCEPT) across shards are not supported");
-    };
-    if select.distinct.is_some() {
-        return refuse("DISTINCT across shards is not supported");
-    }
-    if select.having.is_some() {
-        return refuse("HAVING across shards is not supported");
-    }
-    let group_by: Vec<String> = match &select.group_by {
-        GroupByExpr::Expressions(exprs, mods) if mods.is_empty() => exprs.iter().map(|e| e.to_string()).collect(),
-        _ => return refuse("GROUP BY ALL / ROLLUP / CUBE across shards is not supported"),
-    };
-    let mut aggs = Vec::new();
-    let mut exprs = Vec::new();
-    for item in &select.projection {
-        let expr = match item {
-            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
-            _ => {
-                aggs.push(None);
-                exprs.push(String::new());
-                continue;
-            }
-        };
-        exprs.push(expr.to_string());
-        aggs.push(aggregate(expr)?);
-    }
-    // GROUP BY 2 names the second select-list item.
-    let group_by: Vec<String> = group_by
-        .into_iter()
-        .map(|g| match g.parse::<usize>() {
-            Ok(n) if n >= 1 && n <= exprs.len() => exprs[n - 1].clone(),
-            _ => g,
-        })
-        .collect();
-    let aggregating = !group_by.is_empty() || aggs.iter().any(|a| a.is_some());
-    let aggs = if aggregating {
-        let mut out = Vec::new();
-        for (a, text) in aggs.iter().zip(&exprs) {
-            match a {
-                Some(a) => out.push(*a),
-                None if group_by.contains(text) => out.push(Agg::Group),
-                None => {
-                    return refuse("a column that is neither aggregated nor grouped cannot be merged across shards")
-                }
-            }
-        }
-        if group_by.iter().any(|g| !exprs.contains(g)) {
-            return refuse("GROUP BY across shards needs every grouping expression in the select list");
-        }
-        Some(out)
-    } else {
-        None
-    };
-    let wildcard = exprs.iter().any(String::is_empty);
-    let mut hidden = Vec::new();
-    let mut order = Vec::new();
-    if let Some(ob) = &q.order_by {
-        let OrderByKind::Expressions(items) = &ob.kind else { return refuse("ORDER BY ALL is not supported") };
-        for item in items {
-            let (expr, bytewise) = match &item.expr {
-                Expr::Collate { expr, collation } => (expr.as_ref(), collation.to_string().trim_matches('"') == "C"),
-                e => (e, false),
-            };
-            let column = if let Some(n) = number(expr) {
-                let n = usize::try_from(n).map_err(|_| "ORDER BY position out of range".to_string())?;
-                ColumnRef::Position(n.checked_sub(1).ok_or("ORDER BY position 0")?)
-            } else if let Some(i) = exprs.iter().position(|t| *t == expr.to_string()) {
-                ColumnRef::Position(i)
-            } else if !wildcard
-                && aggs.is_none()
-                && !matches!(expr, Expr::Identifier(id) if select_alias(select, &id.value))
-            {
-                hidden.push(SelectItem::UnnamedExpr(expr.clone()));
-                ColumnRef::Hidden(hidden.len() - 1)
-            } else {
-                match expr {
-                    Expr::Identifier(id) => ColumnRef::Name(id.value.to_lowercase()),
-                    Expr::CompoundIdentifier(parts) => {
-                        ColumnRef::Name(parts.last().map(|p| p.value.to_lowercase()).unwrap_or_default())
-                    }
-                    _ => return refuse("ORDER BY across shards must name select-list columns"),
-                }
-            };
-            let desc = match &item.options.sort {
-                Some(OrderBySort::Desc) => true,
-                Some(OrderBySort::Using(_)) => return refuse("ORDER BY ... USING across shards is not supported"),
-                _ => false,
-            };
-            let nulls_first = item.options.nulls_first.unwrap_or(desc);
-            order.push(SortKey { column, desc, nulls_first, bytewise });
-        }
-    }
-    let (limit, offset) = match &q.limit_clause {
-        None => (None, 0),
-        Some(LimitClause::LimitOffset { limit, offset, limit_by }) if limit_by.is_empty() => {
-            let limit = match limit {
-                None => None,
-                Some(e) => Some(number(e).ok_or("LIMIT across shards must be a number")?),
-            };
-            let offset = match offset {
-                None => 0,
-                Some(o) => number(&o.value).ok_or("OFFSET across shards must be a number")?,
-            };
-            (limit, offset)
-        }
-        Some(_) => return refuse("this LIMIT form is not supported across shards"),
-    };
-    if q.fetch.is_some() {
-        return refuse("FETCH FIRST across shards is not supported (use LIMIT)");
-    }
-    let n_hidden = hidden.len();
-    if !hidden.is_empty() {
-        if let SetExpr::Select(sel) = q.body.as_mut() {
-            sel.projection.extend(hidden);
-        }
-    }
-    let rewrite = offset > 0 || (aggregating && limit.is_some()) || n_hidden > 0;
-    let sql = if rewrite {
-        q.limit_clause = match (aggregating, limit) {
-            // Groups combine after the merge: every shard sends all.
-            (true, _) | (false, None) => None,
-            (false, Some(l)) => Some(LimitClause::LimitOffset {
-                limit: Some(Expr::value(Value::Number((l + offset).to_string(), false))),
-                offset: None,
-                limit_by: Vec::new(),
-            }),
-        };
-        Statement::Query(Box::new(q)).to_string()
-    } else {
-        sql.to_string()
-    };
-    Ok(MergePlan { sql, order, limit, offset, aggs, hidden: n_hidden, shards: None })
-}
-
-/// Whether the select list has an item aliased `name`.
-fn select_alias(select: &sqlparser::ast::Select, name: &str) -> bool {
-    select
-        .projection
-        .iter()
-        .any(|item| matches!(item, SelectItem::ExprWithAlias { alias, .. } if alias.value.eq_ignore_ascii_case(name)))
-}
-
-/// The aggregate an output expression is, if any; errors for aggregates
-/// that cannot be combined.
-fn aggregate(e: &Expr) -> Result<Option<Agg>, String> {
-    let Expr::Function(f) = e else {
-        return if contains_function(e) {
-            refuse("expressions over aggregates cannot be merged across shards")
-        } else {
-            Ok(None)
-        };
-    };
-    let name = f.name.to_string().to_lowercase();
-    let bytewise = f.args.to_string().to_ascii_uppercase().replace(' ', "").ends_with("COLLATE\"C\")");
-    let agg = match name.as_str() {
-        "count" => Agg::Count,
-        "sum" => Agg::Sum,
-        "min" => Agg::Min(bytewise),
-        "max" => Agg::Max(bytewise),
-        "avg" => return refuse("avg() across shards is not supported; use sum() and count()"),
-        "stddev" | "variance" | "array_agg" | "string_agg" | "json_agg" | "jsonb_agg" | "bool_and" | "bool_or"
-        | "every" | "percentile_cont" | "percentile_disc" | "mode" => {
-            return Err(format!("{name}() across shards is not supported"))
-        }
-        _ => return Ok(None),
-    };
-    if f.over.is_some() {
-        return refuse("window functions across shards are not supported");
-    }
-    if f.filter.is_some() || !f.within_group.is_empty() {
-        return refuse("FILTER / WITHIN GROUP across shards is not supported");
-    }
-    if let FunctionArguments::List(args) = &f.args {
-        if args.duplicate_treatment.is_some() {
-            return refuse("DISTINCT aggregates across shards are not supported");
-        }
-    }
-    Ok(Some(agg))
-}
-
-fn contains_function(e: &Expr) -> bool {
-    let text = e.to_string().to_lowercase();
-    ["count(", "sum(", "min(", "max(", "avg("].iter().any(|f| text.contains(f))
-}
-
-/// One DataRow's values (None = NULL).
-pub type Row = Vec<Option<Vec<u8>>>;
-
-/// Parse a DataRow body.
-pub fn parse_row(body: &[u8]) -> Option<Row> {
-    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-    let mut at = 2;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
-        at += 4;
-        if len < 0 {
-            out.push(None);
-        } else {
-            let end = at + len as usize;
-            out.push(Some(body.get(at..end)?.to_vec()));
-            at = end;
-        }
-    }
-    Some(out)
-}
-
-/// Encode a DataRow body.
-pub fn row_body(row: &Row) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(row.len() as u16).to_be_bytes());
-    for v in row {
-        match v {
-            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
-            Some(b) => {
-                out.extend_from_slice(&(b.len() as i32).to_be_bytes());
-                out.extend_from_slice(b);
-            }
-        }
-    }
-    out
-}
-
-/// Output columns of a RowDescription body: (name, type OID, format).
-pub fn columns(body: &[u8]) -> Option<Vec<(String, u32, i16)>> {
-    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-    let mut at = 2;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let end = at + body.get(at..)?.iter().position(|&b| b == 0)?;
-        let name = String::from_utf8_lossy(&body[at..end]).to_lowercase();
-        at = end + 1;
-        let f = body.get(at..at + 18)?;
-        let type_oid = u32::from_be_bytes([f[6], f[7], f[8], f[9]]);
-        let format = i16::from_be_bytes([f[16], f[17]]);
-        out.push((name, type_oid, format));
-        at += 18;
-    }
-    Some(out)
 }
 
 /// Combine the shards' rows (each shard's in its own order) into the
@@ -333,8 +80,33 @@ pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row
     if shards.iter().flatten().any(|r| r.len() != cols.len()) {
         return refuse("shards returned rows of different widths");
     }
-    let keys: Vec<(usize, &SortKey)> = plan
-        .order
+    let keys = sort_columns(plan, cols)?;
+    let mut rows: Vec<Row> = match &plan.aggs {
+        Some(aggs) => combine(aggs, cols, shards)?,
+        None => shards.into_iter().flatten().collect(),
+    };
+    if !keys.is_empty() {
+        // Stable: rows equal on every key keep their shard order.
+        rows.sort_by(|a, b| compare_rows(&keys, cols, a, b));
+    }
+    let skip = usize::try_from(plan.offset).unwrap_or(usize::MAX);
+    let take = plan.limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+    let visible = cols.len().saturating_sub(plan.hidden);
+    Ok(rows
+        .into_iter()
+        .skip(skip)
+        .take(take)
+        .map(|mut r| {
+            r.truncate(visible);
+            r
+        })
+        .collect())
+}
+
+/// The output column of each sort key, checked comparable in its type
+/// and format.
+fn sort_columns<'a>(plan: &'a MergePlan, cols: &[(String, u32, i16)]) -> Result<Vec<(usize, &'a SortKey)>, String> {
+    plan.order
         .iter()
         .map(|k| {
             let i = match &k.column {
@@ -358,70 +130,42 @@ pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row
                 None => refuse("ORDER BY across shards must name select-list columns"),
             }
         })
-        .collect::<Result<_, _>>()?;
-    let mut rows: Vec<Row> = match &plan.aggs {
-        Some(aggs) => combine(aggs, cols, shards)?,
-        None => shards.into_iter().flatten().collect(),
-    };
-    if !keys.is_empty() {
-        // Stable: rows equal on every key keep their shard order.
-        rows.sort_by(|a, b| {
-            for (i, k) in &keys {
-                let o = match (&a[*i], &b[*i]) {
-                    (None, None) => Ordering::Equal,
-                    (None, Some(_)) => {
-                        if k.nulls_first {
-                            Ordering::Less
-                        } else {
-                            Ordering::Greater
-                        }
-                    }
-                    (Some(_), None) => {
-                        if k.nulls_first {
-                            Ordering::Greater
-                        } else {
-                            Ordering::Less
-                        }
-                    }
-                    (Some(x), Some(y)) => {
-                        let o = compare(&cols[*i], x, y);
-                        if k.desc {
-                            o.reverse()
-                        } else {
-                            o
-                        }
-                    }
-                };
-                if o != Ordering::Equal {
-                    return o;
-                }
-            }
-            Ordering::Equal
-        });
-    }
-    let skip = usize::try_from(plan.offset).unwrap_or(usize::MAX);
-    let take = plan.limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-    let visible = cols.len().saturating_sub(plan.hidden);
-    Ok(rows
-        .into_iter()
-        .skip(skip)
-        .take(take)
-        .map(|mut r| {
-            r.truncate(visible);
-            r
-        })
-        .collect())
+        .collect()
 }
 
-/// A RowDescription body with only its first `keep` fields.
-pub fn trim_description(body: &[u8], keep: usize) -> Option<Vec<u8>> {
-    let mut at = 2;
-    for _ in 0..keep {
-        at += body.get(at..)?.iter().position(|&b| b == 0)? + 1 + 18;
+/// Two rows in the order of the sort keys (`keys`: column and key).
+fn compare_rows(keys: &[(usize, &SortKey)], cols: &[(String, u32, i16)], a: &Row, b: &Row) -> Ordering {
+    for (i, k) in keys {
+        let o = match (&a[*i], &b[*i]) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => {
+                if k.nulls_first {
+                    Ordering::Less
+                } else {
+                    Ordering::Greater
+                }
+            }
+            (Some(_), None) => {
+                if k.nulls_first {
+                    Ordering::Greater
+                } else {
+                    Ordering::Less
+                }
+            }
+            (Some(x), Some(y)) => {
+                let o = compare(&cols[*i], x, y);
+                if k.desc {
+                    o.reverse()
+                } else {
+                    o
+                }
+            }
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
     }
-    let mut out = (keep as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(body.get(2..at)?);
-    Some(out)
+    Ordering::Equal
 }
 
 /// Compare two values of output column `col` in its format.

@@ -2,7 +2,12 @@
 //! routing), its compiled shard maps, and the decision of which shards a
 //! statement goes to — one (by its key, a hint or `SET pgmux.shard`), or
 //! all of them (a read merged by [`merge`], or a refusal).
+//!
+//! A statement's text is analyzed (and the analysis cached) in
+//! `analysis.rs`; [`ShardRouter::route`] turns the analysis, the key
+//! values and the directory's answers into a [`ShardTarget`].
 
+mod analysis;
 pub mod copy;
 pub mod directory;
 pub mod hash;
@@ -18,14 +23,13 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
 
 use crate::backend::pool::Pool;
 use crate::config::{Database, KeyType};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::router::route::Routing;
 use crate::sql::classify::{Classifier, Hint, Kind};
+use analysis::Analysis;
 use key::{KeyExpr, Scope};
 use map::{Key, ShardMap};
 
@@ -62,27 +66,6 @@ pub enum ShardTarget {
     /// (`allow_cross_shard_writes`).
     Everywhere,
 }
-
-/// The analysis of one statement text, cached.
-#[derive(Clone, Debug)]
-enum Analysis {
-    Scope {
-        scope: Scope,
-        read: bool,
-        insert: bool,
-        /// Names tables neither sharded nor reference: the first shard's.
-        home: bool,
-        /// How a read merges when its keys are on several shards.
-        merge: Option<Result<Box<merge::MergePlan>, String>>,
-    },
-    Scatter(Box<merge::MergePlan>),
-    /// A write to a reference table: on every shard.
-    Everywhere,
-    Refused(String),
-    Hinted(Hint),
-    CopyIn(Box<copy::CopyIn>),
-}
-
 struct TableMap {
     tables: HashMap<String, (String, usize)>,
     /// Reference tables, folded.
@@ -201,118 +184,6 @@ impl ShardRouter {
         self.backends.iter().position(|b| b.name == s).or_else(|| s.parse().ok().filter(|&i| i < self.backends.len()))
     }
 
-    fn analyze(&self, sql: &str) -> Analysis {
-        let classified = match self.classifier.classify(sql) {
-            Ok(c) => c,
-            Err(e) => return Analysis::Refused(e.to_string()),
-        };
-        let read = matches!(classified.kind, Kind::Read);
-        if let Some(h @ (Hint::Shard(_) | Hint::Key(_))) = classified.hint {
-            return Analysis::Hinted(h);
-        }
-        let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
-            return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
-        };
-        if stmts.len() > 1 {
-            let scopes: Vec<Scope> = stmts.iter().map(|s| key::scope(s, &self.tables)).collect();
-            if scopes.iter().all(|s| *s == Scope::Unsharded) {
-                return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
-            }
-            return Analysis::Refused(
-                "several statements in one query on a sharded database: send them one by one".into(),
-            );
-        }
-        let Some(stmt) = stmts.first() else {
-            return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
-        };
-        match copy::copy_in(stmt) {
-            Some(Ok(c)) if self.tables.tables.contains_key(&c.table) => return Analysis::CopyIn(Box::new(c)),
-            Some(Err(why)) => return Analysis::Refused(why),
-            _ => {}
-        }
-        let insert = matches!(stmt, sqlparser::ast::Statement::Insert(_));
-        if let Some(t) = key::write_target(stmt).filter(|t| self.tables.reference.contains(t)) {
-            if self.allow_cross_shard_writes {
-                return Analysis::Everywhere;
-            }
-            return Analysis::Refused(format!(
-                "{t} is a reference table (the same rows on every shard): change it on each shard directly \
-                 (or set allow_cross_shard_writes)"
-            ));
-        }
-        let home = key::relations(stmt)
-            .iter()
-            .any(|t| !self.tables.reference.contains(t) && !self.tables.tables.contains_key(t));
-        match key::scope(stmt, &self.tables) {
-            Scope::All { .. } if read => match merge::plan(stmt, sql) {
-                Ok(plan) => Analysis::Scatter(Box::new(plan)),
-                Err(why) => Analysis::Refused(why),
-            },
-            scope @ Scope::Keys { .. } if read => {
-                let merge = Some(merge::plan(stmt, sql).map(Box::new));
-                Analysis::Scope { scope, read, insert, home, merge }
-            }
-            scope => Analysis::Scope { scope, read, insert, home, merge: None },
-        }
-    }
-
-    /// The analysis of `sql`: cached by its text, or by its shape (literals
-    /// blanked) with the key literals taken from this text by position.
-    fn analysis(&self, sql: &str) -> Analysis {
-        if let Some(a) = self.cache.lock().ok().and_then(|mut c| c.get(sql).cloned()) {
-            return a;
-        }
-        let shaped = crate::sql::scan::shape_and_literals(sql);
-        if let Some((shape, lits)) = &shaped {
-            let hit = self.shapes.lock().ok().and_then(|mut c| c.get(shape).cloned());
-            if let Some(Analysis::Scope { scope: Scope::Keys { map, keys }, read, insert, home, .. }) = hit {
-                let keys = keys
-                    .into_iter()
-                    .map(|k| match k {
-                        KeyExpr::LitAt(i) => KeyExpr::Lit(lits.get(i).cloned().unwrap_or_default()),
-                        k => k,
-                    })
-                    .collect();
-                return Analysis::Scope { scope: Scope::Keys { map, keys }, read, insert, home, merge: None };
-            }
-            if let Some(a) = hit {
-                return a;
-            }
-        }
-        let a = self.analyze(sql);
-        if sql.len() > crate::sql::classify::MAX_CACHED_LEN {
-            return a;
-        }
-        // A shape is reusable when its key literals sit at known positions:
-        // every literal value of the text is distinct.
-        let template = shaped.and_then(|(shape, lits)| {
-            let distinct = lits.iter().enumerate().all(|(i, l)| !lits[..i].contains(l));
-            let t = match &a {
-                Analysis::Scope { scope: Scope::Keys { map, keys }, read, insert, home, .. } if distinct => {
-                    let keys = keys
-                        .iter()
-                        .map(|k| match k {
-                            KeyExpr::Lit(v) => lits.iter().position(|l| l == v).map(KeyExpr::LitAt),
-                            k => Some(k.clone()),
-                        })
-                        .collect::<Option<Vec<_>>>()?;
-                    let scope = Scope::Keys { map: *map, keys };
-                    Analysis::Scope { scope, read: *read, insert: *insert, home: *home, merge: None }
-                }
-                Analysis::Scope { scope: Scope::Unsharded | Scope::All { .. } | Scope::Mixed(_), .. } => a.clone(),
-                _ => return None,
-            };
-            Some((shape, t))
-        });
-        if let Ok(mut c) = self.cache.lock() {
-            c.put(sql.to_string(), a.clone());
-        }
-        if let (Some((shape, t)), Ok(mut c)) = (template, self.shapes.lock()) {
-            c.put(shape, t);
-        }
-        a
-    }
-
     /// Where the statement `sql` goes; `params` are the Bind values (text
     /// or binary per `formats`) for `$n` keys; `session_shard` is the
     /// session's `pgmux.shard` setting.
@@ -361,49 +232,85 @@ impl ShardRouter {
                 "pgmux: a write to a sharded table needs its shard key (WHERE key = ... or the key column in INSERT)",
             )
             .with_hint("Or name the shard: /* pgmux: shard=N */ or SET pgmux.shard = N.")),
-            Analysis::Scope { scope: Scope::Keys { map: m, keys }, read, insert, merge, .. } => {
-                let map = &self.maps[m];
-                let mut shards = Vec::new();
-                for k in &keys {
-                    let key = resolve(map.key_type(), k, params)?;
-                    let s = match self.shard_for(m, &key, insert, resolved)? {
-                        KeyShard::At(s) => s,
-                        KeyShard::Absent => continue,
-                        KeyShard::Lookup(t) => return Ok(t),
-                    };
-                    if !shards.contains(&s) {
-                        shards.push(s);
-                    }
-                }
-                match shards.as_slice() {
-                    // Keys the directory does not have: no rows anywhere.
-                    [] => Ok(ShardTarget::Any),
-                    [one] => Ok(ShardTarget::One(*one)),
-                    _ if read => match merge.or_else(|| match self.analyze(sql) {
-                        // From a shape: the merge plan is this text's own.
-                        Analysis::Scope { merge, .. } => merge,
-                        _ => None,
-                    }) {
-                        Some(Ok(mut plan)) => {
-                            shards.sort_unstable();
-                            plan.shards = Some(shards);
-                            Ok(ShardTarget::All(plan))
-                        }
-                        Some(Err(why)) => Err(feature(format!("pgmux: keys on several shards: {why}"))),
-                        None => Err(feature("pgmux: keys on several shards in one read")),
-                    },
-                    _ if insert => {
-                        Err(feature("pgmux: an INSERT whose rows belong to several shards must be split per shard"))
-                    }
-                    _ if self.allow_cross_shard_writes => {
-                        shards.sort_unstable();
-                        Ok(ShardTarget::Write(Some(shards)))
-                    }
-                    _ => Err(feature("pgmux: a write spanning shards is refused (allow_cross_shard_writes = false)")),
+            Analysis::Scope { scope: Scope::Keys { map, keys }, read, insert, merge, .. } => {
+                match self.shards_of_keys(map, &keys, insert, params, resolved)? {
+                    KeysAt::Lookup(t) => Ok(t),
+                    KeysAt::Shards(shards) => self.spanning(sql, shards, read, insert, merge),
                 }
             }
         }
     }
+
+    /// The shards of a statement's keys in map `m` (`params`: the Bind
+    /// values), or the directory lookup that must come first.
+    fn shards_of_keys(
+        &self,
+        m: usize,
+        keys: &[KeyExpr],
+        insert: bool,
+        params: &[(Option<&[u8]>, bool)],
+        resolved: &mut Resolved,
+    ) -> Result<KeysAt, PgError> {
+        let map = &self.maps[m];
+        let mut shards = Vec::new();
+        for k in keys {
+            let key = resolve(map.key_type(), k, params)?;
+            let s = match self.shard_for(m, &key, insert, resolved)? {
+                KeyShard::At(s) => s,
+                KeyShard::Absent => continue,
+                KeyShard::Lookup(t) => return Ok(KeysAt::Lookup(t)),
+            };
+            if !shards.contains(&s) {
+                shards.push(s);
+            }
+        }
+        Ok(KeysAt::Shards(shards))
+    }
+
+    /// Where a statement whose keys are on `shards` goes: nowhere in
+    /// particular (no key is anywhere), that shard, or every one of them
+    /// (a read merged by `merge`, or a write when allowed).
+    fn spanning(
+        &self,
+        sql: &str,
+        mut shards: Vec<usize>,
+        read: bool,
+        insert: bool,
+        merge: Option<Result<Box<merge::MergePlan>, String>>,
+    ) -> Result<ShardTarget, PgError> {
+        match shards.as_slice() {
+            // Keys the directory does not have: no rows anywhere.
+            [] => Ok(ShardTarget::Any),
+            [one] => Ok(ShardTarget::One(*one)),
+            _ if read => match merge.or_else(|| match self.analyze(sql) {
+                // From a shape: the merge plan is this text's own.
+                Analysis::Scope { merge, .. } => merge,
+                _ => None,
+            }) {
+                Some(Ok(mut plan)) => {
+                    shards.sort_unstable();
+                    plan.shards = Some(shards);
+                    Ok(ShardTarget::All(plan))
+                }
+                Some(Err(why)) => Err(feature(format!("pgmux: keys on several shards: {why}"))),
+                None => Err(feature("pgmux: keys on several shards in one read")),
+            },
+            _ if insert => Err(feature("pgmux: an INSERT whose rows belong to several shards must be split per shard")),
+            _ if self.allow_cross_shard_writes => {
+                shards.sort_unstable();
+                Ok(ShardTarget::Write(Some(shards)))
+            }
+            _ => Err(feature("pgmux: a write spanning shards is refused (allow_cross_shard_writes = false)")),
+        }
+    }
+}
+
+/// Where the keys of one statement are.
+enum KeysAt {
+    /// On these shards (none: keys the directory does not have).
+    Shards(Vec<usize>),
+    /// A directory lookup comes first.
+    Lookup(ShardTarget),
 }
 
 /// Where one key is.

@@ -9,21 +9,29 @@
 //! Anything the parser rejects or this module does not know is a `Write`: a
 //! wrong `Write` costs a little primary load, a wrong `Read` fails or, worse,
 //! loses a side effect. Results are cached by the exact text in a bounded LRU.
+//!
+//! Here: the classifier, its cache and the kind of each statement. The
+//! routing hints are read in `classify/hint.rs`, what inside a read writes
+//! (and which functions do) is found in `classify/writes.rs`, `SET` and
+//! `RESET` are taken apart in `classify/set.rs`.
 
 use std::num::NonZeroUsize;
-use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use lru::LruCache;
-use sqlparser::ast::{
-    ContextModifier, CopySource, CopyTarget, Expr, Ident, ObjectName, Query, Reset, SetExpr, Statement, TableFactor,
-    TransactionAccessMode, TransactionMode, Value, Visit, Visitor,
-};
+use sqlparser::ast::{CopySource, CopyTarget, Reset, Statement, TransactionAccessMode, TransactionMode};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::keywords::Keyword;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer};
+
+mod hint;
+mod set;
+mod writes;
+use hint::leading_hint;
+pub use hint::Hint;
+use set::{expr_text, fold_name, set_kind};
 
 /// Where a statement may run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,15 +90,6 @@ pub enum SessionKind {
     Other,
 }
 
-/// A routing hint from a leading `/* pgmux: ... */` or `-- pgmux: ...` comment.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Hint {
-    Primary,
-    Replica,
-    Shard(u32),
-    Key(String),
-}
-
 /// The result of classifying one simple-query string.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Classified {
@@ -124,31 +123,6 @@ const OPERATOR_KEYWORDS: &[Keyword] = &[
     Keyword::AND, Keyword::OR, Keyword::NOT, Keyword::IS, Keyword::LIKE, Keyword::ILIKE, Keyword::SIMILAR,
     Keyword::BETWEEN, Keyword::IN, Keyword::AT, Keyword::COLLATE, Keyword::UNION, Keyword::INTERSECT,
     Keyword::EXCEPT, Keyword::OVERLAPS,
-];
-
-/// Functions with side effects (matched on the unqualified, lower-cased name).
-#[rustfmt::skip]
-const WRITE_FUNCTIONS: &[&str] = &[
-    "nextval", "setval", "currval", "lastval", "pg_notify", "set_config", "txid_current", "pg_current_xact_id",
-    "pg_switch_wal",
-];
-/// Name prefixes of functions with side effects.
-const WRITE_PREFIXES: &[&str] = &["pg_advisory_", "pg_try_advisory_", "lo_"];
-
-/// Functions known to be read-only, for `functions_are_writes = true`.
-#[rustfmt::skip]
-const READ_ONLY_FUNCTIONS: &[&str] = &[
-    "abs", "array_agg", "array_length", "avg", "bool_and", "bool_or", "btrim", "cardinality", "ceil", "ceiling",
-    "char_length", "clock_timestamp", "coalesce", "concat", "concat_ws", "count", "current_database", "current_date",
-    "current_schema", "current_time", "current_timestamp", "current_user", "date_part", "date_trunc", "dense_rank",
-    "every", "extract", "floor", "format", "generate_series", "greatest", "json_agg", "json_build_object",
-    "jsonb_agg", "jsonb_build_object", "lag", "lead", "least", "left", "length", "localtime", "localtimestamp",
-    "lower", "ltrim", "max", "md5", "min", "mod", "now", "nullif", "position", "power", "random", "rank", "replace",
-    "right", "round", "row_number", "row_to_json", "rtrim", "session_user", "sqrt", "statement_timestamp",
-    "string_agg", "substr", "substring", "sum", "to_char", "to_date", "to_json", "to_jsonb", "to_timestamp",
-    "transaction_timestamp", "trim", "unnest", "upper", "version", "inet_server_port", "inet_server_addr",
-    "inet_client_addr", "pg_backend_pid", "pg_is_in_recovery", "pg_postmaster_start_time", "pg_typeof",
-    "pg_last_wal_replay_lsn", "pg_last_wal_receive_lsn", "pg_last_xact_replay_timestamp", "current_setting",
 ];
 
 /// Results by exact text; an error is kept as its hint text.
@@ -295,39 +269,6 @@ impl Classifier {
             _ => Kind::Write,
         }
     }
-
-    /// `Read` unless something inside `node` writes (see [`WriteFinder`]).
-    fn read_unless_writes<V: Visit>(&self, node: &V) -> Kind {
-        let mut finder = WriteFinder { classifier: self };
-        match node.visit(&mut finder) {
-            ControlFlow::Continue(()) => Kind::Read,
-            ControlFlow::Break(()) => Kind::Write,
-        }
-    }
-
-    /// Whether calling the function `name` must go to the primary.
-    fn is_write_function(&self, name: &ObjectName) -> bool {
-        let parts: Vec<String> =
-            name.0.iter().map(|p| p.as_ident().map_or_else(|| p.to_string(), |i| i.value.clone())).collect();
-        let Some(last) = parts.last().map(|s| s.to_ascii_lowercase()) else {
-            return true;
-        };
-        if WRITE_FUNCTIONS.contains(&last.as_str()) || WRITE_PREFIXES.iter().any(|p| last.starts_with(p)) {
-            return true;
-        }
-        if !self.extra_write_functions.is_empty() {
-            let full = parts.join(".").to_ascii_lowercase();
-            let hit = |f: &String| if f.contains('.') { *f == full } else { *f == last };
-            if self.extra_write_functions.iter().any(hit) {
-                return true;
-            }
-        }
-        if self.functions_are_writes {
-            let builtin = parts.len() == 1 || (parts.len() == 2 && parts[0].eq_ignore_ascii_case("pg_catalog"));
-            return !(builtin && READ_ONLY_FUNCTIONS.contains(&last.as_str()));
-        }
-        false
-    }
 }
 
 /// Whether `sql` has more than [`MAX_OPERATORS`] operator tokens (or does not
@@ -364,61 +305,6 @@ pub fn combine(a: Kind, b: Kind) -> Kind {
     }
 }
 
-/// Walks a read candidate and breaks at the first thing that writes: a
-/// data-modifying statement (CTE), a locking clause, `SELECT ... INTO`, or a
-/// call of a write function anywhere (expressions or FROM-clause functions).
-struct WriteFinder<'a> {
-    classifier: &'a Classifier,
-}
-
-impl Visitor for WriteFinder<'_> {
-    type Break = ();
-
-    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
-        if !query.locks.is_empty() || set_expr_writes(&query.body) {
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_statement(&mut self, stmt: &Statement) -> ControlFlow<()> {
-        match stmt {
-            Statement::Query(_) => ControlFlow::Continue(()),
-            _ => ControlFlow::Break(()),
-        }
-    }
-
-    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
-        let name = match factor {
-            TableFactor::Table { name, args: Some(_), .. } | TableFactor::Function { name, .. } => name,
-            _ => return ControlFlow::Continue(()),
-        };
-        if self.classifier.is_write_function(name) {
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(f) = expr {
-            if self.classifier.is_write_function(&f.name) {
-                return ControlFlow::Break(());
-            }
-        }
-        ControlFlow::Continue(())
-    }
-}
-
-/// A body that writes by itself: INSERT/UPDATE/DELETE/MERGE or SELECT INTO.
-fn set_expr_writes(body: &SetExpr) -> bool {
-    match body {
-        SetExpr::Select(s) => s.into.is_some(),
-        SetExpr::SetOperation { left, right, .. } => set_expr_writes(left) || set_expr_writes(right),
-        SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_) => true,
-        SetExpr::Query(_) | SetExpr::Values(_) | SetExpr::Table(_) => false,
-    }
-}
-
 fn is_analyze_option(opt: &sqlparser::ast::UtilityOption) -> bool {
     if !opt.name.value.eq_ignore_ascii_case("analyze") {
         return false;
@@ -429,132 +315,6 @@ fn is_analyze_option(opt: &sqlparser::ast::UtilityOption) -> bool {
             let text = expr_text(arg).to_ascii_lowercase();
             !matches!(text.as_str(), "false" | "off" | "0" | "no")
         }
-    }
-}
-
-fn set_kind(set: &sqlparser::ast::Set) -> Kind {
-    use sqlparser::ast::Set as St;
-    let local = |m: Option<&ContextModifier>| matches!(m, Some(ContextModifier::Local));
-    let assign = |name: String, value: String| Kind::SessionState(SessionKind::Set { name, value });
-    match set {
-        St::SingleAssignment { scope, variable, values, .. } => {
-            if local(scope.as_ref()) {
-                Kind::SetLocal
-            } else {
-                assign(fold_name(variable), values.iter().map(expr_text).collect::<Vec<_>>().join(", "))
-            }
-        }
-        St::SetTimeZone { local: true, .. } => Kind::SetLocal,
-        St::SetTimeZone { value, .. } => assign("timezone".to_string(), expr_text(value)),
-        St::SetNames { charset_name, .. } => assign("client_encoding".to_string(), charset_name.value.clone()),
-        St::SetRole { context_modifier, .. } if local(context_modifier.as_ref()) => Kind::SetLocal,
-        St::SetSessionAuthorization(p) if local(Some(&p.scope)) => Kind::SetLocal,
-        St::SetRole { .. } | St::SetSessionAuthorization(_) => Kind::SessionState(SessionKind::Role),
-        St::SetTransaction { session: false, .. } => Kind::SetLocal,
-        _ => Kind::SessionState(SessionKind::Other),
-    }
-}
-
-/// An identifier as PostgreSQL folds it: unquoted parts lower-cased.
-fn fold_ident(i: &Ident) -> String {
-    match i.quote_style {
-        None => i.value.to_lowercase(),
-        Some(_) => i.value.clone(),
-    }
-}
-
-fn fold_name(name: &ObjectName) -> String {
-    let parts: Vec<String> =
-        name.0.iter().map(|p| p.as_ident().map_or_else(|| p.to_string().to_lowercase(), fold_ident)).collect();
-    parts.join(".")
-}
-
-/// The text of a SET value: string literals without quotes, names as written.
-fn expr_text(e: &Expr) -> String {
-    match e {
-        Expr::Value(v) => match &v.value {
-            Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) | Value::EscapedStringLiteral(s) => s.clone(),
-            other => other.to_string(),
-        },
-        Expr::Identifier(i) => i.value.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// The hint in the comments before the first token, if any. Comments that do
-/// not start with `pgmux:` are ignored; the first valid hint wins, and any
-/// unknown `pgmux:` text is an error.
-fn leading_hint(sql: &str) -> Result<Option<Hint>, ClassifyError> {
-    let mut rest = sql;
-    let mut found = None;
-    loop {
-        rest = rest.trim_start();
-        let body;
-        if let Some(after) = rest.strip_prefix("--") {
-            let end = after.find('\n').unwrap_or(after.len());
-            body = after.get(..end).unwrap_or("");
-            rest = after.get(end..).unwrap_or("");
-        } else if let Some(after) = rest.strip_prefix("/*") {
-            // PostgreSQL block comments nest; an unterminated one ends the scan.
-            let Some(end) = block_comment_end(after) else { return Ok(found) };
-            body = after.get(..end).unwrap_or("");
-            rest = after.get(end + 2..).unwrap_or("");
-        } else {
-            return Ok(found);
-        }
-        if let Some(hint) = parse_hint(body)? {
-            found.get_or_insert(hint);
-        }
-    }
-}
-
-/// Byte offset of the `*/` closing a block comment whose `/*` was just
-/// consumed, honouring nesting.
-fn block_comment_end(s: &str) -> Option<usize> {
-    let b = s.as_bytes();
-    let (mut depth, mut i) = (1usize, 0usize);
-    while i + 1 < b.len() {
-        match (b[i], b[i + 1]) {
-            (b'/', b'*') => {
-                depth += 1;
-                i += 2;
-            }
-            (b'*', b'/') => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(i);
-                }
-                i += 2;
-            }
-            _ => i += 1,
-        }
-    }
-    None
-}
-
-/// `Ok(None)` for a comment that is not a pgmux hint.
-fn parse_hint(comment: &str) -> Result<Option<Hint>, ClassifyError> {
-    let c = comment.trim();
-    if !c.get(..5).is_some_and(|h| h.eq_ignore_ascii_case("pgmux")) {
-        return Ok(None);
-    }
-    let Some(text) = c.get(5..).map(str::trim_start).and_then(|t| t.strip_prefix(':')) else { return Ok(None) };
-    let text = text.trim();
-    let unknown = || ClassifyError::UnknownHint(text.to_string());
-    if text.eq_ignore_ascii_case("primary") {
-        return Ok(Some(Hint::Primary));
-    }
-    if text.eq_ignore_ascii_case("replica") {
-        return Ok(Some(Hint::Replica));
-    }
-    let (key, value) = text.split_once('=').ok_or_else(unknown)?;
-    let (key, value) = (key.trim(), value.trim());
-    if key.eq_ignore_ascii_case("shard") {
-        value.parse::<u32>().map(|n| Some(Hint::Shard(n))).map_err(|_| unknown())
-    } else if key.eq_ignore_ascii_case("key") && !value.is_empty() {
-        Ok(Some(Hint::Key(value.to_string())))
-    } else {
-        Err(unknown())
     }
 }
 

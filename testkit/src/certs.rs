@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::cluster::{run, ClusterError};
+use crate::cluster::ClusterError;
+use crate::command::run;
 
 type Res<T> = Result<T, ClusterError>;
 

@@ -8,6 +8,8 @@
 
 mod certs;
 mod cluster;
+mod command;
 mod pgbin;
+mod spec;
 
 pub use cluster::*;

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::cluster::{is_root, run, ClusterError};
+use crate::cluster::ClusterError;
+use crate::command::{is_root, run};
 
 /// Directory holding `initdb`, `pg_ctl`, `postgres`, `pg_basebackup`, `psql`, ...
 #[derive(Clone, Debug)]

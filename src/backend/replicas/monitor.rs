@@ -21,6 +21,10 @@
 //! Without any primary sample yet, lags are unknown (`None`) and a replica is only
 //! eligible when no lag limit is configured. If the primary goes away, the last
 //! known primary LSN keeps being used, so caught-up replicas stay eligible.
+//!
+//! Here: the monitor's state and what reads it (eligibility, bans). The
+//! sampling task of a backend is in `sample.rs`, the primary's LSN history
+//! and the time lag read from it in `lag.rs`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,34 +34,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// At most this many primary LSN changes are kept for the time-lag estimate...
-const RING_MAX_SAMPLES: usize = 1200;
-/// ...and none older than this (the newest one is always kept).
-const RING_MAX_AGE: Duration = Duration::from_secs(600);
-
-/// The single query of a sample (the LSN functions of a primary fail during
-/// recovery). Besides the write position (for lag), the primary's *insert*
-/// position: with `synchronous_commit = off` a commit returns before its
-/// record is written, and read-your-writes must wait for replicas to replay
-/// it. WAL page and segment sizes normalize the insert position.
-const SAMPLE_SQL: &str = "SELECT pg_is_in_recovery(), \
-    CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END, \
-    pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text, \
-    CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END, \
-    current_setting('wal_block_size'), pg_size_bytes(current_setting('wal_segment_size'))::text";
-
-/// The end of the last WAL record inserted, from the insert position: at a
-/// page start that position is past the page header (24 bytes; 40 on a
-/// segment's first page), where no record ends.
-pub fn insert_end(insert: u64, page: u64, segment: u64) -> u64 {
-    if segment > 0 && insert % segment == 40 {
-        insert - 40
-    } else if page > 0 && insert % page == 24 {
-        insert - 24
-    } else {
-        insert
-    }
-}
+mod lag;
+mod sample;
+pub use lag::time_lag;
+use sample::sample_loop;
+pub use sample::{insert_end, parse_lsn};
 
 /// A PostgreSQL server to watch.
 #[derive(Clone, Debug)]
@@ -133,18 +114,6 @@ impl BackendState {
     fn banned(&self, now: Instant) -> bool {
         self.banned_until.is_some_and(|t| t > now)
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum SampleError {
-    #[error("connect to {0} failed: {1}")]
-    Connect(String, tokio_postgres::Error),
-    #[error("{0} timed out after {1:?}")]
-    Timeout(&'static str, Duration),
-    #[error("sample query failed: {0}")]
-    Query(#[from] tokio_postgres::Error),
-    #[error("unexpected sample result: {0}")]
-    Parse(String),
 }
 
 /// One backend's raw state plus when its last sampling round started.
@@ -346,240 +315,9 @@ fn eligible(cfg: &MonitorConfig, st: &BackendState, now: Instant) -> bool {
         && cfg.max_lag.is_none_or(|max| st.lag.is_some_and(|l| l <= max))
 }
 
-/// How far (in time) a replica that replayed up to `replay` is behind: `now` minus
-/// the time of the first primary sample whose LSN is past `replay`; zero when the
-/// newest primary LSN is not past it; `None` without samples. A `replay` older than
-/// the whole ring gives the age of the oldest sample (a lower bound). `ring` must
-/// be ordered by time with increasing LSNs.
-pub fn time_lag(ring: &VecDeque<(Instant, u64)>, replay: u64, now: Instant) -> Option<Duration> {
-    let &(_, newest) = ring.back()?;
-    if newest <= replay {
-        return Some(Duration::ZERO);
-    }
-    let first_past = ring.partition_point(|&(_, lsn)| lsn <= replay);
-    Some(now.saturating_duration_since(ring[first_past].0))
-}
-
-/// Record a primary LSN sample taken at `at`: only changes are kept; an LSN going
-/// backwards (a different primary) restarts the history; bounded in count and age.
-fn push_primary_lsn(ring: &mut VecDeque<(Instant, u64)>, at: Instant, lsn: u64) {
-    match ring.back() {
-        Some(&(_, last)) if last == lsn => {}
-        Some(&(_, last)) if last > lsn => {
-            ring.clear();
-            ring.push_back((at, lsn));
-        }
-        _ => ring.push_back((at, lsn)),
-    }
-    while ring.len() > RING_MAX_SAMPLES {
-        ring.pop_front();
-    }
-    while ring.len() > 1 && ring.front().is_some_and(|&(t, _)| at.saturating_duration_since(t) > RING_MAX_AGE) {
-        ring.pop_front();
-    }
-}
-
-/// `"16/B374D848"` → `0x16_B374D848`.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.trim().split_once('/')?;
-    let hex = |p: &str| (!p.is_empty() && p.len() <= 8).then(|| u32::from_str_radix(p, 16).ok()).flatten();
-    Some((u64::from(hex(hi)?) << 32) | u64::from(hex(lo)?))
-}
-
-/// The raw result of one sample query.
-#[derive(Debug, PartialEq)]
-struct Sample {
-    in_recovery: bool,
-    current_lsn: Option<u64>,
-    insert_lsn: Option<u64>,
-    replay_lsn: Option<u64>,
-    receive_lsn: Option<u64>,
-}
-
-async fn sample_loop(shared: Arc<Shared>, idx: usize) {
-    let backend = &shared.backends[idx];
-    let cfg = &shared.cfg;
-    let mut client: Option<tokio_postgres::Client> = None;
-    let mut ticker = tokio::time::interval(cfg.check_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let started = Instant::now();
-        // A banned replica rests until its ban ends; the primary is always
-        // probed, so its return (or demotion) is seen at once.
-        let banned = idx != 0 && shared.lock().slots[idx].state.banned(started);
-        let result = if banned { None } else { Some(sample(&mut client, backend, cfg).await) };
-        let done = Instant::now();
-        let mut inner = shared.lock();
-        let inner = &mut *inner;
-        let st = &mut inner.slots[idx].state;
-        match result {
-            None => {}
-            Some(Ok(s)) => {
-                if !st.reachable {
-                    tracing::info!(backend = %backend.name, "backend reachable");
-                }
-                st.reachable = true;
-                st.in_recovery = Some(s.in_recovery);
-                st.current_lsn = s.current_lsn;
-                st.insert_lsn = s.insert_lsn;
-                st.replay_lsn = s.replay_lsn;
-                st.receive_lsn = s.receive_lsn;
-                // A ban set while this sample was in flight (BAN, a failed
-                // checkout) is newer news than the sample: it stays.
-                st.banned_until = st.banned_until.filter(|&until| until > done);
-                if st.banned_until.is_none() {
-                    st.last_error = None;
-                }
-                st.sampled_at = Some(started);
-                if let (0, Some(lsn)) = (idx, s.current_lsn) {
-                    push_primary_lsn(&mut inner.ring, done, lsn);
-                }
-            }
-            Some(Err(e)) => {
-                client = None;
-                if st.reachable || st.last_error.is_none() {
-                    tracing::warn!(backend = %backend.name, error = %e, "backend unreachable, banned");
-                }
-                st.reachable = false;
-                st.failed_at = Some(started);
-                st.banned_until = Some(done + cfg.ban_time);
-                st.last_error = Some(e.to_string());
-            }
-        }
-        inner.slots[idx].round_started = Some(started);
-        shared.rounds.send_replace(());
-    }
-}
-
-/// One sample over the (re)established control connection.
-async fn sample(
-    client: &mut Option<tokio_postgres::Client>,
-    backend: &Backend,
-    cfg: &MonitorConfig,
-) -> Result<Sample, SampleError> {
-    let timeout = cfg.connect_timeout;
-    if client.as_ref().is_none_or(|c| c.is_closed()) {
-        *client = None;
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(&backend.host).port(backend.port).user(&cfg.user).password(&cfg.password);
-        pg.dbname(&cfg.dbname).application_name("pgmux-monitor").connect_timeout(timeout);
-        let addr = format!("{}:{}", backend.host, backend.port);
-        let connect = tokio::time::timeout(timeout, cfg.tls.pg_connect(&pg, None));
-        let (c, _conn) = connect
-            .await
-            .map_err(|_| SampleError::Timeout("connect", timeout))?
-            .map_err(|e| SampleError::Connect(addr, e))?;
-        *client = Some(c);
-    }
-    let c = client.as_ref().ok_or_else(|| SampleError::Parse("no connection".into()))?;
-    let msgs = tokio::time::timeout(timeout, c.simple_query(SAMPLE_SQL))
-        .await
-        .map_err(|_| SampleError::Timeout("sample query", timeout))??;
-    let row = msgs
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
-            _ => None,
-        })
-        .ok_or_else(|| SampleError::Parse("no row".into()))?;
-    let lsn = |i: usize| -> Result<Option<u64>, SampleError> {
-        match row.try_get(i)? {
-            None => Ok(None),
-            Some(s) => parse_lsn(s).map(Some).ok_or_else(|| SampleError::Parse(format!("bad LSN {s:?}"))),
-        }
-    };
-    let in_recovery = match row.try_get(0)? {
-        Some("t") => true,
-        Some("f") => false,
-        other => return Err(SampleError::Parse(format!("pg_is_in_recovery() = {other:?}"))),
-    };
-    let size = |i: usize| -> u64 { row.try_get(i).ok().flatten().and_then(|s| s.parse().ok()).unwrap_or(0) };
-    let insert_lsn = lsn(4)?.map(|l| insert_end(l, size(5), size(6)));
-    Ok(Sample { in_recovery, current_lsn: lsn(1)?, insert_lsn, replay_lsn: lsn(2)?, receive_lsn: lsn(3)? })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ring(t0: Instant, samples: &[(u64, u64)]) -> VecDeque<(Instant, u64)> {
-        samples.iter().map(|&(ms, lsn)| (t0 + Duration::from_millis(ms), lsn)).collect()
-    }
-
-    #[test]
-    fn insert_position_to_record_end() {
-        let seg = 16 << 20;
-        assert_eq!(insert_end(3 * 8192 + 24, 8192, seg), 3 * 8192);
-        assert_eq!(insert_end(2 * seg + 40, 8192, seg), 2 * seg);
-        assert_eq!(insert_end(3 * 8192 + 100, 8192, seg), 3 * 8192 + 100);
-        // A record can end 40 bytes into a page that has a short header.
-        assert_eq!(insert_end(3 * 8192 + 40, 8192, seg), 3 * 8192 + 40);
-    }
-
-    #[test]
-    fn parses_lsns() {
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(parse_lsn("0/0"), Some(0));
-        assert_eq!(parse_lsn(" FFFFFFFF/FFFFFFFF\n"), Some(u64::MAX));
-        for bad in ["", "16", "/1", "1/", "x/1", "1/2/3", "123456789/0", "-1/0"] {
-            assert_eq!(parse_lsn(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn time_lag_without_samples_is_unknown() {
-        assert_eq!(time_lag(&VecDeque::new(), 5, Instant::now()), None);
-    }
-
-    #[test]
-    fn idle_primary_gives_zero_lag_for_caught_up_replica() {
-        let t0 = Instant::now();
-        let r = ring(t0, &[(0, 100), (500, 200)]);
-        // An hour later, the primary still at 200: caught up means no lag.
-        let now = t0 + Duration::from_secs(3600);
-        assert_eq!(time_lag(&r, 200, now), Some(Duration::ZERO));
-        assert_eq!(time_lag(&r, 250, now), Some(Duration::ZERO));
-    }
-
-    #[test]
-    fn stuck_replica_lag_grows_with_wall_time() {
-        let t0 = Instant::now();
-        let r = ring(t0, &[(0, 100), (500, 200), (1000, 300), (1500, 400)]);
-        // Replayed 200: the primary was first seen past it at 1000 ms.
-        assert_eq!(time_lag(&r, 200, t0 + Duration::from_millis(1500)), Some(Duration::from_millis(500)));
-        assert_eq!(time_lag(&r, 200, t0 + Duration::from_millis(9000)), Some(Duration::from_millis(8000)));
-        // Between samples: first sample past 250 is at 1000 ms as well.
-        assert_eq!(time_lag(&r, 250, t0 + Duration::from_millis(2000)), Some(Duration::from_millis(1000)));
-        // Older than the whole ring: a lower bound (age of the oldest sample).
-        assert_eq!(time_lag(&r, 50, t0 + Duration::from_millis(2000)), Some(Duration::from_millis(2000)));
-        // A sample "in the future" of `now` (clock race) saturates to zero.
-        assert_eq!(time_lag(&r, 350, t0 + Duration::from_millis(1000)), Some(Duration::ZERO));
-    }
-
-    #[test]
-    fn ring_keeps_changes_only_and_is_bounded() {
-        let t0 = Instant::now();
-        let mut r = VecDeque::new();
-        for i in 0..10u64 {
-            push_primary_lsn(&mut r, t0 + Duration::from_millis(i), 100);
-        }
-        assert_eq!(r, ring(t0, &[(0, 100)]));
-        push_primary_lsn(&mut r, t0 + Duration::from_millis(20), 150);
-        assert_eq!(r, ring(t0, &[(0, 100), (20, 150)]));
-        // Going backwards (a new primary) restarts the history.
-        push_primary_lsn(&mut r, t0 + Duration::from_millis(30), 10);
-        assert_eq!(r, ring(t0, &[(30, 10)]));
-        for i in 0..3000u64 {
-            push_primary_lsn(&mut r, t0 + Duration::from_millis(40 + i), 11 + i);
-        }
-        assert_eq!(r.len(), RING_MAX_SAMPLES);
-        assert_eq!(r.back().map(|s| s.1), Some(3010));
-        // Old entries age out, the newest always stays.
-        let late = t0 + RING_MAX_AGE + Duration::from_secs(3600);
-        push_primary_lsn(&mut r, late, 3010);
-        assert_eq!(r, VecDeque::from([(t0 + Duration::from_millis(3039), 3010)]));
-    }
 
     #[test]
     fn eligibility_rules() {

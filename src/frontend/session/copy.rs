@@ -95,30 +95,8 @@ impl Session {
         sql: &str,
         conns: &mut [Checkout],
     ) -> Result<Option<u64>, PgError> {
-        let (key_col, map) =
-            sh.sharded_table(&copy.table).ok_or_else(|| copy_error(format!("{} is not sharded", copy.table)))?;
-        let key_type = sh.key_type(map).ok_or_else(|| copy_error("unknown shard map".into()))?;
-        let columns =
-            if copy.columns.is_empty() { table_columns(conns, &copy.table).await? } else { copy.columns.clone() };
-        let key_at = columns.iter().position(|c| *c == key_col).ok_or_else(|| {
-            copy_error(format!("COPY into {} must include its shard key column {key_col}", copy.table))
-        })?;
-        let mut start = BytesMut::new();
-        msg::query(&mut start, sql);
-        let mut response = None;
-        for c in conns.iter_mut() {
-            let conn = c.conn();
-            conn.stream.write_all(&start).await.map_err(|e| copy_error(e.to_string()))?;
-            let (tag, body) = conn.read_message().await.map_err(|e| copy_error(e.to_string()))?;
-            match tag {
-                b'G' => response = response.or(Some(body)),
-                b'E' => {
-                    let _ = read_answer(conn).await;
-                    return Err(PgError::error_from_server(&body));
-                }
-                other => return Err(copy_error(format!("unexpected reply {:?} to COPY", other as char))),
-            }
-        }
+        let key = row_key(sh, copy, conns).await?;
+        let response = start_on_shards(conns, sql).await?;
         let mut reply = BytesMut::new();
         let at = msg::start_message(&mut reply, b'G');
         reply.extend_from_slice(&response.unwrap_or_default());
@@ -126,6 +104,19 @@ impl Session {
         if self.stream.write_all(&reply).await.is_err() {
             return Ok(None);
         }
+        self.split_rows(sh, copy, &key, conns).await
+    }
+
+    /// Send each row of the client's COPY data to the shard of its key
+    /// (the header line, if any, to every shard) until CopyDone, then
+    /// finish the COPY on every shard. `Ok(None)`: the client went away.
+    async fn split_rows(
+        &mut self,
+        sh: &ShardRouter,
+        copy: &CopyIn,
+        key: &RowKey,
+        conns: &mut [Checkout],
+    ) -> Result<Option<u64>, PgError> {
         let mut splitter = RowSplitter::new(copy.clone());
         let mut outgoing: Vec<BytesMut> = conns.iter().map(|_| BytesMut::new()).collect();
         let mut header = copy.header;
@@ -152,10 +143,7 @@ impl Session {
                             outgoing.iter_mut().for_each(|o| o.extend_from_slice(&row));
                             continue;
                         }
-                        let shard = match row_shard(sh, &splitter, &row, key_at, key_type, map, &mut resolved).await {
-                            Ok(s) => s,
-                            Err(e) => return Err(e),
-                        };
+                        let shard = row_shard(sh, &splitter, &row, key, &mut resolved).await?;
                         outgoing[shard].extend_from_slice(&row);
                     }
                     flush(conns, &mut outgoing, FLUSH_AT).await?;
@@ -163,7 +151,7 @@ impl Session {
                 b'c' => {
                     let rest = splitter.finish();
                     if !rest.is_empty() {
-                        let shard = row_shard(sh, &splitter, &rest, key_at, key_type, map, &mut resolved).await?;
+                        let shard = row_shard(sh, &splitter, &rest, key, &mut resolved).await?;
                         outgoing[shard].extend_from_slice(&rest);
                     }
                     flush(conns, &mut outgoing, 0).await?;
@@ -185,22 +173,63 @@ impl Session {
     }
 }
 
+/// Where the shard key is in the rows of a COPY, and its type and map.
+struct RowKey {
+    at: usize,
+    key_type: crate::config::KeyType,
+    map: usize,
+}
+
+/// The shard key of the COPY's rows: its column's position (in the COPY's
+/// column list, or the table's columns in order), type and map.
+async fn row_key(sh: &ShardRouter, copy: &CopyIn, conns: &mut [Checkout]) -> Result<RowKey, PgError> {
+    let (key_col, map) =
+        sh.sharded_table(&copy.table).ok_or_else(|| copy_error(format!("{} is not sharded", copy.table)))?;
+    let key_type = sh.key_type(map).ok_or_else(|| copy_error("unknown shard map".into()))?;
+    let columns = if copy.columns.is_empty() { table_columns(conns, &copy.table).await? } else { copy.columns.clone() };
+    let key_at = columns
+        .iter()
+        .position(|c| *c == key_col)
+        .ok_or_else(|| copy_error(format!("COPY into {} must include its shard key column {key_col}", copy.table)))?;
+    Ok(RowKey { at: key_at, key_type, map })
+}
+
+/// Send the COPY to every shard; the body of their CopyInResponse (the
+/// first shard's), or the first error (that shard's answer read to its end).
+async fn start_on_shards(conns: &mut [Checkout], sql: &str) -> Result<Option<BytesMut>, PgError> {
+    let mut start = BytesMut::new();
+    msg::query(&mut start, sql);
+    let mut response = None;
+    for c in conns.iter_mut() {
+        let conn = c.conn();
+        conn.stream.write_all(&start).await.map_err(|e| copy_error(e.to_string()))?;
+        let (tag, body) = conn.read_message().await.map_err(|e| copy_error(e.to_string()))?;
+        match tag {
+            b'G' => response = response.or(Some(body)),
+            b'E' => {
+                let _ = read_answer(conn).await;
+                return Err(PgError::error_from_server(&body));
+            }
+            other => return Err(copy_error(format!("unexpected reply {:?} to COPY", other as char))),
+        }
+    }
+    Ok(response)
+}
+
 /// The shard of one row.
 async fn row_shard(
     sh: &ShardRouter,
     splitter: &RowSplitter,
     row: &[u8],
-    key_at: usize,
-    key_type: crate::config::KeyType,
-    map: usize,
+    key: &RowKey,
     resolved: &mut crate::shard::Resolved,
 ) -> Result<usize, PgError> {
     let text = splitter
-        .field(row, key_at)
+        .field(row, key.at)
         .ok_or_else(|| copy_error("a row of COPY into a sharded table has no shard key".into()))?;
-    let key = Key::from_text(key_type, &text)
+    let key_value = Key::from_text(key.key_type, &text)
         .map_err(|e| PgError::error(sqlstate::INVALID_TEXT_REPRESENTATION, format!("pgmux: {e}")))?;
-    sh.shard_of_key(map, &key, resolved).await
+    sh.shard_of_key(key.map, &key_value, resolved).await
 }
 
 /// Send each shard's buffered rows (when over `at` bytes) as CopyData.

@@ -1,0 +1,247 @@
+//! The merge plan of a read sent to every shard ([`plan`]): what the
+//! statement asks of the merge, step by step — aggregates and `GROUP BY`,
+//! `ORDER BY` keys (sort keys the client did not select appended,
+//! hidden), `LIMIT` / `OFFSET` — and the statement each shard runs; or
+//! why it cannot be merged exactly.
+
+use sqlparser::ast::{
+    Expr, FunctionArguments, GroupByExpr, LimitClause, OrderByKind, OrderBySort, Query, Select, SelectItem, SetExpr,
+    Statement, Value,
+};
+
+use super::{refuse, Agg, ColumnRef, MergePlan, SortKey};
+
+fn number(e: &Expr) -> Option<u64> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n.parse().ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The merge plan of a read that goes to every shard, or why it cannot
+/// be merged exactly.
+pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
+    let Statement::Query(q) = stmt else { return refuse("only queries can run on every shard") };
+    let q: Query = (**q).clone();
+    let SetExpr::Select(select) = q.body.as_ref() else {
+        return refuse("set operations (UNION, INTERSECT, EXCEPT) across shards are not supported");
+    };
+    if select.distinct.is_some() {
+        return refuse("DISTINCT across shards is not supported");
+    }
+    if select.having.is_some() {
+        return refuse("HAVING across shards is not supported");
+    }
+    let (exprs, aggs) = aggregates(select)?;
+    let (order, hidden) = sort_keys(&q, select, &exprs, aggs.is_some())?;
+    let (limit, offset) = limit_offset(&q)?;
+    if q.fetch.is_some() {
+        return refuse("FETCH FIRST across shards is not supported (use LIMIT)");
+    }
+    let n_hidden = hidden.len();
+    let sql = shard_sql(q, hidden, aggs.is_some(), limit, offset, sql);
+    Ok(MergePlan { sql, order, limit, offset, aggs, hidden: n_hidden, shards: None })
+}
+
+/// The text of each select-list item (empty for a wildcard), and how each
+/// output column combines when the query aggregates (`None`: it does not).
+fn aggregates(select: &Select) -> Result<(Vec<String>, Option<Vec<Agg>>), String> {
+    let group_by: Vec<String> = match &select.group_by {
+        GroupByExpr::Expressions(exprs, mods) if mods.is_empty() => exprs.iter().map(|e| e.to_string()).collect(),
+        _ => return refuse("GROUP BY ALL / ROLLUP / CUBE across shards is not supported"),
+    };
+    let mut aggs = Vec::new();
+    let mut exprs = Vec::new();
+    for item in &select.projection {
+        let expr = match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+            _ => {
+                aggs.push(None);
+                exprs.push(String::new());
+                continue;
+            }
+        };
+        exprs.push(expr.to_string());
+        aggs.push(aggregate(expr)?);
+    }
+    // GROUP BY 2 names the second select-list item.
+    let group_by: Vec<String> = group_by
+        .into_iter()
+        .map(|g| match g.parse::<usize>() {
+            Ok(n) if n >= 1 && n <= exprs.len() => exprs[n - 1].clone(),
+            _ => g,
+        })
+        .collect();
+    let aggregating = !group_by.is_empty() || aggs.iter().any(|a| a.is_some());
+    if !aggregating {
+        return Ok((exprs, None));
+    }
+    let mut out = Vec::new();
+    for (a, text) in aggs.iter().zip(&exprs) {
+        match a {
+            Some(a) => out.push(*a),
+            None if group_by.contains(text) => out.push(Agg::Group),
+            None => return refuse("a column that is neither aggregated nor grouped cannot be merged across shards"),
+        }
+    }
+    if group_by.iter().any(|g| !exprs.contains(g)) {
+        return refuse("GROUP BY across shards needs every grouping expression in the select list");
+    }
+    Ok((exprs, Some(out)))
+}
+
+/// The `ORDER BY` keys over the output columns (`exprs`: the select
+/// list's texts), and the sort expressions appended to the shards' select
+/// list because the client did not select them (see [`ColumnRef::Hidden`]).
+fn sort_keys(
+    q: &Query,
+    select: &Select,
+    exprs: &[String],
+    aggregating: bool,
+) -> Result<(Vec<SortKey>, Vec<SelectItem>), String> {
+    let wildcard = exprs.iter().any(String::is_empty);
+    let mut hidden = Vec::new();
+    let mut order = Vec::new();
+    let Some(ob) = &q.order_by else { return Ok((order, hidden)) };
+    let OrderByKind::Expressions(items) = &ob.kind else { return refuse("ORDER BY ALL is not supported") };
+    for item in items {
+        let (expr, bytewise) = match &item.expr {
+            Expr::Collate { expr, collation } => (expr.as_ref(), collation.to_string().trim_matches('"') == "C"),
+            e => (e, false),
+        };
+        let column = if let Some(n) = number(expr) {
+            let n = usize::try_from(n).map_err(|_| "ORDER BY position out of range".to_string())?;
+            ColumnRef::Position(n.checked_sub(1).ok_or("ORDER BY position 0")?)
+        } else if let Some(i) = exprs.iter().position(|t| *t == expr.to_string()) {
+            ColumnRef::Position(i)
+        } else if !wildcard && !aggregating && !matches!(expr, Expr::Identifier(id) if select_alias(select, &id.value))
+        {
+            hidden.push(SelectItem::UnnamedExpr(expr.clone()));
+            ColumnRef::Hidden(hidden.len() - 1)
+        } else {
+            match expr {
+                Expr::Identifier(id) => ColumnRef::Name(id.value.to_lowercase()),
+                Expr::CompoundIdentifier(parts) => {
+                    ColumnRef::Name(parts.last().map(|p| p.value.to_lowercase()).unwrap_or_default())
+                }
+                _ => return refuse("ORDER BY across shards must name select-list columns"),
+            }
+        };
+        let desc = match &item.options.sort {
+            Some(OrderBySort::Desc) => true,
+            Some(OrderBySort::Using(_)) => return refuse("ORDER BY ... USING across shards is not supported"),
+            _ => false,
+        };
+        let nulls_first = item.options.nulls_first.unwrap_or(desc);
+        order.push(SortKey { column, desc, nulls_first, bytewise });
+    }
+    Ok((order, hidden))
+}
+
+/// `LIMIT n OFFSET m`, plain numbers only.
+fn limit_offset(q: &Query) -> Result<(Option<u64>, u64), String> {
+    match &q.limit_clause {
+        None => Ok((None, 0)),
+        Some(LimitClause::LimitOffset { limit, offset, limit_by }) if limit_by.is_empty() => {
+            let limit = match limit {
+                None => None,
+                Some(e) => Some(number(e).ok_or("LIMIT across shards must be a number")?),
+            };
+            let offset = match offset {
+                None => 0,
+                Some(o) => number(&o.value).ok_or("OFFSET across shards must be a number")?,
+            };
+            Ok((limit, offset))
+        }
+        Some(_) => refuse("this LIMIT form is not supported across shards"),
+    }
+}
+
+/// What each shard runs: the statement as given, or (with an offset,
+/// hidden sort keys, or a limit on groups) rewritten with the hidden sort
+/// keys appended and `LIMIT n+m` (no limit when aggregating: groups
+/// combine after the merge).
+fn shard_sql(
+    mut q: Query,
+    hidden: Vec<SelectItem>,
+    aggregating: bool,
+    limit: Option<u64>,
+    offset: u64,
+    sql: &str,
+) -> String {
+    let n_hidden = hidden.len();
+    if !hidden.is_empty() {
+        if let SetExpr::Select(sel) = q.body.as_mut() {
+            sel.projection.extend(hidden);
+        }
+    }
+    let rewrite = offset > 0 || (aggregating && limit.is_some()) || n_hidden > 0;
+    if rewrite {
+        q.limit_clause = match (aggregating, limit) {
+            // Groups combine after the merge: every shard sends all.
+            (true, _) | (false, None) => None,
+            (false, Some(l)) => Some(LimitClause::LimitOffset {
+                limit: Some(Expr::value(Value::Number((l + offset).to_string(), false))),
+                offset: None,
+                limit_by: Vec::new(),
+            }),
+        };
+        Statement::Query(Box::new(q)).to_string()
+    } else {
+        sql.to_string()
+    }
+}
+
+/// Whether the select list has an item aliased `name`.
+fn select_alias(select: &sqlparser::ast::Select, name: &str) -> bool {
+    select
+        .projection
+        .iter()
+        .any(|item| matches!(item, SelectItem::ExprWithAlias { alias, .. } if alias.value.eq_ignore_ascii_case(name)))
+}
+
+/// The aggregate an output expression is, if any; errors for aggregates
+/// that cannot be combined.
+fn aggregate(e: &Expr) -> Result<Option<Agg>, String> {
+    let Expr::Function(f) = e else {
+        return if contains_function(e) {
+            refuse("expressions over aggregates cannot be merged across shards")
+        } else {
+            Ok(None)
+        };
+    };
+    let name = f.name.to_string().to_lowercase();
+    let bytewise = f.args.to_string().to_ascii_uppercase().replace(' ', "").ends_with("COLLATE\"C\")");
+    let agg = match name.as_str() {
+        "count" => Agg::Count,
+        "sum" => Agg::Sum,
+        "min" => Agg::Min(bytewise),
+        "max" => Agg::Max(bytewise),
+        "avg" => return refuse("avg() across shards is not supported; use sum() and count()"),
+        "stddev" | "variance" | "array_agg" | "string_agg" | "json_agg" | "jsonb_agg" | "bool_and" | "bool_or"
+        | "every" | "percentile_cont" | "percentile_disc" | "mode" => {
+            return Err(format!("{name}() across shards is not supported"))
+        }
+        _ => return Ok(None),
+    };
+    if f.over.is_some() {
+        return refuse("window functions across shards are not supported");
+    }
+    if f.filter.is_some() || !f.within_group.is_empty() {
+        return refuse("FILTER / WITHIN GROUP across shards is not supported");
+    }
+    if let FunctionArguments::List(args) = &f.args {
+        if args.duplicate_treatment.is_some() {
+            return refuse("DISTINCT aggregates across shards are not supported");
+        }
+    }
+    Ok(Some(agg))
+}
+
+fn contains_function(e: &Expr) -> bool {
+    let text = e.to_string().to_lowercase();
+    ["count(", "sum(", "min(", "max(", "avg("].iter().any(|f| text.contains(f))
+}
