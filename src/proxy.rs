@@ -358,7 +358,10 @@ impl Proxy {
     async fn serve_client(self: Arc<Self>, client: Box<LoggedIn>, config: Arc<Config>, _count: ClientCount) {
         let (mut session, _registered) = match self.open_session(*client, &config) {
             Ok(opened) => opened,
-            Err((mut stream, e)) => return Box::pin(Session::fatal(&mut stream, &e)).await,
+            Err(refused) => {
+                let (mut stream, e) = *refused;
+                return Box::pin(async move { Session::fatal(&mut stream, &e).await }).await;
+            }
         };
         // The client's cancel key, registered until it leaves. Boxed (it
         // may open a server connection), as the refusal: a future's
@@ -377,11 +380,11 @@ impl Proxy {
         self: &Arc<Self>,
         client: LoggedIn,
         config: &Config,
-    ) -> Result<(Session, Registered<'_>), (ClientStream, PgError)> {
+    ) -> Result<(Session, Registered<'_>), Box<(ClientStream, PgError)>> {
         let LoggedIn { stream, buf, info, user, client_key, peer } = client;
         let (backends, sharding) = match self.session_backends(config, &info.database, &user) {
             Ok(b) => b,
-            Err(e) => return Err((stream, e)),
+            Err(e) => return Err(Box::new((stream, e))),
         };
         let (pool, routing) = (backends[0].primary.clone(), backends[0].routing.clone());
         let scram = match (client_key, &user.secret) {

@@ -104,6 +104,7 @@ pub struct Pool {
     login: Mutex<Login>,
     /// Boxed: a connection (its TLS state inline) is large, and moves in
     /// and out of the pool on every transaction.
+    #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
     /// The session settings its clients logged in with, shared.
     pub interned: Interner,

@@ -21,9 +21,9 @@ pub struct Refresh {
     user: String,
     epoch: watch::Receiver<u64>,
     /// SCRAM keys from the client's login, for pools made after it.
-    scram: Option<ScramCredentials>,
+    scram: Option<Box<ScramCredentials>>,
     /// The user as auth_query found it (not in `[[users]]`).
-    looked_up: Option<crate::config::User>,
+    looked_up: Option<Box<crate::config::User>>,
 }
 
 impl Session {
@@ -38,6 +38,9 @@ impl Session {
         looked_up: Option<crate::config::User>,
     ) {
         let (database, user) = (database.into(), user.into());
+        // Boxed: most clients have no looked-up user, and every one keeps
+        // its refresh for as long as it stays.
+        let (scram, looked_up) = (scram.map(Box::new), looked_up.map(Box::new));
         self.refresh = Some(Box::new(Refresh { proxy, database, user, epoch, scram, looked_up }));
     }
 
@@ -51,7 +54,7 @@ impl Session {
         r.epoch.borrow_and_update();
         let Some(proxy) = r.proxy.upgrade() else { return Ok(()) };
         let config = proxy.config();
-        let Some(user) = config.users.get(&r.user).or(r.looked_up.as_ref()) else {
+        let Some(user) = config.users.get(&r.user).or(r.looked_up.as_deref()) else {
             return Err(PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION,
                 format!("user \"{}\" was removed from the pgmux config", r.user),
@@ -61,7 +64,7 @@ impl Session {
         if let Some(creds) = &r.scram {
             for b in &backends {
                 for p in b.routing.iter().flat_map(|x| x.replicas.iter()).chain([&b.primary]) {
-                    p.learn_scram(creds.clone());
+                    p.learn_scram((**creds).clone());
                 }
             }
         }

@@ -115,7 +115,7 @@ pub struct Session {
     /// A BEGIN answered by pgmux, waiting for the first statement.
     deferred: Option<route::Deferred>,
     /// A transaction that may span shards, with its parts.
-    multi: Option<multi::Multi>,
+    multi: Option<Box<multi::Multi>>,
     /// The client keeps its server connection (session state pgmux cannot
     /// replay: LISTEN, temporary tables, session advisory locks, ...).
     pinned: bool,

@@ -39,8 +39,9 @@ pub(super) struct Multi {
 }
 
 impl Multi {
-    pub fn new(begin: impl Into<String>) -> Multi {
-        Multi { begin: begin.into(), conns: Vec::new(), failed: false, savepoint: false }
+    /// Boxed: a session keeps room only for a pointer to this rare state.
+    pub fn new(begin: impl Into<String>) -> Box<Multi> {
+        Box::new(Multi { begin: begin.into(), conns: Vec::new(), failed: false, savepoint: false })
     }
 }
 
