@@ -35,6 +35,8 @@
 #   SKIP_BUILD=1  use the existing target/release/pgmux as is          [unset]
 #   PGMUX_BIN     the pgmux binary to measure (with SKIP_BUILD=1)   [target/release/pgmux]
 #   PGMUX_THREADS pgmux worker threads (0 = one per core)              [0]
+#   PGBOUNCER_BIN the PgBouncer binary, e.g. one built from its latest
+#             release's source (see README, "Benchmarks")     [pgbouncer on PATH]
 #   REPLICAS  streaming replicas for the read-scaling run (0 = skip)    [2]
 #   SHARDS    2: a keyed-read run through pgmux over 2 shard databases
 #             (on the same server) vs one database; 0 = skip             [2]
@@ -59,6 +61,7 @@ SKIP_BUILD=${SKIP_BUILD:-}
 REPLICAS=${REPLICAS:-2}
 SHARDS=${SHARDS:-2}
 DDL_EVERY=${DDL_EVERY:-0}
+PGBOUNCER_BIN=${PGBOUNCER_BIN:-pgbouncer}
 DDL_PID=""
 REPLICA_DIRS=()
 REPLICA_PORTS=()
@@ -151,7 +154,7 @@ ensure_tools() {
         PGBIN=$(find_pgbin)
         [[ -n "$PGBIN" ]] || die "initdb still not found after installing postgresql"
     fi
-    if ! command -v pgbouncer >/dev/null 2>&1; then
+    if ! command -v "$PGBOUNCER_BIN" >/dev/null 2>&1; then
         is_root || die "pgbouncer not found and not root: install it first"
         log "pgbouncer not found: apt-get install -y pgbouncer"
         DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer \
@@ -283,7 +286,7 @@ EOF
 # only from 1.21 on.
 pgbouncer_has_prepared() {
     local v
-    v=$(pgbouncer --version 2>/dev/null | head -n1 | grep -oE '[0-9]+\.[0-9]+' | head -n1)
+    v=$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n1 | grep -oE '[0-9]+\.[0-9]+' | head -n1)
     awk -v v="${v:-0.0}" 'BEGIN { split(v, a, "."); exit !(a[1] > 1 || (a[1] == 1 && a[2] >= 21)) }'
 }
 
@@ -316,8 +319,8 @@ $(pgbouncer_has_prepared && echo "max_prepared_statements = 200")
 EOF
     if is_root; then chown postgres:postgres "$ini" "$auth"; fi
     chmod 600 "$auth"
-    log "starting $(pgbouncer --version | head -n1) on 127.0.0.1:$PGBOUNCER_PORT (pool $POOL)"
-    as_pg pgbouncer -d "$ini" >"$WORK/pgbouncer.stdout" 2>&1 \
+    log "starting $("$PGBOUNCER_BIN" --version | head -n1) on 127.0.0.1:$PGBOUNCER_PORT (pool $POOL)"
+    as_pg "$PGBOUNCER_BIN" -d "$ini" >"$WORK/pgbouncer.stdout" 2>&1 \
         || { cat "$WORK/pgbouncer.stdout" "$PGBOUNCER_LOG" >&2 2>/dev/null; die "pgbouncer failed to start"; }
     if ! wait_ready PgBouncer "$PGBOUNCER_PORT"; then
         cat "$PGBOUNCER_LOG" >&2 2>/dev/null
@@ -433,7 +436,7 @@ summary() {
     local commit pgver bver
     commit=$(GIT_OPTIONAL_LOCKS=0 git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
     pgver=$("$PGBIN/postgres" --version 2>/dev/null || echo unknown)
-    bver=$(pgbouncer --version 2>/dev/null | head -n1 || echo unknown)
+    bver=$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n1 || echo unknown)
     echo "pgmux benchmark — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "commit $commit | $pgver | $bver | $(nproc) cores"
     echo "pgbench -S -c $CLIENTS -j $JOBS -T $DURATION (warm-up ${WARMUP}s), scale $SCALE, pool $POOL, transaction mode, 127.0.0.1"
@@ -509,7 +512,7 @@ main() {
         bouncer="PgBouncer:$PGBOUNCER_PORT:bench"
         if [[ $mode == prepared ]] && ! pgbouncer_has_prepared; then
             bouncer="PgBouncer:$PGBOUNCER_PORT:bench_session"
-            BOUNCER_NOTE="PgBouncer $(pgbouncer --version | head -n1 | grep -oE '[0-9.]+' | head -n1) has no prepared-statement support in transaction mode (1.21+): its 'prepared' row ran in SESSION mode."
+            BOUNCER_NOTE="PgBouncer $("$PGBOUNCER_BIN" --version | head -n1 | grep -oE '[0-9.]+' | head -n1) has no prepared-statement support in transaction mode (1.21+): its 'prepared' row ran in SESSION mode."
         fi
         targets=("direct:$PG_PORT:bench" "pgmux:$PGMUX_PORT:bench" "$bouncer")
         for tgt in "${targets[@]}"; do

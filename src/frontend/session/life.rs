@@ -121,7 +121,9 @@ impl Session {
             stream.read_buf(rbuf).await
         };
         match draining {
+            // Biased: in this order, without drawing a random one each poll.
             Some(d) if between => tokio::select! {
+                biased;
                 r = read => Some(r),
                 _ = async { let _ = d.wait_for(|x| *x).await; } => None,
             },
@@ -140,6 +142,8 @@ impl Session {
     pub(super) async fn serve_until_killed(&mut self) {
         let Some(info) = self.client.clone() else { return self.serve().await };
         let killed = tokio::select! {
+            // A kill takes effect whenever serving waits.
+            biased;
             _ = self.serve() => false,
             _ = info.killed() => true,
         };
