@@ -1,5 +1,6 @@
 //! Micro-benchmarks of what pgmux reads from a statement's text without a
-//! parse (`sql::scan`, `sql::effects`) — what the session asks of every
+//! parse (`sql::marks`, the one pass every relayed statement gets;
+//! `sql::scan`, `sql::effects`) — what the session asks of every
 //! Query in transaction mode (session effects, transaction end, savepoint,
 //! leading command) and the router's shape key — on a plain SELECT, a SET
 //! and a 20-line query.
@@ -9,6 +10,7 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 
+use pgmux::sql::marks::Marks;
 use pgmux::sql::{effects, scan};
 
 const SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213";
@@ -35,6 +37,7 @@ OFFSET 0";
 
 fn bench_scan(c: &mut Criterion) {
     for (name, sql) in [("plain_select", SELECT), ("set", SET), ("20_lines", LARGE)] {
+        c.bench_function(&format!("scan/marks/{name}"), |b| b.iter(|| Marks::of(black_box(sql).as_bytes())));
         c.bench_function(&format!("scan/session/{name}"), |b| {
             b.iter(|| {
                 let sql = black_box(sql);
