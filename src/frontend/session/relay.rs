@@ -92,49 +92,31 @@ impl Session {
         let outstanding =
             self.tracker.flight.pending > 0 && !self.tracker.flight.unsynced && !self.tracker.flight.copy_in;
         let mut guard = self.shard_guard();
-        let mut stop: Option<Relayed> = None;
         let track = self.track;
         let tracker = &mut self.tracker;
         let mut cx = Ctx::new(&mut self.stmts, &mut conn.prepared, self.pool.settings.max_prepared_statements);
         cx.log = Some(self.pool.invalidations());
         let txn_mode = self.mode == PoolMode::Transaction;
-        let mut changes = Vec::new();
-        let mut full_reset = false;
-        let mut named = Vec::new();
-        let mut pin = false;
         let slow_log = self.account.slow_log();
         let needs_body = |t: u8| (track && t != b'd') || ((txn_mode || slow_log) && matches!(t, b'Q' | b'P'));
-        let mut statement = None;
+        let mut notes = ClientNotes::default();
         // Sharded: one batch at a time (the next may belong to another
         // shard and is routed after this one's transaction ends).
         let hold = self.sharding.is_some() && txn_mode && !self.pinned;
         // A batch still unanswered counts as this call's first.
         let mut batch_done = hold && outstanding;
-        let mut held = false;
         let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
             if hold && batch_done && matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'F' | b'H') {
-                held = true;
+                notes.held = true;
                 return Flow::Stop;
             }
             batch_done |= matches!(tag, b'Q' | b'S');
-            if !matches!(tag, b'Q' | b'F' | b'S' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'd' | b'c' | b'f') {
-                stop = Some(if tag == b'X' {
-                    Relayed::ClientGone
-                } else {
-                    Relayed::ClientError(PgError::fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        format!("invalid frontend message type {tag}"),
-                    ))
-                });
+            if let Some(stop) = refused_message(tag) {
+                notes.stop = Some(stop);
                 return Flow::Stop;
             }
             if tag == b'P' && track {
-                // A retry elsewhere forgets the names this batch created.
-                let name = body.split(|&b| b == 0).next().unwrap_or_default();
-                let name = String::from_utf8_lossy(name);
-                if !name.is_empty() && !cx.stmts.map.contains_key(name.as_ref()) {
-                    named.push(name.into_owned());
-                }
+                notes.created(body, cx.stmts);
             }
             let veto = guard.as_mut().and_then(|g| g.check(tag, body, cx.stmts));
             // The one pass over a statement's text (see sql::marks).
@@ -143,34 +125,15 @@ impl Session {
             let flow = tracker.client(tag, body, track.then_some(&mut cx), veto);
             let marks = cx.marks.take();
             if let (true, Some(sql)) = (slow_log, text) {
-                statement = Some(account::statement_text(sql));
+                notes.statement = Some(account::statement_text(sql));
             }
             if let (true, Some(sql), Some(marks)) = (txn_mode && flow != Flow::Drop, text, marks) {
-                if !marks.effects() {
-                    return flow;
-                }
-                let effects = effects::marked_effects(&String::from_utf8_lossy(sql), marks);
-                if effects.names {
-                    // Statements prepared from here on resolve names
-                    // differently: they are this connection's alone.
-                    cx.server.context = prepared::private_context();
-                }
-                changes.extend(effects.changes);
-                full_reset |= effects.full_reset;
-                pin |= effects.pins;
+                notes.effects(sql, marks, cx.server);
             }
             flow
         });
         let events = std::mem::take(&mut cx.events);
-        if let Some(s) = statement {
-            self.account.statement(s);
-        }
-        conn.needs_reset |= full_reset;
-        if pin && !self.pinned {
-            tracing::debug!(pool = %self.pool.name(), "client pinned to its server connection");
-            self.pinned = true;
-        }
-        self.note_settings(conn, changes);
+        let ClientNotes { named, stop, held, .. } = self.apply_client_notes(conn, notes);
         let scan = match scanned {
             Ok(scan) => scan,
             Err(e) => return Some(Relayed::ClientError(frame_error(e))),
@@ -182,14 +145,7 @@ impl Session {
             0 => Ok(()),
             n => conn.stream.write_all(out).await.map(|()| self.account.sent(n, self.tracker.flight.pending)),
         };
-        if let Some(replay) = &mut self.replay {
-            if replay.sent.len() + scan.consumed > REPLAY_LIMIT {
-                self.replay = None;
-            } else {
-                replay.sent.extend_from_slice(&self.rbuf[..scan.consumed]);
-                replay.names.extend(named);
-            }
-        }
+        self.keep_for_replay(scan.consumed, named);
         self.rbuf.advance(scan.consumed);
         if let Err(e) = written {
             return Some(Relayed::ServerGone(e.to_string().into()));
@@ -204,6 +160,35 @@ impl Session {
         stop
     }
 
+    /// What the client's messages did to the session, once they are sent
+    /// on: settings to follow, a reset or a pin the connection needs, the
+    /// statement for the slow-query log. The rest of the notes is returned.
+    fn apply_client_notes(&mut self, conn: &mut ServerConn, mut notes: ClientNotes) -> ClientNotes {
+        if let Some(s) = notes.statement.take() {
+            self.account.statement(s);
+        }
+        conn.needs_reset |= notes.full_reset;
+        if notes.pin && !self.pinned {
+            tracing::debug!(pool = %self.pool.name(), "client pinned to its server connection");
+            self.pinned = true;
+        }
+        self.note_settings(conn, std::mem::take(&mut notes.changes));
+        notes
+    }
+
+    /// Keep the `consumed` bytes just sent (and the statement names they
+    /// create) for a re-run elsewhere, while nothing of the answer came.
+    fn keep_for_replay(&mut self, consumed: usize, named: Vec<String>) {
+        if let Some(replay) = &mut self.replay {
+            if replay.sent.len() + consumed > REPLAY_LIMIT {
+                self.replay = None;
+            } else {
+                replay.sent.extend_from_slice(&self.rbuf[..consumed]);
+                replay.names.extend(named);
+            }
+        }
+    }
+
     /// Pass server messages to the client, noting ReadyForQuery status and
     /// ParameterStatus changes.
     async fn forward_server(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
@@ -214,17 +199,11 @@ impl Session {
                 return Some(Relayed::ServerGone(lost));
             }
         }
-        let mut changed: Vec<(usize, usize)> = Vec::new();
-        let mut discarded = false;
-        let mut learned = Vec::new();
-        let base = conn.rbuf.as_ptr() as usize;
         let track = self.track;
         let tracker = &mut self.tracker;
         let mut cx = Ctx::new(&mut self.stmts, &mut conn.prepared, self.pool.settings.max_prepared_statements);
         cx.log = Some(self.pool.invalidations());
         let txn_mode = self.mode == PoolMode::Transaction;
-        let watch_settings = !self.pending_settings.is_empty();
-        let mut settle: Vec<Settle> = Vec::new();
         let needs_body = |t: u8| {
             if track {
                 t != b'D' && t != b'd'
@@ -232,59 +211,30 @@ impl Session {
                 matches!(t, b'Z' | b'S' | b'E' | b'N' | b'A') || (txn_mode && t == b'C')
             }
         };
-        let (mut readies, mut idle) = (0u64, 0u64);
+        let mut notes = ServerNotes { base: conn.rbuf.as_ptr() as usize, ..Default::default() };
+        let watch_settings = !self.pending_settings.is_empty();
         let account = &self.account;
         // In transaction mode the client's part ends with the transaction:
         // what the server sends after it (a FATAL on shutdown) is not the
         // client's, and the connection is not reused (see Pool::release).
         let stop_at_idle = txn_mode && !self.pinned;
-        let mut ended = false;
-        let mut gone = None;
         let pids = (conn.backend_pid, self.key_pid);
         let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
-            if ended {
+            if notes.ended {
                 return Flow::Stop;
             }
             if let Some(own) = (tag == b'A').then(|| super::welcome::own_notification(body, pids)).flatten() {
                 return Flow::Replace(own); // asynchronous: nothing of pgmux's is due at it
             }
-            if stop_at_idle && (tag == b'E' || tag == b'N') {
-                // A FATAL ends the connection, not the client's session.
-                gone = lost::goodbye(tag, body);
-                if gone.is_some() {
-                    return Flow::Stop;
-                }
-            } else if tag == b'E' {
-                // Session mode or pinned: the server's FATAL goes to the
-                // client as it is, and ends its session.
-                gone = lost::goodbye(tag, body).filter(|l| l.fatal.is_some()).map(|l| lost::Lost { told: true, ..l });
+            if notes.goodbye(tag, body, stop_at_idle) {
+                return Flow::Stop;
             }
             let (flow, event) = tracker.server(tag, body, needs_body(tag), track.then_some(&mut cx));
-            match tag {
-                b'Z' => {
-                    readies += 1;
-                    idle += u64::from(TxStatus::of_ready(body) == TxStatus::Idle);
-                }
-                b'E' => account.error(crate::ops::metrics::error_code(body).unwrap_or("XX000")),
-                _ => {}
+            if tag == b'E' {
+                account.error(crate::ops::metrics::error_code(body).unwrap_or("XX000"));
             }
-            if tag == b'S' {
-                changed.push((body.as_ptr() as usize - base, body.len()));
-            }
-            if watch_settings {
-                match tag {
-                    b'E' => settle.push(Settle::Error),
-                    b'C' if body == b"ROLLBACK\0" => settle.push(Settle::Rollback),
-                    b'Z' => settle.push(Settle::Ready(TxStatus::of_ready(body))),
-                    _ => {}
-                }
-            }
-            match event {
-                prepared::Event::DiscardAll => discarded = true,
-                prepared::Event::Prepared(h) => learned.push(h),
-                prepared::Event::Skipped(_) | prepared::Event::None => {}
-            }
-            ended = stop_at_idle && tag == b'Z' && tracker.idle();
+            notes.message(tag, body, event, watch_settings);
+            notes.ended = stop_at_idle && tag == b'Z' && tracker.idle();
             flow
         });
         let events = std::mem::take(&mut cx.events);
@@ -293,25 +243,8 @@ impl Session {
             Err(e) => return Some(Relayed::ServerGone(format!("invalid message from server: {e}").into())),
         };
         self.invalidate(conn, &events);
-        self.settle_settings(&settle);
-        for h in learned {
-            self.pool.learn_statement(h);
-        }
-        if discarded {
-            // DISCARD ALL: session settings are back to the startup ones.
-            conn.applied.clear();
-            self.wanted = self.startup.clone();
-        }
-        for (at, len) in changed {
-            let body = conn.rbuf[at..at + len].to_vec();
-            if let Some((k, v)) = conn.note_status(&body) {
-                if !is_server_owned(&k) {
-                    let lk = k.to_ascii_lowercase();
-                    self.wanted.set(lk.clone(), v.clone());
-                    self.told.set(lk, v);
-                }
-            }
-        }
+        let (readies, idle, gone) = (notes.readies, notes.idle, notes.gone.take());
+        self.apply_server_notes(conn, notes);
         let out = scan.rewritten.as_deref().unwrap_or(&conn.rbuf[..scan.consumed]);
         if !out.is_empty() {
             self.replay = None;
@@ -329,6 +262,31 @@ impl Session {
             return self.run_again(conn, again).await;
         }
         gone.map(Relayed::ServerGone)
+    }
+
+    /// What the server's messages did to the session: settings settled,
+    /// statements the server now has, DISCARD ALL, ParameterStatus values
+    /// (the client's wanted and told settings follow them).
+    fn apply_server_notes(&mut self, conn: &mut ServerConn, notes: ServerNotes) {
+        self.settle_settings(&notes.settle);
+        for h in notes.learned {
+            self.pool.learn_statement(h);
+        }
+        if notes.discarded {
+            // DISCARD ALL: session settings are back to the startup ones.
+            conn.applied.clear();
+            self.wanted = self.startup.clone();
+        }
+        for (at, len) in notes.changed {
+            let body = conn.rbuf[at..at + len].to_vec();
+            if let Some((k, v)) = conn.note_status(&body) {
+                if !is_server_owned(&k) {
+                    let lk = k.to_ascii_lowercase();
+                    self.wanted.set(lk.clone(), v.clone());
+                    self.told.set(lk, v);
+                }
+            }
+        }
     }
 
     /// Statements the server found stale, or DDL relayed: every connection
@@ -378,4 +336,124 @@ fn statement_text(tag: u8, body: &[u8]) -> &[u8] {
     let cstr = |b: &[u8]| -> usize { memchr::memchr(0, b).unwrap_or(b.len()) };
     let body = if tag == b'P' { body.get(cstr(body) + 1..).unwrap_or_default() } else { body };
     &body[..cstr(body)]
+}
+
+/// What the scan of a client's messages noted, for after it.
+#[derive(Default)]
+struct ClientNotes {
+    /// Settings the statements change (settled on the server's answer).
+    changes: Vec<effects::SettingChange>,
+    full_reset: bool,
+    pin: bool,
+    /// Statement names the batch creates (a retry elsewhere forgets them).
+    named: Vec<String>,
+    /// The last statement's text, for the slow-query log.
+    statement: Option<String>,
+    /// How the relay ends after these messages, if it does.
+    stop: Option<Relayed>,
+    /// A batch was held back (sharded: one batch at a time).
+    held: bool,
+}
+
+impl ClientNotes {
+    /// A Parse of a name this client has not used.
+    fn created(&mut self, body: &[u8], stmts: &prepared::ClientStatements) {
+        let name = body.split(|&b| b == 0).next().unwrap_or_default();
+        let name = String::from_utf8_lossy(name);
+        if !name.is_empty() && !stmts.map.contains_key(name.as_ref()) {
+            self.named.push(name.into_owned());
+        }
+    }
+
+    /// A statement's effects on the session (transaction mode), known to
+    /// be worth a look from its marks.
+    fn effects(&mut self, sql: &[u8], marks: Marks, server: &mut prepared::ServerStatements) {
+        if !marks.effects() {
+            return;
+        }
+        let effects = effects::marked_effects(&String::from_utf8_lossy(sql), marks);
+        if effects.names {
+            // Statements prepared from here on resolve names differently:
+            // they are this connection's alone.
+            server.context = prepared::private_context();
+        }
+        self.changes.extend(effects.changes);
+        self.full_reset |= effects.full_reset;
+        self.pin |= effects.pins;
+    }
+}
+
+/// A client message that may not come here, and how the relay ends then.
+fn refused_message(tag: u8) -> Option<Relayed> {
+    match tag {
+        b'Q' | b'F' | b'S' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'd' | b'c' | b'f' => None,
+        b'X' => Some(Relayed::ClientGone),
+        _ => Some(Relayed::ClientError(PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("invalid frontend message type {tag}"),
+        ))),
+    }
+}
+
+/// What the scan of a server's messages noted, for after it.
+#[derive(Default)]
+struct ServerNotes {
+    /// Where the scanned buffer starts (ParameterStatus bodies are noted
+    /// by their offset in it).
+    base: usize,
+    /// ParameterStatus bodies: (offset, length).
+    changed: Vec<(usize, usize)>,
+    discarded: bool,
+    /// Statements now prepared on the server.
+    learned: Vec<u64>,
+    readies: u64,
+    /// ReadyForQuery messages ending a transaction.
+    idle: u64,
+    /// What settles pending SET/RESETs (when there are any).
+    settle: Vec<Settle>,
+    /// The client's transaction ended (transaction mode): stop there.
+    ended: bool,
+    /// The server is going away (its FATAL), and how.
+    gone: Option<lost::Lost>,
+}
+
+impl ServerNotes {
+    /// A FATAL from the server: in transaction mode it ends the connection,
+    /// not the client's session (stop before it, `true`); else it goes to
+    /// the client as it is, and ends its session.
+    fn goodbye(&mut self, tag: u8, body: &[u8], stop_at_idle: bool) -> bool {
+        if stop_at_idle && (tag == b'E' || tag == b'N') {
+            self.gone = lost::goodbye(tag, body);
+            return self.gone.is_some();
+        }
+        if tag == b'E' {
+            self.gone = lost::goodbye(tag, body).filter(|l| l.fatal.is_some()).map(|l| lost::Lost { told: true, ..l });
+        }
+        false
+    }
+
+    /// One message relayed, with what the tracker made of it.
+    fn message(&mut self, tag: u8, body: &[u8], event: prepared::Event, watch_settings: bool) {
+        match tag {
+            b'Z' => {
+                self.readies += 1;
+                self.idle += u64::from(TxStatus::of_ready(body) == TxStatus::Idle);
+            }
+            b'S' => self.changed.push((body.as_ptr() as usize - self.base, body.len())),
+            _ => {}
+        }
+        if watch_settings {
+            match tag {
+                b'E' => self.settle.push(Settle::Error),
+                b'C' if body == b"ROLLBACK\0" => self.settle.push(Settle::Rollback),
+                b'Z' => self.settle.push(Settle::Ready(TxStatus::of_ready(body))),
+                _ => {}
+            }
+        }
+        match event {
+            prepared::Event::DiscardAll => self.discarded = true,
+            prepared::Event::Prepared(h) => self.learned.push(h),
+            prepared::Event::Skipped(_) | prepared::Event::None => {}
+        }
+    }
 }
