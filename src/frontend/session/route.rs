@@ -108,36 +108,8 @@ impl Session {
         };
         let query = (tag == b'Q')
             .then(|| String::from_utf8_lossy(body.split(|&b| b == 0).next().unwrap_or_default()).into_owned());
-        if let (Some(d), Some(end)) = (&self.deferred, query.as_deref().and_then(scan::transaction_end)) {
-            // The transaction never reached a server: nothing to commit.
-            let tag = if d.failed { "ROLLBACK" } else { end.tag() };
-            self.deferred = None;
-            self.consume_first();
-            return Plan::Answer(command_reply(tag, TxStatus::Idle));
-        }
-        if let Some(m) = &self.multi {
-            let sql = match &query {
-                Some(q) => Some(q.clone()),
-                None if self.batch_executes() => self.batch_sql(),
-                None => None,
-            };
-            if let Some(end) = sql.as_deref().and_then(scan::transaction_end) {
-                return Plan::EndMulti(end == scan::TxnEnd::Commit);
-            }
-            // A savepoint may undo the failure of a transaction on one shard.
-            let undo = m.conns.len() == 1 && sql.as_deref().is_some_and(scan::is_savepoint);
-            if m.failed && !undo {
-                return Plan::Refuse(PgError::error(
-                    sqlstate::IN_FAILED_SQL_TRANSACTION,
-                    "current transaction is aborted, commands ignored until end of transaction block",
-                ));
-            }
-        }
-        if self.deferred.as_ref().is_some_and(|d| d.failed) {
-            return Plan::Refuse(PgError::error(
-                sqlstate::IN_FAILED_SQL_TRANSACTION,
-                "current transaction is aborted, commands ignored until end of transaction block",
-            ));
+        if let Some(plan) = self.plan_in_transaction(query.as_deref()) {
+            return plan;
         }
         if let Some(sh) = self.sharding.clone() {
             if let Some(plan) = self.shard_step(&sh, query.as_deref()) {
@@ -145,6 +117,49 @@ impl Session {
             }
         }
         let Some(r) = self.routing.clone() else { return Plan::Go { target: None, decision: Decision::Write } };
+        self.plan_read_or_write(&r, query)
+    }
+
+    /// A transaction pgmux holds open for the client (a deferred BEGIN, a
+    /// transaction across shards): its end, or its failure.
+    fn plan_in_transaction(&mut self, query: Option<&str>) -> Option<Plan> {
+        if let (Some(d), Some(end)) = (&self.deferred, query.and_then(scan::transaction_end)) {
+            // The transaction never reached a server: nothing to commit.
+            let tag = if d.failed { "ROLLBACK" } else { end.tag() };
+            self.deferred = None;
+            self.consume_first();
+            return Some(Plan::Answer(command_reply(tag, TxStatus::Idle)));
+        }
+        if let Some(m) = &self.multi {
+            let sql = match &query {
+                Some(q) => Some(q.to_string()),
+                None if self.batch_executes() => self.batch_sql(),
+                None => None,
+            };
+            if let Some(end) = sql.as_deref().and_then(scan::transaction_end) {
+                return Some(Plan::EndMulti(end == scan::TxnEnd::Commit));
+            }
+            // A savepoint may undo the failure of a transaction on one shard.
+            let undo = m.conns.len() == 1 && sql.as_deref().is_some_and(scan::is_savepoint);
+            if m.failed && !undo {
+                return Some(Plan::Refuse(PgError::error(
+                    sqlstate::IN_FAILED_SQL_TRANSACTION,
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                )));
+            }
+        }
+        if self.deferred.as_ref().is_some_and(|d| d.failed) {
+            return Some(Plan::Refuse(PgError::error(
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
+                "current transaction is aborted, commands ignored until end of transaction block",
+            )));
+        }
+        None
+    }
+
+    /// Read or write: the classifier's decision, the session's settings
+    /// and hints over it, and the backend it goes to.
+    fn plan_read_or_write(&mut self, r: &Arc<crate::router::route::Routing>, query: Option<String>) -> Plan {
         let mut decision = match r.decide(&self.rbuf, &self.stmts) {
             Ok(d) => d,
             Err(e) => return Plan::Refuse(e),

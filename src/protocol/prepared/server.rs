@@ -16,6 +16,25 @@ impl Tracker {
         if self.rerun.holding() {
             return (self.hold_back(tag, body), Event::None);
         }
+        let Some(Noted { hide, before, event }) = self.note_reply(tag, body, whole, cx) else {
+            return (Flow::Drop, Event::None);
+        };
+        // A CopyEnd whose COPY never started (it failed) is moot.
+        while matches!(self.expect.front(), Some(Expect::CopyEnd)) {
+            self.expect.pop_front();
+        }
+        if !whole {
+            return (Flow::Forward, event);
+        }
+        let due = self.due();
+        (compose(tag, body, hide, before, due), event)
+    }
+
+    /// What a server reply means for the expected replies at the head of
+    /// the queue: whether it is hidden from the client, what goes before
+    /// it, the event; `None`: it is dropped (a stale statement's error,
+    /// its batch run again).
+    fn note_reply(&mut self, tag: u8, body: &[u8], whole: bool, cx: &mut Ctx) -> Option<Noted> {
         let mut event = Event::None;
         let mut hide = false;
         let mut before = None;
@@ -76,7 +95,7 @@ impl Tracker {
             b'E' => {
                 if self.stale(body, whole, cx) {
                     self.param_desc = None;
-                    return (Flow::Drop, Event::None);
+                    return None;
                 }
                 before = self.param_desc.take();
                 let skipped = self.on_error(cx);
@@ -87,15 +106,7 @@ impl Tracker {
             b'Z' => self.ready(cx),
             _ => {}
         }
-        // A CopyEnd whose COPY never started (it failed) is moot.
-        while matches!(self.expect.front(), Some(Expect::CopyEnd)) {
-            self.expect.pop_front();
-        }
-        if !whole {
-            return (Flow::Forward, event);
-        }
-        let due = self.due();
-        (compose(tag, body, hide, before, due), event)
+        Some(Noted { hide, before, event })
     }
 
     /// A statement's shape check is over: the client's messages go on.
@@ -218,4 +229,11 @@ fn compose(tag: u8, body: &[u8], hide: bool, before: Option<bytes::BytesMut>, du
             Flow::Replace(b)
         }
     }
+}
+
+/// A server reply as the tracker relays it (see `note_reply`).
+struct Noted {
+    hide: bool,
+    before: Option<bytes::BytesMut>,
+    event: Event,
 }
