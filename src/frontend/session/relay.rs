@@ -121,7 +121,8 @@ impl Session {
             let veto = guard.as_mut().and_then(|g| g.check(tag, body, cx.stmts));
             // The one pass over a statement's text (see sql::marks).
             let text = matches!(tag, b'Q' | b'P').then(|| statement_text(tag, body));
-            cx.marks = text.map(Marks::of);
+            // Only the tracker and transaction mode read the marks.
+            cx.marks = text.filter(|_| track || txn_mode).map(Marks::of);
             let flow = tracker.client(tag, body, track.then_some(&mut cx), veto);
             let marks = cx.marks.take();
             if let (true, Some(sql)) = (slow_log, text) {
