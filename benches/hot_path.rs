@@ -9,7 +9,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 
 use pgmux::protocol::frame::{Flow, Relay, MAX_MESSAGE_LEN};
-use pgmux::protocol::prepared::{statement_hash, ClientStatements, Ctx, ServerStatements};
+use pgmux::protocol::prepared::{statement_hash, ClientStatements, ServerStatements};
+use pgmux::protocol::tracker::Ctx;
 use pgmux::protocol::tracker::Tracker;
 
 const QUERY: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";

@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod router;
 pub mod shard;
 pub mod sql;
+pub mod topology;
 
 /// Database name of the admin console.
 pub const ADMIN_DB: &str = "pgmux";

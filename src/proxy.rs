@@ -1,48 +1,47 @@
-//! What all sessions share: [`Proxy`] holds the validated config, the
-//! pools, the cancel-key registry, the client count, the replica monitors,
-//! shard routers and TLS setups, and builds each session's backends from
-//! them. The listener that accepts clients is
-//! [`crate::frontend::listener`]; [`Proxy::start`] runs it.
+//! What all sessions share: [`Proxy`] holds the config's snapshot in
+//! force ([`crate::topology`]: config, TLS, verifiers, monitors,
+//! classifiers, routing), and what outlives a snapshot: the pools, the key
+//! directories, the cancel-key registry, the client list and count, PAUSE
+//! and shutdown. It builds each session's backends from a snapshot. The
+//! listener that accepts clients is [`crate::frontend::listener`];
+//! [`Proxy::start`] runs it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backend::pool::{Pool, Pools};
+use crate::backend::pool::Pool;
+use crate::backend::pools::Pools;
 use crate::backend::replicas::monitor::Monitor;
 use crate::backend::server::Login;
 use crate::config::{Config, Database, MapConfig, User};
 use crate::frontend::cancel::CancelRegistry;
 use crate::ops::metrics::Metrics;
-use crate::protocol::auth::{ScramVerifier, Secret};
+use crate::protocol::auth::Secret;
 use crate::protocol::error::{sqlstate, PgError};
-use crate::protocol::tls::{ClientTls, ServerTls, TlsError};
+use crate::protocol::tls::TlsError;
 use crate::router::route::{RouteOptions, Routing};
 use crate::shard::directory::{Directory, DirectoryConfig};
 use crate::shard::{ShardBackend, ShardRouter};
-use crate::sql::classify::Classifier;
+use crate::topology::{Current, Topology};
 
 pub struct Proxy {
-    config: std::sync::RwLock<Arc<Config>>,
+    /// The config's snapshot in force (swapped whole by a reload).
+    topology: Current,
     /// The file the config came from (RELOAD / SIGHUP re-read it).
     pub(crate) config_path: Mutex<Option<std::path::PathBuf>>,
-    /// Bumped by every reload: sessions pick up the new pools at their
-    /// next transaction boundary.
-    pub(crate) epoch: watch::Sender<u64>,
+    /// Held by a reload while it builds and swaps in a snapshot.
+    pub(crate) reloading: Mutex<()>,
     pub pools: Pools,
     pub metrics: Arc<Metrics>,
     pub cancels: CancelRegistry,
     pub(crate) clients: AtomicUsize,
-    /// SCRAM verifiers per user: configured ones, or derived once from a
-    /// plain-text password.
-    pub(crate) verifiers: std::sync::RwLock<HashMap<String, ScramVerifier>>,
-    /// Lag/health monitors of groups that route reads to replicas.
-    pub(crate) monitors: std::sync::RwLock<HashMap<String, Arc<Monitor>>>,
     /// The clients connected now.
     pub sessions: crate::frontend::registry::Clients,
     pub started: std::time::Instant,
@@ -51,16 +50,9 @@ pub struct Proxy {
     /// Set when pgmux shuts down: no new clients, sessions end at their
     /// next transaction boundary.
     pub(crate) draining: watch::Sender<bool>,
-    /// Statement classifiers of those databases (their write functions).
-    pub(crate) classifiers: std::sync::RwLock<HashMap<String, Arc<Classifier>>>,
-    pub(crate) routes: Mutex<HashMap<(String, String), Arc<Routing>>>,
-    /// Shard routers of sharded databases, per (database, user).
-    pub(crate) sharded: Mutex<HashMap<(String, String), Arc<ShardRouter>>>,
-    /// Key directories, per (database, map).
+    /// Key directories, per (database, map): kept across reloads that do
+    /// not change their map.
     pub(crate) directories: Mutex<HashMap<(String, String), Arc<Directory>>>,
-    /// TLS toward clients and toward servers.
-    pub(crate) client_tls: std::sync::RwLock<Arc<ClientTls>>,
-    pub(crate) server_tls: std::sync::RwLock<Arc<ServerTls>>,
 }
 
 /// A proxy serving in the background (tests, demo).
@@ -86,58 +78,51 @@ impl RunningProxy {
 
 impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, TlsError> {
-        let (client_tls, server_tls) = tls_of(&config)?;
-        let server_tls = Arc::new(server_tls);
-        let verifiers = crate::ops::reload::verifiers(&config);
-        let (monitors, classifiers) = crate::ops::reload::topology(&config, None, &server_tls);
+        let topology = Topology::new(config, None)?;
         Ok(Arc::new(Proxy {
-            client_tls: std::sync::RwLock::new(Arc::new(client_tls)),
-            server_tls: std::sync::RwLock::new(server_tls),
-            config: std::sync::RwLock::new(Arc::new(config)),
+            topology: Arc::new(ArcSwap::from_pointee(topology)),
             config_path: Mutex::new(None),
-            epoch: watch::Sender::new(0),
+            reloading: Mutex::new(()),
             pools: Pools::default(),
             metrics: Arc::new(Metrics::new()),
             cancels: CancelRegistry::default(),
             clients: AtomicUsize::new(0),
-            verifiers: std::sync::RwLock::new(verifiers),
-            monitors: std::sync::RwLock::new(monitors),
-            classifiers: std::sync::RwLock::new(classifiers),
-            routes: Mutex::new(HashMap::new()),
             sessions: Default::default(),
             started: std::time::Instant::now(),
             paused: Mutex::new(Default::default()),
             draining: watch::Sender::new(false),
-            sharded: Mutex::new(HashMap::new()),
             directories: Mutex::new(HashMap::new()),
         }))
     }
 
-    /// How server connections ask for TLS now.
-    pub(crate) fn server_tls(&self) -> Arc<ServerTls> {
-        self.server_tls.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The config's snapshot in force now.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.topology.load_full()
+    }
+
+    /// The cell a session watches for a newer snapshot.
+    pub(crate) fn current(&self) -> &Current {
+        &self.topology
+    }
+
+    /// Put a new snapshot in force; the old one is returned.
+    pub(crate) fn swap_topology(&self, next: Arc<Topology>) -> Arc<Topology> {
+        self.topology.swap(next)
     }
 
     /// The config in force now.
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.topology.load().config.clone()
     }
 
-    pub(crate) fn set_config(&self, config: Config) {
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
-    }
-
-    /// The health/lag monitor of a database that routes reads.
-    pub fn monitor(&self, database: &str) -> Option<Arc<Monitor>> {
-        self.monitors.read().unwrap_or_else(|e| e.into_inner()).get(database).cloned()
+    /// The health/lag monitor of a group that routes reads.
+    pub fn monitor(&self, group: &str) -> Option<Arc<Monitor>> {
+        self.topology.load().monitor(group)
     }
 
     /// Every lag monitor, by backend group.
     pub fn monitors(&self) -> Vec<(String, Arc<Monitor>)> {
-        let m = self.monitors.read().unwrap_or_else(|e| e.into_inner());
-        let mut all: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+        self.topology.load().monitors()
     }
 
     /// The metrics text, its gauges sampled now.
@@ -187,8 +172,7 @@ impl Proxy {
 
     /// The shard router of a sharded database (once a client used it).
     pub fn sharding(&self, database: &str) -> Option<Arc<ShardRouter>> {
-        let routers = self.sharded.lock().unwrap_or_else(|e| e.into_inner());
-        routers.iter().find(|((db, _), _)| db == database).map(|(_, r)| r.clone())
+        self.topology.load().sharding(database)
     }
 
     pub fn client_count(&self) -> usize {
@@ -218,59 +202,62 @@ impl Proxy {
         Ok(RunningProxy { addr, metrics_addr, proxy, stop, task, metrics_task })
     }
 
-    /// What a session of `user` on database `name` uses: its backend
-    /// groups (primary pool and read routing; one per shard), and the
-    /// shard router of a sharded database.
+    /// What a session of `user` on database `name` uses in snapshot
+    /// `topo`: its backend groups (primary pool and read routing; one per
+    /// shard), and the shard router of a sharded database.
     pub(crate) fn session_backends(
         &self,
-        config: &Config,
+        topo: &Topology,
         name: &str,
         user: &User,
     ) -> Result<(Vec<ShardBackend>, Option<Arc<ShardRouter>>), PgError> {
-        let Some(db) = config.databases.get(name) else {
+        let Some(db) = topo.config.databases.get(name) else {
             return Err(PgError::fatal(sqlstate::INVALID_CATALOG_NAME, format!("database \"{name}\" does not exist")));
         };
-        let backends = self.backends_for(config, name, db, user);
-        let sharding = (!db.shards.is_empty()).then(|| self.shard_router(name, db, user, backends.clone()));
+        let backends = self.backends_for(topo, name, db, user);
+        let sharding = (!db.shards.is_empty()).then(|| self.shard_router(topo, name, db, user, backends.clone()));
         Ok((backends, sharding))
     }
 
     /// The backend groups of a database for a user: its primary pool and
     /// read routing, one per shard of a sharded database.
-    fn backends_for(&self, config: &Config, name: &str, db: &Database, user: &User) -> Vec<ShardBackend> {
+    fn backends_for(&self, topo: &Topology, name: &str, db: &Database, user: &User) -> Vec<ShardBackend> {
         db.groups(name)
             .iter()
             .map(|(group, gdb)| ShardBackend {
                 name: group.rsplit('/').next().unwrap_or(group).to_string(),
-                primary: self.pool_for(config, group, gdb, user, 0),
-                routing: self.routing_for(config, group, gdb, user),
+                primary: self.pool_for(topo, group, gdb, user, 0),
+                routing: self.routing_for(topo, group, gdb, user),
             })
             .collect()
     }
 
-    fn shard_router(&self, name: &str, db: &Database, user: &User, backends: Vec<ShardBackend>) -> Arc<ShardRouter> {
-        let directories = self.directories_for(name, db);
-        let mut routers = self.sharded.lock().unwrap_or_else(|e| e.into_inner());
-        routers
-            .entry((name.to_string(), user.name.clone()))
-            .or_insert_with(|| {
-                let router = Arc::new(ShardRouter::new(name, db, backends, &directories));
-                if db.two_phase_commit {
-                    tokio::spawn(settle_prepared(Arc::downgrade(&router)));
-                }
-                router
-            })
-            .clone()
+    fn shard_router(
+        &self,
+        topo: &Topology,
+        name: &str,
+        db: &Database,
+        user: &User,
+        backends: Vec<ShardBackend>,
+    ) -> Arc<ShardRouter> {
+        let directories = self.directories_for(topo, name, db);
+        topo.shard_router(name, &user.name, || {
+            let router = Arc::new(ShardRouter::new(name, db, backends, &directories));
+            if db.two_phase_commit {
+                tokio::spawn(settle_prepared(Arc::downgrade(&router)));
+            }
+            router
+        })
     }
 
     /// The directories of a sharded database's `directory` maps (started
     /// on first use, shared by every user).
-    pub fn directories_for(&self, name: &str, db: &Database) -> HashMap<String, Arc<Directory>> {
+    pub fn directories_for(&self, topo: &Topology, name: &str, db: &Database) -> HashMap<String, Arc<Directory>> {
         let mut all = self.directories.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = HashMap::new();
         for (map, cfg) in &db.maps {
             let MapConfig::Directory { backend, dbname, table, user, weights, cache_size, .. } = cfg else { continue };
-            let login = user.as_deref().or(db.monitor_user.as_deref()).and_then(|u| self.config().monitor_login(u));
+            let login = user.as_deref().or(db.monitor_user.as_deref()).and_then(|u| topo.config.monitor_login(u));
             let Some((user, password)) = login else {
                 tracing::error!(database = name, map = %map, "shard directory: no usable login");
                 continue;
@@ -290,8 +277,8 @@ impl Proxy {
                         .map(|s| (s.name.clone(), weights.get(&s.name).copied().unwrap_or(1)))
                         .collect(),
                     cache_size: *cache_size,
-                    connect_timeout: self.config().pool.server_connect_timeout.0,
-                    tls: self.server_tls.read().unwrap_or_else(|e| e.into_inner()).clone(),
+                    connect_timeout: topo.config.pool.server_connect_timeout.0,
+                    tls: topo.server_tls.clone(),
                 })
             });
             out.insert(map.clone(), dir.clone());
@@ -301,21 +288,19 @@ impl Proxy {
 
     /// Read routing for (group, user), when the group has replicas and a
     /// lag monitor.
-    fn routing_for(&self, config: &Config, name: &str, db: &Database, user: &User) -> Option<Arc<Routing>> {
-        let monitor = self.monitor(name)?;
-        let classifier = self.classifiers.read().unwrap_or_else(|e| e.into_inner()).get(name)?.clone();
-        let mut routes = self.routes.lock().ok()?;
-        let route = routes.entry((name.to_string(), user.name.clone())).or_insert_with(|| {
-            let primary = self.pool_for(config, name, db, user, 0);
-            let replicas = (1..=db.replicas.len()).map(|i| self.pool_for(config, name, db, user, i)).collect();
+    fn routing_for(&self, topo: &Topology, name: &str, db: &Database, user: &User) -> Option<Arc<Routing>> {
+        let monitor = topo.monitor(name)?;
+        let classifier = topo.classifier(name)?;
+        Some(topo.route(name, &user.name, || {
+            let primary = self.pool_for(topo, name, db, user, 0);
+            let replicas = (1..=db.replicas.len()).map(|i| self.pool_for(topo, name, db, user, i)).collect();
             Arc::new(Routing::new(name, primary, replicas, monitor, classifier, RouteOptions::of(db)))
-        });
-        Some(route.clone())
+        }))
     }
 
     /// The pool of (database, user) on backend 0 (the primary) or replica
     /// `backend - 1`.
-    fn pool_for(&self, config: &Config, name: &str, db: &Database, user: &User, backend: usize) -> Arc<Pool> {
+    fn pool_for(&self, topo: &Topology, name: &str, db: &Database, user: &User, backend: usize) -> Arc<Pool> {
         let (key, addr) = match backend {
             0 => (name.to_string(), &db.primary_addr()),
             i => (format!("{name}#replica{i}"), &db.replicas[i - 1].addr),
@@ -335,15 +320,15 @@ impl Proxy {
                 },
                 scram: None,
             };
-            let settings = config.pool_settings(db, user);
+            let settings = topo.config.pool_settings(db, user);
             let route = match backend {
                 0 if name.contains('/') => "shard",
                 0 => "primary",
                 _ => "replica",
             };
             let metrics = self.metrics.pool(route, &key);
-            let tls = self.server_tls.read().unwrap_or_else(|e| e.into_inner()).clone();
             let invalidations = self.pools.invalidations(&login.database);
+            let tls = topo.server_tls.clone();
             let pool = Pool::new(key.clone(), user.name.clone(), addr.clone(), settings, login, metrics, tls);
             pool.share_invalidations(invalidations);
             if self.is_paused(&key) {
@@ -366,12 +351,4 @@ async fn settle_prepared(router: std::sync::Weak<ShardRouter>) {
         drop(r);
         tokio::time::sleep(RECOVERY_EVERY).await;
     }
-}
-
-/// The TLS setups a config asks for (certificate files read now).
-pub(crate) fn tls_of(config: &Config) -> Result<(ClientTls, ServerTls), TlsError> {
-    let g = &config.general;
-    let client = ClientTls::new(g.tls_mode, g.tls_cert_file.as_deref(), g.tls_key_file.as_deref())?;
-    let server = ServerTls::new(config.pool.server_tls_mode, config.pool.server_tls_ca_file.as_deref())?;
-    Ok((client, server))
 }

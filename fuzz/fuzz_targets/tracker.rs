@@ -7,7 +7,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use pgmux::protocol::frame::{peek_header, Flow, MAX_MESSAGE_LEN};
-use pgmux::protocol::prepared::{ClientStatements, Ctx, Invalidations, ServerStatements};
+use pgmux::protocol::prepared::{ClientStatements, Invalidations, ServerStatements};
+use pgmux::protocol::tracker::Ctx;
 use pgmux::protocol::tracker::Tracker;
 
 const NAMES: [&str; 3] = ["", "a", "b"];

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub use super::pools::Pools;
 use crate::backend::server::{Login, ServerConn, ServerError};
 use crate::config::{HostPort, PoolSettings};
 use crate::protocol::settings::Interner;
@@ -122,7 +121,8 @@ pub struct Pool {
     /// successfully, as of an epoch of `invalidations`.
     known: Mutex<(u64, HashSet<u64>)>,
     /// The statement invalidations of the database this pool's servers
-    /// hold (shared with the other pools on it; see [`Pools::invalidations`]).
+    /// hold (shared with the other pools on it; see
+    /// [`crate::backend::pools::Pools::invalidations`]).
     invalidations: std::sync::OnceLock<Arc<Invalidations>>,
     pub stats: PoolStats,
     pub metrics: crate::ops::metrics::PoolMetrics,

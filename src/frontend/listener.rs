@@ -13,16 +13,17 @@ use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::config::{Config, User};
+use crate::config::User;
 use crate::frontend::authquery;
 use crate::frontend::login::{self, LoginError, Startup, StartupInfo};
 use crate::frontend::registry::Registered;
-use crate::frontend::session::Session;
+use crate::frontend::session::{Refresh, Session};
 use crate::ops::admin;
 use crate::protocol::auth::{ScramCredentials, Secret};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::tls::ClientStream;
 use crate::proxy::Proxy;
+use crate::topology::Topology;
 
 impl Proxy {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -56,11 +57,12 @@ impl Proxy {
         let _ = tcp.set_nodelay(true);
         let count = ClientCount::new(self.clone());
         let mut buf = BytesMut::with_capacity(1024);
-        let tls = self.client_tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+        // One snapshot of the config for the whole login.
+        let topo = self.topology();
         // One deadline for the whole login: startup, TLS, authentication.
-        let deadline = tokio::time::Instant::now() + self.config().general.client_login_timeout.0;
+        let deadline = tokio::time::Instant::now() + topo.config.general.client_login_timeout.0;
         let (mut stream, startup) =
-            match tokio::time::timeout_at(deadline, Box::pin(login::accept(tcp, &mut buf, &tls))).await {
+            match tokio::time::timeout_at(deadline, Box::pin(login::accept(tcp, &mut buf, &topo.client_tls))).await {
                 Ok((Some(stream), startup)) => (stream, startup),
                 Ok((None, _)) | Err(_) => return,
             };
@@ -73,21 +75,18 @@ impl Proxy {
             Startup::Cancel { pid, secret } => return self.cancel(pid, secret).await,
             Startup::Login(info) => info,
         };
-        let config = self.config();
+        let config = &topo.config;
         if count.0 > config.general.max_client_conn {
             let e = PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already");
             return Session::fatal(&mut stream, &e).await;
         }
         tracing::debug!(%peer, user = %info.user, database = %info.database, "client login");
-        let user = match self.find_user(&config, &info).await {
+        let user = match self.find_user(&topo, &info).await {
             Ok(user) => user,
             Err(e) => return Session::fatal(&mut stream, &e).await,
         };
         let user = &user;
-        let verifier = match self.verifiers.read().unwrap_or_else(|e| e.into_inner()).get(&user.name).cloned() {
-            Some(v) => Some(v),
-            None => user.secret.as_ref().and_then(|s| s.scram_verifier()),
-        };
+        let verifier = topo.verifier(&user.name).or_else(|| user.secret.as_ref().and_then(|s| s.scram_verifier()));
         let auth = tokio::time::timeout_at(
             deadline,
             Box::pin(login::authenticate(&mut stream, &mut buf, user, verifier.as_ref())),
@@ -107,13 +106,13 @@ impl Proxy {
         // The session is a task of its own: the login's state does not stay
         // in every idle client's task.
         let client = Box::new(LoggedIn { stream, buf, info, user: user.clone(), client_key, peer });
-        tokio::spawn(self.clone().serve_client(client, config, count));
+        tokio::spawn(self.clone().serve_client(client, topo, count));
     }
 
     /// Serve a logged-in client until it leaves (`_count`: it counts as
     /// connected until then).
-    async fn serve_client(self: Arc<Self>, client: Box<LoggedIn>, config: Arc<Config>, _count: ClientCount) {
-        let (mut session, _registered) = match self.open_session(*client, &config) {
+    async fn serve_client(self: Arc<Self>, client: Box<LoggedIn>, topo: Arc<Topology>, _count: ClientCount) {
+        let (mut session, _registered) = match self.open_session(*client, topo) {
             Ok(opened) => opened,
             Err(refused) => {
                 let (mut stream, e) = *refused;
@@ -136,10 +135,11 @@ impl Proxy {
     fn open_session(
         self: &Arc<Self>,
         client: LoggedIn,
-        config: &Config,
+        topo: Arc<Topology>,
     ) -> Result<(Session, Registered<'_>), Box<(ClientStream, PgError)>> {
         let LoggedIn { stream, buf, info, user, client_key, peer } = client;
-        let (backends, sharding) = match self.session_backends(config, &info.database, &user) {
+        let config = &topo.config;
+        let (backends, sharding) = match self.session_backends(&topo, &info.database, &user) {
             Ok(b) => b,
             Err(e) => return Err(Box::new((stream, e))),
         };
@@ -163,7 +163,8 @@ impl Proxy {
         session.set_client(registered.info.clone(), self.draining.subscribe());
         session.log_slow(config.general.log_slow_queries.0);
         let looked_up = (!config.users.contains_key(&user.name)).then(|| user.clone());
-        session.set_refresh(Arc::downgrade(self), &info.database, &user.name, self.epoch.subscribe(), scram, looked_up);
+        let (proxy, current) = (Arc::downgrade(self), self.current().clone());
+        session.set_refresh(Refresh::new(proxy, current, topo, &info.database, &user.name, scram, looked_up));
         session.set_routing(routing);
         if let Some(sh) = sharding {
             session.set_sharding(sh);
@@ -181,12 +182,13 @@ impl Proxy {
 
     /// The user logging in: from `[[users]]`, else looked up on the server
     /// (`auth_query`). An unknown role is refused as PostgreSQL refuses it.
-    async fn find_user(&self, config: &Config, info: &StartupInfo) -> Result<User, PgError> {
+    async fn find_user(&self, topo: &Topology, info: &StartupInfo) -> Result<User, PgError> {
+        let config = &topo.config;
         if let Some(u) = config.users.get(&info.user) {
             return Ok(u.clone());
         }
         // Boxed: a rare path, kept out of every login's future.
-        let found = Box::pin(authquery::lookup(config, &self.server_tls(), &info.database, &info.user)).await;
+        let found = Box::pin(authquery::lookup(config, &topo.server_tls, &info.database, &info.user)).await;
         match found {
             Ok(Some(u)) => Ok(u),
             Ok(None) if config.general.auth_user.is_none() => {

@@ -31,6 +31,12 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
+/// The whole first message of `buf` (its tag and body), if it is there.
+pub fn first_message(buf: &[u8]) -> Option<(u8, &[u8])> {
+    let (tag, len) = peek_header(buf, MAX_MESSAGE_LEN).ok()??;
+    Some((tag, buf.get(HEADER_LEN..HEADER_LEN + len)?))
+}
+
 /// Tag and body length of the message at the front of `buf`, if its header
 /// has arrived.
 pub fn peek_header(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, FrameError> {

@@ -13,14 +13,14 @@ use crate::protocol::messages as msg;
 use crate::protocol::messages::TxStatus;
 
 impl Session {
-    /// The client left while holding a server connection: bring it back to
-    /// idle (finish what is running, roll back, reset) or close it.
-    pub(super) async fn abandon(&mut self, mut server: Checkout) {
+    /// The client left while holding a server connection (`pinned`: with
+    /// session state on it): bring it back to idle (finish what is
+    /// running, roll back, reset) or close it.
+    pub(super) async fn abandon(&mut self, mut server: Checkout, pinned: bool) {
         if self.crelay.mid_message() || self.srelay.mid_message() || self.tracker.parse_in_flight() {
             return; // dropping the checkout closes the connection
         }
         let mode = self.mode;
-        let pinned = self.pinned;
         let reset = self.pool.settings.reset_query.clone();
         let crate::protocol::flight::Flight { pending, unsynced, copy_in, status, .. } = self.tracker.flight;
         let conn = server.conn();

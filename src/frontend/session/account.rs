@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::pool::Pool;
 use crate::ops::metrics::Metrics;
-use crate::protocol::prepared::CacheEvents;
+use crate::protocol::tracker::CacheEvents;
 
 pub(super) struct Account {
     pub metrics: Arc<Metrics>,

@@ -6,11 +6,11 @@
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::route::first_message;
 use super::scatter::read_answer;
 use super::Session;
 use crate::backend::pool::Checkout;
 use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::frame::first_message;
 use crate::protocol::frame::{peek_header, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
 use crate::protocol::messages::TxStatus;

@@ -13,54 +13,66 @@ use crate::frontend::registry::{ClientInfo, ClientState};
 use crate::protocol::auth::ScramCredentials;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::proxy::Proxy;
+use crate::topology::{Current, Topology};
 
-/// How a session finds its pools again after a reload.
+/// How a session finds its pools again after a reload: the snapshot its
+/// backends came from, and the cell holding the one in force.
 pub struct Refresh {
     proxy: Weak<Proxy>,
+    current: Current,
+    topology: Arc<Topology>,
     database: String,
     user: String,
-    epoch: watch::Receiver<u64>,
     /// SCRAM keys from the client's login, for pools made after it.
     scram: Option<Box<ScramCredentials>>,
     /// The user as auth_query found it (not in `[[users]]`).
     looked_up: Option<Box<crate::config::User>>,
 }
 
-impl Session {
-    /// Let the session follow config reloads (see [`crate::ops::reload`]).
-    pub fn set_refresh(
-        &mut self,
+impl Refresh {
+    /// A session of `user` on `database` whose backends came from
+    /// `topology`.
+    pub fn new(
         proxy: Weak<Proxy>,
+        current: Current,
+        topology: Arc<Topology>,
         database: &str,
         user: &str,
-        epoch: watch::Receiver<u64>,
         scram: Option<ScramCredentials>,
         looked_up: Option<crate::config::User>,
-    ) {
+    ) -> Refresh {
         let (database, user) = (database.into(), user.into());
         // Boxed: most clients have no looked-up user, and every one keeps
         // its refresh for as long as it stays.
         let (scram, looked_up) = (scram.map(Box::new), looked_up.map(Box::new));
-        self.refresh = Some(Box::new(Refresh { proxy, database, user, epoch, scram, looked_up }));
+        Refresh { proxy, current, topology, database, user, scram, looked_up }
+    }
+}
+
+impl Session {
+    /// Let the session follow config reloads (see [`crate::ops::reload`]).
+    pub fn set_refresh(&mut self, refresh: Refresh) {
+        self.refresh = Some(Box::new(refresh));
     }
 
-    /// Between transactions after a reload: take the pools of the config
-    /// in force. Fails (FATAL) when the database or user is gone.
+    /// Between transactions after a reload: take the pools of the snapshot
+    /// in force (one atomic load when there was none). Fails (FATAL) when
+    /// the database or user is gone.
     pub(super) fn follow_reload(&mut self) -> Result<(), PgError> {
+        let between = self.between_transactions();
         let Some(r) = &mut self.refresh else { return Ok(()) };
-        if !r.epoch.has_changed().unwrap_or(false) || self.multi.is_some() || self.deferred.is_some() {
+        if std::ptr::eq(&**r.current.load(), &*r.topology) || !between {
             return Ok(());
         }
-        r.epoch.borrow_and_update();
         let Some(proxy) = r.proxy.upgrade() else { return Ok(()) };
-        let config = proxy.config();
-        let Some(user) = config.users.get(&r.user).or(r.looked_up.as_deref()) else {
+        r.topology = r.current.load_full();
+        let Some(user) = r.topology.config.users.get(&r.user).or(r.looked_up.as_deref()) else {
             return Err(PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION,
                 format!("user \"{}\" was removed from the pgmux config", r.user),
             ));
         };
-        let (backends, sharding) = proxy.session_backends(&config, &r.database, user)?;
+        let (backends, sharding) = proxy.session_backends(&r.topology, &r.database, user)?;
         if let Some(creds) = &r.scram {
             for b in &backends {
                 for p in b.routing.iter().flat_map(|x| x.replicas.iter()).chain([&b.primary]) {
@@ -101,7 +113,7 @@ impl Session {
 
     /// Between transactions while pgmux shuts down: the session ends.
     pub(super) fn must_leave(&self) -> bool {
-        self.multi.is_none() && self.deferred.is_none() && self.draining.as_ref().is_some_and(|d| *d.borrow())
+        self.between_transactions() && self.draining.as_ref().is_some_and(|d| *d.borrow())
     }
 
     /// Read more client bytes while idle; `None`: pgmux is shutting down.
@@ -109,7 +121,7 @@ impl Session {
     /// readable holding no buffer at all: an idle client costs pgmux no
     /// read buffer.
     pub(super) async fn read_idle(&mut self) -> Option<std::io::Result<usize>> {
-        let between = self.multi.is_none() && self.deferred.is_none();
+        let between = self.between_transactions();
         let Session { stream, rbuf, draining, .. } = self;
         let read = async {
             if rbuf.is_empty() {

@@ -2,8 +2,8 @@
 //! when it said goodbye with one), how to find the goodbye in what the
 //! server sent, and what the client is told.
 
-use super::route::first_message;
 use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::frame::first_message;
 use crate::protocol::frame::HEADER_LEN;
 
 /// Why a server connection was lost.

@@ -1,7 +1,11 @@
 //! One client session after login: the relay between the client socket and
 //! the server connection it holds, and the pooling decisions. [`serve`] is
 //! its state machine (idle, a batch, checking out, relaying, the end of a
-//! relay stretch); the other files are what those steps call: `route.rs`
+//! relay stretch; what an attached stretch keeps — pinned, the bytes to
+//! replay — is its [`relay::Stretch`], gone with it); between batches the
+//! session holds at most one transaction of pgmux's own ([`Txn`]: a
+//! deferred BEGIN, or a transaction across shards). The other files are
+//! what those steps call: `route.rs`
 //! (where a batch goes), `relay.rs` (the byte relay), `settings.rs`,
 //! `shard.rs` / `multi.rs` / `scatter.rs` / `copy.rs` (sharding),
 //! `lost.rs` / `abandon.rs` (a lost server, a departed client),
@@ -47,6 +51,8 @@ mod settings;
 mod shard;
 mod welcome;
 
+pub use life::Refresh;
+
 /// Client bytes kept for a retry (or a clean refusal) after a lost
 /// server connection, at most.
 const REPLAY_LIMIT: usize = 1 << 20;
@@ -83,6 +89,19 @@ enum Event {
     Timeout,
 }
 
+/// A transaction pgmux holds open for the client between its batches
+/// (transaction mode): one at a time, and the session says which.
+enum Txn {
+    /// None: the next batch is routed afresh (and between batches the
+    /// session may follow a reload or leave at shutdown).
+    None,
+    /// A BEGIN answered by pgmux, waiting for the first statement to say
+    /// where the transaction runs.
+    Deferred(route::Deferred),
+    /// A transaction that may span shards, with its parts.
+    AcrossShards(Box<multi::Multi>),
+}
+
 pub struct Session {
     stream: ClientStream,
     rbuf: BytesMut,
@@ -108,20 +127,10 @@ pub struct Session {
     shard_at: usize,
     /// Directory keys looked up for the current transaction.
     resolved: crate::shard::Resolved,
-    /// Client messages left in the buffer for after the current batch.
-    held: bool,
     /// When this client's last writing transaction ended.
     last_write: Option<Instant>,
-    /// A BEGIN answered by pgmux, waiting for the first statement.
-    deferred: Option<route::Deferred>,
-    /// A transaction that may span shards, with its parts.
-    multi: Option<Box<multi::Multi>>,
-    /// The client keeps its server connection (session state pgmux cannot
-    /// replay: LISTEN, temporary tables, session advisory locks, ...).
-    pinned: bool,
-    /// The client bytes sent so far, while no byte of the answer reached
-    /// the client (None: a lost server connection ends the session).
-    replay: Option<route::Replay>,
+    /// The transaction pgmux holds open for the client between batches.
+    txn: Txn,
     /// ParameterStatus values this client has been told (the server's
     /// spelling).
     told: Settings,
@@ -141,6 +150,66 @@ pub struct Session {
     draining: Option<tokio::sync::watch::Receiver<bool>>,
     /// Follows config reloads.
     refresh: Option<Box<life::Refresh>>,
+}
+
+impl Session {
+    /// No transaction pgmux holds open for the client.
+    fn between_transactions(&self) -> bool {
+        matches!(self.txn, Txn::None)
+    }
+
+    /// The BEGIN pgmux answered, when the transaction waits for its first
+    /// statement.
+    fn deferred(&self) -> Option<&route::Deferred> {
+        match &self.txn {
+            Txn::Deferred(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn deferred_mut(&mut self) -> Option<&mut route::Deferred> {
+        match &mut self.txn {
+            Txn::Deferred(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The deferred BEGIN, now to be sent (the session holds no other).
+    fn take_deferred(&mut self) -> Option<route::Deferred> {
+        match std::mem::replace(&mut self.txn, Txn::None) {
+            Txn::Deferred(d) => Some(d),
+            other => {
+                self.txn = other;
+                None
+            }
+        }
+    }
+
+    /// The transaction spanning shards, when there is one.
+    fn multi(&self) -> Option<&multi::Multi> {
+        match &self.txn {
+            Txn::AcrossShards(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    fn multi_mut(&mut self) -> Option<&mut multi::Multi> {
+        match &mut self.txn {
+            Txn::AcrossShards(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The transaction spanning shards, to end now.
+    fn take_multi(&mut self) -> Option<Box<multi::Multi>> {
+        match std::mem::replace(&mut self.txn, Txn::None) {
+            Txn::AcrossShards(m) => Some(m),
+            other => {
+                self.txn = other;
+                None
+            }
+        }
+    }
 }
 
 impl Session {
@@ -167,12 +236,8 @@ impl Session {
             sharding: None,
             shard_at: 0,
             resolved: Default::default(),
-            held: false,
             last_write: None,
-            deferred: None,
-            multi: None,
-            pinned: false,
-            replay: None,
+            txn: Txn::None,
             startup: wanted.clone(),
             pool,
             wanted,
@@ -238,5 +303,18 @@ pub fn pool_error(e: PoolError, keep: bool) -> PgError {
         PoolError::Server(ServerError::Rejected(body)) => PgError::fatal_from_server(&body),
         PoolError::Server(e) => PgError::new(severity, sqlstate::CONNECTION_FAILURE, format!("pgmux: {e}")),
         PoolError::Closed => PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// Every idle client holds a Session: what only an attached stretch
+    /// needs lives in the stretch (see `relay::Stretch`), not here.
+    #[test]
+    fn an_idle_session_stays_small() {
+        let session = std::mem::size_of::<super::Session>();
+        let tracker = std::mem::size_of::<crate::protocol::tracker::Tracker>();
+        eprintln!("Session {session} B, of which Tracker {tracker} B");
+        assert!(session <= 800, "Session grew to {session} bytes (800 before)");
     }
 }

@@ -13,7 +13,7 @@
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use super::{Session, CLEANUP_TIMEOUT};
+use super::{Session, Txn, CLEANUP_TIMEOUT};
 use crate::backend::pool::Checkout;
 use crate::backend::server::ServerConn;
 use crate::config::PoolMode;
@@ -93,8 +93,7 @@ impl Session {
     /// A batch of a transaction that may span shards is answered: the
     /// next one is routed anew.
     pub(super) fn answered_in_transaction(&self, conn: &ServerConn) -> bool {
-        !self.pinned
-            && self.tracker.flight.status != TxStatus::Idle
+        self.tracker.flight.status != TxStatus::Idle
             && self.tracker.flight.pending == 0
             && !self.tracker.flight.unsynced
             && !self.tracker.flight.copy_in
@@ -110,7 +109,7 @@ impl Session {
     /// `BEGIN` if new); otherwise a new connection, from a replica for a
     /// read where the shard's routing allows.
     pub(super) async fn shard_conn(&mut self, sh: &ShardRouter, i: usize, read: bool) -> Result<Checkout, PgError> {
-        let Some(m) = self.multi.as_mut() else {
+        let Some(m) = self.multi_mut() else {
             self.use_shard(sh, i);
             let target = match (&sh.backends[i].routing, read) {
                 (Some(r), true) => r.read_target(self.last_write)?,
@@ -179,7 +178,7 @@ impl Session {
     /// status `status`: to the transaction spanning shards, or to its pool
     /// when idle (closed otherwise).
     pub(super) fn give_back(&mut self, i: usize, c: Checkout, status: TxStatus) {
-        if let Some(m) = &mut self.multi {
+        if let Some(m) = self.multi_mut() {
             // The only part back from an error (ROLLBACK TO SAVEPOINT) is
             // no longer failed; with several parts a failure stays.
             m.failed = status == TxStatus::Failed || (m.failed && !m.conns.is_empty());
@@ -192,20 +191,22 @@ impl Session {
     /// A batch left shard `i`'s connection inside a transaction: keep it
     /// (a transaction begun by the batch itself starts here).
     pub(super) fn rejoin(&mut self, i: usize, c: Checkout, status: TxStatus) {
-        self.multi.get_or_insert_with(|| Multi::new("BEGIN"));
+        if self.multi().is_none() {
+            self.txn = Txn::AcrossShards(Multi::new("BEGIN"));
+        }
         self.give_back(i, c, status);
     }
 
     /// Mark the transaction spanning shards failed (a shard's part was
     /// lost); `true` if there is one.
     pub(super) fn fail_multi(&mut self) -> bool {
-        self.multi.as_mut().map(|m| m.failed = true).is_some()
+        self.multi_mut().map(|m| m.failed = true).is_some()
     }
 
     /// Before routing a statement of a transaction spanning shards: the
     /// refusal of a savepoint it cannot keep, if that is what it is.
     pub(super) fn check_savepoint(&mut self, sql: Option<&str>) -> Option<PgError> {
-        let m = self.multi.as_mut()?;
+        let m = self.multi_mut()?;
         if !sql.is_some_and(crate::sql::scan::is_savepoint) {
             return None;
         }
@@ -222,7 +223,7 @@ impl Session {
     /// End the transaction spanning shards (commit, or roll back); the
     /// command tag to answer.
     pub(super) async fn finish_multi(&mut self, commit: bool) -> Result<&'static str, PgError> {
-        let Some(mut m) = self.multi.take() else { return Ok(if commit { "COMMIT" } else { "ROLLBACK" }) };
+        let Some(mut m) = self.take_multi() else { return Ok(if commit { "COMMIT" } else { "ROLLBACK" }) };
         for (_, c) in &mut m.conns {
             c.conn().status = TxStatus::InBlock;
         }
@@ -254,7 +255,7 @@ impl Session {
     /// The client left: roll back every part (closing what does not come
     /// back to idle in time).
     pub(super) async fn leave_multi(&mut self) {
-        if self.multi.is_some() {
+        if self.multi().is_some() {
             let _ = tokio::time::timeout(CLEANUP_TIMEOUT, self.finish_multi(false)).await;
         }
     }

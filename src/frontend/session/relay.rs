@@ -14,9 +14,26 @@ use crate::config::PoolMode;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{Flow, MAX_MESSAGE_LEN};
 use crate::protocol::messages::TxStatus;
-use crate::protocol::prepared::{self, Ctx};
+use crate::protocol::prepared;
+use crate::protocol::tracker::{self, Ctx};
 use crate::sql::effects;
 use crate::sql::marks::Marks;
+
+/// What one relay stretch (a server connection attached, from checkout
+/// to release) keeps beside the tracker: facts of this connection's use
+/// that end with it, so an idle session holds none of them.
+#[derive(Default)]
+pub(super) struct Stretch {
+    /// The client keeps this server connection (session state pgmux
+    /// cannot replay: LISTEN, temporary tables, session advisory locks,
+    /// ...): no transaction boundary releases it.
+    pub pinned: bool,
+    /// Client messages left in the buffer for after the current batch.
+    pub held: bool,
+    /// The client bytes sent so far, while no byte of the answer reached
+    /// the client (None: a lost server connection ends the session).
+    pub replay: Option<super::route::Replay>,
+}
 
 impl Session {
     /// The client's transaction is over (transaction mode). Server bytes
@@ -26,15 +43,15 @@ impl Session {
         self.tracker.idle() && !self.crelay.mid_message() && !self.srelay.mid_message()
     }
 
-    pub(super) async fn relay(&mut self, conn: &mut ServerConn) -> Relayed {
-        if let Some(end) = self.forward_client(conn).await {
+    pub(super) async fn relay(&mut self, conn: &mut ServerConn, st: &mut Stretch) -> Relayed {
+        if let Some(end) = self.forward_client(conn, st).await {
             return end;
         }
         loop {
-            if self.mode == PoolMode::Transaction && !self.pinned && self.releasable() {
+            if self.mode == PoolMode::Transaction && !st.pinned && self.releasable() {
                 return Relayed::Released;
             }
-            if self.answered_in_transaction(conn) {
+            if !st.pinned && self.answered_in_transaction(conn) {
                 return Relayed::Batch;
             }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
@@ -54,23 +71,23 @@ impl Session {
             let end = match ev {
                 Event::Timeout => return Relayed::QueryTimeout,
                 Event::Client(Ok(0)) | Event::Client(Err(_)) => return Relayed::ClientGone,
-                Event::Client(Ok(_)) => self.forward_client(conn).await,
+                Event::Client(Ok(_)) => self.forward_client(conn, st).await,
                 Event::Server(Ok(0)) => {
                     return Relayed::ServerGone("server closed the connection unexpectedly".to_string().into())
                 }
                 Event::Server(Err(e)) => return Relayed::ServerGone(e.to_string().into()),
-                Event::Server(Ok(_)) => match self.forward_server(conn).await {
+                Event::Server(Ok(_)) => match self.forward_server(conn, st).await {
                     // The client's messages waited for a statement check.
-                    None if self.tracker.take_resume() => self.forward_client(conn).await,
+                    None if self.tracker.take_resume() => self.forward_client(conn, st).await,
                     // A batch held back: send it once this one is answered,
                     // unless the transaction ended (it is routed anew).
-                    None if self.held
+                    None if st.held
                         && !self.cross()
                         && self.tracker.flight.pending == 0
                         && !self.tracker.flight.copy_in
-                        && (self.tracker.flight.status != TxStatus::Idle || self.pinned) =>
+                        && (self.tracker.flight.status != TxStatus::Idle || st.pinned) =>
                     {
-                        self.forward_client(conn).await
+                        self.forward_client(conn, st).await
                     }
                     end => end,
                 },
@@ -83,12 +100,12 @@ impl Session {
 
     /// Pass complete client messages (and streamed bodies) to the server in
     /// one write.
-    async fn forward_client(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
+    async fn forward_client(&mut self, conn: &mut ServerConn, st: &mut Stretch) -> Option<Relayed> {
         if self.tracker.holding() {
             // A batch runs again first (its answer is held back).
             return None;
         }
-        self.held = false;
+        st.held = false;
         let outstanding =
             self.tracker.flight.pending > 0 && !self.tracker.flight.unsynced && !self.tracker.flight.copy_in;
         let mut guard = self.shard_guard();
@@ -102,7 +119,7 @@ impl Session {
         let mut notes = ClientNotes::default();
         // Sharded: one batch at a time (the next may belong to another
         // shard and is routed after this one's transaction ends).
-        let hold = self.sharding.is_some() && txn_mode && !self.pinned;
+        let hold = self.sharding.is_some() && txn_mode && !st.pinned;
         // A batch still unanswered counts as this call's first.
         let mut batch_done = hold && outstanding;
         let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
@@ -134,7 +151,7 @@ impl Session {
             flow
         });
         let events = std::mem::take(&mut cx.events);
-        let ClientNotes { named, stop, held, .. } = self.apply_client_notes(conn, notes);
+        let ClientNotes { named, stop, held, .. } = self.apply_client_notes(conn, st, notes);
         let scan = match scanned {
             Ok(scan) => scan,
             Err(e) => return Some(Relayed::ClientError(frame_error(e))),
@@ -146,14 +163,14 @@ impl Session {
             0 => Ok(()),
             n => conn.stream.write_all(out).await.map(|()| self.account.sent(n, self.tracker.flight.pending)),
         };
-        self.keep_for_replay(scan.consumed, named);
+        self.keep_for_replay(st, scan.consumed, named);
         self.rbuf.advance(scan.consumed);
         if let Err(e) = written {
             return Some(Relayed::ServerGone(e.to_string().into()));
         }
-        self.held = held;
+        st.held = held;
         if let Some(answers) = self.tracker.due() {
-            self.replay = None;
+            st.replay = None;
             if self.stream.write_all(&answers).await.is_err() {
                 return Some(Relayed::ClientGone);
             }
@@ -164,14 +181,14 @@ impl Session {
     /// What the client's messages did to the session, once they are sent
     /// on: settings to follow, a reset or a pin the connection needs, the
     /// statement for the slow-query log. The rest of the notes is returned.
-    fn apply_client_notes(&mut self, conn: &mut ServerConn, mut notes: ClientNotes) -> ClientNotes {
+    fn apply_client_notes(&mut self, conn: &mut ServerConn, st: &mut Stretch, mut notes: ClientNotes) -> ClientNotes {
         if let Some(s) = notes.statement.take() {
             self.account.statement(s);
         }
         conn.needs_reset |= notes.full_reset;
-        if notes.pin && !self.pinned {
+        if notes.pin && !st.pinned {
             tracing::debug!(pool = %self.pool.name(), "client pinned to its server connection");
-            self.pinned = true;
+            st.pinned = true;
         }
         self.note_settings(conn, std::mem::take(&mut notes.changes));
         notes
@@ -179,10 +196,10 @@ impl Session {
 
     /// Keep the `consumed` bytes just sent (and the statement names they
     /// create) for a re-run elsewhere, while nothing of the answer came.
-    fn keep_for_replay(&mut self, consumed: usize, named: Vec<String>) {
-        if let Some(replay) = &mut self.replay {
+    fn keep_for_replay(&self, st: &mut Stretch, consumed: usize, named: Vec<String>) {
+        if let Some(replay) = &mut st.replay {
             if replay.sent.len() + consumed > REPLAY_LIMIT {
-                self.replay = None;
+                st.replay = None;
             } else {
                 replay.sent.extend_from_slice(&self.rbuf[..consumed]);
                 replay.names.extend(named);
@@ -192,8 +209,8 @@ impl Session {
 
     /// Pass server messages to the client, noting ReadyForQuery status and
     /// ParameterStatus changes.
-    async fn forward_server(&mut self, conn: &mut ServerConn) -> Option<Relayed> {
-        if self.replay.is_some() {
+    async fn forward_server(&mut self, conn: &mut ServerConn, st: &mut Stretch) -> Option<Relayed> {
+        if st.replay.is_some() {
             if let Some(lost) = lost::goodbye_before_ready(&conn.rbuf) {
                 // A server shutting down: its goodbye (and any part of an
                 // answer before it) is not the answer.
@@ -218,7 +235,7 @@ impl Session {
         // In transaction mode the client's part ends with the transaction:
         // what the server sends after it (a FATAL on shutdown) is not the
         // client's, and the connection is not reused (see Pool::release).
-        let stop_at_idle = txn_mode && !self.pinned;
+        let stop_at_idle = txn_mode && !st.pinned;
         let pids = (conn.backend_pid, self.key_pid);
         let scanned = self.srelay.scan(&conn.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
             if notes.ended {
@@ -248,7 +265,7 @@ impl Session {
         self.apply_server_notes(conn, notes);
         let out = scan.rewritten.as_deref().unwrap_or(&conn.rbuf[..scan.consumed]);
         if !out.is_empty() {
-            self.replay = None;
+            st.replay = None;
         }
         self.account.answered(out.len(), readies, idle, self.tracker.flight.pending);
         let sent = out.is_empty() || self.stream.write_all(out).await.is_ok();
@@ -260,7 +277,7 @@ impl Session {
             return Some(Relayed::ServerGone("server connection lost".to_string().into()));
         }
         if let Some(again) = self.tracker.take_rerun() {
-            return self.run_again(conn, again).await;
+            return self.run_again(conn, st, again).await;
         }
         gone.map(Relayed::ServerGone)
     }
@@ -292,7 +309,7 @@ impl Session {
 
     /// Statements the server found stale, or DDL relayed: every connection
     /// to the database drops them (this one at once).
-    fn invalidate(&mut self, conn: &mut ServerConn, events: &prepared::CacheEvents) {
+    fn invalidate(&mut self, conn: &mut ServerConn, events: &tracker::CacheEvents) {
         if events.stale.is_empty() && !events.schema_changed {
             return;
         }
@@ -310,21 +327,21 @@ impl Session {
     /// Send a batch whose statement was stale again, ahead of the client's
     /// later messages; when that cannot be, give the client the server's
     /// answer to it.
-    async fn run_again(&mut self, conn: &mut ServerConn, again: prepared::Again) -> Option<Relayed> {
+    async fn run_again(&mut self, conn: &mut ServerConn, st: &mut Stretch, again: tracker::Again) -> Option<Relayed> {
         match again.resend {
             Some(mut resend) if !self.crelay.mid_message() => {
                 tracing::debug!(pool = %self.pool.name(), "a stale prepared statement: its batch runs again");
-                if let Some(replay) = &mut self.replay {
+                if let Some(replay) = &mut st.replay {
                     // Sent last: they are sent again below.
                     let kept = replay.sent.len().saturating_sub(resend.len());
                     replay.sent.truncate(kept);
                 }
                 resend.extend_from_slice(&self.rbuf);
                 self.rbuf = resend;
-                self.forward_client(conn).await
+                self.forward_client(conn, st).await
             }
             _ => {
-                self.replay = None;
+                st.replay = None;
                 self.stream.write_all(&again.answer).await.err().map(|_| Relayed::ClientGone)
             }
         }
@@ -434,7 +451,7 @@ impl ServerNotes {
     }
 
     /// One message relayed, with what the tracker made of it.
-    fn message(&mut self, tag: u8, body: &[u8], event: prepared::Event, watch_settings: bool) {
+    fn message(&mut self, tag: u8, body: &[u8], event: tracker::Event, watch_settings: bool) {
         match tag {
             b'Z' => {
                 self.readies += 1;
@@ -452,9 +469,9 @@ impl ServerNotes {
             }
         }
         match event {
-            prepared::Event::DiscardAll => self.discarded = true,
-            prepared::Event::Prepared(h) => self.learned.push(h),
-            prepared::Event::Skipped(_) | prepared::Event::None => {}
+            tracker::Event::DiscardAll => self.discarded = true,
+            tracker::Event::Prepared(h) => self.learned.push(h),
+            tracker::Event::Skipped(_) | tracker::Event::None => {}
         }
     }
 }

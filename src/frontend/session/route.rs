@@ -11,12 +11,12 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::lost::lost_error;
-use super::{pool_error, Session};
+use super::{pool_error, Session, Txn};
 use crate::backend::pool::{Checkout, Pool, PoolError};
 use crate::backend::server::{is_server_owned, ServerConn, ServerError};
 use crate::config::{PoolMode, TransactionRouting};
 use crate::protocol::error::{sqlstate, PgError};
-use crate::protocol::frame::{peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
+use crate::protocol::frame::{first_message, peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
 use crate::protocol::messages::TxStatus;
 use crate::protocol::prepared;
@@ -79,12 +79,6 @@ pub(super) enum Plan {
     EndMulti(bool),
 }
 
-/// The whole first message of `buf`, if it is there.
-pub(super) fn first_message(buf: &[u8]) -> Option<(u8, &[u8])> {
-    let (tag, len) = peek_header(buf, MAX_MESSAGE_LEN).ok()??;
-    Some((tag, buf.get(HEADER_LEN..HEADER_LEN + len)?))
-}
-
 pub(super) fn command_reply(tag: &str, status: TxStatus) -> BytesMut {
     let mut out = BytesMut::new();
     let at = msg::start_message(&mut out, b'C');
@@ -100,7 +94,7 @@ impl Session {
     /// message is there). The session setting `pgmux.route` = 'primary' |
     /// 'replica' | 'auto' overrides the classification.
     pub(super) fn plan(&mut self) -> Plan {
-        if self.mode != PoolMode::Transaction || self.pinned || (self.routing.is_none() && self.sharding.is_none()) {
+        if self.mode != PoolMode::Transaction || (self.routing.is_none() && self.sharding.is_none()) {
             return Plan::Go { target: None, decision: Decision::Write };
         }
         let Some((tag, body)) = first_message(&self.rbuf) else {
@@ -123,14 +117,14 @@ impl Session {
     /// A transaction pgmux holds open for the client (a deferred BEGIN, a
     /// transaction across shards): its end, or its failure.
     fn plan_in_transaction(&mut self, query: Option<&str>) -> Option<Plan> {
-        if let (Some(d), Some(end)) = (&self.deferred, query.and_then(scan::transaction_end)) {
+        if let (Some(d), Some(end)) = (self.deferred(), query.and_then(scan::transaction_end)) {
             // The transaction never reached a server: nothing to commit.
             let tag = if d.failed { "ROLLBACK" } else { end.tag() };
-            self.deferred = None;
+            self.txn = Txn::None;
             self.consume_first();
             return Some(Plan::Answer(command_reply(tag, TxStatus::Idle)));
         }
-        if let Some(m) = &self.multi {
+        if let Some(m) = self.multi() {
             let sql = match &query {
                 Some(q) => Some(q.to_string()),
                 None if self.batch_executes() => self.batch_sql(),
@@ -148,7 +142,7 @@ impl Session {
                 )));
             }
         }
-        if self.deferred.as_ref().is_some_and(|d| d.failed) {
+        if self.deferred().is_some_and(|d| d.failed) {
             return Some(Plan::Refuse(PgError::error(
                 sqlstate::IN_FAILED_SQL_TRANSACTION,
                 "current transaction is aborted, commands ignored until end of transaction block",
@@ -169,7 +163,7 @@ impl Session {
             decision = Decision::Read;
         }
         if decision == Decision::Read
-            && self.deferred.as_ref().is_some_and(|d| !d.sql.to_ascii_lowercase().contains("read only"))
+            && self.deferred().is_some_and(|d| !d.sql.to_ascii_lowercase().contains("read only"))
             && r.options.transaction_routing != TransactionRouting::FirstStatement
         {
             // A sharded transaction (its BEGIN deferred to find the
@@ -177,11 +171,11 @@ impl Session {
             decision = Decision::Other;
         }
         if decision == Decision::Begin
-            && self.deferred.is_none()
+            && self.between_transactions()
             && r.options.transaction_routing == TransactionRouting::FirstStatement
         {
             if let Some(sql) = query {
-                self.deferred = Some(Deferred { sql, failed: false });
+                self.txn = Txn::Deferred(Deferred { sql, failed: false });
                 self.consume_first();
                 return Plan::Answer(command_reply("BEGIN", TxStatus::InBlock));
             }
@@ -223,7 +217,7 @@ impl Session {
             Plan::EndMulti(commit) => Box::pin(self.end_multi(commit)).await,
         };
         if let (true, Some(sh)) = (spans, &self.sharding) {
-            self.account.scatter(&sh.name, started, self.multi.is_none());
+            self.account.scatter(&sh.name, started, self.multi().is_none());
         }
         going
     }
@@ -232,7 +226,7 @@ impl Session {
     /// routed at its first Execute, Sync or Flush, when every Parse and
     /// Bind before it can be classified (up to [`BATCH_WAIT_LIMIT`] bytes).
     pub(super) fn batch_incomplete(&self) -> bool {
-        if (self.routing.is_none() && self.sharding.is_none()) || self.mode != PoolMode::Transaction || self.pinned {
+        if (self.routing.is_none() && self.sharding.is_none()) || self.mode != PoolMode::Transaction {
             return false;
         }
         let mut rest: &[u8] = &self.rbuf;
@@ -272,7 +266,7 @@ impl Session {
     /// transaction pgmux knows of has failed.
     pub(super) fn failed_status(&mut self) -> TxStatus {
         let multi = self.fail_multi();
-        match (&mut self.deferred, multi) {
+        match (self.deferred_mut(), multi) {
             (Some(d), _) => {
                 d.failed = true;
                 TxStatus::Failed
@@ -422,7 +416,6 @@ impl Session {
         }
         batches += usize::from(!synced);
         self.forget_lost_settings();
-        self.pinned = false;
         self.restore(replay);
         let err = lost_error(why);
         for _ in 0..batches {
@@ -435,11 +428,10 @@ impl Session {
 
     /// Whether a session whose server connection was lost after part of
     /// an answer reached the client can go on: whole messages only went
-    /// either way, no COPY, and no transaction (or session state pinned to
-    /// that connection) the client knows of.
+    /// either way, no COPY, and no transaction the client knows of (the
+    /// caller checks that no session state was pinned to that connection).
     pub(super) fn keeps_session(&self) -> bool {
-        !self.pinned
-            && !self.srelay.mid_message()
+        !self.srelay.mid_message()
             && !self.crelay.mid_message()
             && self.tracker.flight.status == TxStatus::Idle
             && !self.tracker.flight.copy_in
@@ -473,7 +465,7 @@ impl Session {
     /// Run the deferred `BEGIN` on a connection just checked out for the
     /// transaction's first statement.
     pub(super) async fn begin_deferred(&mut self, server: &mut Checkout) -> Result<(), ServerError> {
-        if let Some(d) = self.deferred.take() {
+        if let Some(d) = self.take_deferred() {
             server.conn().run_expecting(&d.sql, TxStatus::InBlock).await?;
             self.tracker.reset(TxStatus::InBlock);
         }

@@ -7,10 +7,10 @@
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::route::first_message;
-use super::Session;
+use super::{Session, Txn};
 use crate::backend::pool::Checkout;
 use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::frame::first_message;
 use crate::protocol::frame::{peek_header, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
 use crate::protocol::messages::TxStatus;
@@ -190,9 +190,9 @@ impl Session {
     pub(super) async fn scatter_write(&mut self, sql: &str, shards: Option<Vec<usize>>, copies: bool) -> bool {
         let Some(sh) = self.sharding.clone() else { return false };
         self.consume_first();
-        let implicit = self.multi.is_none();
+        let implicit = self.multi().is_none();
         if implicit {
-            self.multi = Some(super::multi::Multi::new("BEGIN"));
+            self.txn = Txn::AcrossShards(super::multi::Multi::new("BEGIN"));
         }
         let mut request = BytesMut::new();
         msg::query(&mut request, sql);
@@ -281,7 +281,7 @@ impl Session {
 
     /// The transaction status pgmux reports after a batch it answered.
     pub(super) fn txn_status(&self) -> TxStatus {
-        match &self.multi {
+        match self.multi() {
             Some(m) if m.failed => TxStatus::Failed,
             Some(_) => TxStatus::InBlock,
             None => TxStatus::Idle,

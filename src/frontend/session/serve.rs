@@ -2,8 +2,10 @@
 //! stands between two client batches, [`Session::serve`] is the one loop
 //! that moves from each step to the next (the steps on the way to or
 //! holding a server connection in its inner loop, `attached`, boxed once
-//! per transaction), and each step is handled by its own function. What a step leaves for the next travels in the enum, not
-//! in flags.
+//! per transaction), and each step is handled by its own function. What a
+//! step leaves for the next travels in the enum, not in flags: an attached
+//! connection's relay facts (pinned, the replay) in its `Attached`, the
+//! transaction pgmux holds between batches in the session's `Txn`.
 //!
 //! ```text
 //! Idle ──whole batch──▶ Batch ──routed──▶ Checkout ──server──▶ Relay ──▶ Ended
@@ -16,6 +18,7 @@ use std::time::Instant;
 use bytes::Buf;
 use tokio::io::AsyncWriteExt;
 
+use super::relay::Stretch;
 use super::{frame_error, lost, route, Relayed, Session};
 use crate::backend::pool::Checkout;
 use crate::config::PoolMode;
@@ -49,6 +52,8 @@ enum Step {
 /// A server connection serving this client's transaction.
 struct Attached {
     server: Checkout,
+    /// What the relay keeps while it is attached (pinned, replay).
+    stretch: Stretch,
     /// The replica it is on (a read), if any.
     replica: Option<usize>,
     decision: Decision,
@@ -99,7 +104,7 @@ impl Session {
             step = match step {
                 Step::Checkout { target, decision, may_retry } => self.take_server(target, decision, may_retry).await,
                 Step::Relay(mut at) => {
-                    let outcome = self.relay(at.server.conn()).await;
+                    let outcome = self.relay(at.server.conn(), &mut at.stretch).await;
                     self.cancel.clear();
                     Step::Ended(at, outcome)
                 }
@@ -196,7 +201,7 @@ impl Session {
     /// Check out a server connection for the batch and get it ready.
     async fn take_server(&mut self, target: Option<Target>, decision: Decision, may_retry: bool) -> Step {
         let checked = match self.sharding.clone() {
-            Some(sh) if self.multi.is_some() => {
+            Some(sh) if self.multi().is_some() => {
                 Box::pin(self.shard_conn(&sh, self.shard_at, false)).await.map(|c| (c, None))
             }
             _ => self.checkout(target, decision).await,
@@ -206,7 +211,7 @@ impl Session {
             Err(e) if e.severity == Severity::Error => return self.refused(&e).await,
             Err(e) => return self.end_with(&e).await,
         };
-        let deferred = self.deferred.is_some();
+        let deferred = self.deferred().is_some();
         if let Err(e) = self.begin_deferred(&mut server).await {
             let err = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("server connection lost: {e}"));
             return self.end_with(&err).await;
@@ -216,16 +221,16 @@ impl Session {
         // anything else is answered with an error and the session goes on
         // (the client is idle: transaction mode, no open transaction pgmux
         // holds for it).
-        let kept = self.mode == PoolMode::Transaction && !self.pinned && self.multi.is_none() && !deferred;
-        self.replay = (replica.is_some() || kept).then(route::Replay::new);
+        let kept = self.mode == PoolMode::Transaction && self.multi().is_none() && !deferred;
+        let stretch = Stretch { replay: (replica.is_some() || kept).then(route::Replay::new), ..Default::default() };
         self.account.start(server.pool());
-        Step::Relay(Attached { server, replica, decision, kept, may_retry })
+        Step::Relay(Attached { server, stretch, replica, decision, kept, may_retry })
     }
 
     /// The relay stretch ended: give the connection back, retry, or end.
     async fn ended(&mut self, at: Attached, outcome: Relayed) -> Step {
-        let Attached { mut server, replica, decision, kept, may_retry } = at;
-        let replay = self.replay.take();
+        let Attached { mut server, mut stretch, replica, decision, kept, may_retry } = at;
+        let replay = stretch.replay.take();
         match outcome {
             Relayed::Released => {
                 if replica.is_none() && matches!(decision, Decision::Write | Decision::Begin) {
@@ -234,7 +239,7 @@ impl Session {
                     self.last_write = Some(Instant::now());
                 }
                 server.release();
-                if self.multi.is_some() {
+                if self.multi().is_some() {
                     // One part ended by a statement of its own: the others
                     // cannot be committed with it.
                     tracing::warn!("a transaction spanning shards ended on one shard only; rolling back the others");
@@ -247,11 +252,11 @@ impl Session {
                 Step::Idle { retry: false }
             }
             Relayed::ServerGone(lost) => {
-                let at = Attached { server, replica, decision, kept, may_retry };
+                let at = Attached { server, stretch, replica, decision, kept, may_retry };
                 self.lost_server(at, replay, lost).await
             }
             Relayed::ClientGone => {
-                Box::pin(self.abandon(server)).await;
+                Box::pin(self.abandon(server, stretch.pinned)).await;
                 Step::Done
             }
             Relayed::QueryTimeout => {
@@ -264,7 +269,7 @@ impl Session {
             }
             Relayed::ClientError(err) => {
                 let _ = self.stream.write_all(&err.to_bytes()).await;
-                Box::pin(self.abandon(server)).await;
+                Box::pin(self.abandon(server, stretch.pinned)).await;
                 Step::Done
             }
         }
@@ -275,7 +280,7 @@ impl Session {
     /// in transaction mode the client keeps its session; otherwise the
     /// session ends with the server's error.
     async fn lost_server(&mut self, at: Attached, replay: Option<route::Replay>, lost: lost::Lost) -> Step {
-        let Attached { server, replica, decision, kept, may_retry } = at;
+        let Attached { server, stretch, replica, decision, kept, may_retry } = at;
         let why = lost.why.clone();
         match (replay, replica) {
             (Some(replay), None) => {
@@ -303,7 +308,7 @@ impl Session {
                 self.restore(replay);
                 Step::Idle { retry: false }
             }
-            (None, _) if kept && self.keeps_session() => {
+            (None, _) if kept && !stretch.pinned && self.keeps_session() => {
                 tracing::warn!(pool = %server.pool().name(), "server connection lost mid-answer: {why}");
                 drop(server);
                 if Box::pin(self.lost_mid_answer(&why)).await {

@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use super::route::{first_message, Deferred, Plan};
-use super::Session;
+use super::route::{Deferred, Plan};
+use super::{Session, Txn};
 use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::frame::first_message;
 use crate::protocol::frame::HEADER_LEN;
 use crate::protocol::messages::TxStatus;
 use crate::protocol::messages::{self as msg, split_nul as cstr};
@@ -117,10 +118,10 @@ impl Session {
     /// `None`: routing goes on within the chosen shard (now `self.pool`
     /// and `self.routing`); `Some`: the plan for this batch.
     pub(super) fn shard_step(&mut self, sh: &Arc<ShardRouter>, query: Option<&str>) -> Option<Plan> {
-        if let (Some(q), None, None) = (query, &self.deferred, &self.multi) {
+        if let (Some(q), true) = (query, self.between_transactions()) {
             // A transaction's shard is that of its first statement.
             if sh.begins_transaction(q) {
-                self.deferred = Some(Deferred { sql: q.to_string(), failed: false });
+                self.txn = Txn::Deferred(Deferred { sql: q.to_string(), failed: false });
                 self.consume_first();
                 return Some(Plan::Answer(super::route::command_reply("BEGIN", TxStatus::InBlock)));
             }
@@ -128,10 +129,10 @@ impl Session {
         if self.cross() {
             // The transaction may span shards: its parts begin as it
             // reaches them.
-            if let Some(d) = self.deferred.take() {
-                self.multi = Some(super::multi::Multi::new(d.sql));
+            if let Some(d) = self.take_deferred() {
+                self.txn = Txn::AcrossShards(super::multi::Multi::new(d.sql));
             }
-            if self.multi.is_some() {
+            if self.multi().is_some() {
                 let sql = query.map(str::to_string).or_else(|| self.batch_sql());
                 if let Some(e) = self.check_savepoint(sql.as_deref()) {
                     return Some(Plan::Refuse(e));
@@ -144,7 +145,7 @@ impl Session {
         };
         // In a transaction spanning shards, the batch runs on its shard's part.
         let part = || Plan::Go { target: None, decision: crate::router::route::Decision::Write };
-        let in_multi = self.multi.is_some();
+        let in_multi = self.multi().is_some();
         match target {
             ShardTarget::One(i) => {
                 self.use_shard(sh, i);
@@ -159,7 +160,7 @@ impl Session {
                 Some(Plan::ScatterWrite(query.unwrap_or_default().to_string(), shards, false))
             }
             ShardTarget::Everywhere => Some(Plan::ScatterWrite(query.unwrap_or_default().to_string(), None, true)),
-            ShardTarget::CopyIn(_) if self.deferred.is_some() || in_multi => Some(Plan::Refuse(PgError::error(
+            ShardTarget::CopyIn(_) if self.deferred().is_some() || in_multi => Some(Plan::Refuse(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "pgmux: COPY into a sharded table cannot run inside a transaction",
             ))),
@@ -176,7 +177,7 @@ impl Session {
                 sqlstate::CONNECTION_FAILURE,
                 format!("pgmux: the shard directory did not resolve key {key}"),
             ))),
-            ShardTarget::All(_) if self.deferred.is_some() => Some(Plan::Refuse(PgError::error(
+            ShardTarget::All(_) if self.deferred().is_some() => Some(Plan::Refuse(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "pgmux: a read across shards cannot run inside a transaction",
             ))),
@@ -265,10 +266,10 @@ impl Session {
     /// cached. A failure is the batch's error.
     pub(super) async fn resolve_directory(&mut self) -> Result<(), PgError> {
         let Some(sh) = self.sharding.clone() else { return Ok(()) };
-        if self.mode != crate::config::PoolMode::Transaction || self.pinned {
+        if self.mode != crate::config::PoolMode::Transaction {
             return Ok(());
         }
-        if self.deferred.is_none() && self.multi.is_none() {
+        if self.between_transactions() {
             // A new transaction: forget the last one's keys.
             self.resolved.clear();
         }

@@ -63,9 +63,9 @@ fn databases(proxy: &Proxy) -> Table {
 /// key counts.
 async fn shards(proxy: &Proxy) -> Table {
     let mut t = Table::spec("database map kind shard index:int primary replicas keys:int moving:int");
-    let cfg = proxy.config();
-    for (name, db) in cfg.databases.iter().filter(|(_, db)| !db.shards.is_empty()) {
-        let directories = proxy.directories_for(name, db);
+    let topo = proxy.topology();
+    for (name, db) in topo.config.databases.iter().filter(|(_, db)| !db.shards.is_empty()) {
+        let directories = proxy.directories_for(&topo, name, db);
         let maps: Vec<(Option<&String>, Option<&crate::config::MapConfig>)> = if db.maps.is_empty() {
             vec![(None, None)]
         } else {

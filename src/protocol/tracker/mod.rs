@@ -2,8 +2,11 @@
 //! client and its attached server connection. Its [`Flight`] counts what
 //! the relay must wait for (Queries and Syncs unanswered, COPY IN, the
 //! transaction status) in every session; in transaction mode its queue of
-//! replies expected drives the prepared-statement bookkeeping
-//! ([`crate::protocol::prepared`]).
+//! replies expected drives the prepared-statement bookkeeping (the design:
+//! [`crate::protocol::prepared`]) on the statement records of [`Ctx`]:
+//! client messages in [`client`], server messages in [`server`], stale
+//! statements and the batches run again in [`rerun`], errors pgmux raises
+//! in a message's place in [`refuse`].
 //!
 //! Answers pgmux gives itself must reach the client in protocol order, and
 //! answers to injected messages must not reach it at all, so the queue
@@ -23,8 +26,53 @@ use crate::protocol::error::PgError;
 use crate::protocol::flight::Flight;
 use crate::protocol::frame::Flow;
 use crate::protocol::messages::TxStatus;
-use crate::protocol::prepared::{rerun, Again, Ctx};
-use crate::protocol::statements::Statement;
+use crate::protocol::statements::{ClientStatements, Invalidations, ServerStatements, Statement};
+
+mod client;
+mod refuse;
+pub(super) mod rerun;
+mod server;
+pub use rerun::Again;
+
+/// The state the tracker works on.
+pub struct Ctx<'a> {
+    pub stmts: &'a mut ClientStatements,
+    pub server: &'a mut ServerStatements,
+    pub server_cap: usize,
+    pub events: CacheEvents,
+    /// The statement invalidations of the server's database.
+    pub log: Option<&'a Invalidations>,
+    /// The marks of the Query or Parse being tracked, when the relay found
+    /// them already (its one pass over the text).
+    pub marks: Option<crate::sql::marks::Marks>,
+}
+
+/// What the server statement cache did (for metrics).
+#[derive(Debug, Default)]
+pub struct CacheEvents {
+    /// A statement the server had already.
+    pub hits: u64,
+    /// A statement prepared on the server.
+    pub misses: u64,
+    /// A statement closed on the server to make room.
+    pub evictions: u64,
+    /// Server statements found stale (with the preparation number of the
+    /// stale copy when their result type changed): to drop from every
+    /// connection.
+    pub stale: Vec<(u64, Option<u64>)>,
+    /// Batches run again after a stale statement.
+    pub reruns: u64,
+    /// Shapes a client was told, checked after DDL (`Expect::Verify`).
+    pub checks: u64,
+    /// A transaction that ran DDL ended: every statement may be stale.
+    pub schema_changed: bool,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(stmts: &'a mut ClientStatements, server: &'a mut ServerStatements, server_cap: usize) -> Self {
+        Ctx { stmts, server, server_cap, events: CacheEvents::default(), log: None, marks: None }
+    }
+}
 
 /// Bookkeeping to undo when the server skips a Parse after an error.
 #[derive(Debug)]
@@ -248,3 +296,6 @@ pub(super) fn put_message(b: &mut BytesMut, tag: u8, body: &[u8]) {
     b.put_i32(body.len() as i32 + 4);
     b.put_slice(body);
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::protocol::statements::{answer_parse_batch, server_name, statement_hash};
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut v = vec![tag];
