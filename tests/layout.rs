@@ -1,6 +1,6 @@
 //! The source layout's rules, checked on `src/` itself: no import cycle
 //! between modules (a module may use its ancestors, not the other way round
-//! through a detour), and no file over 500 lines.
+//! through a detour), no file over 500 lines, no function over 80.
 //!
 //! A module is a file (`a/b.rs` and `a/b/mod.rs` are `a::b`). Its
 //! dependencies are the `crate::…` and `super::…` paths outside comments,
@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 const MAX_LINES: usize = 500;
+const MAX_FN_LINES: usize = 80;
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read src") {
@@ -256,4 +257,61 @@ fn no_file_over_500_lines() {
     let g = graph();
     let long: Vec<_> = g.lines.iter().filter(|(_, n)| *n > MAX_LINES).collect();
     assert!(long.is_empty(), "files over {MAX_LINES} lines: {long:?}");
+}
+
+/// Functions of `code` longer than `max` lines: (first line, length).
+fn long_functions(code: &str, max: usize) -> Vec<(usize, usize)> {
+    let lines: Vec<&str> = code.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        let t = t.strip_prefix("pub(crate) ").or(t.strip_prefix("pub(super) ")).or(t.strip_prefix("pub ")).unwrap_or(t);
+        let t = t.strip_prefix("const ").unwrap_or(t);
+        let t = t.strip_prefix("async ").unwrap_or(t);
+        if !t.starts_with("fn ") {
+            continue;
+        }
+        // The body: from the first `{` after the signature to its match.
+        let (mut depth, mut opened) = (0i64, false);
+        for (j, l) in lines.iter().enumerate().skip(i) {
+            for c in l.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        opened = true;
+                    }
+                    '}' => depth -= 1,
+                    ';' if !opened && depth == 0 => break,
+                    _ => {}
+                }
+            }
+            if !opened && l.trim_end().ends_with(';') {
+                break; // a declaration without a body
+            }
+            if opened && depth <= 0 {
+                if j + 1 - i > max {
+                    out.push((i + 1, j + 1 - i));
+                }
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_function_over_80_lines() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut long = Vec::new();
+    for f in &files {
+        let code = code_of(&std::fs::read_to_string(f).expect("read source"));
+        for (line, n) in long_functions(&code, MAX_FN_LINES) {
+            long.push(format!("{}:{line} ({n} lines)", f.display()));
+        }
+    }
+    assert!(long.is_empty(), "functions over {MAX_FN_LINES} lines: {long:?}");
+    let sample = format!("fn a() {{\n{}}}\n", "    x();\n".repeat(90));
+    assert_eq!(long_functions(&sample, MAX_FN_LINES), vec![(1, 92)], "the check finds a long function");
 }
