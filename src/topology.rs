@@ -68,11 +68,12 @@ impl Topology {
             .filter_map(|u| Some((u.name.clone(), u.secret.as_ref()?.scram_verifier()?)))
             .collect();
         let groups = groups(&config);
+        let old = old.map(|o| (o, self::groups(&o.config)));
         let monitors: HashMap<_, _> = groups
             .iter()
             .filter(|(_, db)| db.read_routing && !db.replicas.is_empty())
             .filter_map(|(name, db)| {
-                let reused = old.and_then(|o| o.same_monitor(&config, name, db));
+                let reused = old.as_ref().and_then(|(o, was)| o.same_monitor(was.get(name)?, &config, name, db));
                 Some((name.clone(), reused.or_else(|| start_monitor(&config, name, db, &server_tls))?))
             })
             .collect();
@@ -96,14 +97,14 @@ impl Topology {
         })
     }
 
-    /// This snapshot's monitor of group `name`, when the new config would
-    /// build the same one (same group, monitor login and connect timeout).
-    fn same_monitor(&self, config: &Config, name: &str, db: &Database) -> Option<Arc<Monitor>> {
+    /// This snapshot's monitor of group `name` (`was` in this config),
+    /// when the new config would build the same one (same group, monitor
+    /// login and connect timeout).
+    fn same_monitor(&self, was: &Database, config: &Config, name: &str, db: &Database) -> Option<Arc<Monitor>> {
         let old = &self.config;
         let login = |c: &Config, d: &Database| d.monitor_user.as_deref().and_then(|u| c.monitor_login(u));
-        let old_db = groups(old).remove(name)?;
-        let same = old_db == *db
-            && login(old, &old_db) == login(config, db)
+        let same = was == db
+            && login(old, was) == login(config, db)
             && old.pool.server_connect_timeout == config.pool.server_connect_timeout;
         same.then(|| self.monitors.get(name).cloned()).flatten()
     }

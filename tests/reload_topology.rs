@@ -30,7 +30,16 @@ async fn reload_moves_reads_to_the_new_replicas() {
     };
     // The second replica added, the first drained (weight 0).
     let second = with(&format!("[{{ addr = \"{r1}\", weight = 0 }}, {{ addr = \"{r2}\", weight = 1 }}]"));
+    let first_monitor = p.proxy.monitor("app").expect("a monitor");
+    p.proxy.apply_config(apply(second.clone())).unwrap();
+    let monitor = p.proxy.monitor("app").expect("a monitor");
+    assert!(!std::sync::Arc::ptr_eq(&first_monitor, &monitor), "new replicas: a new monitor");
+    // The same group again: the snapshot swapped in keeps its monitor.
     p.proxy.apply_config(apply(second)).unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&monitor, &p.proxy.monitor("app").expect("a monitor")),
+        "an unchanged group keeps its monitor"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     for _ in 0..5 {
         let got = port_of(&cl, read).await;
