@@ -66,7 +66,10 @@ impl Session {
             let ev = tokio::select! {
                 r = self.stream.read_buf(&mut self.rbuf) => Event::Client(r),
                 r = conn.fill() => Event::Server(r),
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => Event::Timeout,
+                // A timer only when there is a deadline: a disabled
+                // branch's future is still built, and a Sleep takes the
+                // runtime's handle (a shared count) each time.
+                _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => Event::Timeout,
             };
             let end = match ev {
                 Event::Timeout => return Relayed::QueryTimeout,
