@@ -11,8 +11,19 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
 /// Session settings, shared until changed.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Settings(Arc<BTreeMap<String, String>>);
+
+/// The empty set every session and connection starts from: one map for
+/// all (no allocation per client for what it was told, per connection
+/// for what it applied).
+static EMPTY: std::sync::LazyLock<Arc<BTreeMap<String, String>>> = std::sync::LazyLock::new(Arc::default);
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings(EMPTY.clone())
+    }
+}
 
 impl Settings {
     /// Set `k` to `v` (a copy of the map first if it is shared, unless it
@@ -31,7 +42,7 @@ impl Settings {
 
     pub fn clear(&mut self) {
         if !self.0.is_empty() {
-            self.0 = Arc::default();
+            self.0 = EMPTY.clone();
         }
     }
 }
@@ -103,6 +114,16 @@ mod tests {
         b.remove("datestyle");
         b.remove("nothing");
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn empty_sets_are_one_map() {
+        let (a, mut b) = (Settings::default(), Settings::default());
+        assert!(Arc::ptr_eq(&a.0, &b.0), "no allocation per empty set");
+        b.set("x".into(), "1".into());
+        assert!(a.is_empty() && b.len() == 1, "the shared empty map is never written");
+        b.clear();
+        assert!(Arc::ptr_eq(&a.0, &b.0));
     }
 
     #[test]
