@@ -229,8 +229,7 @@ impl Session {
 
     /// The relay stretch ended: give the connection back, retry, or end.
     async fn ended(&mut self, at: Attached, outcome: Relayed) -> Step {
-        let Attached { mut server, mut stretch, replica, decision, kept, may_retry } = at;
-        let replay = stretch.replay.take();
+        let Attached { mut server, stretch, replica, decision, kept, may_retry } = at;
         match outcome {
             Relayed::Released => {
                 if replica.is_none() && matches!(decision, Decision::Write | Decision::Begin) {
@@ -253,7 +252,7 @@ impl Session {
             }
             Relayed::ServerGone(lost) => {
                 let at = Attached { server, stretch, replica, decision, kept, may_retry };
-                self.lost_server(at, replay, lost).await
+                self.lost_server(at, lost).await
             }
             Relayed::ClientGone => {
                 Box::pin(self.abandon(server, stretch.pinned)).await;
@@ -279,8 +278,9 @@ impl Session {
     /// batch runs again (a read) or is answered with an error; mid-answer
     /// in transaction mode the client keeps its session; otherwise the
     /// session ends with the server's error.
-    async fn lost_server(&mut self, at: Attached, replay: Option<route::Replay>, lost: lost::Lost) -> Step {
+    async fn lost_server(&mut self, at: Attached, lost: lost::Lost) -> Step {
         let Attached { server, stretch, replica, decision, kept, may_retry } = at;
+        let Stretch { pinned, replay, .. } = stretch;
         let why = lost.why.clone();
         match (replay, replica) {
             (Some(replay), None) => {
@@ -308,7 +308,7 @@ impl Session {
                 self.restore(replay);
                 Step::Idle { retry: false }
             }
-            (None, _) if kept && !stretch.pinned && self.keeps_session() => {
+            (None, _) if kept && !pinned && self.keeps_session() => {
                 tracing::warn!(pool = %server.pool().name(), "server connection lost mid-answer: {why}");
                 drop(server);
                 if Box::pin(self.lost_mid_answer(&why)).await {
