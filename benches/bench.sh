@@ -43,6 +43,13 @@
 #   DDL_EVERY seconds between DDL statements run through pgmux during a
 #             second `-S -M prepared` run (the cost of pgmux dropping and
 #             re-preparing every statement after DDL); 0 = skip          [0]
+#   CALLGRIND=1  run both proxies under valgrind's callgrind, counting
+#             instructions only during the measured runs: the table gets
+#             an "Ir/txn" column (instructions per transaction, repeatable
+#             where CPU time is noisy) and benches/results/logs/ the top
+#             functions of each run (callgrind_annotate). Use a longer
+#             DURATION (the proxies run ~50x slower) and PGMUX_THREADS=1
+#             (PgBouncer has one thread too).                     [unset]
 #
 # Adding a scenario: add its name to MODES and, if it is not a plain pgbench
 # `-M` protocol, a branch to mode_args(). Each (target, mode) pair becomes one
@@ -61,6 +68,8 @@ SKIP_BUILD=${SKIP_BUILD:-}
 REPLICAS=${REPLICAS:-2}
 SHARDS=${SHARDS:-2}
 DDL_EVERY=${DDL_EVERY:-0}
+CALLGRIND=${CALLGRIND:-}
+WRAP=()
 PGBOUNCER_BIN=${PGBOUNCER_BIN:-pgbouncer}
 DDL_PID=""
 REPLICA_DIRS=()
@@ -273,7 +282,7 @@ $(sharded_database)
 EOF
     PGMUX_LOG="$WORK/pgmux.log"
     log "starting pgmux on 127.0.0.1:$PGMUX_PORT (pool $POOL)"
-    "$PGMUX_BIN" --config "$cfg" >"$PGMUX_LOG" 2>&1 &
+    "${WRAP[@]}" "$PGMUX_BIN" --config "$cfg" >"$PGMUX_LOG" 2>&1 &
     PGMUX_PID=$!
     if ! wait_ready pgmux "$PGMUX_PORT" "$PGMUX_PID"; then
         log "pgmux log:"; cat "$PGMUX_LOG" >&2
@@ -320,7 +329,7 @@ EOF
     if is_root; then chown postgres:postgres "$ini" "$auth"; fi
     chmod 600 "$auth"
     log "starting $("$PGBOUNCER_BIN" --version | head -n1) on 127.0.0.1:$PGBOUNCER_PORT (pool $POOL)"
-    as_pg "$PGBOUNCER_BIN" -d "$ini" >"$WORK/pgbouncer.stdout" 2>&1 \
+    as_pg "${WRAP[@]}" "$PGBOUNCER_BIN" -d "$ini" >"$WORK/pgbouncer.stdout" 2>&1 \
         || { cat "$WORK/pgbouncer.stdout" "$PGBOUNCER_LOG" >&2 2>/dev/null; die "pgbouncer failed to start"; }
     if ! wait_ready PgBouncer "$PGBOUNCER_PORT"; then
         cat "$PGBOUNCER_LOG" >&2 2>/dev/null
@@ -371,13 +380,17 @@ run_pgbench() {
     local ppid ticks0=0 ticks1=0
     ppid=$(proxy_pid "$name")
     [[ -n "$ppid" ]] && ticks0=$(cpu_ticks "$ppid")
+    [[ -n "$ppid" ]] && callgrind_toggle "$ppid" on
     PGPASSWORD=bench run_child timeout -k 10 $((DURATION + 120)) \
         pgbench "${common[@]}" -T "$DURATION" "$@" "$db" >"$out" 2>&1 || rc=$?
     [[ -n "$ppid" ]] && ticks1=$(cpu_ticks "$ppid")
+    local ir=""
+    [[ -n "$ppid" ]] && ir=$(callgrind_toggle "$ppid" off "${name// /_}-$CURRENT_MODE")
     local txns cpu_us=n/a
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -n1)
     if [[ -n "$ppid" && -n "$txns" && "$txns" -gt 0 ]]; then
         cpu_us=$(awk -v t=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" -v n="$txns" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
+        [[ -n "$ir" ]] && cpu_us="$cpu_us|$((ir / txns))"
     fi
 
     local tps lat failed status=ok
@@ -403,6 +416,39 @@ run_pgbench() {
         tail -n 20 "$out" >&2
     fi
     ROWS+=("$name|$CURRENT_MODE|$tps|${lat:-n/a}|${failed:-n/a}|$cpu_us|$status")
+}
+
+# cg_control PID ARGS...: callgrind_control as the process's owner (its
+# vgdb pipes are that user's: PgBouncer runs as postgres).
+cg_control() {
+    local pid=$1 owner
+    shift
+    owner=$(stat -c %U "/proc/$pid")
+    if is_root && [[ "$owner" != root ]]; then
+        runuser -u "$owner" -- callgrind_control "$@" "$pid"
+    else
+        callgrind_control "$@" "$pid"
+    fi
+}
+
+# callgrind_toggle PID on|off [LABEL]: with CALLGRIND=1, start counting
+# the proxy's instructions, or stop, dump (LABEL names the dump) and print
+# how many it executed since "on".
+callgrind_toggle() {
+    [[ -n "$CALLGRIND" ]] || return 0
+    local pid=$1 how=$2 label=${3:-}
+    if [[ $how == on ]]; then
+        cg_control "$pid" -z >/dev/null 2>&1
+        cg_control "$pid" -i on >/dev/null 2>&1 || log "callgrind_control -i on $pid failed"
+        return 0
+    fi
+    cg_control "$pid" -i off >/dev/null 2>&1
+    cg_control "$pid" --dump="$label" >/dev/null 2>&1 || log "callgrind_control --dump $pid failed"
+    local f
+    f=$(grep -l "^desc: Trigger: .*$label" "$CG_DIR"/callgrind.* 2>/dev/null | tail -n1)
+    [[ -n "$f" ]] || { log "no callgrind dump for $label"; echo 0; return 0; }
+    callgrind_annotate --threshold=99 "$f" 2>/dev/null | head -n 60 >"$WORK/callgrind-$label.log"
+    sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$f" | head -n1
 }
 
 # DDL through pgmux every DDL_EVERY seconds (counted in $WORK/ddl.count).
@@ -443,10 +489,16 @@ summary() {
     echo
     printf '%-10s %-9s %12s %16s %8s %14s  %s\n' target mode tps "mean lat (ms)" failed "proxy CPU/txn" status
     printf '%-10s %-9s %12s %16s %8s %14s  %s\n' ---------- --------- ------------ ---------------- -------- -------------- ------
-    local row t m tps lat failed cpu status
+    local row t m tps lat failed cpu ir status
     for row in "${ROWS[@]}"; do
         IFS='|' read -r t m tps lat failed cpu status <<<"$row"
-        printf '%-10s %-9s %12s %16s %8s %11s us  %s\n' "$t" "$m" "$tps" "$lat" "$failed" "$cpu" "$status"
+        ir=""
+        if [[ -n "$CALLGRIND" && "$status" == *"|"* ]]; then
+            ir="${status%%|*}"
+            status="${status#*|}"
+        fi
+        printf '%-10s %-9s %12s %16s %8s %11s us  %s%s\n' "$t" "$m" "$tps" "$lat" "$failed" "$cpu" \
+            "${ir:+$ir Ir/txn  }" "$status"
     done
     echo "(proxy CPU/txn: user+system CPU time the proxy process used per transaction; lower is better,"
     echo " and steadier than tps on a box where pgbench, PostgreSQL and the proxy share $(nproc) cores)"
@@ -495,6 +547,12 @@ main() {
 
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/pgmux-bench.XXXXXX")
     chmod 755 "$WORK"
+    if [[ -n "$CALLGRIND" ]]; then
+        need_tools valgrind callgrind_control callgrind_annotate
+        CG_DIR="$WORK/callgrind"
+        mkdir -m 777 "$CG_DIR"
+        WRAP=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$CG_DIR/callgrind.%p")
+    fi
     start_postgres
     start_replicas
     start_pgmux

@@ -25,6 +25,9 @@ use crate::protocol::tls::ClientStream;
 use crate::proxy::Proxy;
 use crate::topology::Topology;
 
+/// A login refused after authentication: the client's stream and why.
+type Refused = Box<(ClientStream, PgError)>;
+
 impl Proxy {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         tracing::info!(addr = ?listener.local_addr().ok(), "pgmux listening");
@@ -112,7 +115,13 @@ impl Proxy {
     /// Serve a logged-in client until it leaves (`_count`: it counts as
     /// connected until then).
     async fn serve_client(self: Arc<Self>, client: Box<LoggedIn>, topo: Arc<Topology>, _count: ClientCount) {
-        let (mut session, _registered) = match self.open_session(*client, topo) {
+        // The box goes in: what it held is the session's now, and its room
+        // is freed with it (moved out here, it would stay allocated for as
+        // long as the client stays).
+        // The session is boxed: a future keeps every value it moves
+        // through (the match's result, then its binding) as well as the
+        // value, so the session inline here would be in the task twice.
+        let (mut session, _registered) = match self.open_session(client, topo) {
             Ok(opened) => opened,
             Err(refused) => {
                 let (mut stream, e) = *refused;
@@ -134,10 +143,10 @@ impl Proxy {
     /// is gone before the session is served).
     fn open_session(
         self: &Arc<Self>,
-        client: LoggedIn,
+        client: Box<LoggedIn>,
         topo: Arc<Topology>,
-    ) -> Result<(Session, Registered<'_>), Box<(ClientStream, PgError)>> {
-        let LoggedIn { stream, buf, info, user, client_key, peer } = client;
+    ) -> Result<(Box<Session>, Registered<'_>), Refused> {
+        let LoggedIn { stream, buf, info, user, client_key, peer } = *client;
         let config = &topo.config;
         let (backends, sharding) = match self.session_backends(&topo, &info.database, &user) {
             Ok(b) => b,
@@ -159,7 +168,7 @@ impl Proxy {
         }
         let app = info.params.get("application_name").cloned().unwrap_or_default();
         let registered = self.sessions.register(peer, &user.name, &info.database, &app);
-        let mut session = Session::new(stream, buf, pool, info.params, self.metrics.clone());
+        let mut session = Box::new(Session::new(stream, buf, pool, info.params, self.metrics.clone()));
         session.set_client(registered.info.clone(), self.draining.subscribe());
         session.log_slow(config.general.log_slow_queries.0);
         let looked_up = (!config.users.contains_key(&user.name)).then(|| user.clone());

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 /// What a client is doing.
@@ -42,6 +43,9 @@ pub struct ClientInfo {
     started: Instant,
     state: AtomicU8,
     kill: Notify,
+    /// The session's wait for its client's next bytes, woken at shutdown
+    /// (a session between transactions then leaves).
+    nudge: AtomicWaker,
 }
 
 impl ClientInfo {
@@ -60,6 +64,18 @@ impl ClientInfo {
     /// Ask the session to end (KILL).
     pub fn kill(&self) {
         self.kill.notify_one();
+    }
+
+    /// Wake the session if it waits for its client (pgmux is shutting
+    /// down: it leaves if it is between transactions).
+    pub fn nudge(&self) {
+        self.nudge.wake();
+    }
+
+    /// The session waits for its client with this waker (see
+    /// [`ClientInfo::nudge`]).
+    pub fn wait_nudge(&self, waker: &std::task::Waker) {
+        self.nudge.register(waker);
     }
 
     /// Resolves once [`ClientInfo::kill`] was called.
@@ -94,10 +110,18 @@ impl Clients {
             started: Instant::now(),
             state: AtomicU8::new(ClientState::Idle as u8),
             kill: Notify::new(),
+            nudge: AtomicWaker::new(),
         });
         tracing::info!(client = id, %addr, user, database, application_name, "client connected");
         self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(id, info.clone());
         Registered { clients: self, info }
+    }
+
+    /// Wake every session that waits for its client (shutdown).
+    pub fn nudge_all(&self) {
+        for c in self.map.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            c.nudge();
+        }
     }
 
     pub fn all(&self) -> Vec<Arc<ClientInfo>> {

@@ -120,6 +120,8 @@ impl Proxy {
     /// their next transaction boundary.
     pub fn request_shutdown(&self) {
         self.draining.send_replace(true);
+        // Idle sessions wait on their sockets only: wake them to leave.
+        self.sessions.nudge_all();
     }
 
     /// Resolves when a shutdown was requested.

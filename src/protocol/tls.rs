@@ -44,12 +44,14 @@ impl<S> MaybeTls<S> {
         matches!(self, MaybeTls::Tls(_))
     }
 
-    /// Wait until a read would not block (plain text; a TLS stream may
-    /// hold decrypted bytes already, so it is always ready to try).
-    pub async fn readable(&self) -> io::Result<()> {
+    /// Ready when a read would not block (plain text; a TLS stream may
+    /// hold decrypted bytes already, so it is always ready to try). Waits
+    /// through the socket's own registration: the waiting future holds
+    /// nothing of its own.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            MaybeTls::Plain(s) => s.readable().await,
-            MaybeTls::Tls(_) => Ok(()),
+            MaybeTls::Plain(s) => s.poll_read_ready(cx),
+            MaybeTls::Tls(_) => Poll::Ready(Ok(())),
         }
     }
 }

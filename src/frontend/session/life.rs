@@ -2,10 +2,11 @@
 //! (`SHOW CLIENTS`), `KILL`, and its end when pgmux shuts down (at its
 //! next transaction boundary, or when the shutdown timeout kills it).
 
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::{ready, Poll};
 
 use crate::frontend::buffers;
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use super::Session;
@@ -119,28 +120,33 @@ impl Session {
     /// Read more client bytes while idle; `None`: pgmux is shutting down.
     /// With nothing buffered, the session waits for the socket to become
     /// readable holding no buffer at all: an idle client costs pgmux no
-    /// read buffer.
+    /// read buffer. One poll function, not a select of futures: what an
+    /// idle session's task holds while it waits is a few references.
     pub(super) async fn read_idle(&mut self) -> Option<std::io::Result<usize>> {
         let between = self.between_transactions();
-        let Session { stream, rbuf, draining, .. } = self;
-        let read = async {
+        let Session { stream, rbuf, draining, client, .. } = self;
+        // Shutdown ends a session between transactions; it wakes this
+        // wait through the client's entry (`ClientInfo::nudge`).
+        let leave = draining.as_ref().zip(client.as_deref()).filter(|_| between);
+        std::future::poll_fn(|cx| {
+            if let Some((draining, info)) = leave {
+                info.wait_nudge(cx.waker());
+                if *draining.borrow() {
+                    return Poll::Ready(None);
+                }
+            }
             if rbuf.is_empty() {
-                // No buffer while the client is idle.
-                buffers::give(std::mem::take(rbuf));
-                stream.readable().await?;
+                if rbuf.capacity() > 0 {
+                    buffers::give(std::mem::take(rbuf));
+                }
+                if let Err(e) = ready!(stream.poll_read_ready(cx)) {
+                    return Poll::Ready(Some(Err(e)));
+                }
                 *rbuf = buffers::take();
             }
-            stream.read_buf(rbuf).await
-        };
-        match draining {
-            // Biased: in this order, without drawing a random one each poll.
-            Some(d) if between => tokio::select! {
-                biased;
-                r = read => Some(r),
-                _ = async { let _ = d.wait_for(|x| *x).await; } => None,
-            },
-            _ => Some(read.await),
-        }
+            tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, rbuf).map(Some)
+        })
+        .await
     }
 
     /// Tell the client pgmux is going away.

@@ -26,6 +26,12 @@ impl From<String> for Lost {
     }
 }
 
+impl From<String> for Box<Lost> {
+    fn from(why: String) -> Self {
+        Box::new(why.into())
+    }
+}
+
 impl Lost {
     /// What a client whose session ends with the connection is told
     /// (`None`: it was told already).

@@ -75,10 +75,11 @@ enum Relayed {
     Batch,
     /// Terminate or EOF from the client.
     ClientGone,
-    /// The server connection broke.
-    ServerGone(lost::Lost),
+    /// The server connection broke. (Boxed, as the client's error: rare,
+    /// and every step of an idle session has room for the largest.)
+    ServerGone(Box<lost::Lost>),
     /// The client broke the protocol.
-    ClientError(PgError),
+    ClientError(Box<PgError>),
     /// A query outlived `query_timeout`.
     QueryTimeout,
 }

@@ -157,7 +157,7 @@ impl Session {
         let ClientNotes { named, stop, held, .. } = self.apply_client_notes(conn, st, notes);
         let scan = match scanned {
             Ok(scan) => scan,
-            Err(e) => return Some(Relayed::ClientError(frame_error(e))),
+            Err(e) => return Some(Relayed::ClientError(Box::new(frame_error(e)))),
         };
         self.account.prepared(&events, &self.pool);
         let out = scan.rewritten.as_deref().unwrap_or(&self.rbuf[..scan.consumed]);
@@ -217,7 +217,7 @@ impl Session {
             if let Some(lost) = lost::goodbye_before_ready(&conn.rbuf) {
                 // A server shutting down: its goodbye (and any part of an
                 // answer before it) is not the answer.
-                return Some(Relayed::ServerGone(lost));
+                return Some(Relayed::ServerGone(Box::new(lost)));
             }
         }
         let track = self.track;
@@ -282,7 +282,7 @@ impl Session {
         if let Some(again) = self.tracker.take_rerun() {
             return self.run_again(conn, st, again).await;
         }
-        gone.map(Relayed::ServerGone)
+        gone.map(|lost| Relayed::ServerGone(Box::new(lost)))
     }
 
     /// What the server's messages did to the session: settings settled,
@@ -409,10 +409,10 @@ fn refused_message(tag: u8) -> Option<Relayed> {
     match tag {
         b'Q' | b'F' | b'S' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'd' | b'c' | b'f' => None,
         b'X' => Some(Relayed::ClientGone),
-        _ => Some(Relayed::ClientError(PgError::fatal(
+        _ => Some(Relayed::ClientError(Box::new(PgError::fatal(
             sqlstate::PROTOCOL_VIOLATION,
             format!("invalid frontend message type {tag}"),
-        ))),
+        )))),
     }
 }
 

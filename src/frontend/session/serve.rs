@@ -41,10 +41,11 @@ enum Step {
     /// Routed: check out a server connection for it.
     Checkout { target: Option<Target>, decision: Decision, may_retry: bool },
     /// Attached to a server connection: relay until a transaction boundary
-    /// or the end of either side.
-    Relay(Attached),
+    /// or the end of either side. (Boxed, as `Ended`: the steps of an idle
+    /// session's loop are as large as the largest of them.)
+    Relay(Box<Attached>),
     /// The relay stretch ended, this way.
-    Ended(Attached, Relayed),
+    Ended(Box<Attached>, Relayed),
     /// Serve no more.
     Done,
 }
@@ -224,12 +225,12 @@ impl Session {
         let kept = self.mode == PoolMode::Transaction && self.multi().is_none() && !deferred;
         let stretch = Stretch { replay: (replica.is_some() || kept).then(route::Replay::new), ..Default::default() };
         self.account.start(server.pool());
-        Step::Relay(Attached { server, stretch, replica, decision, kept, may_retry })
+        Step::Relay(Box::new(Attached { server, stretch, replica, decision, kept, may_retry }))
     }
 
     /// The relay stretch ended: give the connection back, retry, or end.
-    async fn ended(&mut self, at: Attached, outcome: Relayed) -> Step {
-        let Attached { mut server, stretch, replica, decision, kept, may_retry } = at;
+    async fn ended(&mut self, at: Box<Attached>, outcome: Relayed) -> Step {
+        let Attached { mut server, stretch, replica, decision, kept, may_retry } = *at;
         match outcome {
             Relayed::Released => {
                 if replica.is_none() && matches!(decision, Decision::Write | Decision::Begin) {
@@ -252,7 +253,7 @@ impl Session {
             }
             Relayed::ServerGone(lost) => {
                 let at = Attached { server, stretch, replica, decision, kept, may_retry };
-                self.lost_server(at, lost).await
+                self.lost_server(at, *lost).await
             }
             Relayed::ClientGone => {
                 Box::pin(self.abandon(server, stretch.pinned)).await;
@@ -267,6 +268,7 @@ impl Session {
                 self.end_with(&err).await
             }
             Relayed::ClientError(err) => {
+                let err = *err;
                 let _ = self.stream.write_all(&err.to_bytes()).await;
                 Box::pin(self.abandon(server, stretch.pinned)).await;
                 Step::Done
