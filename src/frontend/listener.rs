@@ -115,12 +115,10 @@ impl Proxy {
     /// Serve a logged-in client until it leaves (`_count`: it counts as
     /// connected until then).
     async fn serve_client(self: Arc<Self>, client: Box<LoggedIn>, topo: Arc<Topology>, _count: ClientCount) {
-        // The box goes in: what it held is the session's now, and its room
-        // is freed with it (moved out here, it would stay allocated for as
-        // long as the client stays).
-        // The session is boxed: a future keeps every value it moves
-        // through (the match's result, then its binding) as well as the
-        // value, so the session inline here would be in the task twice.
+        // The login's box goes in and is freed there (moved out of here,
+        // its room would stay allocated for as long as the client stays);
+        // the session comes back boxed (this future keeps both the match's
+        // result and its binding: a session inline would be here twice).
         let (mut session, _registered) = match self.open_session(client, topo) {
             Ok(opened) => opened,
             Err(refused) => {
