@@ -346,7 +346,7 @@ mode_args() {
     esac
 }
 
-ROWS=()   # "target|mode|tps|latency|failed|cpu_us|status"
+ROWS=()   # "target|mode|tps|latency|failed|cpu_us|ir_per_txn|status"
 
 # utime + stime of a process, in clock ticks.
 cpu_ticks() {
@@ -386,11 +386,11 @@ run_pgbench() {
     [[ -n "$ppid" ]] && ticks1=$(cpu_ticks "$ppid")
     local ir=""
     [[ -n "$ppid" ]] && ir=$(callgrind_toggle "$ppid" off "${name// /_}-$CURRENT_MODE")
-    local txns cpu_us=n/a
+    local txns cpu_us=n/a ir_txn=""
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -n1)
     if [[ -n "$ppid" && -n "$txns" && "$txns" -gt 0 ]]; then
         cpu_us=$(awk -v t=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" -v n="$txns" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
-        [[ -n "$ir" ]] && cpu_us="$cpu_us|$((ir / txns))"
+        if [[ -n "$ir" && "$ir" -gt 0 ]]; then ir_txn=$((ir / txns)); fi
     fi
 
     local tps lat failed status=ok
@@ -415,7 +415,7 @@ run_pgbench() {
         log "$name [$CURRENT_MODE]: pgbench status $status; last lines of its output:"
         tail -n 20 "$out" >&2
     fi
-    ROWS+=("$name|$CURRENT_MODE|$tps|${lat:-n/a}|${failed:-n/a}|$cpu_us|$status")
+    ROWS+=("$name|$CURRENT_MODE|$tps|${lat:-n/a}|${failed:-n/a}|$cpu_us|$ir_txn|$status")
 }
 
 # cg_control PID ARGS...: callgrind_control as the process's owner (its
@@ -491,12 +491,7 @@ summary() {
     printf '%-10s %-9s %12s %16s %8s %14s  %s\n' ---------- --------- ------------ ---------------- -------- -------------- ------
     local row t m tps lat failed cpu ir status
     for row in "${ROWS[@]}"; do
-        IFS='|' read -r t m tps lat failed cpu status <<<"$row"
-        ir=""
-        if [[ -n "$CALLGRIND" && "$status" == *"|"* ]]; then
-            ir="${status%%|*}"
-            status="${status#*|}"
-        fi
+        IFS='|' read -r t m tps lat failed cpu ir status <<<"$row"
         printf '%-10s %-9s %12s %16s %8s %11s us  %s%s\n' "$t" "$m" "$tps" "$lat" "$failed" "$cpu" \
             "${ir:+$ir Ir/txn  }" "$status"
     done
