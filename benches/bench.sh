@@ -47,9 +47,15 @@
 #             instructions only during the measured runs: the table gets
 #             an "Ir/txn" column (instructions per transaction, repeatable
 #             where CPU time is noisy) and benches/results/logs/ the top
-#             functions of each run (callgrind_annotate). Use a longer
+#             functions of each run, self and inclusive (callgrind_annotate),
+#             with the dump itself (callgrind-*.out). Use a longer
 #             DURATION (the proxies run ~50x slower) and PGMUX_THREADS=1
 #             (PgBouncer has one thread too).                     [unset]
+#   STRACE=1  attach `strace -c -f` to each proxy during its measured run:
+#             the table gets a "sys/txn" column (system calls per
+#             transaction) and benches/results/logs/strace-*.log the count
+#             of each call. The proxies run slower under strace; the
+#             counts per transaction, not the tps, are the figures.  [unset]
 #
 # Adding a scenario: add its name to MODES and, if it is not a plain pgbench
 # `-M` protocol, a branch to mode_args(). Each (target, mode) pair becomes one
@@ -69,9 +75,11 @@ REPLICAS=${REPLICAS:-2}
 SHARDS=${SHARDS:-2}
 DDL_EVERY=${DDL_EVERY:-0}
 CALLGRIND=${CALLGRIND:-}
+STRACE=${STRACE:-}
 WRAP=()
 PGBOUNCER_BIN=${PGBOUNCER_BIN:-pgbouncer}
 DDL_PID=""
+STRACE_PID=""
 REPLICA_DIRS=()
 REPLICA_PORTS=()
 
@@ -114,6 +122,7 @@ cleanup() {
     set +e
     exec 1>&3 2>&4
     if [[ -n "$DDL_PID" ]]; then kill "$DDL_PID" 2>/dev/null; wait "$DDL_PID" 2>/dev/null; fi
+    if [[ -n "$STRACE_PID" ]]; then kill "$STRACE_PID" 2>/dev/null; wait "$STRACE_PID" 2>/dev/null; fi
     if [[ -n "$CHILD_PID" ]] && kill -0 "$CHILD_PID" 2>/dev/null; then
         kill -TERM "$CHILD_PID" 2>/dev/null
         wait "$CHILD_PID" 2>/dev/null
@@ -329,8 +338,14 @@ EOF
     if is_root; then chown postgres:postgres "$ini" "$auth"; fi
     chmod 600 "$auth"
     log "starting $("$PGBOUNCER_BIN" --version | head -n1) on 127.0.0.1:$PGBOUNCER_PORT (pool $POOL)"
-    as_pg "${WRAP[@]}" "$PGBOUNCER_BIN" -d "$ini" >"$WORK/pgbouncer.stdout" 2>&1 \
-        || { cat "$WORK/pgbouncer.stdout" "$PGBOUNCER_LOG" >&2 2>/dev/null; die "pgbouncer failed to start"; }
+    if ((${#WRAP[@]} > 0)); then
+        # Under valgrind PgBouncer stays in the foreground: a daemon's
+        # fork leaves callgrind's control pipe with the parent that exits.
+        as_pg "${WRAP[@]}" "$PGBOUNCER_BIN" "$ini" >"$WORK/pgbouncer.stdout" 2>&1 &
+    else
+        as_pg "$PGBOUNCER_BIN" -d "$ini" >"$WORK/pgbouncer.stdout" 2>&1 \
+            || { cat "$WORK/pgbouncer.stdout" "$PGBOUNCER_LOG" >&2 2>/dev/null; die "pgbouncer failed to start"; }
+    fi
     if ! wait_ready PgBouncer "$PGBOUNCER_PORT"; then
         cat "$PGBOUNCER_LOG" >&2 2>/dev/null
         die "PgBouncer did not accept connections within 20 s"
@@ -346,7 +361,7 @@ mode_args() {
     esac
 }
 
-ROWS=()   # "target|mode|tps|latency|failed|cpu_us|ir_per_txn|status"
+ROWS=()   # "target|mode|tps|latency|failed|cpu_us|ir_per_txn|syscalls_per_txn|status"
 
 # utime + stime of a process, in clock ticks.
 cpu_ticks() {
@@ -380,17 +395,23 @@ run_pgbench() {
     local ppid ticks0=0 ticks1=0
     ppid=$(proxy_pid "$name")
     [[ -n "$ppid" ]] && ticks0=$(cpu_ticks "$ppid")
+    local label="${name// /_}-$CURRENT_MODE"
     [[ -n "$ppid" ]] && callgrind_toggle "$ppid" on
+    [[ -n "$ppid" ]] && strace_attach "$ppid" "$label"
     PGPASSWORD=bench run_child timeout -k 10 $((DURATION + 120)) \
         pgbench "${common[@]}" -T "$DURATION" "$@" "$db" >"$out" 2>&1 || rc=$?
     [[ -n "$ppid" ]] && ticks1=$(cpu_ticks "$ppid")
-    local ir=""
-    [[ -n "$ppid" ]] && ir=$(callgrind_toggle "$ppid" off "${name// /_}-$CURRENT_MODE")
-    local txns cpu_us=n/a ir_txn=""
+    local ir="" calls=""
+    [[ -n "$ppid" ]] && ir=$(callgrind_toggle "$ppid" off "$label")
+    [[ -n "$ppid" ]] && calls=$(strace_detach "$label")
+    local txns cpu_us=n/a ir_txn="" sys_txn=""
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -n1)
     if [[ -n "$ppid" && -n "$txns" && "$txns" -gt 0 ]]; then
         cpu_us=$(awk -v t=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" -v n="$txns" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
         if [[ -n "$ir" && "$ir" -gt 0 ]]; then ir_txn=$((ir / txns)); fi
+        if [[ -n "$calls" && "$calls" -gt 0 ]]; then
+            sys_txn=$(awk -v c="$calls" -v n="$txns" 'BEGIN { printf "%.2f", c / n }')
+        fi
     fi
 
     local tps lat failed status=ok
@@ -415,7 +436,7 @@ run_pgbench() {
         log "$name [$CURRENT_MODE]: pgbench status $status; last lines of its output:"
         tail -n 20 "$out" >&2
     fi
-    ROWS+=("$name|$CURRENT_MODE|$tps|${lat:-n/a}|${failed:-n/a}|$cpu_us|$ir_txn|$status")
+    ROWS+=("$name|$CURRENT_MODE|$tps|${lat:-n/a}|${failed:-n/a}|$cpu_us|$ir_txn|$sys_txn|$status")
 }
 
 # cg_control PID ARGS...: callgrind_control as the process's owner (its
@@ -448,7 +469,27 @@ callgrind_toggle() {
     f=$(grep -l "^desc: Trigger: .*$label" "$CG_DIR"/callgrind.* 2>/dev/null | tail -n1)
     [[ -n "$f" ]] || { log "no callgrind dump for $label"; echo 0; return 0; }
     callgrind_annotate --threshold=99 "$f" 2>/dev/null | head -n 60 >"$WORK/callgrind-$label.log"
+    callgrind_annotate --inclusive=yes --threshold=99 "$f" 2>/dev/null | head -n 100 >"$WORK/callgrind-$label.inclusive.log"
+    cp "$f" "$WORK/callgrind-$label.out"
     sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$f" | head -n1
+}
+
+# strace_attach PID LABEL: with STRACE=1, count the proxy's system calls
+# (all its threads) until strace_detach.
+strace_attach() {
+    [[ -n "$STRACE" ]] || return 0
+    strace -c -f -q -p "$1" -o "$WORK/strace-$2.log" 2>/dev/null &
+    STRACE_PID=$!
+    sleep 0.5 # attached before the run starts
+}
+
+# strace_detach LABEL: stop counting; print the number of calls made.
+strace_detach() {
+    [[ -n "$STRACE" && -n "$STRACE_PID" ]] || return 0
+    kill -INT "$STRACE_PID" 2>/dev/null
+    wait "$STRACE_PID" 2>/dev/null || true
+    STRACE_PID=""
+    awk '$NF == "total" { print $4 }' "$WORK/strace-$1.log" 2>/dev/null
 }
 
 # DDL through pgmux every DDL_EVERY seconds (counted in $WORK/ddl.count).
@@ -489,11 +530,11 @@ summary() {
     echo
     printf '%-10s %-9s %12s %16s %8s %14s  %s\n' target mode tps "mean lat (ms)" failed "proxy CPU/txn" status
     printf '%-10s %-9s %12s %16s %8s %14s  %s\n' ---------- --------- ------------ ---------------- -------- -------------- ------
-    local row t m tps lat failed cpu ir status
+    local row t m tps lat failed cpu ir calls status
     for row in "${ROWS[@]}"; do
-        IFS='|' read -r t m tps lat failed cpu ir status <<<"$row"
-        printf '%-10s %-9s %12s %16s %8s %11s us  %s%s\n' "$t" "$m" "$tps" "$lat" "$failed" "$cpu" \
-            "${ir:+$ir Ir/txn  }" "$status"
+        IFS='|' read -r t m tps lat failed cpu ir calls status <<<"$row"
+        printf '%-10s %-9s %12s %16s %8s %11s us  %s%s%s\n' "$t" "$m" "$tps" "$lat" "$failed" "$cpu" \
+            "${ir:+$ir Ir/txn  }" "${calls:+$calls sys/txn  }" "$status"
     done
     echo "(proxy CPU/txn: user+system CPU time the proxy process used per transaction; lower is better,"
     echo " and steadier than tps on a box where pgbench, PostgreSQL and the proxy share $(nproc) cores)"
@@ -548,6 +589,7 @@ main() {
         mkdir -m 777 "$CG_DIR"
         WRAP=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$CG_DIR/callgrind.%p")
     fi
+    if [[ -n "$STRACE" ]]; then need_tools strace; fi
     start_postgres
     start_replicas
     start_pgmux
@@ -615,7 +657,7 @@ main() {
 
     mkdir -p "$RESULTS_DIR/logs"
     rm -f "$RESULTS_DIR"/logs/*
-    cp "$WORK"/*.log "$WORK"/*.log.warmup "$WORK"/*.toml "$WORK"/*.ini "$RESULTS_DIR/logs/" 2>/dev/null || true
+    cp "$WORK"/*.log "$WORK"/*.log.warmup "$WORK"/*.out "$WORK"/*.toml "$WORK"/*.ini "$RESULTS_DIR/logs/" 2>/dev/null || true
     summary | tee "$RESULTS_DIR/latest.txt"
     log "logs of this run: $RESULTS_DIR/logs/"
 }
