@@ -15,6 +15,7 @@ pub mod key;
 pub mod map;
 pub mod merge;
 pub mod mover;
+pub mod split;
 pub mod twophase;
 pub mod values;
 
@@ -65,6 +66,9 @@ pub enum ShardTarget {
     /// A write to a reference table: the same on every shard
     /// (`allow_cross_shard_writes`).
     Everywhere,
+    /// An INSERT whose rows belong to several shards, cut per shard
+    /// (`allow_cross_shard_writes`).
+    Split(Box<split::Split>),
 }
 struct TableMap {
     tables: HashMap<String, (String, usize)>,
@@ -235,14 +239,24 @@ impl ShardRouter {
             Analysis::Scope { scope: Scope::Keys { map, keys }, read, insert, merge, .. } => {
                 match self.shards_of_keys(map, &keys, insert, params, resolved)? {
                     KeysAt::Lookup(t) => Ok(t),
-                    KeysAt::Shards(shards) => self.spanning(sql, shards, read, insert, merge),
+                    KeysAt::Shards(each) if insert => self.insert_rows(sql, &each),
+                    KeysAt::Shards(each) => {
+                        let mut shards: Vec<usize> = Vec::new();
+                        for s in each.into_iter().flatten() {
+                            if !shards.contains(&s) {
+                                shards.push(s);
+                            }
+                        }
+                        self.spanning(sql, shards, read, merge)
+                    }
                 }
             }
         }
     }
 
-    /// The shards of a statement's keys in map `m` (`params`: the Bind
-    /// values), or the directory lookup that must come first.
+    /// The shard of each of a statement's keys in map `m` (`params`: the
+    /// Bind values; None: a key the directory does not have), or the
+    /// directory lookup that must come first.
     fn shards_of_keys(
         &self,
         m: usize,
@@ -252,30 +266,46 @@ impl ShardRouter {
         resolved: &mut Resolved,
     ) -> Result<KeysAt, PgError> {
         let map = &self.maps[m];
-        let mut shards = Vec::new();
+        let mut shards = Vec::with_capacity(keys.len());
         for k in keys {
             let key = resolve(map.key_type(), k, params)?;
-            let s = match self.shard_for(m, &key, insert, resolved)? {
-                KeyShard::At(s) => s,
-                KeyShard::Absent => continue,
+            shards.push(match self.shard_for(m, &key, insert, resolved)? {
+                KeyShard::At(s) => Some(s),
+                KeyShard::Absent => None,
                 KeyShard::Lookup(t) => return Ok(KeysAt::Lookup(t)),
-            };
-            if !shards.contains(&s) {
-                shards.push(s);
-            }
+            });
         }
         Ok(KeysAt::Shards(shards))
     }
 
-    /// Where a statement whose keys are on `shards` goes: nowhere in
-    /// particular (no key is anywhere), that shard, or every one of them
-    /// (a read merged by `merge`, or a write when allowed).
+    /// Where an INSERT whose row `i` belongs on shard `each[i]` goes: that
+    /// shard, or each shard its rows (cut per shard) when writes may span
+    /// shards.
+    fn insert_rows(&self, sql: &str, each: &[Option<usize>]) -> Result<ShardTarget, PgError> {
+        // An INSERT gives every key a shard (a directory assigns one).
+        let each: Vec<usize> = each.iter().map(|s| s.unwrap_or(0)).collect();
+        match each.split_first() {
+            None => Ok(ShardTarget::Any),
+            Some((first, rest)) if rest.iter().all(|s| s == first) => Ok(ShardTarget::One(*first)),
+            Some(_) if !self.allow_cross_shard_writes => Err(feature(
+                "pgmux: an INSERT whose rows belong to several shards is a write spanning shards, refused \
+                 (allow_cross_shard_writes = false)",
+            )
+            .with_hint("Insert each shard's rows in an INSERT of their own.")),
+            Some(_) => split::split_insert(sql, &each)
+                .map(|s| ShardTarget::Split(Box::new(s)))
+                .map_err(|why| feature(format!("pgmux: {why}"))),
+        }
+    }
+
+    /// Where a statement (not an INSERT) whose keys are on `shards` goes:
+    /// nowhere in particular (no key is anywhere), that shard, or every one
+    /// of them (a read merged by `merge`, or a write when allowed).
     fn spanning(
         &self,
         sql: &str,
         mut shards: Vec<usize>,
         read: bool,
-        insert: bool,
         merge: Option<Result<Box<merge::MergePlan>, String>>,
     ) -> Result<ShardTarget, PgError> {
         match shards.as_slice() {
@@ -295,7 +325,6 @@ impl ShardRouter {
                 Some(Err(why)) => Err(feature(format!("pgmux: keys on several shards: {why}"))),
                 None => Err(feature("pgmux: keys on several shards in one read")),
             },
-            _ if insert => Err(feature("pgmux: an INSERT whose rows belong to several shards must be split per shard")),
             _ if self.allow_cross_shard_writes => {
                 shards.sort_unstable();
                 Ok(ShardTarget::Write(Some(shards)))
@@ -307,8 +336,8 @@ impl ShardRouter {
 
 /// Where the keys of one statement are.
 enum KeysAt {
-    /// On these shards (none: keys the directory does not have).
-    Shards(Vec<usize>),
+    /// The shard of each key (None: a key the directory does not have).
+    Shards(Vec<Option<usize>>),
     /// A directory lookup comes first.
     Lookup(ShardTarget),
 }

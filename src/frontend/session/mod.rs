@@ -7,7 +7,7 @@
 //! deferred BEGIN, or a transaction across shards). The other files are
 //! what those steps call: `route.rs`
 //! (where a batch goes), `relay.rs` (the byte relay), `settings.rs`,
-//! `shard.rs` / `multi.rs` / `scatter.rs` / `copy.rs` (sharding),
+//! `shard.rs` / `multi.rs` / `scatter.rs` / `write.rs` / `copy.rs` (sharding),
 //! `lost.rs` / `abandon.rs` (a lost server, a departed client),
 //! `welcome.rs`, `life.rs` (login to goodbye), `account.rs` (counting).
 //!
@@ -50,6 +50,7 @@ mod serve;
 mod settings;
 mod shard;
 mod welcome;
+mod write;
 
 pub use life::Refresh;
 

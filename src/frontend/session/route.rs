@@ -69,9 +69,10 @@ pub(super) enum Plan {
     Scatter(Box<crate::shard::merge::MergePlan>),
     /// The same, as an extended-protocol batch.
     ScatterExtended(Box<crate::shard::merge::MergePlan>),
-    /// A write run on several shards (None: all); `true`: the same rows
-    /// on each (a reference table), counted once.
-    ScatterWrite(String, Option<Vec<usize>>, bool),
+    /// A write run on several shards, in parts; `copies`: the same rows
+    /// on each (a reference table), counted once; `extended`: an
+    /// extended-protocol batch.
+    ScatterWrite { split: Box<crate::shard::split::Split>, copies: bool, extended: bool },
     /// COPY FROM STDIN split over the shards (the statement's text; sent
     /// over the extended protocol).
     CopyIn(Box<crate::shard::copy::CopyIn>, String, bool),
@@ -202,7 +203,11 @@ impl Session {
         let started = std::time::Instant::now();
         let spans = matches!(
             plan,
-            Plan::Scatter(_) | Plan::ScatterExtended(_) | Plan::CopyIn(..) | Plan::ScatterWrite(..) | Plan::EndMulti(_)
+            Plan::Scatter(_)
+                | Plan::ScatterExtended(_)
+                | Plan::CopyIn(..)
+                | Plan::ScatterWrite { .. }
+                | Plan::EndMulti(_)
         );
         let going = match plan {
             Plan::Go { .. } => true,
@@ -213,7 +218,9 @@ impl Session {
             Plan::Scatter(plan) => Box::pin(self.scatter(&plan)).await,
             Plan::ScatterExtended(plan) => Box::pin(self.scatter_extended(&plan)).await,
             Plan::CopyIn(copy, sql, extended) => Box::pin(self.copy_into_shards(*copy, sql, extended)).await,
-            Plan::ScatterWrite(sql, shards, copies) => Box::pin(self.scatter_write(&sql, shards, copies)).await,
+            Plan::ScatterWrite { split, copies, extended } => {
+                Box::pin(self.scatter_write(&split, copies, extended)).await
+            }
             Plan::EndMulti(commit) => Box::pin(self.end_multi(commit)).await,
         };
         if let (true, Some(sh)) = (spans, &self.sharding) {

@@ -7,7 +7,7 @@
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Session, Txn};
+use super::Session;
 use crate::backend::pool::Checkout;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::first_message;
@@ -39,16 +39,47 @@ fn unsupported(why: &str) -> PgError {
 }
 
 /// The client's extended-protocol batch, as far as a scatter needs it.
-struct Batch {
+pub(super) struct Batch {
     /// Tags in order (P, B, D, E, S).
     tags: Vec<u8>,
     /// A named Parse: (name, body after the name).
-    named: Option<(String, Vec<u8>)>,
+    pub(super) named: Option<(String, Vec<u8>)>,
     /// Parameter types (from the Parse or the client's statement).
-    types: Vec<u8>,
-    bind: Vec<u8>,
+    pub(super) types: Vec<u8>,
+    pub(super) bind: Vec<u8>,
     /// A Describe of the statement (before the Bind).
-    describes_statement: bool,
+    pub(super) describes_statement: bool,
+}
+
+impl Batch {
+    /// The replies to the batch, in its order, as one server would give
+    /// them: `desc` the portal's RowDescription (or NoData), `stmt_desc`
+    /// the statement's descriptions, `executed` the Execute's rows and
+    /// CommandComplete.
+    pub(super) fn reply(&self, desc: &[u8], stmt_desc: &[u8], executed: &[u8], status: TxStatus) -> BytesMut {
+        let mut out = BytesMut::new();
+        // The statement's Describe (if any) comes before the Bind.
+        let mut statement_pending = self.describes_statement;
+        for tag in &self.tags {
+            match tag {
+                b'P' => out.extend_from_slice(b"1\0\0\0\x04"),
+                b'B' => out.extend_from_slice(b"2\0\0\0\x04"),
+                b'D' if !std::mem::take(&mut statement_pending) => out.extend_from_slice(desc),
+                b'D' => out.extend_from_slice(stmt_desc),
+                b'E' => out.extend_from_slice(executed),
+                _ => msg::ready_for_query(&mut out, status),
+            }
+        }
+        out
+    }
+
+    /// Remember the batch's named statement (its Parse ran only on the
+    /// shards, not on a connection the session's statements follow).
+    pub(super) fn keep_statement(&mut self, stmts: &mut crate::protocol::statements::ClientStatements) {
+        if let Some((name, rest)) = self.named.take() {
+            stmts.map.insert(name, std::sync::Arc::new(Statement::new(&rest)));
+        }
+    }
 }
 
 impl Session {
@@ -86,7 +117,7 @@ impl Session {
         request: &[u8],
     ) -> Result<(BytesMut, Vec<Row>, Vec<u8>), PgError> {
         let mut conns = self.shard_conns(sh, plan.shards.as_deref(), true).await?;
-        let answers = self.ask_all(&mut conns, request).await;
+        let answers = self.ask_each(&mut conns, |_| request).await;
         let mut desc: Option<BytesMut> = None;
         let mut stmt_desc = Vec::new();
         let mut shards_rows = Vec::new();
@@ -164,102 +195,29 @@ impl Session {
             Ok(r) => r,
             Err(e) => return self.answer_error(&e).await,
         };
-        if let Some((name, rest)) = batch.named {
-            self.stmts.map.insert(name, std::sync::Arc::new(Statement::new(&rest)));
-        }
-        let mut out = BytesMut::new();
-        // Describes in order: the statement's (if any) comes before the Bind.
-        let mut statement_pending = batch.describes_statement;
-        for tag in batch.tags {
-            match tag {
-                b'P' => out.extend_from_slice(b"1\0\0\0\x04"),
-                b'B' => out.extend_from_slice(b"2\0\0\0\x04"),
-                b'D' if !std::mem::take(&mut statement_pending) => out.extend_from_slice(&desc),
-                b'D' => out.extend_from_slice(&stmt_desc),
-                b'E' => put_rows(&mut out, &rows),
-                _ => msg::ready_for_query(&mut out, self.txn_status()),
-            }
-        }
+        let mut batch = batch;
+        batch.keep_statement(&mut self.stmts);
+        let mut executed = BytesMut::new();
+        put_rows(&mut executed, &rows);
+        let out = batch.reply(&desc, &stmt_desc, &executed, self.txn_status());
         self.stream.write_all(&out).await.is_ok()
     }
 
-    /// Run a write on several shards' primaries (`allow_cross_shard_writes`)
-    /// and answer with the rows it returned and its counts added up. Outside
-    /// a transaction it is one of its own, committed on every shard (see
-    /// [`super::multi`]). `false`: the client went away.
-    pub(super) async fn scatter_write(&mut self, sql: &str, shards: Option<Vec<usize>>, copies: bool) -> bool {
-        let Some(sh) = self.sharding.clone() else { return false };
-        self.consume_first();
-        let implicit = self.multi().is_none();
-        if implicit {
-            self.txn = Txn::AcrossShards(super::multi::Multi::new("BEGIN"));
-        }
-        let mut request = BytesMut::new();
-        msg::query(&mut request, sql);
-        let answers = match self.shard_conns(&sh, shards.as_deref(), false).await {
-            Ok(mut conns) => self.ask_all(&mut conns, &request).await,
-            Err(e) => vec![Err(e)],
-        };
-        let (mut out, mut rows, mut desc, mut error) = (BytesMut::new(), BytesMut::new(), None, None);
-        let (mut verb, mut count) = (String::new(), 0u64);
-        for (at, answer) in answers.into_iter().enumerate() {
-            let a = match answer {
-                Ok(a) => a,
-                Err(e) => {
-                    error.get_or_insert(e);
-                    continue;
-                }
-            };
-            if let Some(e) = &a.error {
-                error.get_or_insert(PgError::error_from_server(e));
+    /// Send each connection its request (`request(shard)`) at once and
+    /// read the answers; the connections go back (to the transaction, or
+    /// their pools).
+    pub(super) async fn ask_each<'r>(
+        &mut self,
+        conns: &mut Vec<(usize, Checkout)>,
+        request: impl Fn(usize) -> &'r [u8],
+    ) -> Vec<Result<Answer, PgError>> {
+        let sends = conns.iter_mut().map(|(i, c)| {
+            let request = request(*i);
+            async move {
+                let conn = c.conn();
+                conn.stream.write_all(request).await?;
+                read_any_answer(conn).await
             }
-            desc = desc.or(a.desc);
-            if copies && at > 0 {
-                // A reference table's copies: counted and returned once.
-                continue;
-            }
-            for r in &a.rows {
-                let m = msg::start_message(&mut rows, b'D');
-                rows.extend_from_slice(r);
-                msg::finish_message(&mut rows, m);
-            }
-            if let Some((v, n)) = a.tag.as_deref().and_then(|t| t.rsplit_once(' ')) {
-                verb = v.to_string();
-                count += n.parse::<u64>().unwrap_or(0);
-            }
-        }
-        if implicit {
-            if let Err(e) = self.finish_multi(error.is_none()).await {
-                error.get_or_insert(e);
-            }
-        }
-        match error {
-            Some(e) => {
-                e.encode(&mut out);
-                self.account.error(&e.code);
-                self.fail_multi();
-            }
-            None => {
-                if let Some(d) = desc {
-                    out.extend_from_slice(&d);
-                }
-                out.extend_from_slice(&rows);
-                let at = msg::start_message(&mut out, b'C');
-                out.extend_from_slice(format!("{verb} {count}\0").as_bytes());
-                msg::finish_message(&mut out, at);
-            }
-        }
-        msg::ready_for_query(&mut out, self.txn_status());
-        self.stream.write_all(&out).await.is_ok()
-    }
-
-    /// Send `request` to every connection at once and read the answers;
-    /// the connections go back (to the transaction, or their pools).
-    async fn ask_all(&mut self, conns: &mut Vec<(usize, Checkout)>, request: &[u8]) -> Vec<Result<Answer, PgError>> {
-        let sends = conns.iter_mut().map(|(_, c)| async {
-            let conn = c.conn();
-            conn.stream.write_all(request).await?;
-            read_any_answer(conn).await
         });
         let answers = futures_util::future::join_all(sends).await;
         let mut out = Vec::new();
@@ -299,7 +257,7 @@ impl Session {
 
     /// Consume the batch at the front of the buffer up to its Sync
     /// (reading more as needed); `None`: the client went away.
-    async fn take_batch(&mut self) -> Option<Result<Batch, PgError>> {
+    pub(super) async fn take_batch(&mut self) -> Option<Result<Batch, PgError>> {
         let mut batch =
             Batch { tags: Vec::new(), named: None, types: vec![0, 0], bind: Vec::new(), describes_statement: false };
         let mut error = None;
@@ -350,7 +308,7 @@ impl Session {
             && batch.tags.iter().filter(|&&t| t == b'E').count() == 1;
         Some(match error {
             Some(e) => Err(e),
-            None if !shape => Err(unsupported("a read across shards needs one Bind and one Execute per batch")),
+            None if !shape => Err(unsupported("a statement across shards needs one Bind and one Execute per batch")),
             None => Ok(batch),
         })
     }
@@ -374,7 +332,7 @@ fn trim_statement_description(msgs: &[u8], keep: usize) -> Option<Vec<u8>> {
 
 /// The client's Bind for the shards: unnamed portal and statement, and
 /// text format for the hidden sort columns when formats are per column.
-fn bind_for_shards(body: &[u8], hidden: usize) -> Option<Vec<u8>> {
+pub(super) fn bind_for_shards(body: &[u8], hidden: usize) -> Option<Vec<u8>> {
     let bind = msg::parse_bind(body)?;
     let rf = bind.result_formats;
     let nr = usize::try_from(i16::from_be_bytes([*rf.first()?, *rf.get(1)?])).ok()?;
@@ -399,10 +357,10 @@ fn bind_for_shards(body: &[u8], hidden: usize) -> Option<Vec<u8>> {
 /// One shard's answer to a read (or a COPY).
 pub(super) struct Answer {
     /// The whole RowDescription message (of the portal).
-    desc: Option<BytesMut>,
+    pub(super) desc: Option<BytesMut>,
     /// ParameterDescription and RowDescription of a Describe of the
     /// statement, whole, if one was sent.
-    stmt_desc: Vec<u8>,
+    pub(super) stmt_desc: Vec<u8>,
     /// DataRow bodies.
     pub(super) rows: Vec<Vec<u8>>,
     pub(super) error: Option<BytesMut>,

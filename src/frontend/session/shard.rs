@@ -13,6 +13,7 @@ use crate::protocol::frame::HEADER_LEN;
 use crate::protocol::messages::TxStatus;
 use crate::protocol::messages::{self as msg, split_nul as cstr};
 use crate::protocol::statements::Statement;
+use crate::shard::split::Split;
 use crate::shard::{ShardRouter, ShardTarget};
 
 /// The parameter values of a Bind body: (value, binary); none if the
@@ -83,7 +84,7 @@ impl ShardGuard {
                 )
                 .with_hint("Transactions spanning shards are not supported: one transaction per shard."),
             ),
-            Ok(ShardTarget::Write(_) | ShardTarget::Everywhere) => Some(PgError::error(
+            Ok(ShardTarget::Write(_) | ShardTarget::Everywhere | ShardTarget::Split(_)) => Some(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("pgmux: this transaction runs on shard {here}; a write to several shards cannot join it"),
             )),
@@ -152,14 +153,12 @@ impl Session {
                 in_multi.then(part)
             }
             ShardTarget::Any => in_multi.then(part),
-            ShardTarget::Write(_) | ShardTarget::Everywhere if query.is_none() => Some(Plan::Refuse(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "pgmux: a write to several shards runs only over the simple query protocol",
-            ))),
             ShardTarget::Write(shards) => {
-                Some(Plan::ScatterWrite(query.unwrap_or_default().to_string(), shards, false))
+                let shards = shards.unwrap_or_else(|| (0..sh.backends.len()).collect());
+                self.write_plan(query, |sql| Split::same(sql, shards), false)
             }
-            ShardTarget::Everywhere => Some(Plan::ScatterWrite(query.unwrap_or_default().to_string(), None, true)),
+            ShardTarget::Everywhere => self.write_plan(query, |sql| Split::same(sql, 0..sh.backends.len()), true),
+            ShardTarget::Split(split) => self.write_plan(query, |_| *split, false),
             ShardTarget::CopyIn(_) if self.deferred().is_some() || in_multi => Some(Plan::Refuse(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "pgmux: COPY into a sharded table cannot run inside a transaction",
@@ -186,6 +185,18 @@ impl Session {
             ShardTarget::All(_) if !self.batch_executes() => None,
             ShardTarget::All(plan) => Some(Plan::ScatterExtended(plan)),
         }
+    }
+
+    /// The plan of a write across shards (`split` of its text): a Query, an
+    /// extended-protocol batch that executes it, or (a Parse / Describe
+    /// alone, which any shard answers alike) none.
+    fn write_plan(&self, query: Option<&str>, split: impl FnOnce(&str) -> Split, copies: bool) -> Option<Plan> {
+        let (sql, extended) = match query {
+            Some(q) => (q.to_string(), false),
+            None if self.batch_executes() => (self.batch_sql()?, true),
+            None => return None,
+        };
+        Some(Plan::ScatterWrite { split: Box::new(split(&sql)), copies, extended })
     }
 
     /// The statement text the batch at the front of the buffer executes.
@@ -273,9 +284,16 @@ impl Session {
             // A new transaction: forget the last one's keys.
             self.resolved.clear();
         }
-        for _ in 0..8 {
+        // One key at a time (a multi-row INSERT may bring many); a key the
+        // directory left unresolved ends it (routing then says so).
+        let mut last = None;
+        loop {
             match self.batch_target(&sh) {
                 Ok(ShardTarget::Lookup { map, key, assign }) => {
+                    if last.as_ref() == Some(&(map, key.clone())) {
+                        return Ok(());
+                    }
+                    last = Some((map, key.clone()));
                     let mut resolved = std::mem::take(&mut self.resolved);
                     // Boxed: a directory query's state would otherwise
                     // make every session's task larger.
@@ -286,6 +304,5 @@ impl Session {
                 _ => return Ok(()),
             }
         }
-        Ok(())
     }
 }

@@ -1,0 +1,268 @@
+//! Multi-row INSERTs into sharded tables over 2 real shard primaries,
+//! compared with one unsharded database holding the same rows: the rows
+//! are cut per shard and land on their key's shard — over the simple
+//! protocol and every extended form (unnamed in one batch, a named
+//! statement, Parse/Describe/Sync then Bind/Execute/Sync), `$n` renumbered
+//! per shard — with `RETURNING` rows in VALUES order and the tag summed;
+//! all or nothing with two-phase commit, inside a client's transaction or
+//! on their own; directory keys assigned on the way; refused with 0A000
+//! when writes may not span shards.
+
+mod support;
+
+use bytes::BytesMut;
+use pgmux::shard::hash::{hash_remainder, KeyValue};
+use pgmux_testkit::{free_port, Cluster, ClusterSpec, HbaMethod, Role};
+use support::raw::{self, Raw};
+use support::{code, rows, text, APP};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::SimpleQueryMessage;
+
+const SCHEMA: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text, score int);
+     CREATE TABLE tenants (tenant_id text PRIMARY KEY, name text);";
+
+fn cluster() -> Cluster {
+    let spec = ClusterSpec {
+        extra_primaries: 1,
+        roles: vec![Role::new(APP.0, APP.1, HbaMethod::Scram)],
+        databases: vec!["shop".into(), "ref".into()],
+        extra_conf: vec!["max_prepared_transactions = 20".into()],
+        ..ClusterSpec::default()
+    };
+    let c = Cluster::start(&spec).expect("two shard primaries");
+    let grant = format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {0}; GRANT CREATE ON SCHEMA public TO {0}", APP.0);
+    for (node, db) in [(&c.primary, "shop"), (&c.extra_primaries[0], "shop"), (&c.primary, "ref")] {
+        c.psql(node, db, SCHEMA).unwrap();
+        c.psql(node, db, &grant).unwrap();
+    }
+    c
+}
+
+/// `shop`: writes may span shards, two-phase commit; `strict`: the same
+/// shards, writes may not span them; `ref`: one database.
+fn config(c: &Cluster) -> String {
+    let db = |name: &str, cross: bool| {
+        format!(
+            r#"
+[databases.{name}]
+shards = [{{ name = "s0", primary = "{s0}", dbname = "shop" }}, {{ name = "s1", primary = "{s1}", dbname = "shop" }}]
+tables = [{{ name = "users", key = "id", map = "by_id" }}, {{ name = "tenants", key = "tenant_id", map = "by_tenant" }}]
+allow_cross_shard_writes = {cross}
+two_phase_commit = {cross}
+
+[databases.{name}.maps.by_id]
+kind = "hash"
+type = "int8"
+
+[databases.{name}.maps.by_tenant]
+kind = "directory"
+type = "text"
+backend = "{s0}"
+dbname = "shop"
+user = "{user}"
+"#,
+            s0 = c.primary.addr(),
+            s1 = c.extra_primaries[0].addr(),
+            user = APP.0,
+        )
+    };
+    format!(
+        "[pgmux]\nlisten = \"127.0.0.1:{port}\"\nlog_level = \"warn\"\n\n[[users]]\nname = \"{user}\"\n\
+         password = \"{pw}\"\n{a}{b}\n[databases.ref]\nprimary = \"{s0}\"\n",
+        port = free_port().unwrap(),
+        user = APP.0,
+        pw = APP.1,
+        a = db("shop", true),
+        b = db("strict", false),
+        s0 = c.primary.addr(),
+    )
+}
+
+fn shard_of(id: i64) -> usize {
+    hash_remainder(&KeyValue::Int8(id), 2) as usize
+}
+
+/// Each shard's ids of `users`, read directly.
+fn ids_on_shards(c: &Cluster) -> [Vec<i64>; 2] {
+    let on = |node| {
+        let s = c.psql(node, "shop", "SELECT string_agg(id::text, ',' ORDER BY id) FROM users").unwrap();
+        s.split(',').filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect()
+    };
+    [on(&c.primary), on(&c.extra_primaries[0])]
+}
+
+/// The rows and the CommandComplete count of a simple query.
+async fn returned(cl: &tokio_postgres::Client, sql: &str) -> Result<(Vec<Vec<Option<String>>>, u64), String> {
+    let msgs = cl.simple_query(sql).await.map_err(|e| format!("{} {}", code(&e), text(&e)))?;
+    let mut out = (Vec::new(), 0);
+    for m in msgs {
+        match m {
+            SimpleQueryMessage::Row(r) => out.0.push((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
+            SimpleQueryMessage::CommandComplete(n) => out.1 = n,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// `n` VALUES rows `($1, $2), ($3, $4), ...`.
+fn placeholders(n: usize) -> String {
+    (0..n).map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2)).collect::<Vec<_>>().join(", ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_row_inserts_are_split_per_shard() {
+    let c = cluster();
+    let p = support::start_proxy(&config(&c)).await;
+    let port = p.addr.port();
+    let conn = |db: &'static str| async move { support::connect_str(&support::conn_str(port, APP.0, APP.1, db)).await };
+    let (cl, reference, strict) =
+        (conn("shop").await.unwrap(), conn("ref").await.unwrap(), conn("strict").await.unwrap());
+    let both = |sql: String| {
+        let (cl, reference) = (&cl, &reference);
+        async move {
+            let got = returned(cl, &sql).await;
+            assert_eq!(got, returned(reference, &sql).await, "{sql}");
+            got
+        }
+    };
+
+    // Simple protocol: rows on their shards, RETURNING in VALUES order,
+    // the tag summed; a comment and ON CONFLICT in the text are kept.
+    let sql = "/* bulk */ INSERT INTO users (id, name, score) VALUES (1, 'a', 1), (2, 'b, (c)', 2), (3, 'c', 3), \
+               (4, 'd', 4) ON CONFLICT (id) DO UPDATE SET name = excluded.name RETURNING id, name";
+    let (got, n) = both(sql.into()).await.unwrap();
+    assert_eq!(n, 4);
+    assert_eq!(got.iter().map(|r| r[0].clone().unwrap()).collect::<Vec<_>>(), ["1", "2", "3", "4"]);
+    let ids = ids_on_shards(&c);
+    for (s, on) in ids.iter().enumerate() {
+        assert!(on.iter().all(|&id| shard_of(id) == s), "shard {s}: {on:?}");
+    }
+    assert_eq!(ids[0].len() + ids[1].len(), 4);
+    assert!(!ids[0].is_empty() && !ids[1].is_empty(), "the rows span both shards: {ids:?}");
+    let (_, n) = both("INSERT INTO users (score, id, name) VALUES (5, 5, 'e'), (6, 6, 'f')".into()).await.unwrap();
+    assert_eq!(n, 2);
+
+    // Extended, Parse/Describe/Sync then Bind/Execute/Sync (a named
+    // statement), run twice with other keys; binary parameters.
+    let sql = format!("INSERT INTO users (id, name) VALUES {} RETURNING id, name", placeholders(3));
+    let stmt = cl.prepare(&sql).await.unwrap();
+    let ref_stmt = reference.prepare(&sql).await.unwrap();
+    for base in [10i64, 20] {
+        let names: Vec<String> = (0..3).map(|i| format!("n{}", base + i)).collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        let ids: Vec<i64> = (0..3).map(|i| base + i).collect();
+        for i in 0..3 {
+            params.push(&ids[i]);
+            params.push(&names[i]);
+        }
+        let got = cl.query(&stmt, &params).await.unwrap_or_else(|e| panic!("{}", text(&e)));
+        let want = reference.query(&ref_stmt, &params).await.unwrap();
+        let pairs = |r: &[tokio_postgres::Row]| r.iter().map(|r| (r.get(0), r.get(1))).collect::<Vec<(i64, String)>>();
+        assert_eq!(pairs(&got), pairs(&want));
+    }
+    // The same, without RETURNING: the count.
+    let sql = format!("INSERT INTO users (id, name) VALUES {}", placeholders(2));
+    for cl in [&cl, &reference] {
+        assert_eq!(cl.execute(&sql, &[&30i64, &"x", &31i64, &"y"]).await.unwrap(), 2);
+    }
+    // Unnamed, in one batch (Parse/Bind/Describe/Execute/Sync), typed.
+    let sql = "INSERT INTO users (id, score, name) VALUES ($1, $3, 'p'), ($2, $3, 'q') RETURNING id, score";
+    for cl in [&cl, &reference] {
+        let r = cl.query_typed(sql, &[(&40i64, Type::INT8), (&41i64, Type::INT8), (&7i32, Type::INT4)]).await;
+        let r = r.unwrap_or_else(|e| panic!("{}", text(&e)));
+        assert_eq!(r.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>(), [40, 41]);
+        assert!(r.iter().all(|r| r.get::<_, i32>(1) == 7));
+    }
+    // A named Parse in the batch that binds it, then the name alone.
+    let mut r = Raw::login(p.addr.port(), APP.0, APP.1, "shop", &[]).await;
+    let mut b = BytesMut::new();
+    raw::parse(&mut b, "bulk", "INSERT INTO users (id, name) VALUES ($1, $2), ($3, $4)");
+    raw::bind(&mut b, "", "bulk", &[Some("50"), Some("r"), Some("51"), Some("s")]);
+    raw::execute(&mut b, "", 0);
+    raw::sync(&mut b);
+    raw::bind(&mut b, "", "bulk", &[Some("52"), Some("t"), Some("53"), None]);
+    raw::execute(&mut b, "", 0);
+    raw::sync(&mut b);
+    r.send(&b).await;
+    for _ in 0..2 {
+        let msgs = r.until_ready().await;
+        let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+        assert!(tags.starts_with(b"1") || tags.starts_with(b"2"), "{:?}", String::from_utf8_lossy(&tags));
+        let complete = msgs.iter().find(|m| m.0 == b'C').map(|m| String::from_utf8_lossy(&m.1).to_string());
+        assert_eq!(complete.as_deref(), Some("INSERT 0 2\0"), "{:?}", raw::rows_and_errors(&msgs));
+    }
+    // Describe of the statement and the portal in the batch: the client's
+    // statement's parameters (all 4), then the RETURNING rows.
+    let mut b = BytesMut::new();
+    raw::parse(&mut b, "", "INSERT INTO users (id, name) VALUES ($1, $2), ($3, $4) RETURNING id");
+    raw::describe_statement(&mut b, "");
+    raw::bind(&mut b, "", "", &[Some("55"), Some("u"), Some("54"), Some("v")]);
+    raw::describe_portal(&mut b, "");
+    raw::execute(&mut b, "", 0);
+    raw::sync(&mut b);
+    r.send(&b).await;
+    let msgs = r.until_ready().await;
+    let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+    assert_eq!(String::from_utf8_lossy(&tags), "1tT2TDDCZ", "{:?}", raw::rows_and_errors(&msgs));
+    assert_eq!(&msgs[1].1[..2], &[0, 4], "ParameterDescription of the whole statement");
+    assert_eq!(raw::rows_and_errors(&msgs).0, ["55", "54"]);
+    reference
+        .execute(
+            "INSERT INTO users (id, name) VALUES (50, 'r'), (51, 's'), (52, 't'), (53, NULL), (55, 'u'), (54, 'v')",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    // All or nothing: a duplicate key on one shard leaves no row anywhere.
+    let before = ids_on_shards(&c);
+    let (a, b) = ((60..).find(|&i| shard_of(i) == 0).unwrap(), (60..).find(|&i| shard_of(i) == 1).unwrap());
+    let dup = *before[1].first().unwrap();
+    let e = returned(&cl, &format!("INSERT INTO users (id, name) VALUES ({a}, 'x'), ({dup}, 'dup')")).await;
+    assert!(e.is_err_and(|e| e.starts_with("23505")));
+    assert_eq!(ids_on_shards(&c), before);
+    // Inside a client's transaction: rolled back, then committed.
+    let sql = format!("INSERT INTO users (id, name) VALUES ({a}, 'x'), ({b}, 'y')");
+    cl.simple_query("BEGIN").await.unwrap();
+    returned(&cl, &sql).await.unwrap();
+    cl.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(ids_on_shards(&c), before);
+    cl.simple_query("BEGIN").await.unwrap();
+    assert_eq!(returned(&cl, &sql).await.unwrap().1, 2);
+    let count = |cl| async move { returned(cl, "SELECT count(*) FROM users").await.unwrap().0[0][0].clone() };
+    let want = count(&reference).await.unwrap().parse::<i64>().unwrap() + 2;
+    assert_eq!(count(&cl).await, Some(want.to_string()), "a read across shards sees the transaction's rows");
+    cl.simple_query("COMMIT").await.unwrap();
+    reference.simple_query(&sql).await.unwrap();
+
+    // Every row equals the one database's.
+    let all = "SELECT id, name, score FROM users ORDER BY id";
+    assert_eq!(rows(&cl, all).await, rows(&reference, all).await);
+
+    // Directory keys: new ones assigned as the rows go in.
+    let values: Vec<String> = (0..12).map(|i| format!("('t{i}', 'tenant {i}')")).collect();
+    let sql = format!("INSERT INTO tenants (tenant_id, name) VALUES {} RETURNING tenant_id", values.join(", "));
+    let (got, n) = returned(&cl, &sql).await.unwrap();
+    assert_eq!((got.len(), n), (12, 12));
+    let on = |node| c.psql(node, "shop", "SELECT count(*) FROM tenants").unwrap();
+    assert_eq!((on(&c.primary), on(&c.extra_primaries[0])), ("6".to_string(), "6".to_string()));
+
+    // A write without a key over the extended protocol: every shard,
+    // counts added up.
+    let sql = "UPDATE users SET score = $1 WHERE score IS NULL AND id > $2";
+    let updated = cl.execute(sql, &[&9i32, &1i64]).await.unwrap_or_else(|e| panic!("{}", text(&e)));
+    assert_eq!(updated, reference.execute(sql, &[&9i32, &1i64]).await.unwrap());
+    assert!(updated > 10);
+    let all = "SELECT id, name, score FROM users ORDER BY id";
+    assert_eq!(rows(&cl, all).await, rows(&reference, all).await);
+
+    // Writes may not span shards: refused, nothing written.
+    let (a, b) = ((1000..).find(|&i| shard_of(i) == 0).unwrap(), (1000..).find(|&i| shard_of(i) == 1).unwrap());
+    let e = strict.simple_query(&format!("INSERT INTO users (id, name) VALUES ({a}, 'z'), ({b}, 'z')")).await;
+    let e = e.unwrap_err();
+    assert_eq!(code(&e), "0A000", "{}", text(&e));
+    assert!(text(&e).contains("allow_cross_shard_writes"), "{}", text(&e));
+    assert_eq!(ids_on_shards(&c).iter().flatten().filter(|&&i| i >= 1000).count(), 0);
+    p.stop().await;
+}
