@@ -266,3 +266,78 @@ async fn multi_row_inserts_are_split_per_shard() {
     assert_eq!(ids_on_shards(&c).iter().flatten().filter(|&&i| i >= 1000).count(), 0);
     p.stop().await;
 }
+
+/// COPY `data` (text) through `sql`; the rows taken, or "SQLSTATE message".
+async fn copy_text(cl: &tokio_postgres::Client, sql: &str, data: &[u8]) -> Result<u64, String> {
+    use futures_util::SinkExt;
+    let err = |e: tokio_postgres::Error| format!("{} {}", code(&e), text(&e));
+    let sink = cl.copy_in(sql).await.map_err(err)?;
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::copy_from_slice(data)).await.map_err(err)?;
+    sink.finish().await.map_err(err)
+}
+
+/// COPY ... (FORMAT binary) of users `ids` (name `b<id>`, score `id % 5`).
+async fn copy_binary(cl: &tokio_postgres::Client, ids: std::ops::Range<i64>) -> Result<u64, tokio_postgres::Error> {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    let sink = cl.copy_in("COPY users (id, name, score) FROM STDIN (FORMAT binary)").await?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::TEXT, Type::INT4]);
+    futures_util::pin_mut!(writer);
+    for id in ids {
+        let score = i32::try_from(id % 5).unwrap_or(0);
+        writer.as_mut().write(&[&id, &format!("b{id}"), &score]).await?;
+    }
+    writer.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_splits_binary_and_honours_the_end_marker() {
+    let c = cluster();
+    let p = support::start_proxy(&config(&c)).await;
+    let port = p.addr.port();
+    let conn = |db: &'static str| async move { support::connect_str(&support::conn_str(port, APP.0, APP.1, db)).await };
+    let (cl, reference) = (conn("shop").await.unwrap(), conn("ref").await.unwrap());
+
+    // Binary: the header to every shard, each tuple to its key's shard.
+    for cl in [&cl, &reference] {
+        assert_eq!(copy_binary(cl, 1..201).await.unwrap_or_else(|e| panic!("{}", text(&e))), 200);
+    }
+    let ids = ids_on_shards(&c);
+    for (s, on) in ids.iter().enumerate() {
+        assert!(!on.is_empty() && on.iter().all(|&id| shard_of(id) == s), "shard {s}: {on:?}");
+    }
+    let all = "SELECT id, name, score FROM users ORDER BY id";
+    assert_eq!(rows(&cl, all).await, rows(&reference, all).await);
+    // A stream that is not binary COPY fails on every shard.
+    let e = copy_text(&cl, "COPY users (id, name) FROM STDIN (FORMAT binary)", b"1\tx\n").await.unwrap_err();
+    assert!(e.starts_with("22P04"), "{e}");
+    assert_eq!(ids_on_shards(&c), ids);
+
+    // The text format's end-of-data line: what follows it is not data.
+    let got = copy_text(&cl, "COPY users (id, name) FROM STDIN", b"301\tx\n302\ty\n\\.\n303\tz\n").await;
+    assert_eq!(got, Ok(2));
+    let got = copy_text(&cl, "COPY users (id, name) FROM STDIN CSV", b"304,x\r\n\\.\r\n").await;
+    assert_eq!(got, Ok(1));
+    // psql running a script with inline data.
+    let dir = std::env::temp_dir().join(format!("pgmux-copy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("load.sql");
+    std::fs::write(&script, "COPY users (id, name) FROM STDIN;\n310\tp\n311\tq\n312\tr\n\\.\nSELECT 'done';\n")
+        .unwrap();
+    let out = std::process::Command::new("psql")
+        .env("PGPASSWORD", APP.1)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", APP.0, "-d", "shop", "-v", "ON_ERROR_STOP=1"])
+        .arg("-f")
+        .arg(&script)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("COPY 3") && stdout.contains("done"), "{stdout}");
+    let copied = "SELECT id, name FROM users WHERE id > 300 ORDER BY id";
+    let want = ["301", "302", "304", "310", "311", "312"];
+    let got = rows(&cl, copied).await;
+    assert_eq!(got.iter().map(|r| r[0].clone().unwrap()).collect::<Vec<_>>(), want);
+    p.stop().await;
+}

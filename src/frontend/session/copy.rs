@@ -1,7 +1,8 @@
-//! COPY FROM STDIN into a sharded table: one COPY per shard, each row of
-//! the client's stream sent to the shard of its key, the row counts added
-//! up. A row without a usable key, or an error on any shard, fails the
-//! whole COPY on every shard.
+//! COPY FROM STDIN into a sharded table (text, CSV or binary): one COPY
+//! per shard, each row of the client's stream sent to the shard of its
+//! key (a header — CSV's line, binary's file header — to every shard), the
+//! row counts added up. A row without a usable key, or an error on any
+//! shard, fails the whole COPY on every shard.
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,7 +16,6 @@ use crate::protocol::frame::{peek_header, MAX_MESSAGE_LEN};
 use crate::protocol::messages as msg;
 use crate::protocol::messages::TxStatus;
 use crate::shard::copy::{CopyIn, RowSplitter};
-use crate::shard::map::Key;
 use crate::shard::ShardRouter;
 
 /// Bytes buffered for one shard before they are sent.
@@ -119,7 +119,7 @@ impl Session {
     ) -> Result<Option<u64>, PgError> {
         let mut splitter = RowSplitter::new(copy.clone());
         let mut outgoing: Vec<BytesMut> = conns.iter().map(|_| BytesMut::new()).collect();
-        let mut header = copy.header;
+        let mut header = copy.header || copy.binary;
         let mut resolved = std::mem::take(&mut self.resolved);
         let result = loop {
             let Some((tag, body)) = first_message(&self.rbuf).map(|(t, b)| (t, b.to_vec())) else {
@@ -136,7 +136,9 @@ impl Session {
             match tag {
                 b'd' => {
                     let mut rows = Vec::new();
-                    splitter.feed(&body, |r| rows.push(r.to_vec()));
+                    if let Err(why) = splitter.feed(&body, |r| rows.push(r.to_vec())) {
+                        break Err(PgError::error(sqlstate::BAD_COPY_FILE_FORMAT, why));
+                    }
                     for row in rows {
                         if std::mem::take(&mut header) {
                             // Every shard's COPY expects the header line.
@@ -149,11 +151,15 @@ impl Session {
                     flush(conns, &mut outgoing, FLUSH_AT).await?;
                 }
                 b'c' => {
-                    let rest = splitter.finish();
+                    let rest = match splitter.finish() {
+                        Ok(rest) => rest,
+                        Err(why) => break Err(PgError::error(sqlstate::BAD_COPY_FILE_FORMAT, why)),
+                    };
                     if !rest.is_empty() {
                         let shard = row_shard(sh, &splitter, &rest, key, &mut resolved).await?;
                         outgoing[shard].extend_from_slice(&rest);
                     }
+                    outgoing.iter_mut().for_each(|o| o.extend_from_slice(splitter.trailer()));
                     flush(conns, &mut outgoing, 0).await?;
                     break finish(conns).await.map(Some);
                 }
@@ -224,10 +230,9 @@ async fn row_shard(
     key: &RowKey,
     resolved: &mut crate::shard::Resolved,
 ) -> Result<usize, PgError> {
-    let text = splitter
-        .field(row, key.at)
-        .ok_or_else(|| copy_error("a row of COPY into a sharded table has no shard key".into()))?;
-    let key_value = Key::from_text(key.key_type, &text)
+    let key_value = splitter
+        .key(row, key.at, key.key_type)
+        .ok_or_else(|| copy_error("a row of COPY into a sharded table has no shard key".into()))?
         .map_err(|e| PgError::error(sqlstate::INVALID_TEXT_REPRESENTATION, format!("pgmux: {e}")))?;
     sh.shard_of_key(key.map, &key_value, resolved).await
 }
