@@ -241,8 +241,9 @@ impl Proxy {
         backends: Vec<ShardBackend>,
     ) -> Arc<ShardRouter> {
         let directories = self.directories_for(topo, name, db);
+        let schema = topo.schema(name);
         topo.shard_router(name, &user.name, || {
-            let router = Arc::new(ShardRouter::new(name, db, backends, &directories));
+            let router = Arc::new(ShardRouter::new(name, db, backends, &directories, schema));
             if db.two_phase_commit {
                 tokio::spawn(settle_prepared(Arc::downgrade(&router)));
             }

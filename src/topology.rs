@@ -25,6 +25,7 @@ use crate::config::{Config, Database, HostPort};
 use crate::protocol::auth::ScramVerifier;
 use crate::protocol::tls::{ClientTls, ServerTls, TlsError};
 use crate::router::route::Routing;
+use crate::shard::schema::Columns;
 use crate::shard::ShardRouter;
 use crate::sql::classify::Classifier;
 
@@ -51,6 +52,9 @@ pub struct Topology {
     routes: PerUser<Routing>,
     /// Shard routers of sharded databases, per (database, user).
     sharded: PerUser<ShardRouter>,
+    /// What the routers of a sharded database (every user's) know of its
+    /// schema, per database.
+    schemas: Mutex<HashMap<String, Arc<Columns>>>,
 }
 
 impl Topology {
@@ -94,6 +98,7 @@ impl Topology {
             classifiers,
             routes: Mutex::default(),
             sharded: Mutex::default(),
+            schemas: Mutex::default(),
         })
     }
 
@@ -148,6 +153,13 @@ impl Topology {
     /// The shard router of (database, user), made by `make` on first use.
     pub fn shard_router(&self, db: &str, user: &str, make: impl FnOnce() -> Arc<ShardRouter>) -> Arc<ShardRouter> {
         memo(&self.sharded, db, user, make)
+    }
+
+    /// The schema knowledge every user's router of sharded database `db`
+    /// shares (a schema change through one is seen by all).
+    pub fn schema(&self, db: &str) -> Arc<Columns> {
+        let mut all = self.schemas.lock().unwrap_or_else(|e| e.into_inner());
+        all.entry(db.to_string()).or_default().clone()
     }
 
     /// The shard router of a sharded database (once a client used it).

@@ -6,7 +6,10 @@
 //! per shard — with `RETURNING` rows in VALUES order and the tag summed;
 //! all or nothing with two-phase commit, inside a client's transaction or
 //! on their own; directory keys assigned on the way; refused with 0A000
-//! when writes may not span shards.
+//! when writes may not span shards. COPY splits binary streams and ends
+//! at `\.`. Schema changes run on every shard, all or none; an INSERT or
+//! COPY without a column list finds its key from the catalog, read again
+//! after a schema change.
 
 mod support;
 
@@ -30,7 +33,11 @@ fn cluster() -> Cluster {
         ..ClusterSpec::default()
     };
     let c = Cluster::start(&spec).expect("two shard primaries");
-    let grant = format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {0}; GRANT CREATE ON SCHEMA public TO {0}", APP.0);
+    let grant = format!(
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO {0}; GRANT CREATE ON SCHEMA public TO {0}; \
+         ALTER TABLE users OWNER TO {0}; ALTER TABLE tenants OWNER TO {0}",
+        APP.0
+    );
     for (node, db) in [(&c.primary, "shop"), (&c.extra_primaries[0], "shop"), (&c.primary, "ref")] {
         c.psql(node, db, SCHEMA).unwrap();
         c.psql(node, db, &grant).unwrap();
@@ -46,7 +53,11 @@ fn config(c: &Cluster) -> String {
             r#"
 [databases.{name}]
 shards = [{{ name = "s0", primary = "{s0}", dbname = "shop" }}, {{ name = "s1", primary = "{s1}", dbname = "shop" }}]
-tables = [{{ name = "users", key = "id", map = "by_id" }}, {{ name = "tenants", key = "tenant_id", map = "by_tenant" }}]
+tables = [
+  {{ name = "users", key = "id", map = "by_id" }},
+  {{ name = "tenants", key = "tenant_id", map = "by_tenant" }},
+  {{ name = "moved", key = "k", map = "by_id" }},
+]
 allow_cross_shard_writes = {cross}
 two_phase_commit = {cross}
 
@@ -339,5 +350,93 @@ async fn copy_splits_binary_and_honours_the_end_marker() {
     let want = ["301", "302", "304", "310", "311", "312"];
     let got = rows(&cl, copied).await;
     assert_eq!(got.iter().map(|r| r[0].clone().unwrap()).collect::<Vec<_>>(), want);
+    p.stop().await;
+}
+
+/// Whether `sql` (a boolean query) holds on each shard, read directly.
+fn on_both(c: &Cluster, sql: &str) -> [bool; 2] {
+    [&c.primary, &c.extra_primaries[0]].map(|n| c.psql(n, "shop", sql).unwrap() == "t")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_run_on_every_shard() {
+    let c = cluster();
+    let p = support::start_proxy(&config(&c)).await;
+    let port = p.addr.port();
+    let conn = |db: &'static str| async move { support::connect_str(&support::conn_str(port, APP.0, APP.1, db)).await };
+    let (cl, strict) = (conn("shop").await.unwrap(), conn("strict").await.unwrap());
+    let fails = |r: Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>| match r {
+        Ok(_) => panic!("succeeded"),
+        Err(e) => (code(&e), e.as_db_error().and_then(|d| d.detail()).unwrap_or_default().to_string()),
+    };
+    let tag = |msgs: Vec<SimpleQueryMessage>| msgs.len();
+
+    // On every shard, answered once; the extended protocol too.
+    cl.simple_query("CREATE TABLE moved (a int, k bigint)").await.unwrap();
+    assert_eq!(on_both(&c, "SELECT to_regclass('moved') IS NOT NULL"), [true, true]);
+    let msgs = cl.simple_query("ALTER TABLE users ADD COLUMN extra int; ").await.unwrap();
+    assert_eq!(tag(msgs), 1);
+    assert_eq!(on_both(&c, "SELECT count(*) = 1 FROM pg_attribute WHERE attname = 'extra'"), [true, true]);
+    cl.execute("COMMENT ON TABLE users IS 'sharded'", &[]).await.unwrap();
+    assert_eq!(on_both(&c, "SELECT obj_description('users'::regclass) = 'sharded'"), [true, true]);
+    cl.simple_query("CREATE INDEX users_name ON users (name)").await.unwrap();
+    cl.simple_query("CREATE SEQUENCE ids").await.unwrap();
+    assert_eq!(
+        on_both(&c, "SELECT to_regclass('users_name') IS NOT NULL AND to_regclass('ids') IS NOT NULL"),
+        [true, true]
+    );
+
+    // A failure on one shard changes none.
+    c.psql(&c.extra_primaries[0], "shop", "CREATE TABLE clash (x int)").unwrap();
+    let (code1, _) = fails(cl.simple_query("CREATE TABLE clash (x int)").await);
+    assert_eq!(code1, "42P07");
+    assert_eq!(on_both(&c, "SELECT to_regclass('clash') IS NOT NULL"), [false, true]);
+    // In a transaction across shards: rolled back everywhere.
+    cl.simple_query("BEGIN").await.unwrap();
+    cl.simple_query("ALTER TABLE users ADD COLUMN later int").await.unwrap();
+    cl.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(on_both(&c, "SELECT count(*) = 0 FROM pg_attribute WHERE attname = 'later'"), [true, true]);
+    cl.simple_query("BEGIN").await.unwrap();
+    let (code2, _) = fails(cl.simple_query("CREATE INDEX CONCURRENTLY users_score ON users (score)").await);
+    assert_eq!(code2, "25001");
+    cl.simple_query("ROLLBACK").await.unwrap();
+    // What PostgreSQL runs only outside a transaction: on each shard on its
+    // own; a failure says where it ran.
+    cl.simple_query("CREATE INDEX CONCURRENTLY users_score ON users (score)").await.unwrap();
+    assert_eq!(on_both(&c, "SELECT to_regclass('users_score') IS NOT NULL"), [true, true]);
+    c.psql(&c.extra_primaries[0], "shop", "CREATE INDEX lone ON users (extra)").unwrap();
+    let (code3, detail) = fails(cl.simple_query("CREATE INDEX CONCURRENTLY lone ON users (extra)").await);
+    assert_eq!((code3.as_str(), detail.contains("s0")), ("42P07", true), "{detail}");
+    // Writes may not span shards: outside a transaction still everywhere
+    // (committed in turn), inside one refused.
+    strict.simple_query("CREATE TABLE plain (x int)").await.unwrap();
+    assert_eq!(on_both(&c, "SELECT to_regclass('plain') IS NOT NULL"), [true, true]);
+    strict.simple_query("BEGIN").await.unwrap();
+    let (code4, _) = fails(strict.simple_query("DROP TABLE plain").await);
+    assert_eq!(code4, "0A000");
+    strict.simple_query("ROLLBACK").await.unwrap();
+
+    // INSERT and COPY without a column list: the key's place from the
+    // catalog (k is second)...
+    let on_shard = |s: usize| (100..).find(move |&k| shard_of(k) == s).unwrap();
+    let (k0, k1) = (on_shard(0), on_shard(1));
+    cl.simple_query(&format!("INSERT INTO moved VALUES (1, {k0}), (2, {k1})")).await.unwrap();
+    let on = |sql: &str| [&c.primary, &c.extra_primaries[0]].map(|n| c.psql(n, "shop", sql).unwrap());
+    assert_eq!(on("SELECT string_agg(k::text, ',') FROM moved"), [k0.to_string(), k1.to_string()]);
+    // ... read again after the table changes through pgmux (k is first):
+    // keys whose shard differs from that of the value now second, so that
+    // the old place would send them astray.
+    cl.simple_query("DROP TABLE moved").await.unwrap();
+    cl.simple_query("CREATE TABLE moved (k bigint, a int)").await.unwrap();
+    let astray = |a: i64| (200..).find(move |&k| shard_of(k) != shard_of(a)).unwrap();
+    strict.simple_query(&format!("INSERT INTO moved VALUES ({}, 1)", astray(1))).await.unwrap();
+    cl.execute(&format!("INSERT INTO moved VALUES ({}, 2)", astray(2)), &[]).await.unwrap();
+    let data = format!("{}\t3\n{}\t4\n", astray(3), astray(4));
+    assert_eq!(copy_text(&cl, "COPY moved FROM STDIN", data.as_bytes()).await, Ok(2));
+    let placed = on("SELECT coalesce(string_agg(k::text, ','), '') FROM moved");
+    for (s, keys) in placed.iter().enumerate() {
+        assert!(keys.split(',').filter(|k| !k.is_empty()).all(|k| shard_of(k.parse().unwrap()) == s), "{placed:?}");
+    }
+    assert_eq!(placed.iter().map(|p| p.split(',').filter(|k| !k.is_empty()).count()).sum::<usize>(), 4);
     p.stop().await;
 }

@@ -37,6 +37,7 @@ pub mod sqlstate {
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
     pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
     pub const INVALID_TEXT_REPRESENTATION: &str = "22P02";
+    pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
     pub const BAD_COPY_FILE_FORMAT: &str = "22P04";
     pub const CHECK_VIOLATION: &str = "23514";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";

@@ -9,7 +9,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::key::{self, KeyExpr, Scope};
-use super::{copy, merge, ShardRouter};
+use super::{copy, merge, schema, ShardRouter};
 use crate::sql::classify::{Hint, Kind};
 
 /// The analysis of one statement text, cached.
@@ -27,6 +27,8 @@ pub(super) enum Analysis {
     Scatter(Box<merge::MergePlan>),
     /// A write to a reference table: on every shard.
     Everywhere,
+    /// A schema change: on every shard.
+    Schema(super::schema::Change),
     Refused(String),
     Hinted(Hint),
     CopyIn(Box<copy::CopyIn>),
@@ -43,6 +45,9 @@ impl ShardRouter {
             return Analysis::Hinted(h);
         }
         let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+            if let Some(change) = schema::unparsed_change(sql) {
+                return Analysis::Schema(change);
+            }
             return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
         };
         if stmts.len() > 1 {
@@ -57,6 +62,9 @@ impl ShardRouter {
         let Some(stmt) = stmts.first() else {
             return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
         };
+        if let Some(change) = schema::change(stmt, sql) {
+            return Analysis::Schema(change);
+        }
         match copy::copy_in(stmt) {
             Some(Ok(c)) if self.tables.tables.contains_key(&c.table) => return Analysis::CopyIn(Box::new(c)),
             Some(Err(why)) => return Analysis::Refused(why),
@@ -91,6 +99,7 @@ impl ShardRouter {
     /// The analysis of `sql`: cached by its text, or by its shape (literals
     /// blanked) with the key literals taken from this text by position.
     pub(super) fn analysis(&self, sql: &str) -> Analysis {
+        self.forget_stale_analyses();
         if let Some(a) = self.cache.lock().ok().and_then(|mut c| c.get(sql).cloned()) {
             return a;
         }
@@ -112,7 +121,10 @@ impl ShardRouter {
             }
         }
         let a = self.analyze(sql);
-        if sql.len() > crate::sql::classify::MAX_CACHED_LEN {
+        // Too long to keep, or waiting for the table's columns.
+        if sql.len() > crate::sql::classify::MAX_CACHED_LEN
+            || matches!(a, Analysis::Scope { scope: Scope::Columns(_), .. })
+        {
             return a;
         }
         // A shape is reusable when its key literals sit at known positions:

@@ -31,12 +31,19 @@ pub enum Scope {
     All { map: usize },
     /// Tables sharded by different maps in one statement.
     Mixed(Vec<String>),
+    /// An INSERT without a column list: its key's position needs this
+    /// table's columns (see [`Tables::columns`]).
+    Columns(String),
 }
 
 /// Sharded-table lookup: lower-cased table name (unqualified) → (key
 /// column, lower-cased; map index).
 pub trait Tables {
     fn sharded(&self, table: &str) -> Option<(&str, usize)>;
+    /// A sharded table's columns in order, if known.
+    fn columns(&self, _table: &str) -> Option<std::sync::Arc<[String]>> {
+        None
+    }
 }
 
 fn last_ident(name: &ObjectName) -> String {
@@ -124,7 +131,10 @@ pub fn scope(stmt: &Statement, tables: &impl Tables) -> Scope {
         Statement::Query(q) => query_keys(q, &key_cols),
         Statement::Update(u) => u.selection.as_ref().and_then(|e| keys_in(e, &key_cols)),
         Statement::Delete(d) => d.selection.as_ref().and_then(|e| keys_in(e, &key_cols)),
-        Statement::Insert(i) => insert_keys(i, tables),
+        Statement::Insert(i) => match insert_keys(i, tables) {
+            Err(table) => return Scope::Columns(table),
+            Ok(keys) => keys,
+        },
         _ => None,
     };
     match keys {
@@ -141,12 +151,23 @@ fn query_keys(q: &Query, key_cols: &[&str]) -> Option<Vec<KeyExpr>> {
     }
 }
 
-fn insert_keys(i: &sqlparser::ast::Insert, tables: &impl Tables) -> Option<Vec<KeyExpr>> {
-    let TableObject::TableName(name) = &i.table else { return None };
-    let (key, _) = tables.sharded(&last_ident(name))?;
-    let at = i.columns.iter().position(|c| last_ident(c) == key)?;
-    let SetExpr::Values(values) = i.source.as_ref()?.body.as_ref() else { return None };
-    values.rows.iter().map(|row| row.get(at).and_then(value)).collect()
+/// The key of each VALUES row of an INSERT (None: not every row has one);
+/// `Err(table)`: without a column list, the table's columns are needed.
+fn insert_keys(i: &sqlparser::ast::Insert, tables: &impl Tables) -> Result<Option<Vec<KeyExpr>>, String> {
+    let TableObject::TableName(name) = &i.table else { return Ok(None) };
+    let table = last_ident(name);
+    let Some((key, _)) = tables.sharded(&table) else { return Ok(None) };
+    let at = if i.columns.is_empty() {
+        match tables.columns(&table) {
+            Some(cols) => cols.iter().position(|c| c == key),
+            None => return Err(table),
+        }
+    } else {
+        i.columns.iter().position(|c| last_ident(c) == key)
+    };
+    let Some(at) = at else { return Ok(None) };
+    let Some(SetExpr::Values(values)) = i.source.as_ref().map(|s| s.body.as_ref()) else { return Ok(None) };
+    Ok(values.rows.iter().map(|row| row.get(at).and_then(value)).collect())
 }
 
 fn is_key(e: &Expr, key_cols: &[&str]) -> bool {
@@ -267,7 +288,7 @@ mod tests {
         assert_eq!(scope_of("SELECT count(*) FROM users"), Scope::All { map: 0 });
         assert_eq!(scope_of("SELECT * FROM users WHERE id > 5"), Scope::All { map: 0 });
         assert_eq!(scope_of("SELECT * FROM users WHERE id = 1 OR name = 'x'"), Scope::All { map: 0 });
-        assert_eq!(scope_of("INSERT INTO users VALUES (1, 'a')"), Scope::All { map: 0 });
+        assert_eq!(scope_of("INSERT INTO users VALUES (1, 'a')"), Scope::Columns("users".into()));
         assert_eq!(scope_of("SELECT * FROM countries"), Scope::Unsharded);
         assert_eq!(scope_of("SELECT 1"), Scope::Unsharded);
         assert!(matches!(scope_of("SELECT * FROM users, events WHERE id = 1"), Scope::Mixed(_)));

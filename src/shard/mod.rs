@@ -15,6 +15,7 @@ pub mod key;
 pub mod map;
 pub mod merge;
 pub mod mover;
+pub mod schema;
 pub mod split;
 pub mod twophase;
 pub mod values;
@@ -69,16 +70,28 @@ pub enum ShardTarget {
     /// An INSERT whose rows belong to several shards, cut per shard
     /// (`allow_cross_shard_writes`).
     Split(Box<split::Split>),
+    /// A schema change: on every shard.
+    Schema(schema::Change),
+    /// Read this table's columns first (an INSERT without a column
+    /// list), then route again.
+    Columns(String),
 }
 struct TableMap {
     tables: HashMap<String, (String, usize)>,
     /// Reference tables, folded.
     reference: std::collections::HashSet<String>,
+    /// Sharded tables' columns, as read from the first shard (shared by
+    /// every user's router of the database).
+    columns: Arc<schema::Columns>,
 }
 
 impl key::Tables for TableMap {
     fn sharded(&self, table: &str) -> Option<(&str, usize)> {
         self.tables.get(table).map(|(k, m)| (k.as_str(), *m))
+    }
+
+    fn columns(&self, table: &str) -> Option<Arc<[String]>> {
+        self.columns.get(table)
     }
 }
 
@@ -98,6 +111,8 @@ pub struct ShardRouter {
     cache: Mutex<LruCache<String, Analysis>>,
     /// Analyses by statement shape (see [`ShardRouter::analysis`]).
     shapes: Mutex<LruCache<String, Analysis>>,
+    /// The schema changes the analyses were made after.
+    analyzed_after: std::sync::atomic::AtomicU64,
 }
 
 fn feature(message: impl Into<String>) -> PgError {
@@ -111,6 +126,7 @@ impl ShardRouter {
         db: &Database,
         backends: Vec<ShardBackend>,
         directories: &HashMap<String, Arc<directory::Directory>>,
+        columns: Arc<schema::Columns>,
     ) -> ShardRouter {
         let shard_index = |s: &str| db.shards.iter().position(|x| x.name == s).unwrap_or(0);
         let mut maps = Vec::new();
@@ -135,7 +151,11 @@ impl ShardRouter {
             name: name.to_string(),
             backends,
             maps,
-            tables: TableMap { tables, reference: db.reference_tables.iter().map(|t| t.to_lowercase()).collect() },
+            tables: TableMap {
+                tables,
+                reference: db.reference_tables.iter().map(|t| t.to_lowercase()).collect(),
+                columns,
+            },
             directories,
             classifier: Classifier::new(0, &db.write_functions, db.functions_are_writes),
             allow_cross_shard_writes: db.allow_cross_shard_writes,
@@ -143,6 +163,7 @@ impl ShardRouter {
             commit_logs: Mutex::new(Default::default()),
             cache: Mutex::new(LruCache::new(cap)),
             shapes: Mutex::new(LruCache::new(cap)),
+            analyzed_after: Default::default(),
         }
     }
 
@@ -223,6 +244,8 @@ impl ShardRouter {
                 }
             }
             Analysis::Everywhere => Ok(ShardTarget::Everywhere),
+            Analysis::Schema(change) => Ok(ShardTarget::Schema(change)),
+            Analysis::Scope { scope: Scope::Columns(table), .. } => Ok(ShardTarget::Columns(table)),
             Analysis::Scope { scope: Scope::Unsharded, home: true, .. } => Ok(ShardTarget::One(0)),
             Analysis::Hinted(_) | Analysis::Scope { scope: Scope::Unsharded, .. } => Ok(ShardTarget::Any),
             Analysis::Scope { scope: Scope::Mixed(tables), .. } => Err(feature(format!(
@@ -376,6 +399,33 @@ impl ShardRouter {
             Some(None) if !insert => KeyShard::Absent,
             _ => KeyShard::Lookup(ShardTarget::Lookup { map, key: text, assign: insert }),
         })
+    }
+
+    /// `table`'s columns in order, read from the first shard when not known.
+    pub async fn table_columns(&self, table: &str) -> Result<Arc<[String]>, PgError> {
+        if let Some(c) = self.tables.columns.get(table) {
+            return Ok(c);
+        }
+        let pool = &self.backends.first().ok_or_else(|| feature("pgmux: no shards"))?.primary;
+        let columns = schema::load(pool, table).await?;
+        self.tables.columns.put(table, columns);
+        self.tables.columns.get(table).ok_or_else(|| feature("pgmux: no columns"))
+    }
+
+    /// The schema changed (through pgmux): what every router of the
+    /// database knew of it goes.
+    pub fn schema_changed(&self) {
+        self.tables.columns.changed();
+    }
+
+    /// Drop the analyses made before the last schema change.
+    fn forget_stale_analyses(&self) {
+        let changes = self.tables.columns.changes();
+        if self.analyzed_after.swap(changes, std::sync::atomic::Ordering::Relaxed) != changes {
+            for cache in [&self.cache, &self.shapes] {
+                cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            }
+        }
     }
 
     /// A sharded table's key column and map.

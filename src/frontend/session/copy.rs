@@ -30,6 +30,11 @@ impl Session {
     /// client went away.
     pub(super) async fn copy_into_shards(&mut self, copy: CopyIn, sql: String, extended: bool) -> bool {
         let Some(sh) = self.sharding.clone() else { return false };
+        // The key's place first: its table's columns may need a connection.
+        let key = match row_key(&sh, &copy).await {
+            Ok(k) => k,
+            Err(e) => return self.refuse(&e).await,
+        };
         // Extended protocol: Parse/Bind replies, then the COPY starts at
         // the Execute (a Sync sent before the data is ignored, as
         // PostgreSQL ignores it in COPY mode; the one after CopyDone is
@@ -53,7 +58,7 @@ impl Session {
             Ok(c) => c.into_iter().map(|(_, c)| c).collect::<Vec<_>>(),
             Err(e) => return self.answer_error(&e).await,
         };
-        let result = self.copy_rows(&sh, &copy, &sql, &mut conns).await;
+        let result = self.copy_rows(&sh, &copy, &key, &sql, &mut conns).await;
         let mut out = BytesMut::new();
         match result {
             Ok(Some(n)) => {
@@ -92,10 +97,10 @@ impl Session {
         &mut self,
         sh: &ShardRouter,
         copy: &CopyIn,
+        key: &RowKey,
         sql: &str,
         conns: &mut [Checkout],
     ) -> Result<Option<u64>, PgError> {
-        let key = row_key(sh, copy, conns).await?;
         let response = start_on_shards(conns, sql).await?;
         let mut reply = BytesMut::new();
         let at = msg::start_message(&mut reply, b'G');
@@ -104,7 +109,7 @@ impl Session {
         if self.stream.write_all(&reply).await.is_err() {
             return Ok(None);
         }
-        self.split_rows(sh, copy, &key, conns).await
+        self.split_rows(sh, copy, key, conns).await
     }
 
     /// Send each row of the client's COPY data to the shard of its key
@@ -188,11 +193,12 @@ struct RowKey {
 
 /// The shard key of the COPY's rows: its column's position (in the COPY's
 /// column list, or the table's columns in order), type and map.
-async fn row_key(sh: &ShardRouter, copy: &CopyIn, conns: &mut [Checkout]) -> Result<RowKey, PgError> {
+async fn row_key(sh: &ShardRouter, copy: &CopyIn) -> Result<RowKey, PgError> {
     let (key_col, map) =
         sh.sharded_table(&copy.table).ok_or_else(|| copy_error(format!("{} is not sharded", copy.table)))?;
     let key_type = sh.key_type(map).ok_or_else(|| copy_error("unknown shard map".into()))?;
-    let columns = if copy.columns.is_empty() { table_columns(conns, &copy.table).await? } else { copy.columns.clone() };
+    let columns =
+        if copy.columns.is_empty() { sh.table_columns(&copy.table).await?.to_vec() } else { copy.columns.clone() };
     let key_at = columns
         .iter()
         .position(|c| *c == key_col)
@@ -272,27 +278,4 @@ async fn finish(conns: &mut [Checkout]) -> Result<u64, PgError> {
         Some(e) => Err(e),
         None => Ok(total),
     }
-}
-
-/// A table's column names in order (for a COPY without a column list).
-async fn table_columns(conns: &mut [Checkout], table: &str) -> Result<Vec<String>, PgError> {
-    let c = conns.first_mut().ok_or_else(|| copy_error("no shards".into()))?;
-    let conn = c.conn();
-    let sql = format!(
-        "SELECT attname FROM pg_attribute WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-        msg::quote_literal(table)
-    );
-    let mut q = BytesMut::new();
-    msg::query(&mut q, &sql);
-    conn.stream.write_all(&q).await.map_err(|e| copy_error(e.to_string()))?;
-    let a = read_answer(conn).await.map_err(|e| copy_error(e.to_string()))?;
-    if let Some(e) = a.error {
-        return Err(PgError::error_from_server(&e));
-    }
-    Ok(a.rows
-        .iter()
-        .filter_map(|r| crate::shard::merge::parse_row(r))
-        .filter_map(|r| r.into_iter().next().flatten())
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
-        .collect())
 }

@@ -69,10 +69,9 @@ pub(super) enum Plan {
     Scatter(Box<crate::shard::merge::MergePlan>),
     /// The same, as an extended-protocol batch.
     ScatterExtended(Box<crate::shard::merge::MergePlan>),
-    /// A write run on several shards, in parts; `copies`: the same rows
-    /// on each (a reference table), counted once; `extended`: an
+    /// A write run on several shards, in parts; `extended`: an
     /// extended-protocol batch.
-    ScatterWrite { split: Box<crate::shard::split::Split>, copies: bool, extended: bool },
+    ScatterWrite { split: Box<crate::shard::split::Split>, kind: super::write::WriteKind, extended: bool },
     /// COPY FROM STDIN split over the shards (the statement's text; sent
     /// over the extended protocol).
     CopyIn(Box<crate::shard::copy::CopyIn>, String, bool),
@@ -218,9 +217,7 @@ impl Session {
             Plan::Scatter(plan) => Box::pin(self.scatter(&plan)).await,
             Plan::ScatterExtended(plan) => Box::pin(self.scatter_extended(&plan)).await,
             Plan::CopyIn(copy, sql, extended) => Box::pin(self.copy_into_shards(*copy, sql, extended)).await,
-            Plan::ScatterWrite { split, copies, extended } => {
-                Box::pin(self.scatter_write(&split, copies, extended)).await
-            }
+            Plan::ScatterWrite { split, kind, extended } => Box::pin(self.scatter_write(&split, kind, extended)).await,
             Plan::EndMulti(commit) => Box::pin(self.end_multi(commit)).await,
         };
         if let (true, Some(sh)) = (spans, &self.sharding) {

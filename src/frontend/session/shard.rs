@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use super::route::{Deferred, Plan};
+use super::write::WriteKind;
 use super::{Session, Txn};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::first_message;
@@ -13,6 +14,7 @@ use crate::protocol::frame::HEADER_LEN;
 use crate::protocol::messages::TxStatus;
 use crate::protocol::messages::{self as msg, split_nul as cstr};
 use crate::protocol::statements::Statement;
+use crate::shard::schema::Change;
 use crate::shard::split::Split;
 use crate::shard::{ShardRouter, ShardTarget};
 
@@ -66,6 +68,18 @@ impl ShardGuard {
         let here = &self.router.backends[self.shard].name;
         match target {
             Ok(ShardTarget::Any) => None,
+            Ok(ShardTarget::Columns(table)) => Some(
+                PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!("pgmux: the columns of {table} are not known yet; an INSERT without a column list cannot join this transaction"),
+                )
+                .with_hint("Name the columns, or run it once outside a transaction."),
+            ),
+            Ok(ShardTarget::Schema(_)) => Some(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("pgmux: this transaction runs on shard {here}; a schema change (for every shard) cannot join it"),
+            )
+            .with_hint("Change the schema outside the transaction, or set allow_cross_shard_writes.")),
             Ok(ShardTarget::Lookup { key, .. }) => Some(
                 PgError::error(
                     sqlstate::FEATURE_NOT_SUPPORTED,
@@ -155,10 +169,30 @@ impl Session {
             ShardTarget::Any => in_multi.then(part),
             ShardTarget::Write(shards) => {
                 let shards = shards.unwrap_or_else(|| (0..sh.backends.len()).collect());
-                self.write_plan(query, |sql| Split::same(sql, shards), false)
+                self.write_plan(query, |sql| Split::same(sql, shards), WriteKind::Parts)
             }
-            ShardTarget::Everywhere => self.write_plan(query, |sql| Split::same(sql, 0..sh.backends.len()), true),
-            ShardTarget::Split(split) => self.write_plan(query, |_| *split, false),
+            ShardTarget::Everywhere => {
+                self.write_plan(query, |sql| Split::same(sql, 0..sh.backends.len()), WriteKind::Copies)
+            }
+            ShardTarget::Split(split) => self.write_plan(query, |_| *split, WriteKind::Parts),
+            ShardTarget::Schema(_) if self.deferred().is_some() => Some(Plan::Refuse(
+                PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "pgmux: a schema change runs on every shard; it cannot join a transaction on one shard",
+                )
+                .with_hint("Change the schema outside a transaction, or set allow_cross_shard_writes."),
+            )),
+            ShardTarget::Schema(Change::Alone) if in_multi => Some(Plan::Refuse(PgError::error(
+                sqlstate::ACTIVE_SQL_TRANSACTION,
+                "pgmux: this schema change cannot run inside a transaction block",
+            ))),
+            ShardTarget::Schema(change) => {
+                self.write_plan(query, |sql| Split::same(sql, 0..sh.backends.len()), WriteKind::Schema(change))
+            }
+            ShardTarget::Columns(table) => Some(Plan::Refuse(PgError::error(
+                sqlstate::CONNECTION_FAILURE,
+                format!("pgmux: the columns of {table} could not be read"),
+            ))),
             ShardTarget::CopyIn(_) if self.deferred().is_some() || in_multi => Some(Plan::Refuse(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "pgmux: COPY into a sharded table cannot run inside a transaction",
@@ -190,13 +224,13 @@ impl Session {
     /// The plan of a write across shards (`split` of its text): a Query, an
     /// extended-protocol batch that executes it, or (a Parse / Describe
     /// alone, which any shard answers alike) none.
-    fn write_plan(&self, query: Option<&str>, split: impl FnOnce(&str) -> Split, copies: bool) -> Option<Plan> {
+    fn write_plan(&self, query: Option<&str>, split: impl FnOnce(&str) -> Split, kind: WriteKind) -> Option<Plan> {
         let (sql, extended) = match query {
             Some(q) => (q.to_string(), false),
             None if self.batch_executes() => (self.batch_sql()?, true),
             None => return None,
         };
-        Some(Plan::ScatterWrite { split: Box::new(split(&sql)), copies, extended })
+        Some(Plan::ScatterWrite { split: Box::new(split(&sql)), kind, extended })
     }
 
     /// The statement text the batch at the front of the buffer executes.
@@ -273,8 +307,9 @@ impl Session {
     }
 
     /// Look up (and for an INSERT assign) the directory keys the batch at
-    /// the front of the buffer needs, so that routing it finds them
-    /// cached. A failure is the batch's error.
+    /// the front of the buffer needs, and the columns of a table it inserts
+    /// into without a column list, so that routing it finds them cached.
+    /// A failure is the batch's error.
     pub(super) async fn resolve_directory(&mut self) -> Result<(), PgError> {
         let Some(sh) = self.sharding.clone() else { return Ok(()) };
         if self.mode != crate::config::PoolMode::Transaction {
@@ -289,6 +324,13 @@ impl Session {
         let mut last = None;
         loop {
             match self.batch_target(&sh) {
+                Ok(ShardTarget::Columns(table)) => {
+                    if last.as_ref() == Some(&(usize::MAX, table.clone())) {
+                        return Ok(());
+                    }
+                    last = Some((usize::MAX, table.clone()));
+                    Box::pin(sh.table_columns(&table)).await?;
+                }
                 Ok(ShardTarget::Lookup { map, key, assign }) => {
                     if last.as_ref() == Some(&(map, key.clone())) {
                         return Ok(());

@@ -1,11 +1,13 @@
-//! Writes that run on several shards (`allow_cross_shard_writes`): the
-//! same write on each (no key, keys on several shards, a reference
-//! table's copies), or an INSERT cut per shard
-//! ([`crate::shard::split`]) — over the simple query protocol or as an
-//! extended-protocol batch, each shard's part with its own parameters.
+//! Writes that run on several shards: the same write on each (no key, keys
+//! on several shards, a reference table's copies — with
+//! `allow_cross_shard_writes` — or a schema change), or an INSERT cut per
+//! shard ([`crate::shard::split`]) — over the simple query protocol or as
+//! an extended-protocol batch, each shard's part with its own parameters.
 //! Outside a transaction the write is one of its own, committed on every
-//! shard it touched (two-phase when on, see [`super::multi`]); the answer
-//! is one server's: the rows returned, the counts added up.
+//! shard it touched (two-phase when on, see [`super::multi`]); a schema
+//! change PostgreSQL runs only outside a transaction runs on each shard on
+//! its own. The answer is one server's: the rows returned, the counts
+//! added up.
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -14,7 +16,20 @@ use super::scatter::{bind_for_shards, Answer, Batch};
 use super::{Session, Txn};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::messages as msg;
+use crate::shard::schema::Change;
 use crate::shard::split::{Part, Split};
+
+/// How the parts of a write across shards add up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum WriteKind {
+    /// Each shard's rows and counts, added up.
+    Parts,
+    /// The same rows on each (a reference table): returned and counted once.
+    Copies,
+    /// A schema change: answered once; what the router knew of the schema
+    /// is dropped after it.
+    Schema(Change),
+}
 
 /// What the shards' answers to a write add up to.
 struct Written {
@@ -34,7 +49,7 @@ struct Written {
 /// order of its VALUES when each part returned one per row it inserted.
 fn add_up(answers: Vec<Result<Answer, PgError>>, split: &Split, copies: bool) -> Result<Written, PgError> {
     let mut w = Written { desc: None, stmt_desc: Vec::new(), rows: BytesMut::new(), tag: String::new() };
-    let (mut verb, mut count, mut error) = (String::new(), 0u64, None);
+    let (mut verb, mut count, mut error) = (None, 0u64, None);
     let by_row = answers
         .iter()
         .zip(&split.parts)
@@ -62,9 +77,14 @@ fn add_up(answers: Vec<Result<Answer, PgError>>, split: &Split, copies: bool) ->
             true => returned.extend(part.rows.iter().copied().zip(a.rows)),
             false => returned.extend(a.rows.into_iter().map(|r| (0, r))),
         }
-        if let Some((v, n)) = a.tag.as_deref().and_then(|t| t.rsplit_once(' ')) {
-            verb = v.to_string();
-            count += n.parse::<u64>().unwrap_or(0);
+        // `INSERT 0 3` adds up; `CREATE TABLE` is as it is.
+        match a.tag.as_deref().map(|t| (t, t.rsplit_once(' ').and_then(|(v, n)| Some((v, n.parse::<u64>().ok()?))))) {
+            Some((_, Some((v, n)))) => {
+                verb = Some(v.to_string());
+                count += n;
+            }
+            Some((t, None)) => w.tag = t.to_string(),
+            None => {}
         }
     }
     // Stable: rows of one part keep their order.
@@ -74,7 +94,9 @@ fn add_up(answers: Vec<Result<Answer, PgError>>, split: &Split, copies: bool) ->
         w.rows.extend_from_slice(&r);
         msg::finish_message(&mut w.rows, m);
     }
-    w.tag = format!("{verb} {count}");
+    if let Some(v) = verb {
+        w.tag = format!("{v} {count}");
+    }
     error.map_or(Ok(w), Err)
 }
 
@@ -83,7 +105,7 @@ impl Session {
     /// server would; `extended`: the batch at the front of the buffer is
     /// an extended-protocol one (up to its Sync), else a Query. `false`:
     /// the client went away.
-    pub(super) async fn scatter_write(&mut self, split: &Split, copies: bool, extended: bool) -> bool {
+    pub(super) async fn scatter_write(&mut self, split: &Split, kind: WriteKind, extended: bool) -> bool {
         let Some(sh) = self.sharding.clone() else { return false };
         let mut batch = None;
         if extended {
@@ -99,7 +121,8 @@ impl Session {
             Ok(r) => r,
             Err(e) => return self.answer_error(&e).await,
         };
-        let implicit = self.multi().is_none();
+        let alone = kind == WriteKind::Schema(Change::Alone);
+        let implicit = self.multi().is_none() && !alone;
         if implicit {
             self.txn = Txn::AcrossShards(super::multi::Multi::new("BEGIN"));
         }
@@ -111,11 +134,18 @@ impl Session {
             }
             Err(e) => vec![Err(e)],
         };
-        let mut written = add_up(answers, split, copies);
+        let done = done_on(&sh, split, &answers);
+        let mut written = add_up(answers, split, kind != WriteKind::Parts);
         if implicit {
             if let Err(e) = self.finish_multi(written.is_ok()).await {
                 written = written.and(Err(e));
             }
+        }
+        if let WriteKind::Schema(_) = kind {
+            sh.schema_changed();
+        }
+        if let (true, Err(e), false) = (alone, &mut written, done.is_empty()) {
+            *e = e.clone().with_detail(format!("pgmux: it ran on shard(s) {} (not in a transaction)", done.join(", ")));
         }
         let w = match written {
             Ok(w) => w,
@@ -141,6 +171,12 @@ impl Session {
         };
         self.stream.write_all(&out).await.is_ok()
     }
+}
+
+/// The shards whose part has an answer without an error.
+fn done_on(sh: &crate::shard::ShardRouter, split: &Split, answers: &[Result<Answer, PgError>]) -> Vec<String> {
+    let ok = answers.iter().zip(&split.parts).filter(|(a, _)| a.as_ref().is_ok_and(|a| a.error.is_none()));
+    ok.filter_map(|(_, p)| Some(sh.backends.get(p.shard)?.name.clone())).collect()
 }
 
 /// Each part's request: a Query, or the batch for that shard (its Parse,

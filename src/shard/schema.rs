@@ -1,0 +1,197 @@
+//! The schema of a sharded database: which statements change it (they run
+//! on every shard, in one transaction across them unless PostgreSQL runs
+//! them only outside one), and the sharded tables' columns in order, read
+//! from a shard's catalog for an INSERT or COPY without a column list and
+//! kept until a schema change through pgmux (a reload starts afresh).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sqlparser::ast::{ObjectType, Statement};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::tokenizer::{Token, Tokenizer};
+
+use crate::backend::pool::Pool;
+use crate::protocol::error::{sqlstate, PgError};
+use crate::protocol::messages as msg;
+
+/// How a schema change runs on the shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// In a transaction spanning the shards (committed together).
+    InTransaction,
+    /// On each shard on its own (`CREATE INDEX CONCURRENTLY`, `CREATE
+    /// DATABASE`, ...: PostgreSQL refuses them in a transaction block).
+    Alone,
+}
+
+/// The schema change `stmt` is, if it is one. Temporary objects are not
+/// (they belong to a server session, not to the database).
+pub fn change(stmt: &Statement, sql: &str) -> Option<Change> {
+    use Statement as S;
+    let alone = |yes: bool| Some(if yes { Change::Alone } else { Change::InTransaction });
+    match stmt {
+        S::CreateIndex(ci) => alone(ci.concurrently),
+        S::CreateTable(t) if t.temporary => None,
+        S::CreateView(v) if v.temporary => None,
+        S::Drop { temporary: true, .. } => None,
+        S::CreateDatabase { .. } => alone(true),
+        S::Drop { object_type: ObjectType::Database, .. } => alone(true),
+        S::Drop { object_type: ObjectType::Index, .. } => alone(crate::sql::scan::mentions(sql, b"concurrently")),
+        S::CreateView { .. }
+        | S::CreateTable(_)
+        | S::CreateSchema { .. }
+        | S::CreateSequence { .. }
+        | S::CreateType { .. }
+        | S::CreateDomain { .. }
+        | S::CreateFunction { .. }
+        | S::CreateProcedure { .. }
+        | S::CreateTrigger { .. }
+        | S::CreateExtension { .. }
+        | S::CreatePolicy { .. }
+        | S::CreateRole { .. }
+        | S::CreateCollation { .. }
+        | S::AlterTable { .. }
+        | S::AlterIndex { .. }
+        | S::AlterView { .. }
+        | S::AlterType { .. }
+        | S::AlterSchema { .. }
+        | S::AlterFunction { .. }
+        | S::AlterRole { .. }
+        | S::AlterPolicy { .. }
+        | S::AlterTrigger { .. }
+        | S::AlterCollation { .. }
+        | S::AlterDefaultPrivileges { .. }
+        | S::Drop { .. }
+        | S::DropFunction { .. }
+        | S::DropDomain { .. }
+        | S::DropProcedure { .. }
+        | S::DropPolicy { .. }
+        | S::DropTrigger { .. }
+        | S::DropExtension { .. }
+        | S::Comment { .. }
+        | S::Grant { .. }
+        | S::Revoke { .. } => alone(false),
+        _ => None,
+    }
+}
+
+/// A statement the parser does not know that is still a schema change by
+/// its first word (`CREATE`, `ALTER`, `DROP`, `COMMENT`, `GRANT`,
+/// `REVOKE`, not of a temporary object).
+pub fn unparsed_change(sql: &str) -> Option<Change> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
+    let mut words = tokens.iter().filter_map(|t| match t {
+        Token::Word(w) => Some(w.value.to_ascii_lowercase()),
+        Token::Whitespace(_) => None,
+        _ => Some(String::new()),
+    });
+    let first = words.next()?;
+    let second = words.next().unwrap_or_default();
+    let temporary = matches!(second.as_str(), "temp" | "temporary");
+    if !matches!(first.as_str(), "create" | "alter" | "drop" | "comment" | "grant" | "revoke") || temporary {
+        return None;
+    }
+    let alone = crate::sql::scan::mentions(sql, b"concurrently")
+        || (first == "alter" && second == "system")
+        || second == "database"
+        || second == "tablespace";
+    Some(if alone { Change::Alone } else { Change::InTransaction })
+}
+
+/// Sharded tables' columns in order, by folded name, and a count of the
+/// schema changes seen (routers drop what they derived from the schema
+/// when it moves).
+#[derive(Default)]
+pub struct Columns {
+    tables: Mutex<HashMap<String, Arc<[String]>>>,
+    changes: AtomicU64,
+}
+
+impl Columns {
+    pub fn get(&self, table: &str) -> Option<Arc<[String]>> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner()).get(table).cloned()
+    }
+
+    pub fn put(&self, table: &str, columns: Vec<String>) {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner()).insert(table.to_string(), columns.into());
+    }
+
+    /// The schema changed: forget every table's columns.
+    pub fn changed(&self) {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Schema changes seen so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+}
+
+/// `table`'s columns in order, from the catalog of the shard behind `pool`.
+pub async fn load(pool: &Arc<Pool>, table: &str) -> Result<Vec<String>, PgError> {
+    let failed =
+        |e: String| PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgmux: the columns of {table}: {e}"));
+    let mut c = pool.get().await.map_err(|e| failed(e.to_string()))?;
+    let quoted = format!("\"{}\"", table.replace('"', "\"\""));
+    let sql = format!(
+        "SELECT attname FROM pg_attribute WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped \
+         ORDER BY attnum",
+        msg::quote_literal(&quoted)
+    );
+    let rows = match c.conn().query_rows(&sql).await {
+        Ok(rows) => rows,
+        Err(crate::backend::server::ServerError::Query(body)) => {
+            c.release();
+            return Err(PgError::error_from_server(&body));
+        }
+        Err(e) => return Err(failed(e.to_string())),
+    };
+    c.release();
+    Ok(rows
+        .iter()
+        .filter_map(|r| super::merge::parse_row(r))
+        .filter_map(|r| r.into_iter().next().flatten())
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlparser::parser::Parser;
+
+    fn of(sql: &str) -> Option<Change> {
+        match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+            Ok(s) => change(&s[0], sql),
+            Err(_) => unparsed_change(sql),
+        }
+    }
+
+    #[test]
+    fn schema_changes() {
+        for sql in [
+            "CREATE TABLE t (id int)",
+            "ALTER TABLE users ADD COLUMN x int",
+            "DROP TABLE t",
+            "CREATE INDEX ON users (name)",
+            "CREATE SEQUENCE s",
+            "COMMENT ON TABLE users IS 'x'",
+            "GRANT SELECT ON users TO app",
+            "DROP INDEX i",
+            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$",
+        ] {
+            assert_eq!(of(sql), Some(Change::InTransaction), "{sql}");
+        }
+        for sql in
+            ["CREATE INDEX CONCURRENTLY i ON users (name)", "DROP INDEX CONCURRENTLY i", "ALTER SYSTEM SET x = 1"]
+        {
+            assert_eq!(of(sql), Some(Change::Alone), "{sql}");
+        }
+        for sql in ["CREATE TEMP TABLE t (id int)", "SELECT 1", "INSERT INTO t VALUES (1)", "TRUNCATE users"] {
+            assert_eq!(of(sql), None, "{sql}");
+        }
+    }
+}
