@@ -7,9 +7,13 @@
 //! - `LIMIT n OFFSET m` is sent to the shards as `LIMIT n+m` and applied
 //!   after the merge;
 //! - `count`, `sum` (integer and numeric), `min` and `max`, alone or with
-//!   `GROUP BY` of select-list columns, are combined per group;
-//! - anything else (`avg`, `DISTINCT`, `HAVING`, window functions, set
-//!   operations, float sums) is refused: never a wrong answer.
+//!   `GROUP BY` of select-list columns, are combined per group; `avg` (of
+//!   integers and numeric) from each shard's `sum` and `count`, divided as
+//!   PostgreSQL divides (see [`super::numeric`]);
+//! - `DISTINCT` and `DISTINCT ON` keep the first row of each distinct
+//!   value after the merge's order;
+//! - anything else (`HAVING`, window functions, set operations, float
+//!   sums and averages) is refused: never a wrong answer.
 //!
 //! Here: what a plan is, and the rows combined by it ([`finish`]). The
 //! plan is made in `merge/plan.rs`, DataRow and RowDescription bodies are
@@ -33,6 +37,8 @@ pub enum Agg {
     /// `min` / `max`; `true`: of text under `COLLATE "C"` (bytewise).
     Min(bool),
     Max(bool),
+    /// `avg`: from the partial `sum` at this column and `count` after it.
+    Avg(usize),
 }
 
 /// A sort key: output column (by position or by name) and direction.
@@ -64,6 +70,8 @@ pub struct MergePlan {
     pub offset: u64,
     /// Per output column, when the query aggregates.
     pub aggs: Option<Vec<Agg>>,
+    /// `DISTINCT` (empty: on every column) or `DISTINCT ON` these columns.
+    pub distinct: Option<Vec<ColumnRef>>,
     /// Sort-key columns appended to the select list (see [`ColumnRef::Hidden`]).
     pub hidden: usize,
     /// The shards to ask (None: all).
@@ -88,6 +96,9 @@ pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row
     if !keys.is_empty() {
         // Stable: rows equal on every key keep their shard order.
         rows.sort_by(|a, b| compare_rows(&keys, cols, a, b));
+    }
+    if let Some(on) = &plan.distinct {
+        rows = distinct(plan, on, cols, rows)?;
     }
     let skip = usize::try_from(plan.offset).unwrap_or(usize::MAX);
     let take = plan.limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
@@ -131,6 +142,38 @@ fn sort_columns<'a>(plan: &'a MergePlan, cols: &[(String, u32, i16)]) -> Result<
             }
         })
         .collect()
+}
+
+/// Types whose equal values have equal bytes (text and binary), so that
+/// rows group and deduplicate by their bytes.
+fn groupable(type_oid: u32) -> bool {
+    matches!(type_oid, oid::INT2 | oid::INT4 | oid::INT8 | oid::TEXT | oid::VARCHAR | oid::UUID | oid::BOOL | oid::DATE)
+}
+
+/// The first row of each distinct value of the columns `on` (empty: the
+/// visible ones), in order.
+fn distinct(
+    plan: &MergePlan,
+    on: &[ColumnRef],
+    cols: &[(String, u32, i16)],
+    rows: Vec<Row>,
+) -> Result<Vec<Row>, String> {
+    let visible = cols.len().saturating_sub(plan.hidden);
+    let at: Vec<usize> = match on {
+        [] => (0..visible).collect(),
+        on => on
+            .iter()
+            .map(|c| match c {
+                ColumnRef::Position(i) if *i < visible => Ok(*i),
+                _ => refuse("DISTINCT ON across shards needs select-list columns"),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    if at.iter().any(|&i| !groupable(cols[i].1)) {
+        return refuse("DISTINCT across shards on a column of this type is not supported");
+    }
+    let mut seen = std::collections::HashSet::new();
+    Ok(rows.into_iter().filter(|r| seen.insert(at.iter().map(|&i| r[i].clone()).collect::<Vec<_>>())).collect())
 }
 
 /// Two rows in the order of the sort keys (`keys`: column and key).
@@ -185,24 +228,20 @@ fn combine(aggs: &[Agg], cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> 
     for (a, c) in aggs.iter().zip(cols) {
         let binary = c.2 == 1;
         match a {
+            Agg::Avg(_) if c.1 != oid::NUMERIC => {
+                return refuse("avg() across shards of floating-point values is not exact; cast to numeric")
+            }
             Agg::Sum if !matches!(c.1, oid::INT8 | oid::NUMERIC) => {
                 return refuse("sum() across shards of floating-point values is not exact; cast to numeric")
             }
-            Agg::Count | Agg::Sum if binary && c.1 != oid::INT8 => {
-                return refuse("sum() across shards of numeric values in binary format is not supported")
-            }
+            Agg::Count if binary && c.1 != oid::INT8 => return refuse("count() of this type is not supported"),
             Agg::Min(b) | Agg::Max(b) if binary && !values::comparable_binary(c.1, *b) => {
                 return refuse("min()/max() across shards of this type is not supported")
             }
             Agg::Min(b) | Agg::Max(b) if !binary && !values::comparable(c.1, *b) => {
                 return refuse("min()/max() across shards of this type is not supported")
             }
-            Agg::Group
-                if !matches!(
-                    c.1,
-                    oid::INT2 | oid::INT4 | oid::INT8 | oid::TEXT | oid::VARCHAR | oid::UUID | oid::BOOL | oid::DATE
-                ) =>
-            {
+            Agg::Group if !groupable(c.1) => {
                 return refuse("GROUP BY across shards on a column of this type is not supported")
             }
             _ => {}
@@ -222,16 +261,9 @@ fn combine(aggs: &[Agg], cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> 
         for (i, a) in aggs.iter().enumerate() {
             let (x, y) = (acc[i].take(), row.get(i).cloned().flatten());
             acc[i] = match (a, x, y) {
-                (Agg::Group, x, _) => x,
+                (Agg::Group | Agg::Avg(_), x, _) => x,
                 (_, None, y) | (_, y @ Some(_), None) => y,
-                (Agg::Count | Agg::Sum, Some(x), Some(y)) if cols[i].2 == 1 => {
-                    Some(values::add_int8_binary(&x, &y).ok_or("count/sum across shards overflows")?)
-                }
-                (Agg::Count | Agg::Sum, Some(x), Some(y)) => {
-                    let sum = values::add_decimal(&String::from_utf8_lossy(&x), &String::from_utf8_lossy(&y))
-                        .ok_or("sum() across shards of NaN or infinite values is not supported")?;
-                    Some(sum.into_bytes())
-                }
+                (Agg::Count | Agg::Sum, Some(x), Some(y)) => Some(add(&cols[i], &x, &y)?),
                 (Agg::Min(_), Some(x), Some(y)) => Some(if compare(&cols[i], &y, &x).is_lt() { y } else { x }),
                 (Agg::Max(_), Some(x), Some(y)) => Some(if compare(&cols[i], &y, &x).is_gt() { y } else { x }),
             };
@@ -240,5 +272,59 @@ fn combine(aggs: &[Agg], cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> 
     if groups.is_empty() && !aggs.contains(&Agg::Group) {
         return refuse("an aggregate over no shard rows");
     }
+    for row in &mut groups {
+        for (i, a) in aggs.iter().enumerate() {
+            if let Agg::Avg(at) = a {
+                row[i] = average(cols, row, *at, cols[i].2 == 1)?;
+            }
+        }
+    }
     Ok(groups)
+}
+
+/// Two partial counts or sums added, in their column's type and format.
+fn add(col: &(String, u32, i16), x: &[u8], y: &[u8]) -> Result<Vec<u8>, String> {
+    let overflow = || "count/sum across shards overflows".to_string();
+    match (col.1, col.2 == 1) {
+        (oid::INT8, true) => values::add_int8_binary(x, y).ok_or_else(overflow),
+        (_, binary) => {
+            let text = |v: &[u8]| match binary {
+                true => super::numeric::from_binary(v),
+                false => Some(String::from_utf8_lossy(v).into_owned()),
+            };
+            let sum = text(x)
+                .zip(text(y))
+                .and_then(|(x, y)| values::add_decimal(&x, &y))
+                .ok_or("sum() across shards of NaN or infinite values is not supported")?;
+            match binary {
+                true => super::numeric::to_binary(&sum).ok_or_else(overflow),
+                false => Ok(sum.into_bytes()),
+            }
+        }
+    }
+}
+
+/// `avg` of a group from its partial sum (column `at`) and count (`at + 1`).
+fn average(cols: &[(String, u32, i16)], row: &Row, at: usize, binary: bool) -> Result<Option<Vec<u8>>, String> {
+    let value = |i: usize| -> Option<String> {
+        let v = row.get(i)?.as_deref()?;
+        match (cols.get(i)?.1, cols.get(i)?.2 == 1) {
+            (oid::INT8, true) => Some(i64::from_be_bytes(v.try_into().ok()?).to_string()),
+            (_, true) => super::numeric::from_binary(v),
+            (_, false) => Some(String::from_utf8_lossy(v).into_owned()),
+        }
+    };
+    let (Some(sum), Some(count)) = (value(at), value(at + 1)) else { return Ok(None) };
+    let count: u64 = count.parse().map_err(|_| "avg() across shards: a bad count".to_string())?;
+    let Some(avg) = super::numeric::avg(&sum, count) else {
+        return if count == 0 {
+            Ok(None)
+        } else {
+            refuse("avg() across shards of NaN or infinite values is not supported")
+        };
+    };
+    match binary {
+        true => super::numeric::to_binary(&avg).map(Some).ok_or_else(|| "avg() across shards overflows".to_string()),
+        false => Ok(Some(avg.into_bytes())),
+    }
 }

@@ -15,6 +15,7 @@ pub mod key;
 pub mod map;
 pub mod merge;
 pub mod mover;
+pub mod numeric;
 pub mod schema;
 pub mod split;
 pub mod twophase;

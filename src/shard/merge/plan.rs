@@ -1,12 +1,14 @@
 //! The merge plan of a read sent to every shard ([`plan`]): what the
-//! statement asks of the merge, step by step — aggregates and `GROUP BY`,
+//! statement asks of the merge, step by step — aggregates (`avg` from
+//! partial sums and counts appended, hidden) and `GROUP BY`, `DISTINCT`
+//! and `DISTINCT ON`,
 //! `ORDER BY` keys (sort keys the client did not select appended,
 //! hidden), `LIMIT` / `OFFSET` — and the statement each shard runs; or
 //! why it cannot be merged exactly.
 
 use sqlparser::ast::{
-    Expr, FunctionArguments, GroupByExpr, LimitClause, OrderByKind, OrderBySort, Query, Select, SelectItem, SetExpr,
-    Statement, Value,
+    Distinct, Expr, FunctionArguments, GroupByExpr, LimitClause, OrderByKind, OrderBySort, Query, Select, SelectItem,
+    SetExpr, Statement, Value,
 };
 
 use super::{refuse, Agg, ColumnRef, MergePlan, SortKey};
@@ -29,32 +31,58 @@ pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
     let SetExpr::Select(select) = q.body.as_ref() else {
         return refuse("set operations (UNION, INTERSECT, EXCEPT) across shards are not supported");
     };
-    if select.distinct.is_some() {
-        return refuse("DISTINCT across shards is not supported");
-    }
     if select.having.is_some() {
         return refuse("HAVING across shards is not supported");
     }
-    let (exprs, aggs) = aggregates(select)?;
-    let (order, hidden) = sort_keys(&q, select, &exprs, aggs.is_some())?;
+    let (exprs, aggs, partials) = aggregates(select)?;
+    let distinct = match &select.distinct {
+        None => None,
+        Some(_) if aggs.is_some() => return refuse("DISTINCT with aggregates across shards is not supported"),
+        Some(Distinct::Distinct) => Some(Vec::new()),
+        Some(Distinct::On(on)) => Some(on.iter().map(|e| select_column(e, &exprs)).collect::<Result<_, _>>()?),
+        Some(_) => return refuse("this DISTINCT form is not supported across shards"),
+    };
+    let appended: Vec<String> = partials.iter().map(|p| p.to_string()).collect();
+    let (order, mut hidden) = sort_keys(&q, select, (&exprs, &appended), aggs.is_some() || distinct.is_some())?;
+    hidden.extend(partials);
     let (limit, offset) = limit_offset(&q)?;
     if q.fetch.is_some() {
         return refuse("FETCH FIRST across shards is not supported (use LIMIT)");
     }
     let n_hidden = hidden.len();
     let sql = shard_sql(q, hidden, aggs.is_some(), limit, offset, sql);
-    Ok(MergePlan { sql, order, limit, offset, aggs, hidden: n_hidden, shards: None })
+    Ok(MergePlan { sql, order, limit, offset, aggs, distinct, hidden: n_hidden, shards: None })
 }
 
-/// The text of each select-list item (empty for a wildcard), and how each
-/// output column combines when the query aggregates (`None`: it does not).
-fn aggregates(select: &Select) -> Result<(Vec<String>, Option<Vec<Agg>>), String> {
-    let group_by: Vec<String> = match &select.group_by {
-        GroupByExpr::Expressions(exprs, mods) if mods.is_empty() => exprs.iter().map(|e| e.to_string()).collect(),
+/// A `DISTINCT ON` expression as an output column: a position or a
+/// select-list item.
+fn select_column(e: &Expr, exprs: &[String]) -> Result<ColumnRef, String> {
+    if let Some(n) = number(e) {
+        let n = usize::try_from(n).map_err(|_| "DISTINCT ON position out of range".to_string())?;
+        return Ok(ColumnRef::Position(n.checked_sub(1).ok_or("DISTINCT ON position 0")?));
+    }
+    match exprs.iter().position(|t| *t == e.to_string()) {
+        Some(i) => Ok(ColumnRef::Position(i)),
+        None => refuse("DISTINCT ON across shards needs its expressions in the select list"),
+    }
+}
+
+/// What the select list aggregates: the text of each item (empty for a
+/// wildcard); how each output column combines (`None`: no aggregation),
+/// the partial aggregates appended after it included; and those partial
+/// aggregates (`avg(x)` needs `sum(x)` and `count(x)` from each shard).
+type Aggregates = (Vec<String>, Option<Vec<Agg>>, Vec<SelectItem>);
+
+fn aggregates(select: &Select) -> Result<Aggregates, String> {
+    let grouping = match &select.group_by {
+        GroupByExpr::Expressions(exprs, mods) if mods.is_empty() => exprs,
         _ => return refuse("GROUP BY ALL / ROLLUP / CUBE across shards is not supported"),
     };
+    let group_by: Vec<String> = grouping.iter().map(|e| e.to_string()).collect();
     let mut aggs = Vec::new();
     let mut exprs = Vec::new();
+    let mut partials = Vec::new();
+    let n = select.projection.len();
     for item in &select.projection {
         let expr = match item {
             SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
@@ -65,7 +93,13 @@ fn aggregates(select: &Select) -> Result<(Vec<String>, Option<Vec<Agg>>), String
             }
         };
         exprs.push(expr.to_string());
-        aggs.push(aggregate(expr)?);
+        let agg = aggregate(expr)?;
+        if agg == Some(Agg::Avg(0)) {
+            aggs.push(Some(Agg::Avg(n + partials.len())));
+            partials.extend(["sum", "count"].map(|f| SelectItem::UnnamedExpr(renamed(expr, f))));
+        } else {
+            aggs.push(agg);
+        }
     }
     // GROUP BY 2 names the second select-list item.
     let group_by: Vec<String> = group_by
@@ -77,7 +111,7 @@ fn aggregates(select: &Select) -> Result<(Vec<String>, Option<Vec<Agg>>), String
         .collect();
     let aggregating = !group_by.is_empty() || aggs.iter().any(|a| a.is_some());
     if !aggregating {
-        return Ok((exprs, None));
+        return Ok((exprs, None, partials));
     }
     let mut out = Vec::new();
     for (a, text) in aggs.iter().zip(&exprs) {
@@ -87,19 +121,38 @@ fn aggregates(select: &Select) -> Result<(Vec<String>, Option<Vec<Agg>>), String
             None => return refuse("a column that is neither aggregated nor grouped cannot be merged across shards"),
         }
     }
-    if group_by.iter().any(|g| !exprs.contains(g)) {
-        return refuse("GROUP BY across shards needs every grouping expression in the select list");
+    for _ in 0..partials.len() / 2 {
+        out.extend([Agg::Sum, Agg::Count]);
     }
-    Ok((exprs, Some(out)))
+    // Grouping expressions the client did not select: appended, hidden.
+    for (g, e) in group_by.iter().zip(grouping) {
+        if !exprs.contains(g) && number(e).is_none() {
+            partials.push(SelectItem::UnnamedExpr(e.clone()));
+            out.push(Agg::Group);
+        }
+    }
+    Ok((exprs, Some(out), partials))
+}
+
+/// The aggregate call `e` with its function renamed `name` (same
+/// arguments).
+fn renamed(e: &Expr, name: &str) -> Expr {
+    let mut e = e.clone();
+    if let Expr::Function(f) = &mut e {
+        f.name = sqlparser::ast::ObjectName::from(vec![sqlparser::ast::Ident::new(name)]);
+    }
+    e
 }
 
 /// The `ORDER BY` keys over the output columns (`exprs`: the select
-/// list's texts), and the sort expressions appended to the shards' select
-/// list because the client did not select them (see [`ColumnRef::Hidden`]).
+/// list's texts; `appended`: those of the partial aggregates and grouping
+/// expressions appended to it), and the sort expressions appended to the
+/// shards' select list because the client did not select them (see
+/// [`ColumnRef::Hidden`]).
 fn sort_keys(
     q: &Query,
     select: &Select,
-    exprs: &[String],
+    (exprs, appended): (&[String], &[String]),
     aggregating: bool,
 ) -> Result<(Vec<SortKey>, Vec<SelectItem>), String> {
     let wildcard = exprs.iter().any(String::is_empty);
@@ -117,6 +170,10 @@ fn sort_keys(
             ColumnRef::Position(n.checked_sub(1).ok_or("ORDER BY position 0")?)
         } else if let Some(i) = exprs.iter().position(|t| *t == expr.to_string()) {
             ColumnRef::Position(i)
+        } else if let Some(h) = appended.iter().position(|t| *t == expr.to_string()) {
+            // A grouping expression appended (sort keys are not appended
+            // when aggregating).
+            ColumnRef::Hidden(h)
         } else if !wildcard && !aggregating && !matches!(expr, Expr::Identifier(id) if select_alias(select, &id.value))
         {
             hidden.push(SelectItem::UnnamedExpr(expr.clone()));
@@ -220,7 +277,7 @@ fn aggregate(e: &Expr) -> Result<Option<Agg>, String> {
         "sum" => Agg::Sum,
         "min" => Agg::Min(bytewise),
         "max" => Agg::Max(bytewise),
-        "avg" => return refuse("avg() across shards is not supported; use sum() and count()"),
+        "avg" => Agg::Avg(0),
         "stddev" | "variance" | "array_agg" | "string_agg" | "json_agg" | "jsonb_agg" | "bool_and" | "bool_or"
         | "every" | "percentile_cont" | "percentile_disc" | "mode" => {
             return Err(format!("{name}() across shards is not supported"))
