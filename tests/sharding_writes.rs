@@ -440,3 +440,67 @@ async fn schema_changes_run_on_every_shard() {
     assert_eq!(placed.iter().map(|p| p.split(',').filter(|k| !k.is_empty()).count()).sum::<usize>(), 4);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_that_change_the_key_move_rows() {
+    let c = cluster();
+    let p = support::start_proxy(&config(&c)).await;
+    let port = p.addr.port();
+    let conn = |db: &'static str| async move { support::connect_str(&support::conn_str(port, APP.0, APP.1, db)).await };
+    let (cl, reference, strict) =
+        (conn("shop").await.unwrap(), conn("ref").await.unwrap(), conn("strict").await.unwrap());
+    let values: Vec<String> = (1..=40).map(|i| format!("({i}, 'u{i}', {})", i % 4)).collect();
+    let load = format!("INSERT INTO users (id, name, score) VALUES {}", values.join(", "));
+    for cl in [&cl, &reference] {
+        cl.simple_query(&load).await.unwrap();
+    }
+    let all = "SELECT id, name, score FROM users ORDER BY id";
+    let placed = |c: &Cluster| {
+        let ids = ids_on_shards(c);
+        ids.iter().enumerate().all(|(s, on)| on.iter().all(|&id| shard_of(id) == s))
+    };
+    let (a, b) = ((1..).find(|&i| shard_of(i) == 0).unwrap(), (100..).find(|&i| shard_of(i) == 1).unwrap());
+    // Simple protocol: the row leaves its shard for its new key's.
+    let sql = format!("UPDATE users SET id = {b}, name = 'moved' WHERE id = {a}");
+    for cl in [&cl, &reference] {
+        assert_eq!(returned(cl, &sql).await, Ok((vec![], 1)), "{sql}");
+    }
+    assert!(placed(&c), "{:?}", ids_on_shards(&c));
+    assert_eq!(rows(&cl, all).await, rows(&reference, all).await);
+    // Extended, parameters: another row, and one that stays.
+    let (x, y) = ((1..).find(|&i| shard_of(i) == 1 && i != b).unwrap(), (200..).find(|&i| shard_of(i) == 0).unwrap());
+    let w = (1..=40).find(|&i| i != a && i != x).unwrap();
+    let z = (300..).find(|&i| shard_of(i) == shard_of(w)).unwrap();
+    for cl in [&cl, &reference] {
+        let n = cl.execute("UPDATE users SET id = $1 WHERE id = $2", &[&y, &x]).await;
+        assert_eq!(n.unwrap_or_else(|e| panic!("{}", text(&e))), 1);
+        assert_eq!(cl.execute("UPDATE users SET id = $1 WHERE id = $2", &[&z, &w]).await.unwrap(), 1);
+    }
+    // Without a key: every shard, rows moving both ways.
+    let sql = "UPDATE users SET id = id + 1000 WHERE score = 2";
+    for cl in [&cl, &reference] {
+        assert_eq!(returned(cl, sql).await.map(|r| r.1), Ok(10), "{sql}");
+    }
+    assert!(placed(&c), "{:?}", ids_on_shards(&c));
+    assert_eq!(rows(&cl, all).await, rows(&reference, all).await);
+
+    // All or nothing: a move onto a key taken there changes nothing.
+    let before = ids_on_shards(&c);
+    let taken = before[1][0];
+    let from = before[0][0];
+    let e = returned(&cl, &format!("UPDATE users SET id = {taken} WHERE id = {from}")).await.unwrap_err();
+    assert!(e.starts_with("23505"), "{e}");
+    assert_eq!(ids_on_shards(&c), before);
+    // In the client's transaction: rolled back with it.
+    cl.simple_query("BEGIN").await.unwrap();
+    returned(&cl, &format!("UPDATE users SET id = 5000 WHERE id = {from}")).await.unwrap();
+    cl.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(ids_on_shards(&c), before);
+    // Refused: RETURNING, and where writes may not span shards.
+    let e = returned(&cl, &format!("UPDATE users SET id = 5000 WHERE id = {from} RETURNING id")).await.unwrap_err();
+    assert!(e.starts_with("0A000"), "{e}");
+    let e = returned(&strict, &format!("UPDATE users SET id = 5000 WHERE id = {from}")).await.unwrap_err();
+    assert!(e.starts_with("0A000") && e.contains("allow_cross_shard_writes"), "{e}");
+    assert_eq!(ids_on_shards(&c), before);
+    p.stop().await;
+}

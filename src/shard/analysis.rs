@@ -29,6 +29,11 @@ pub(super) enum Analysis {
     Everywhere,
     /// A schema change: on every shard.
     Schema(super::schema::Change),
+    /// An UPDATE that assigns the shard key (see [`super::rekey`]).
+    Rekey {
+        scope: Scope,
+        rekey: Box<super::rekey::Rekey>,
+    },
     Refused(String),
     Hinted(Hint),
     CopyIn(Box<copy::CopyIn>),
@@ -79,6 +84,12 @@ impl ShardRouter {
                 "{t} is a reference table (the same rows on every shard): change it on each shard directly \
                  (or set allow_cross_shard_writes)"
             ));
+        }
+        if let Some((table, key)) = key::sets_key(stmt, &self.tables) {
+            return match super::rekey::Rekey::new(stmt, table, key) {
+                Ok(r) => Analysis::Rekey { scope: key::scope(stmt, &self.tables), rekey: Box::new(r) },
+                Err(why) => Analysis::Refused(why),
+            };
         }
         let home = key::relations(stmt)
             .iter()

@@ -116,6 +116,19 @@ pub fn write_target(stmt: &Statement) -> Option<String> {
     }
 }
 
+/// An UPDATE of a sharded table that assigns its shard key: (table, key
+/// column), both folded.
+pub fn sets_key(stmt: &Statement, tables: &impl Tables) -> Option<(String, String)> {
+    let Statement::Update(u) = stmt else { return None };
+    let table = write_target(stmt)?;
+    let (key, _) = tables.sharded(&table)?;
+    let assigns = u.assignments.iter().any(|a| match &a.target {
+        sqlparser::ast::AssignmentTarget::ColumnName(c) => last_ident(c) == key,
+        sqlparser::ast::AssignmentTarget::Tuple(cs) => cs.iter().any(|c| last_ident(c) == key),
+    });
+    assigns.then(|| (table, key.to_string()))
+}
+
 /// The scope of one statement.
 pub fn scope(stmt: &Statement, tables: &impl Tables) -> Scope {
     let mut rel = Relations { tables, found: Vec::new() };

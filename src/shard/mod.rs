@@ -16,6 +16,7 @@ pub mod map;
 pub mod merge;
 pub mod mover;
 pub mod numeric;
+pub mod rekey;
 pub mod schema;
 pub mod split;
 pub mod twophase;
@@ -76,6 +77,9 @@ pub enum ShardTarget {
     /// Read this table's columns first (an INSERT without a column
     /// list), then route again.
     Columns(String),
+    /// An UPDATE that assigns the shard key: rows may move between shards
+    /// (`allow_cross_shard_writes`).
+    Rekey(Box<rekey::Rekey>),
 }
 struct TableMap {
     tables: HashMap<String, (String, usize)>,
@@ -246,6 +250,27 @@ impl ShardRouter {
             }
             Analysis::Everywhere => Ok(ShardTarget::Everywhere),
             Analysis::Schema(change) => Ok(ShardTarget::Schema(change)),
+            Analysis::Rekey { .. } if !self.allow_cross_shard_writes => Err(feature(
+                "pgmux: an UPDATE that changes the shard key may move rows to another shard; refused \
+                 (allow_cross_shard_writes = false)",
+            )
+            .with_hint("Delete the row and insert it again with its new key.")),
+            Analysis::Rekey { scope, mut rekey } => {
+                rekey.shards = match scope {
+                    Scope::Keys { map, keys } => match self.shards_of_keys(map, &keys, false, params, resolved)? {
+                        KeysAt::Lookup(t) => return Ok(t),
+                        KeysAt::Shards(each) => {
+                            let mut s: Vec<usize> = each.into_iter().flatten().collect();
+                            s.sort_unstable();
+                            s.dedup();
+                            s
+                        }
+                    },
+                    _ => (0..self.backends.len()).collect(),
+                };
+                // Keys no shard has: nothing to update anywhere.
+                Ok(if rekey.shards.is_empty() { ShardTarget::Any } else { ShardTarget::Rekey(rekey) })
+            }
             Analysis::Scope { scope: Scope::Columns(table), .. } => Ok(ShardTarget::Columns(table)),
             Analysis::Scope { scope: Scope::Unsharded, home: true, .. } => Ok(ShardTarget::One(0)),
             Analysis::Hinted(_) | Analysis::Scope { scope: Scope::Unsharded, .. } => Ok(ShardTarget::Any),

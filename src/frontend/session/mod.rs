@@ -7,7 +7,8 @@
 //! deferred BEGIN, or a transaction across shards). The other files are
 //! what those steps call: `route.rs`
 //! (where a batch goes), `relay.rs` (the byte relay), `settings.rs`,
-//! `shard.rs` / `multi.rs` / `scatter.rs` / `write.rs` / `copy.rs` (sharding),
+//! `shard.rs` / `multi.rs` / `scatter.rs` / `write.rs` / `rekey.rs` /
+//! `copy.rs` (sharding),
 //! `lost.rs` / `abandon.rs` (a lost server, a departed client),
 //! `welcome.rs`, `life.rs` (login to goodbye), `account.rs` (counting).
 //!
@@ -43,6 +44,7 @@ mod copy;
 mod life;
 mod lost;
 mod multi;
+mod rekey;
 mod relay;
 mod route;
 mod scatter;

@@ -75,6 +75,9 @@ pub(super) enum Plan {
     /// COPY FROM STDIN split over the shards (the statement's text; sent
     /// over the extended protocol).
     CopyIn(Box<crate::shard::copy::CopyIn>, String, bool),
+    /// An UPDATE that assigns the shard key (`true`: an extended-protocol
+    /// batch).
+    Rekey(Box<crate::shard::rekey::Rekey>, bool),
     /// The end of a transaction that may span shards (`true`: COMMIT).
     EndMulti(bool),
 }
@@ -217,7 +220,12 @@ impl Session {
             Plan::Scatter(plan) => Box::pin(self.scatter(&plan)).await,
             Plan::ScatterExtended(plan) => Box::pin(self.scatter_extended(&plan)).await,
             Plan::CopyIn(copy, sql, extended) => Box::pin(self.copy_into_shards(*copy, sql, extended)).await,
-            Plan::ScatterWrite { split, kind, extended } => Box::pin(self.scatter_write(&split, kind, extended)).await,
+            Plan::ScatterWrite { split, kind, extended } => {
+                Box::pin(self.across_shards(super::write::Across::Parts(&split, kind), extended)).await
+            }
+            Plan::Rekey(rekey, extended) => {
+                Box::pin(self.across_shards(super::write::Across::Rekey(&rekey), extended)).await
+            }
             Plan::EndMulti(commit) => Box::pin(self.end_multi(commit)).await,
         };
         if let (true, Some(sh)) = (spans, &self.sharding) {

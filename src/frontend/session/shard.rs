@@ -98,7 +98,7 @@ impl ShardGuard {
                 )
                 .with_hint("Transactions spanning shards are not supported: one transaction per shard."),
             ),
-            Ok(ShardTarget::Write(_) | ShardTarget::Everywhere | ShardTarget::Split(_)) => Some(PgError::error(
+            Ok(ShardTarget::Write(_) | ShardTarget::Everywhere | ShardTarget::Split(_) | ShardTarget::Rekey(_)) => Some(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("pgmux: this transaction runs on shard {here}; a write to several shards cannot join it"),
             )),
@@ -189,6 +189,11 @@ impl Session {
             ShardTarget::Schema(change) => {
                 self.write_plan(query, |sql| Split::same(sql, 0..sh.backends.len()), WriteKind::Schema(change))
             }
+            ShardTarget::Rekey(rekey) => match query {
+                Some(_) => Some(Plan::Rekey(rekey, false)),
+                None if self.batch_executes() => Some(Plan::Rekey(rekey, true)),
+                None => None,
+            },
             ShardTarget::Columns(table) => Some(Plan::Refuse(PgError::error(
                 sqlstate::CONNECTION_FAILURE,
                 format!("pgmux: the columns of {table} could not be read"),

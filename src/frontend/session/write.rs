@@ -18,6 +18,7 @@ use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::messages as msg;
 use crate::shard::schema::Change;
 use crate::shard::split::{Part, Split};
+use crate::shard::ShardRouter;
 
 /// How the parts of a write across shards add up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,15 +33,15 @@ pub(super) enum WriteKind {
 }
 
 /// What the shards' answers to a write add up to.
-struct Written {
+pub(super) struct Written {
     /// The RowDescription (RETURNING), or None (NoData).
-    desc: Option<BytesMut>,
+    pub(super) desc: Option<BytesMut>,
     /// The statement's description, when the batch asked for it.
-    stmt_desc: Vec<u8>,
+    pub(super) stmt_desc: Vec<u8>,
     /// DataRow messages, every shard's.
-    rows: BytesMut,
+    pub(super) rows: BytesMut,
     /// The CommandComplete tag, counts summed (`INSERT 0 5`).
-    tag: String,
+    pub(super) tag: String,
 }
 
 /// The shards' answers (one per part of `split`, in order) as one; the
@@ -100,12 +101,21 @@ fn add_up(answers: Vec<Result<Answer, PgError>>, split: &Split, copies: bool) ->
     error.map_or(Ok(w), Err)
 }
 
+/// A write across shards, as [`Session::across_shards`] runs it.
+pub(super) enum Across<'a> {
+    /// `split`'s parts on their shards.
+    Parts(&'a Split, WriteKind),
+    /// An UPDATE that assigns the shard key (see [`super::rekey`]).
+    Rekey(&'a crate::shard::rekey::Rekey),
+}
+
 impl Session {
-    /// Run `split`'s parts on their shards' primaries and answer as one
-    /// server would; `extended`: the batch at the front of the buffer is
-    /// an extended-protocol one (up to its Sync), else a Query. `false`:
-    /// the client went away.
-    pub(super) async fn scatter_write(&mut self, split: &Split, kind: WriteKind, extended: bool) -> bool {
+    /// Run a write across shards and answer as one server would;
+    /// `extended`: the batch at the front of the buffer is an
+    /// extended-protocol one (up to its Sync), else a Query. Outside a
+    /// transaction it is one of its own (but a schema change PostgreSQL
+    /// runs only alone). `false`: the client went away.
+    pub(super) async fn across_shards(&mut self, work: Across<'_>, extended: bool) -> bool {
         let Some(sh) = self.sharding.clone() else { return false };
         let mut batch = None;
         if extended {
@@ -117,35 +127,19 @@ impl Session {
         } else {
             self.consume_first();
         }
-        let requests = match requests(split, batch.as_ref()) {
-            Ok(r) => r,
-            Err(e) => return self.answer_error(&e).await,
-        };
-        let alone = kind == WriteKind::Schema(Change::Alone);
+        let alone = matches!(work, Across::Parts(_, WriteKind::Schema(Change::Alone)));
         let implicit = self.multi().is_none() && !alone;
         if implicit {
             self.txn = Txn::AcrossShards(super::multi::Multi::new("BEGIN"));
         }
-        let shards = split.shards();
-        let answers = match self.shard_conns(&sh, Some(&shards), false).await {
-            Ok(mut conns) => {
-                let request = |i: usize| shards.iter().position(|&s| s == i).map_or(&[][..], |at| &requests[at][..]);
-                self.ask_each(&mut conns, request).await
-            }
-            Err(e) => vec![Err(e)],
+        let mut written = match work {
+            Across::Parts(split, kind) => self.write_parts(&sh, split, kind, batch.as_ref()).await,
+            Across::Rekey(rekey) => self.move_rows(&sh, rekey, batch.as_ref()).await,
         };
-        let done = done_on(&sh, split, &answers);
-        let mut written = add_up(answers, split, kind != WriteKind::Parts);
         if implicit {
             if let Err(e) = self.finish_multi(written.is_ok()).await {
                 written = written.and(Err(e));
             }
-        }
-        if let WriteKind::Schema(_) = kind {
-            sh.schema_changed();
-        }
-        if let (true, Err(e), false) = (alone, &mut written, done.is_empty()) {
-            *e = e.clone().with_detail(format!("pgmux: it ran on shard(s) {} (not in a transaction)", done.join(", ")));
         }
         let w = match written {
             Ok(w) => w,
@@ -171,6 +165,48 @@ impl Session {
         };
         self.stream.write_all(&out).await.is_ok()
     }
+
+    /// Run `split`'s parts on their shards' primaries; their answers
+    /// added up.
+    async fn write_parts(
+        &mut self,
+        sh: &ShardRouter,
+        split: &Split,
+        kind: WriteKind,
+        batch: Option<&Batch>,
+    ) -> Result<Written, PgError> {
+        let requests = requests(split, batch, false)?;
+        let answers = self.ask_shards(sh, &split.shards(), &requests).await;
+        let done = done_on(sh, split, &answers);
+        let written = add_up(answers, split, kind != WriteKind::Parts);
+        if let WriteKind::Schema(_) = kind {
+            sh.schema_changed();
+        }
+        match written {
+            Err(e) if kind == WriteKind::Schema(Change::Alone) && !done.is_empty() => {
+                Err(e.with_detail(format!("pgmux: it ran on shard(s) {} (not in a transaction)", done.join(", "))))
+            }
+            w => w,
+        }
+    }
+
+    /// Send `requests[k]` to a primary connection of shard `shards[k]`
+    /// (in the transaction spanning shards, its parts) and read the
+    /// answers, in shard order.
+    pub(super) async fn ask_shards(
+        &mut self,
+        sh: &ShardRouter,
+        shards: &[usize],
+        requests: &[BytesMut],
+    ) -> Vec<Result<Answer, PgError>> {
+        match self.shard_conns(sh, Some(shards), false).await {
+            Ok(mut conns) => {
+                let request = |i: usize| shards.iter().position(|&s| s == i).map_or(&[][..], |at| &requests[at][..]);
+                self.ask_each(&mut conns, request).await
+            }
+            Err(e) => vec![Err(e)],
+        }
+    }
 }
 
 /// The shards whose part has an answer without an error.
@@ -181,8 +217,9 @@ fn done_on(sh: &crate::shard::ShardRouter, split: &Split, answers: &[Result<Answ
 
 /// Each part's request: a Query, or the batch for that shard (its Parse,
 /// Bind with the part's parameters, Describe, Execute, Sync; the first
-/// part also describes the client's whole statement when asked).
-fn requests(split: &Split, batch: Option<&Batch>) -> Result<Vec<BytesMut>, PgError> {
+/// part also describes the client's whole statement when asked);
+/// `text_results`: rows in text whatever the client asked.
+pub(super) fn requests(split: &Split, batch: Option<&Batch>, text_results: bool) -> Result<Vec<BytesMut>, PgError> {
     let Some(batch) = batch else {
         let query = |p: &Part| {
             let mut q = BytesMut::new();
@@ -199,6 +236,15 @@ fn requests(split: &Split, batch: Option<&Batch>) -> Result<Vec<BytesMut>, PgErr
             r.extend_from_slice(b"D\0\0\0\x06S\0");
         }
         match &part.params {
+            None if text_results => {
+                parse(&mut r, &part.sql, &batch.types);
+                let bind = msg::parse_bind(&batch.bind).ok_or_else(malformed)?;
+                let at = msg::start_message(&mut r, b'B');
+                r.put_u16(0);
+                r.extend_from_slice(bind.params_section);
+                r.put_u16(0);
+                msg::finish_message(&mut r, at);
+            }
             None => {
                 parse(&mut r, &part.sql, &batch.types);
                 let bind = bind_for_shards(&batch.bind, 0).ok_or_else(malformed)?;
