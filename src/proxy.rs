@@ -78,6 +78,8 @@ impl RunningProxy {
 
 impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, TlsError> {
+        // The process's id maker takes this node id (see shard::ids).
+        crate::shard::ids::unique_ids(config.general.node_id);
         let topology = Topology::new(config, None)?;
         Ok(Arc::new(Proxy {
             topology: Arc::new(ArcSwap::from_pointee(topology)),

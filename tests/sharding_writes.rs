@@ -57,6 +57,7 @@ tables = [
   {{ name = "users", key = "id", map = "by_id" }},
   {{ name = "tenants", key = "tenant_id", map = "by_tenant" }},
   {{ name = "moved", key = "k", map = "by_id" }},
+  {{ name = "items", key = "id", map = "by_id" }},
 ]
 allow_cross_shard_writes = {cross}
 two_phase_commit = {cross}
@@ -502,5 +503,64 @@ async fn updates_that_change_the_key_move_rows() {
     let e = returned(&strict, &format!("UPDATE users SET id = 5000 WHERE id = {from}")).await.unwrap_err();
     assert!(e.starts_with("0A000") && e.contains("allow_cross_shard_writes"), "{e}");
     assert_eq!(ids_on_shards(&c), before);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_made_on_a_shard_route_back_to_it() {
+    let c = cluster();
+    let p = support::start_proxy(&config(&c)).await;
+    let port = p.addr.port();
+    let conn = |db: &'static str| async move { support::connect_str(&support::conn_str(port, APP.0, APP.1, db)).await };
+    let cl = conn("shop").await.unwrap();
+    cl.batch_execute("CREATE SEQUENCE items_id_seq").await.unwrap();
+    cl.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY DEFAULT pgmux_next_id('items_id_seq'), n int)")
+        .await
+        .unwrap();
+    // A row's id finds the row again.
+    let id: i64 = cl.query_one("INSERT INTO items (n) VALUES (7) RETURNING id", &[]).await.unwrap().get(0);
+    let n: i32 = cl.query_one("SELECT n FROM items WHERE id = $1", &[&id]).await.unwrap().get(0);
+    assert_eq!(n, 7);
+    // 8 clients, 104,000 ids: each on the shard it hashes to (so none is
+    // on two shards), none twice on one (the primary key).
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let cl = conn("shop").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..13 {
+                cl.execute("INSERT INTO items (n) SELECT g FROM generate_series(1, 1000) g", &[]).await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap_or_else(|e| panic!("{}", text(&e)));
+    }
+    let mut total = 0;
+    for (s, node) in [&c.primary, &c.extra_primaries[0]].into_iter().enumerate() {
+        let check = format!(
+            "SELECT count(*) || ' ' || count(*) FILTER (WHERE satisfies_hash_partition('pgmux_hash_int8'::regclass, 2, {s}, id)) FROM items"
+        );
+        let got = c.psql(node, "shop", &check).unwrap();
+        let (all, here) = got.split_once(' ').unwrap();
+        assert_eq!(all, here, "shard {s}: ids of another shard");
+        assert!(all.parse::<i64>().unwrap() >= 40_000, "shard {s} took {all} of 104,001 rows");
+        total += all.parse::<i64>().unwrap();
+        let sample =
+            c.psql(node, "shop", "SELECT string_agg(id::text, ',') FROM (SELECT id FROM items LIMIT 500) x").unwrap();
+        assert!(sample.split(',').all(|i| shard_of(i.parse().unwrap()) == s), "shard {s}");
+    }
+    assert_eq!(total, 104_001);
+    // Ids made in pgmux: increasing, simple and extended protocol alike.
+    let mut last = 0i64;
+    for i in 0..200 {
+        let id: i64 = if i % 2 == 0 {
+            cl.query_one("SELECT pgmux.unique_id()", &[]).await.unwrap().get(0)
+        } else {
+            rows(&cl, "SELECT pgmux.unique_id() AS id").await[0][0].as_deref().unwrap().parse().unwrap()
+        };
+        assert!(id > last, "{id} after {last}");
+        last = id;
+    }
     p.stop().await;
 }

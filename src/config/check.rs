@@ -43,6 +43,9 @@ impl Config {
         {
             return invalid("pool.server_tls_mode", "verify-ca and verify-full need server_tls_ca_file");
         }
+        if self.general.node_id > 1023 {
+            return invalid("pgmux.node_id", "must be 0 to 1023");
+        }
         if self.general.max_client_conn == 0 {
             return invalid("pgmux.max_client_conn", "must be at least 1");
         }

@@ -70,6 +70,10 @@ pub struct General {
     /// Certificate chain and private key (PEM) shown to clients.
     pub tls_cert_file: Option<std::path::PathBuf>,
     pub tls_key_file: Option<std::path::PathBuf>,
+    /// This pgmux's number (0-1023) in the ids `SELECT pgmux.unique_id()`
+    /// makes: distinct per pgmux for ids unique across them (read at
+    /// start).
+    pub node_id: u16,
 }
 
 impl Default for General {
@@ -91,6 +95,7 @@ impl Default for General {
             tls_mode: ClientTlsMode::Disable,
             tls_cert_file: None,
             tls_key_file: None,
+            node_id: 0,
         }
     }
 }

@@ -29,6 +29,8 @@ pub(super) enum Analysis {
     Everywhere,
     /// A schema change: on every shard.
     Schema(super::schema::Change),
+    /// `SELECT pgmux.unique_id()`: answered by pgmux (the column's name).
+    UniqueId(String),
     /// An UPDATE that assigns the shard key (see [`super::rekey`]).
     Rekey {
         scope: Scope,
@@ -67,6 +69,9 @@ impl ShardRouter {
         let Some(stmt) = stmts.first() else {
             return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
         };
+        if let Some(column) = super::ids::unique_id_call(stmt) {
+            return Analysis::UniqueId(column);
+        }
         if let Some(change) = schema::change(stmt, sql) {
             return Analysis::Schema(change);
         }
@@ -154,7 +159,10 @@ impl ShardRouter {
                     let scope = Scope::Keys { map: *map, keys };
                     Analysis::Scope { scope, read: *read, insert: *insert, home: *home, merge: None }
                 }
-                Analysis::Scope { scope: Scope::Unsharded | Scope::All { .. } | Scope::Mixed(_), .. } => a.clone(),
+                Analysis::Scope {
+                    scope: Scope::Unsharded | Scope::All { .. } | Scope::Mixed(_) | Scope::Made { .. },
+                    ..
+                } => a.clone(),
                 _ => return None,
             };
             Some((shape, t))

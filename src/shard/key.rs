@@ -31,9 +31,13 @@ pub enum Scope {
     All { map: usize },
     /// Tables sharded by different maps in one statement.
     Mixed(Vec<String>),
-    /// An INSERT without a column list: its key's position needs this
-    /// table's columns (see [`Tables::columns`]).
+    /// An INSERT without a column list, or without the key: its key's
+    /// place (or whether the database makes it) needs this table's columns
+    /// (see [`Tables::columns`]).
     Columns(String),
+    /// An INSERT into a table of map `map` whose key the database makes
+    /// (`pgmux_next_id`): any shard.
+    Made { map: usize },
 }
 
 /// Sharded-table lookup: lower-cased table name (unqualified) → (key
@@ -43,6 +47,10 @@ pub trait Tables {
     /// A sharded table's columns in order, if known.
     fn columns(&self, _table: &str) -> Option<std::sync::Arc<[String]>> {
         None
+    }
+    /// Whether a sharded table's key is made by `pgmux_next_id`, if known.
+    fn made_key(&self, _table: &str) -> Option<bool> {
+        Some(false)
     }
 }
 
@@ -145,7 +153,7 @@ pub fn scope(stmt: &Statement, tables: &impl Tables) -> Scope {
         Statement::Update(u) => u.selection.as_ref().and_then(|e| keys_in(e, &key_cols)),
         Statement::Delete(d) => d.selection.as_ref().and_then(|e| keys_in(e, &key_cols)),
         Statement::Insert(i) => match insert_keys(i, tables) {
-            Err(table) => return Scope::Columns(table),
+            Err(scope) => return scope,
             Ok(keys) => keys,
         },
         _ => None,
@@ -164,21 +172,29 @@ fn query_keys(q: &Query, key_cols: &[&str]) -> Option<Vec<KeyExpr>> {
     }
 }
 
-/// The key of each VALUES row of an INSERT (None: not every row has one);
-/// `Err(table)`: without a column list, the table's columns are needed.
-fn insert_keys(i: &sqlparser::ast::Insert, tables: &impl Tables) -> Result<Option<Vec<KeyExpr>>, String> {
+/// The key of each VALUES row of an INSERT (None: not every row has
+/// one); `Err`: the scope it has instead (its table's columns are needed
+/// first, or the database makes its key).
+fn insert_keys(i: &sqlparser::ast::Insert, tables: &impl Tables) -> Result<Option<Vec<KeyExpr>>, Scope> {
     let TableObject::TableName(name) = &i.table else { return Ok(None) };
     let table = last_ident(name);
-    let Some((key, _)) = tables.sharded(&table) else { return Ok(None) };
+    let Some((key, map)) = tables.sharded(&table) else { return Ok(None) };
     let at = if i.columns.is_empty() {
         match tables.columns(&table) {
             Some(cols) => cols.iter().position(|c| c == key),
-            None => return Err(table),
+            None => return Err(Scope::Columns(table)),
         }
     } else {
         i.columns.iter().position(|c| last_ident(c) == key)
     };
-    let Some(at) = at else { return Ok(None) };
+    let Some(at) = at else {
+        // The key is left to its default.
+        return match tables.made_key(&table) {
+            Some(true) => Err(Scope::Made { map }),
+            Some(false) => Ok(None),
+            None => Err(Scope::Columns(table)),
+        };
+    };
     let Some(SetExpr::Values(values)) = i.source.as_ref().map(|s| s.body.as_ref()) else { return Ok(None) };
     Ok(values.rows.iter().map(|row| row.get(at).and_then(value)).collect())
 }

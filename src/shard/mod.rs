@@ -11,6 +11,7 @@ mod analysis;
 pub mod copy;
 pub mod directory;
 pub mod hash;
+pub mod ids;
 pub mod key;
 pub mod map;
 pub mod merge;
@@ -24,6 +25,7 @@ pub mod values;
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -80,6 +82,11 @@ pub enum ShardTarget {
     /// An UPDATE that assigns the shard key: rows may move between shards
     /// (`allow_cross_shard_writes`).
     Rekey(Box<rekey::Rekey>),
+    /// `SELECT pgmux.unique_id()`, answered by pgmux (the column's name).
+    UniqueId(String),
+    /// An INSERT whose key the database makes (`pgmux_next_id`): any
+    /// shard, a new transaction's chosen in turn ([`ShardRouter::next_made`]).
+    Made,
 }
 struct TableMap {
     tables: HashMap<String, (String, usize)>,
@@ -97,6 +104,10 @@ impl key::Tables for TableMap {
 
     fn columns(&self, table: &str) -> Option<Arc<[String]>> {
         self.columns.get(table)
+    }
+
+    fn made_key(&self, table: &str) -> Option<bool> {
+        self.columns.made_key(table)
     }
 }
 
@@ -118,6 +129,10 @@ pub struct ShardRouter {
     shapes: Mutex<LruCache<String, Analysis>>,
     /// The schema changes the analyses were made after.
     analyzed_after: std::sync::atomic::AtomicU64,
+    /// The shard of the next INSERT whose key the database makes.
+    next_made: AtomicUsize,
+    /// `pgmux_next_id` was installed on the shards (or could not be).
+    ids_installed: tokio::sync::OnceCell<()>,
 }
 
 fn feature(message: impl Into<String>) -> PgError {
@@ -169,6 +184,8 @@ impl ShardRouter {
             cache: Mutex::new(LruCache::new(cap)),
             shapes: Mutex::new(LruCache::new(cap)),
             analyzed_after: Default::default(),
+            next_made: AtomicUsize::new(0),
+            ids_installed: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -250,6 +267,7 @@ impl ShardRouter {
             }
             Analysis::Everywhere => Ok(ShardTarget::Everywhere),
             Analysis::Schema(change) => Ok(ShardTarget::Schema(change)),
+            Analysis::UniqueId(column) => Ok(ShardTarget::UniqueId(column)),
             Analysis::Rekey { .. } if !self.allow_cross_shard_writes => Err(feature(
                 "pgmux: an UPDATE that changes the shard key may move rows to another shard; refused \
                  (allow_cross_shard_writes = false)",
@@ -272,6 +290,7 @@ impl ShardRouter {
                 Ok(if rekey.shards.is_empty() { ShardTarget::Any } else { ShardTarget::Rekey(rekey) })
             }
             Analysis::Scope { scope: Scope::Columns(table), .. } => Ok(ShardTarget::Columns(table)),
+            Analysis::Scope { scope: Scope::Made { .. }, .. } => Ok(ShardTarget::Made),
             Analysis::Scope { scope: Scope::Unsharded, home: true, .. } => Ok(ShardTarget::One(0)),
             Analysis::Hinted(_) | Analysis::Scope { scope: Scope::Unsharded, .. } => Ok(ShardTarget::Any),
             Analysis::Scope { scope: Scope::Mixed(tables), .. } => Err(feature(format!(
@@ -434,8 +453,50 @@ impl ShardRouter {
         }
         let pool = &self.backends.first().ok_or_else(|| feature("pgmux: no shards"))?.primary;
         let columns = schema::load(pool, table).await?;
-        self.tables.columns.put(table, columns);
+        let key = self.tables.tables.get(table).map(|(k, _)| k.as_str());
+        let made = columns.iter().any(|(c, d)| Some(c.as_str()) == key && d.as_deref().is_some_and(ids::made_by_pgmux));
+        self.tables.columns.put(table, columns.into_iter().map(|(c, _)| c).collect(), made);
         self.tables.columns.get(table).ok_or_else(|| feature("pgmux: no columns"))
+    }
+
+    /// The shard of the next transaction starting with an INSERT whose key
+    /// the database makes: one shard after the other.
+    pub fn next_made(&self) -> usize {
+        self.next_made.fetch_add(1, Ordering::Relaxed) % self.backends.len().max(1)
+    }
+
+    /// Whether `pgmux_next_id` is installed on the shards (or was tried).
+    pub fn ids_ready(&self) -> bool {
+        self.ids_installed.initialized()
+    }
+
+    /// Install `pgmux_next_id` on every shard, once, when a map hashes
+    /// (see [`ids`]); a shard that refuses it is logged.
+    pub async fn install_ids(&self) {
+        let hashed = self.maps.iter().any(|m| matches!(m, ShardMap::Hash { .. }));
+        self.ids_installed
+            .get_or_init(|| async {
+                if !hashed {
+                    return;
+                }
+                let n = self.backends.len();
+                for (i, b) in self.backends.iter().enumerate() {
+                    let done = match b.primary.get().await {
+                        Ok(mut c) => match c.conn().run(&ids::install_sql(i, n)).await {
+                            Ok(()) => {
+                                c.release();
+                                Ok(())
+                            }
+                            Err(e) => Err(e.to_string()),
+                        },
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = done {
+                        tracing::warn!(database = %self.name, shard = %b.name, "installing pgmux_next_id: {e}");
+                    }
+                }
+            })
+            .await;
     }
 
     /// The schema changed (through pgmux): what every router of the

@@ -1,8 +1,9 @@
 //! The schema of a sharded database: which statements change it (they run
 //! on every shard, in one transaction across them unless PostgreSQL runs
-//! them only outside one), and the sharded tables' columns in order, read
-//! from a shard's catalog for an INSERT or COPY without a column list and
-//! kept until a schema change through pgmux (a reload starts afresh).
+//! them only outside one), and the sharded tables' columns in order (and
+//! whether `pgmux_next_id` makes their key), read from a shard's catalog
+//! for an INSERT or COPY without a column list or key and kept until a
+//! schema change through pgmux (a reload starts afresh).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,22 +101,31 @@ pub fn unparsed_change(sql: &str) -> Option<Change> {
     Some(if alone { Change::Alone } else { Change::InTransaction })
 }
 
-/// Sharded tables' columns in order, by folded name, and a count of the
-/// schema changes seen (routers drop what they derived from the schema
-/// when it moves).
+/// A table's columns in order, and whether `pgmux_next_id` makes its key.
+type Table = (Arc<[String]>, bool);
+
+/// Sharded tables' columns in order, by folded name, whether their key is
+/// made by `pgmux_next_id` (see [`super::ids`]), and a count of the schema
+/// changes seen (routers drop what they derived from the schema when it
+/// moves).
 #[derive(Default)]
 pub struct Columns {
-    tables: Mutex<HashMap<String, Arc<[String]>>>,
+    tables: Mutex<HashMap<String, Table>>,
     changes: AtomicU64,
 }
 
 impl Columns {
     pub fn get(&self, table: &str) -> Option<Arc<[String]>> {
-        self.tables.lock().unwrap_or_else(|e| e.into_inner()).get(table).cloned()
+        self.tables.lock().unwrap_or_else(|e| e.into_inner()).get(table).map(|t| t.0.clone())
     }
 
-    pub fn put(&self, table: &str, columns: Vec<String>) {
-        self.tables.lock().unwrap_or_else(|e| e.into_inner()).insert(table.to_string(), columns.into());
+    /// Whether `table`'s key is made by `pgmux_next_id` (None: not known yet).
+    pub fn made_key(&self, table: &str) -> Option<bool> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner()).get(table).map(|t| t.1)
+    }
+
+    pub fn put(&self, table: &str, columns: Vec<String>, made_key: bool) {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner()).insert(table.to_string(), (columns.into(), made_key));
     }
 
     /// The schema changed: forget every table's columns.
@@ -130,15 +140,17 @@ impl Columns {
     }
 }
 
-/// `table`'s columns in order, from the catalog of the shard behind `pool`.
-pub async fn load(pool: &Arc<Pool>, table: &str) -> Result<Vec<String>, PgError> {
+/// `table`'s columns in order with their defaults, from the catalog of
+/// the shard behind `pool`.
+pub async fn load(pool: &Arc<Pool>, table: &str) -> Result<Vec<(String, Option<String>)>, PgError> {
     let failed =
         |e: String| PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgmux: the columns of {table}: {e}"));
     let mut c = pool.get().await.map_err(|e| failed(e.to_string()))?;
     let quoted = format!("\"{}\"", table.replace('"', "\"\""));
     let sql = format!(
-        "SELECT attname FROM pg_attribute WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped \
-         ORDER BY attnum",
+        "SELECT a.attname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a \
+         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+         WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
         msg::quote_literal(&quoted)
     );
     let rows = match c.conn().query_rows(&sql).await {
@@ -150,11 +162,14 @@ pub async fn load(pool: &Arc<Pool>, table: &str) -> Result<Vec<String>, PgError>
         Err(e) => return Err(failed(e.to_string())),
     };
     c.release();
+    let text = |v: Option<Vec<u8>>| v.map(|v| String::from_utf8_lossy(&v).into_owned());
     Ok(rows
         .iter()
         .filter_map(|r| super::merge::parse_row(r))
-        .filter_map(|r| r.into_iter().next().flatten())
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .filter_map(|mut r| {
+            let default = text(r.get_mut(1).and_then(Option::take));
+            Some((text(r.into_iter().next().flatten())?, default))
+        })
         .collect())
 }
 

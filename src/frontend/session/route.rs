@@ -75,6 +75,9 @@ pub(super) enum Plan {
     /// COPY FROM STDIN split over the shards (the statement's text; sent
     /// over the extended protocol).
     CopyIn(Box<crate::shard::copy::CopyIn>, String, bool),
+    /// `SELECT pgmux.unique_id()` (the column's name; `true`: an
+    /// extended-protocol batch).
+    UniqueId(String, bool),
     /// An UPDATE that assigns the shard key (`true`: an extended-protocol
     /// batch).
     Rekey(Box<crate::shard::rekey::Rekey>, bool),
@@ -223,6 +226,7 @@ impl Session {
             Plan::ScatterWrite { split, kind, extended } => {
                 Box::pin(self.across_shards(super::write::Across::Parts(&split, kind), extended)).await
             }
+            Plan::UniqueId(column, extended) => Box::pin(self.unique_id(&column, extended)).await,
             Plan::Rekey(rekey, extended) => {
                 Box::pin(self.across_shards(super::write::Across::Rekey(&rekey), extended)).await
             }

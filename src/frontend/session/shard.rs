@@ -67,7 +67,15 @@ impl ShardGuard {
         };
         let here = &self.router.backends[self.shard].name;
         match target {
-            Ok(ShardTarget::Any) => None,
+            // The database makes the key: this shard will do.
+            Ok(ShardTarget::Any | ShardTarget::Made) => None,
+            Ok(ShardTarget::UniqueId(_)) => Some(
+                PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!("pgmux: this transaction runs on shard {here}; pgmux.unique_id() is answered outside it"),
+                )
+                .with_hint("Take ids before BEGIN, or use pgmux_next_id() in the database."),
+            ),
             Ok(ShardTarget::Columns(table)) => Some(
                 PgError::error(
                     sqlstate::FEATURE_NOT_SUPPORTED,
@@ -167,6 +175,10 @@ impl Session {
                 in_multi.then(part)
             }
             ShardTarget::Any => in_multi.then(part),
+            ShardTarget::Made => {
+                self.use_shard(sh, sh.next_made());
+                in_multi.then(part)
+            }
             ShardTarget::Write(shards) => {
                 let shards = shards.unwrap_or_else(|| (0..sh.backends.len()).collect());
                 self.write_plan(query, |sql| Split::same(sql, shards), WriteKind::Parts)
@@ -189,6 +201,10 @@ impl Session {
             ShardTarget::Schema(change) => {
                 self.write_plan(query, |sql| Split::same(sql, 0..sh.backends.len()), WriteKind::Schema(change))
             }
+            ShardTarget::UniqueId(column) => match query {
+                Some(_) => Some(Plan::UniqueId(column, false)),
+                None => Some(Plan::UniqueId(column, true)),
+            },
             ShardTarget::Rekey(rekey) => match query {
                 Some(_) => Some(Plan::Rekey(rekey, false)),
                 None if self.batch_executes() => Some(Plan::Rekey(rekey, true)),
@@ -313,10 +329,15 @@ impl Session {
 
     /// Look up (and for an INSERT assign) the directory keys the batch at
     /// the front of the buffer needs, and the columns of a table it inserts
-    /// into without a column list, so that routing it finds them cached.
+    /// into without a column list, so that routing it finds them cached
+    /// (and, on a database's first statement, install `pgmux_next_id`).
     /// A failure is the batch's error.
     pub(super) async fn resolve_directory(&mut self) -> Result<(), PgError> {
         let Some(sh) = self.sharding.clone() else { return Ok(()) };
+        if !sh.ids_ready() {
+            // Once per database, before its first statement.
+            Box::pin(sh.install_ids()).await;
+        }
         if self.mode != crate::config::PoolMode::Transaction {
             return Ok(());
         }
