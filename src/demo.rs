@@ -1,6 +1,9 @@
 //! `pgmux demo`: a real local topology from the installed PostgreSQL
 //! binaries — a primary and two streaming replicas in a temp dir on free
-//! loopback ports — with pgmux in front. Ctrl-C tears it all down.
+//! loopback ports (`--sharded`: two shards, see `sharded.rs`) — with
+//! pgmux in front. Ctrl-C tears it all down.
+
+mod sharded;
 
 use pgmux::config::Config;
 use pgmux::proxy::Proxy;
@@ -48,7 +51,21 @@ check_interval = "200ms"
     )
 }
 
-pub async fn run(install: bool, port: Option<u16>) -> Result<(), DemoError> {
+pub async fn run(install: bool, port: Option<u16>, sharded: bool) -> Result<(), DemoError> {
+    binaries(install).await?;
+    let port = match port {
+        Some(p) => p,
+        None if std::net::TcpListener::bind(("127.0.0.1", 6432)).is_ok() => 6432,
+        None => free_port()?,
+    };
+    if sharded {
+        return sharded::run(port).await;
+    }
+    replicated(port).await
+}
+
+/// PostgreSQL's server binaries, installed when missing and asked to.
+async fn binaries(install: bool) -> Result<(), DemoError> {
     if let Err(ClusterError::NotInstalled(hint)) = PgBin::locate() {
         if !install {
             eprintln!(
@@ -59,6 +76,11 @@ pub async fn run(install: bool, port: Option<u16>) -> Result<(), DemoError> {
         eprintln!("installing PostgreSQL ...");
         tokio::task::spawn_blocking(PgBin::install).await.map_err(|e| DemoError::Task(e.to_string()))??;
     }
+    Ok(())
+}
+
+/// A primary and 2 streaming replicas.
+async fn replicated(port: u16) -> Result<(), DemoError> {
     eprintln!("starting a primary and 2 streaming replicas ...");
     let spec = ClusterSpec {
         replicas: 2,
@@ -74,11 +96,6 @@ pub async fn run(install: bool, port: Option<u16>) -> Result<(), DemoError> {
     let cluster = tokio::task::spawn_blocking(move || Cluster::start(&spec))
         .await
         .map_err(|e| DemoError::Task(e.to_string()))??;
-    let port = match port {
-        Some(p) => p,
-        None if std::net::TcpListener::bind(("127.0.0.1", 6432)).is_ok() => 6432,
-        None => free_port()?,
-    };
     let config = Config::parse(&demo_config(&cluster, port), "demo config")?;
     let running = Proxy::start(config).await.map_err(DemoError::Listen)?;
     println!();

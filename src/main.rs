@@ -31,8 +31,9 @@ enum Command {
         #[command(subcommand)]
         op: ShardOp,
     },
-    /// Start a local primary + 2 streaming replicas from the installed
-    /// PostgreSQL binaries, with pgmux in front; Ctrl-C tears it all down.
+    /// Start a local primary + 2 streaming replicas (or, `--sharded`, two
+    /// shards) from the installed PostgreSQL binaries, with pgmux in
+    /// front; Ctrl-C tears it all down.
     Demo {
         /// Install PostgreSQL with apt-get when it is missing.
         #[arg(long)]
@@ -40,6 +41,10 @@ enum Command {
         /// pgmux port (default: 6432, or a free one when taken).
         #[arg(long)]
         port: Option<u16>,
+        /// Two shards instead (each a primary with a streaming replica),
+        /// with a small sharded schema and data loaded.
+        #[arg(long)]
+        sharded: bool,
     },
 }
 
@@ -129,7 +134,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Demo { install, port }) => run_demo(install, port),
+        Some(Command::Demo { install, port, sharded }) => run_demo(install, port, sharded),
         None => {
             let Some(path) = cli.config else {
                 eprintln!("usage: pgmux --config FILE | pgmux check-config FILE | pgmux demo (see --help)");
@@ -202,7 +207,7 @@ async fn serve(config: Config, path: std::path::PathBuf) -> ExitCode {
 }
 
 #[cfg(feature = "demo")]
-fn run_demo(install: bool, port: Option<u16>) -> ExitCode {
+fn run_demo(install: bool, port: Option<u16>, sharded: bool) -> ExitCode {
     init_logging("info", LogFormat::Text);
     let rt = match runtime(0) {
         Ok(rt) => rt,
@@ -211,7 +216,7 @@ fn run_demo(install: bool, port: Option<u16>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(demo::run(install, port)) {
+    match rt.block_on(demo::run(install, port, sharded)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e}");
@@ -221,7 +226,7 @@ fn run_demo(install: bool, port: Option<u16>) -> ExitCode {
 }
 
 #[cfg(not(feature = "demo"))]
-fn run_demo(_install: bool, _port: Option<u16>) -> ExitCode {
+fn run_demo(_install: bool, _port: Option<u16>, _sharded: bool) -> ExitCode {
     eprintln!("this pgmux was built without the demo (cargo feature \"demo\")");
     ExitCode::FAILURE
 }

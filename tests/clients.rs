@@ -122,67 +122,92 @@ fn cli_help_and_check_config() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
-#[test]
-fn demo_brings_up_a_replicated_topology_and_tears_it_down() {
+/// A running `pgmux demo` (with `args`): the child, the lines it printed
+/// before its psql line, and the URL of that line.
+fn start_demo(args: &[&str]) -> (std::process::Child, Vec<String>, String) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let port = pgmux_testkit::free_port().unwrap();
-    let mut child = pgmux()
-        .args(["demo", "--port", &port.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = pgmux().arg("demo").args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
-    let mut psql_line = None;
     while let Some(Ok(line)) = lines.next() {
-        if line.trim_start().starts_with("psql ") {
-            psql_line = Some(line.trim().to_string());
-            break;
+        if let Some(url) = line.trim_start().strip_prefix("psql ") {
+            let url = url.trim().trim_matches('"').to_string();
+            return (child, seen, url);
         }
         seen.push(line);
     }
-    let psql_line = psql_line.unwrap_or_else(|| panic!("no psql line in demo output: {seen:?}"));
-    let data_dir = seen
-        .iter()
-        .find_map(|l| Some(l.split("(data in ").nth(1)?.trim_end_matches("):").to_string()))
-        .expect("data dir line");
-    let replicas: Vec<String> =
-        seen.iter().filter_map(|l| l.trim().strip_prefix("replica")).map(|a| a.trim().to_string()).collect();
-    assert_eq!(replicas.len(), 2, "{seen:?}");
-    let url = psql_line.trim_start_matches("psql ").trim_matches('"').to_string();
-    assert!(url.contains(&format!(":{port}/")), "{url}");
-    // Reads go to the replicas, writes (and hinted statements) to the primary.
-    let text = run(tool("psql").arg(&url).args(["-X", "-A", "-t", "-c", "SELECT pg_is_in_recovery()"]));
-    assert_eq!(text.trim(), "t");
-    let text =
-        run(tool("psql").arg(&url).args(["-X", "-A", "-t", "-c", "/* pgmux: primary */ SELECT pg_is_in_recovery()"]));
-    assert_eq!(text.trim(), "f");
-    for r in &replicas {
-        let (host, rport) = r.rsplit_once(':').unwrap();
-        let out = run(tool("psql")
-            .args([
-                "-h",
-                host,
-                "-p",
-                rport,
-                "-U",
-                "demo",
-                "-d",
-                "demo",
-                "-X",
-                "-A",
-                "-t",
-                "-c",
-                "SELECT pg_is_in_recovery()",
-            ])
-            .env("PGPASSWORD", "demo"));
-        assert_eq!(out.trim(), "t", "replica {r}");
-    }
+    panic!("no psql line in demo output: {seen:?}");
+}
+
+/// Stop the demo with Ctrl-C: it exits cleanly and leaves no data dir.
+fn stop_demo(mut child: std::process::Child, seen: &[String]) {
+    let dirs: Vec<String> =
+        seen.iter().filter_map(|l| Some(l.split("(data in ").nth(1)?.trim_end_matches("):").to_string())).collect();
+    assert!(!dirs.is_empty(), "{seen:?}");
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(!std::path::Path::new(&data_dir).exists(), "{data_dir} left behind");
+    for d in dirs {
+        assert!(!std::path::Path::new(&d).exists(), "{d} left behind");
+    }
+}
+
+fn psql_at(url: &str, sql: &str) -> String {
+    run(tool("psql").arg(url).args(["-X", "-A", "-t", "-c", sql])).trim().to_string()
+}
+
+#[test]
+fn demo_brings_up_a_replicated_topology_and_tears_it_down() {
+    let port = pgmux_testkit::free_port().unwrap();
+    let (child, seen, url) = start_demo(&["--port", &port.to_string()]);
+    let replicas: Vec<String> =
+        seen.iter().filter_map(|l| l.trim().strip_prefix("replica")).map(|a| a.trim().to_string()).collect();
+    assert_eq!(replicas.len(), 2, "{seen:?}");
+    assert!(url.contains(&format!(":{port}/")), "{url}");
+    // Reads go to the replicas, writes (and hinted statements) to the primary.
+    assert_eq!(psql_at(&url, "SELECT pg_is_in_recovery()"), "t");
+    assert_eq!(psql_at(&url, "/* pgmux: primary */ SELECT pg_is_in_recovery()"), "f");
+    for r in &replicas {
+        let (host, rport) = r.rsplit_once(':').unwrap();
+        let out = run(tool("psql")
+            .args(["-h", host, "-p", rport, "-U", "demo", "-d", "demo", "-X", "-A", "-t", "-c"])
+            .arg("SELECT pg_is_in_recovery()")
+            .env("PGPASSWORD", "demo"));
+        assert_eq!(out.trim(), "t", "replica {r}");
+    }
+    stop_demo(child, &seen);
+}
+
+#[test]
+fn sharded_demo_serves_the_tour() {
+    let port = pgmux_testkit::free_port().unwrap();
+    let (child, seen, url) = start_demo(&["--sharded", "--port", &port.to_string()]);
+    let primaries: Vec<String> =
+        seen.iter().filter_map(|l| l.trim().strip_prefix("primary")).map(|a| a.trim().to_string()).collect();
+    let replicas = seen.iter().filter(|l| l.trim().starts_with("replica")).count();
+    assert_eq!((primaries.len(), replicas), (2, 2), "{seen:?}");
+    // The tour's statements: a keyed read on its shard (a replica), reads
+    // across shards merged, a multi-row insert split, ids made by the
+    // shards, the console's view of the shards.
+    let port_of =
+        |id: i64| psql_at(&url, &format!("/* pgmux: primary */ SELECT inet_server_port() FROM users WHERE id = {id}"));
+    let shard_ports: Vec<String> = primaries.iter().map(|p| p.rsplit_once(':').unwrap().1.to_string()).collect();
+    assert!(shard_ports.contains(&port_of(1)) && shard_ports.contains(&port_of(2)), "{shard_ports:?}");
+    assert_eq!(psql_at(&url, "SELECT count(*), avg(score) FROM users"), "5|3.6000000000000000");
+    assert_eq!(psql_at(&url, "SELECT pg_is_in_recovery() FROM users WHERE id = 2"), "t");
+    let inserted = psql_at(&url, "INSERT INTO users (id, name) VALUES (10, 'x'), (11, 'y'), (12, 'z')");
+    assert_eq!(inserted, "INSERT 0 3");
+    let id = psql_at(&url, "INSERT INTO users (name) VALUES ('fay') RETURNING id");
+    let id = id.lines().next().unwrap_or_default().to_string();
+    assert_eq!(psql_at(&url, &format!("/* pgmux: primary */ SELECT name FROM users WHERE id = {id}")), "fay");
+    assert_eq!(
+        psql_at(&url, "SELECT string_agg(name, ',' ORDER BY name) FROM countries"),
+        "France,Switzerland,United States"
+    );
+    assert_eq!(psql_at(&url, "SELECT sum(amount) FROM orders"), "52.50");
+    let console = url.replace("/shop", "/pgmux");
+    assert!(psql_at(&console, "SHOW SHARDS").lines().count() >= 2);
+    stop_demo(child, &seen);
 }
