@@ -137,6 +137,8 @@ fn start_demo(args: &[&str]) -> (std::process::Child, Vec<String>, String) {
         }
         seen.push(line);
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("no psql line in demo output: {seen:?}");
 }
 
