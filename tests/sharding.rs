@@ -263,6 +263,9 @@ async fn sharded_routing_and_scatter_gather() {
         "SELECT avg(score) FROM users WHERE id > 1000",
         "SELECT score, avg(balance), count(*), avg(id::int2) FROM users GROUP BY score ORDER BY score",
         "SELECT DISTINCT score FROM users ORDER BY score",
+        "SELECT score, count(*) FROM users GROUP BY score HAVING count(*) > 28 ORDER BY score",
+        "SELECT score FROM users GROUP BY score HAVING sum(balance) >= 3000 AND NOT max(id) < 150 ORDER BY 1",
+        "SELECT score, avg(balance) FROM users GROUP BY score HAVING min(id) = 1 OR 29 <> count(*) ORDER BY 1",
         "SELECT count(*), max(id) FROM users GROUP BY score % 3 ORDER BY score % 3",
         "SELECT score % 3, sum(id), avg(score) FROM users GROUP BY score % 3 ORDER BY 1 DESC",
         "SELECT DISTINCT score, id % 2 = 0 FROM users ORDER BY 1, 2 LIMIT 5 OFFSET 1",
@@ -355,6 +358,7 @@ async fn sharded_routing_and_scatter_gather() {
     for sql in [
         "SELECT avg(score::float8) FROM users",
         "SELECT count(DISTINCT score) FROM users",
+        "SELECT score FROM users GROUP BY score HAVING max(name) > 'x'",
         "SELECT DISTINCT balance::float8 FROM users",
         "SELECT name FROM users ORDER BY name",
         "UPDATE users SET score = 0",

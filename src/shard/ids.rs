@@ -113,6 +113,48 @@ impl UniqueIds {
     }
 }
 
+impl super::ShardRouter {
+    /// The shard of the next transaction starting with an INSERT whose key
+    /// the database makes: one shard after the other.
+    pub fn next_made(&self) -> usize {
+        self.next_made.fetch_add(1, Ordering::Relaxed) % self.backends.len().max(1)
+    }
+
+    /// Whether `pgmux_next_id` is installed on the shards (or was tried).
+    pub fn ids_ready(&self) -> bool {
+        self.ids_installed.initialized()
+    }
+
+    /// Install `pgmux_next_id` on every shard, once, when a map hashes
+    /// (see above); a shard that refuses it is logged.
+    pub async fn install_ids(&self) {
+        let hashed = self.maps.iter().any(|m| matches!(m, super::map::ShardMap::Hash { .. }));
+        self.ids_installed
+            .get_or_init(|| async {
+                if !hashed {
+                    return;
+                }
+                let n = self.backends.len();
+                for (i, b) in self.backends.iter().enumerate() {
+                    let done = match b.primary.get().await {
+                        Ok(mut c) => match c.conn().run(&install_sql(i, n)).await {
+                            Ok(()) => {
+                                c.release();
+                                Ok(())
+                            }
+                            Err(e) => Err(e.to_string()),
+                        },
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = done {
+                        tracing::warn!(database = %self.name, shard = %b.name, "installing pgmux_next_id: {e}");
+                    }
+                }
+            })
+            .await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,8 +12,10 @@
 //!   PostgreSQL divides (see [`super::numeric`]);
 //! - `DISTINCT` and `DISTINCT ON` keep the first row of each distinct
 //!   value after the merge's order;
-//! - anything else (`HAVING`, window functions, set operations, float
-//!   sums and averages) is refused: never a wrong answer.
+//! - `HAVING` (comparisons of aggregates with numbers) is applied to the
+//!   merged groups (`merge/having.rs`);
+//! - anything else (window functions, set operations, `count(DISTINCT)`,
+//!   float sums and averages) is refused: never a wrong answer.
 //!
 //! Here: what a plan is, and the rows combined by it ([`finish`]). The
 //! plan is made in `merge/plan.rs`, DataRow and RowDescription bodies are
@@ -23,6 +25,7 @@ use std::cmp::Ordering;
 
 use super::values::{self, oid};
 
+mod having;
 mod plan;
 mod rows;
 pub use plan::plan;
@@ -72,6 +75,8 @@ pub struct MergePlan {
     pub aggs: Option<Vec<Agg>>,
     /// `DISTINCT` (empty: on every column) or `DISTINCT ON` these columns.
     pub distinct: Option<Vec<ColumnRef>>,
+    /// `HAVING`, applied to the merged groups.
+    pub having: Option<having::Having>,
     /// Sort-key columns appended to the select list (see [`ColumnRef::Hidden`]).
     pub hidden: usize,
     /// The shards to ask (None: all).
@@ -93,6 +98,15 @@ pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row
         Some(aggs) => combine(aggs, cols, shards)?,
         None => shards.into_iter().flatten().collect(),
     };
+    if let Some(h) = &plan.having {
+        let mut kept = Vec::with_capacity(rows.len());
+        for r in rows {
+            if having::holds(h, cols, &r)? {
+                kept.push(r);
+            }
+        }
+        rows = kept;
+    }
     if !keys.is_empty() {
         // Stable: rows equal on every key keep their shard order.
         rows.sort_by(|a, b| compare_rows(&keys, cols, a, b));

@@ -25,7 +25,7 @@ pub mod values;
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -268,27 +268,7 @@ impl ShardRouter {
             Analysis::Everywhere => Ok(ShardTarget::Everywhere),
             Analysis::Schema(change) => Ok(ShardTarget::Schema(change)),
             Analysis::UniqueId(column) => Ok(ShardTarget::UniqueId(column)),
-            Analysis::Rekey { .. } if !self.allow_cross_shard_writes => Err(feature(
-                "pgmux: an UPDATE that changes the shard key may move rows to another shard; refused \
-                 (allow_cross_shard_writes = false)",
-            )
-            .with_hint("Delete the row and insert it again with its new key.")),
-            Analysis::Rekey { scope, mut rekey } => {
-                rekey.shards = match scope {
-                    Scope::Keys { map, keys } => match self.shards_of_keys(map, &keys, false, params, resolved)? {
-                        KeysAt::Lookup(t) => return Ok(t),
-                        KeysAt::Shards(each) => {
-                            let mut s: Vec<usize> = each.into_iter().flatten().collect();
-                            s.sort_unstable();
-                            s.dedup();
-                            s
-                        }
-                    },
-                    _ => (0..self.backends.len()).collect(),
-                };
-                // Keys no shard has: nothing to update anywhere.
-                Ok(if rekey.shards.is_empty() { ShardTarget::Any } else { ShardTarget::Rekey(rekey) })
-            }
+            Analysis::Rekey { scope, rekey } => self.rekey_target(scope, rekey, params, resolved),
             Analysis::Scope { scope: Scope::Columns(table), .. } => Ok(ShardTarget::Columns(table)),
             Analysis::Scope { scope: Scope::Made { .. }, .. } => Ok(ShardTarget::Made),
             Analysis::Scope { scope: Scope::Unsharded, home: true, .. } => Ok(ShardTarget::One(0)),
@@ -444,75 +424,6 @@ impl ShardRouter {
             Some(None) if !insert => KeyShard::Absent,
             _ => KeyShard::Lookup(ShardTarget::Lookup { map, key: text, assign: insert }),
         })
-    }
-
-    /// `table`'s columns in order, read from the first shard when not known.
-    pub async fn table_columns(&self, table: &str) -> Result<Arc<[String]>, PgError> {
-        if let Some(c) = self.tables.columns.get(table) {
-            return Ok(c);
-        }
-        let pool = &self.backends.first().ok_or_else(|| feature("pgmux: no shards"))?.primary;
-        let columns = schema::load(pool, table).await?;
-        let key = self.tables.tables.get(table).map(|(k, _)| k.as_str());
-        let made = columns.iter().any(|(c, d)| Some(c.as_str()) == key && d.as_deref().is_some_and(ids::made_by_pgmux));
-        self.tables.columns.put(table, columns.into_iter().map(|(c, _)| c).collect(), made);
-        self.tables.columns.get(table).ok_or_else(|| feature("pgmux: no columns"))
-    }
-
-    /// The shard of the next transaction starting with an INSERT whose key
-    /// the database makes: one shard after the other.
-    pub fn next_made(&self) -> usize {
-        self.next_made.fetch_add(1, Ordering::Relaxed) % self.backends.len().max(1)
-    }
-
-    /// Whether `pgmux_next_id` is installed on the shards (or was tried).
-    pub fn ids_ready(&self) -> bool {
-        self.ids_installed.initialized()
-    }
-
-    /// Install `pgmux_next_id` on every shard, once, when a map hashes
-    /// (see [`ids`]); a shard that refuses it is logged.
-    pub async fn install_ids(&self) {
-        let hashed = self.maps.iter().any(|m| matches!(m, ShardMap::Hash { .. }));
-        self.ids_installed
-            .get_or_init(|| async {
-                if !hashed {
-                    return;
-                }
-                let n = self.backends.len();
-                for (i, b) in self.backends.iter().enumerate() {
-                    let done = match b.primary.get().await {
-                        Ok(mut c) => match c.conn().run(&ids::install_sql(i, n)).await {
-                            Ok(()) => {
-                                c.release();
-                                Ok(())
-                            }
-                            Err(e) => Err(e.to_string()),
-                        },
-                        Err(e) => Err(e.to_string()),
-                    };
-                    if let Err(e) = done {
-                        tracing::warn!(database = %self.name, shard = %b.name, "installing pgmux_next_id: {e}");
-                    }
-                }
-            })
-            .await;
-    }
-
-    /// The schema changed (through pgmux): what every router of the
-    /// database knew of it goes.
-    pub fn schema_changed(&self) {
-        self.tables.columns.changed();
-    }
-
-    /// Drop the analyses made before the last schema change.
-    fn forget_stale_analyses(&self) {
-        let changes = self.tables.columns.changes();
-        if self.analyzed_after.swap(changes, std::sync::atomic::Ordering::Relaxed) != changes {
-            for cache in [&self.cache, &self.shapes] {
-                cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            }
-        }
     }
 
     /// A sharded table's key column and map.

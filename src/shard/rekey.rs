@@ -60,6 +60,41 @@ impl Rekey {
     }
 }
 
+impl super::ShardRouter {
+    /// Where an UPDATE that assigns the shard key goes: the shards its
+    /// WHERE names (`scope`), or the directory lookup that must come first.
+    pub(super) fn rekey_target(
+        &self,
+        scope: super::key::Scope,
+        mut rekey: Box<Rekey>,
+        params: &[(Option<&[u8]>, bool)],
+        resolved: &mut super::Resolved,
+    ) -> Result<super::ShardTarget, crate::protocol::error::PgError> {
+        use super::{KeysAt, ShardTarget};
+        if !self.allow_cross_shard_writes {
+            return Err(super::feature(
+                "pgmux: an UPDATE that changes the shard key may move rows to another shard; refused \
+                 (allow_cross_shard_writes = false)",
+            )
+            .with_hint("Delete the row and insert it again with its new key."));
+        }
+        rekey.shards = match scope {
+            super::key::Scope::Keys { map, keys } => match self.shards_of_keys(map, &keys, false, params, resolved)? {
+                KeysAt::Lookup(t) => return Ok(t),
+                KeysAt::Shards(each) => {
+                    let mut s: Vec<usize> = each.into_iter().flatten().collect();
+                    s.sort_unstable();
+                    s.dedup();
+                    s
+                }
+            },
+            _ => (0..self.backends.len()).collect(),
+        };
+        // Keys no shard has: nothing to update anywhere.
+        Ok(if rekey.shards.is_empty() { ShardTarget::Any } else { ShardTarget::Rekey(rekey) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

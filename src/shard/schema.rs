@@ -173,6 +173,38 @@ pub async fn load(pool: &Arc<Pool>, table: &str) -> Result<Vec<(String, Option<S
         .collect())
 }
 
+impl super::ShardRouter {
+    /// `table`'s columns in order, read from the first shard when not known.
+    pub async fn table_columns(&self, table: &str) -> Result<Arc<[String]>, PgError> {
+        if let Some(c) = self.tables.columns.get(table) {
+            return Ok(c);
+        }
+        let pool = &self.backends.first().ok_or_else(|| super::feature("pgmux: no shards"))?.primary;
+        let columns = load(pool, table).await?;
+        let key = self.tables.tables.get(table).map(|(k, _)| k.as_str());
+        let made =
+            columns.iter().any(|(c, d)| Some(c.as_str()) == key && d.as_deref().is_some_and(super::ids::made_by_pgmux));
+        self.tables.columns.put(table, columns.into_iter().map(|(c, _)| c).collect(), made);
+        self.tables.columns.get(table).ok_or_else(|| super::feature("pgmux: no columns"))
+    }
+
+    /// The schema changed (through pgmux): what every router of the
+    /// database knew of it goes.
+    pub fn schema_changed(&self) {
+        self.tables.columns.changed();
+    }
+
+    /// Drop the analyses made before the last schema change.
+    pub(super) fn forget_stale_analyses(&self) {
+        let changes = self.tables.columns.changes();
+        if self.analyzed_after.swap(changes, std::sync::atomic::Ordering::Relaxed) != changes {
+            for cache in [&self.cache, &self.shapes] {
+                cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@
 //! deferred BEGIN, or a transaction across shards). The other files are
 //! what those steps call: `route.rs`
 //! (where a batch goes), `relay.rs` (the byte relay), `settings.rs`,
-//! `shard.rs` / `multi.rs` / `scatter.rs` / `write.rs` / `rekey.rs` /
+//! `shard.rs` / `guard.rs` / `multi.rs` / `scatter.rs` / `write.rs` / `rekey.rs` /
 //! `copy.rs` / `ids.rs` (sharding),
 //! `lost.rs` / `abandon.rs` (a lost server, a departed client),
 //! `welcome.rs`, `life.rs` (login to goodbye), `account.rs` (counting).
@@ -41,6 +41,7 @@ use crate::sql::effects;
 mod abandon;
 mod account;
 mod copy;
+mod guard;
 mod ids;
 mod life;
 mod lost;

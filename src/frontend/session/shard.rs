@@ -5,132 +5,21 @@
 
 use std::sync::Arc;
 
+use super::guard::bind_params;
 use super::route::{Deferred, Plan};
 use super::write::WriteKind;
 use super::{Session, Txn};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::first_message;
 use crate::protocol::frame::HEADER_LEN;
+use crate::protocol::messages::split_nul as cstr;
 use crate::protocol::messages::TxStatus;
-use crate::protocol::messages::{self as msg, split_nul as cstr};
 use crate::protocol::statements::Statement;
 use crate::shard::schema::Change;
 use crate::shard::split::Split;
 use crate::shard::{ShardRouter, ShardTarget};
 
-/// The parameter values of a Bind body: (value, binary); none if the
-/// Bind is malformed (the server refuses it).
-fn bind_params(body: &[u8]) -> Vec<(Option<&[u8]>, bool)> {
-    msg::parse_bind(body).map(|b| b.params).unwrap_or_default()
-}
-
-/// Checks, in a transaction on one shard, that each statement sent
-/// belongs there: a statement for another shard (or for all of them) is
-/// refused instead of running on the wrong one.
-pub(super) struct ShardGuard {
-    router: Arc<ShardRouter>,
-    resolved: crate::shard::Resolved,
-    shard: usize,
-    session_shard: Option<String>,
-    /// The last unnamed Parse's text (its Bind carries the key).
-    unnamed: Option<String>,
-}
-
-impl ShardGuard {
-    pub(super) fn check(
-        &mut self,
-        tag: u8,
-        body: &[u8],
-        stmts: &crate::protocol::statements::ClientStatements,
-    ) -> Option<PgError> {
-        let ss = self.session_shard.as_deref();
-        let target = match tag {
-            b'Q' => self.router.route(&String::from_utf8_lossy(cstr(body).0), &[], ss, &mut self.resolved),
-            b'P' => {
-                let (name, after) = cstr(body);
-                if name.is_empty() {
-                    self.unnamed = Some(String::from_utf8_lossy(cstr(after).0).into_owned());
-                }
-                return None;
-            }
-            b'B' => {
-                let stmt = cstr(cstr(body).1).0;
-                let sql = if stmt.is_empty() {
-                    self.unnamed.clone()?
-                } else {
-                    let s = std::str::from_utf8(stmt).ok().and_then(|n| Statement::lookup(stmts, n))?;
-                    String::from_utf8_lossy(s.query()).into_owned()
-                };
-                self.router.route(&sql, &bind_params(body), ss, &mut self.resolved)
-            }
-            _ => return None,
-        };
-        let here = &self.router.backends[self.shard].name;
-        match target {
-            // The database makes the key: this shard will do.
-            Ok(ShardTarget::Any | ShardTarget::Made) => None,
-            Ok(ShardTarget::UniqueId(_)) => Some(
-                PgError::error(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    format!("pgmux: this transaction runs on shard {here}; pgmux.unique_id() is answered outside it"),
-                )
-                .with_hint("Take ids before BEGIN, or use pgmux_next_id() in the database."),
-            ),
-            Ok(ShardTarget::Columns(table)) => Some(
-                PgError::error(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    format!("pgmux: the columns of {table} are not known yet; an INSERT without a column list cannot join this transaction"),
-                )
-                .with_hint("Name the columns, or run it once outside a transaction."),
-            ),
-            Ok(ShardTarget::Schema(_)) => Some(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("pgmux: this transaction runs on shard {here}; a schema change (for every shard) cannot join it"),
-            )
-            .with_hint("Change the schema outside the transaction, or set allow_cross_shard_writes.")),
-            Ok(ShardTarget::Lookup { key, .. }) => Some(
-                PgError::error(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    format!("pgmux: key {key} is not in the shard directory cache; it cannot join this transaction"),
-                )
-                .with_hint("Start a transaction with a statement for that key."),
-            ),
-            Ok(ShardTarget::One(i)) if i == self.shard => None,
-            Ok(ShardTarget::One(i)) => Some(
-                PgError::error(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    format!(
-                        "pgmux: this transaction runs on shard {here}; a statement for shard {} cannot join it",
-                        self.router.backends[i].name
-                    ),
-                )
-                .with_hint("Transactions spanning shards are not supported: one transaction per shard."),
-            ),
-            Ok(ShardTarget::Write(_) | ShardTarget::Everywhere | ShardTarget::Split(_) | ShardTarget::Rekey(_)) => Some(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("pgmux: this transaction runs on shard {here}; a write to several shards cannot join it"),
-            )),
-            Ok(ShardTarget::CopyIn(_)) => Some(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("pgmux: this transaction runs on shard {here}; a COPY into a sharded table cannot join it"),
-            )),
-            Ok(ShardTarget::All(_)) => Some(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("pgmux: this transaction runs on shard {here}; a read across shards cannot join it"),
-            )),
-            Err(e) => Some(e),
-        }
-    }
-}
-
 impl Session {
-    pub(super) fn shard_guard(&self) -> Option<ShardGuard> {
-        let router = self.sharding.clone()?;
-        let session_shard = self.wanted.get("pgmux.shard").cloned();
-        let resolved = self.resolved.clone();
-        Some(ShardGuard { router, resolved, shard: self.shard_at, session_shard, unnamed: None })
-    }
-
     pub(super) fn use_shard(&mut self, sh: &ShardRouter, i: usize) {
         let b = &sh.backends[i];
         self.pool = b.primary.clone();
@@ -166,6 +55,12 @@ impl Session {
             Ok(t) => t,
             Err(e) => return Some(Plan::Refuse(e)),
         };
+        self.target_plan(sh, target, query)
+    }
+
+    /// The plan for a batch routed to `target` (`None`: routing goes on
+    /// within the chosen shard).
+    fn target_plan(&mut self, sh: &Arc<ShardRouter>, target: ShardTarget, query: Option<&str>) -> Option<Plan> {
         // In a transaction spanning shards, the batch runs on its shard's part.
         let part = || Plan::Go { target: None, decision: crate::router::route::Decision::Write };
         let in_multi = self.multi().is_some();
@@ -179,27 +74,8 @@ impl Session {
                 self.use_shard(sh, sh.next_made());
                 in_multi.then(part)
             }
-            ShardTarget::Write(shards) => {
-                let shards = shards.unwrap_or_else(|| (0..sh.backends.len()).collect());
-                self.write_plan(query, |sql| Split::same(sql, shards), WriteKind::Parts)
-            }
-            ShardTarget::Everywhere => {
-                self.write_plan(query, |sql| Split::same(sql, 0..sh.backends.len()), WriteKind::Copies)
-            }
-            ShardTarget::Split(split) => self.write_plan(query, |_| *split, WriteKind::Parts),
-            ShardTarget::Schema(_) if self.deferred().is_some() => Some(Plan::Refuse(
-                PgError::error(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    "pgmux: a schema change runs on every shard; it cannot join a transaction on one shard",
-                )
-                .with_hint("Change the schema outside a transaction, or set allow_cross_shard_writes."),
-            )),
-            ShardTarget::Schema(Change::Alone) if in_multi => Some(Plan::Refuse(PgError::error(
-                sqlstate::ACTIVE_SQL_TRANSACTION,
-                "pgmux: this schema change cannot run inside a transaction block",
-            ))),
-            ShardTarget::Schema(change) => {
-                self.write_plan(query, |sql| Split::same(sql, 0..sh.backends.len()), WriteKind::Schema(change))
+            t @ (ShardTarget::Write(_) | ShardTarget::Everywhere | ShardTarget::Split(_) | ShardTarget::Schema(_)) => {
+                self.write_target_plan(sh, t, query, in_multi)
             }
             ShardTarget::UniqueId(column) => match query {
                 Some(_) => Some(Plan::UniqueId(column, false)),
@@ -239,6 +115,40 @@ impl Session {
             // Parse / Describe alone: any shard answers them alike.
             ShardTarget::All(_) if !self.batch_executes() => None,
             ShardTarget::All(plan) => Some(Plan::ScatterExtended(plan)),
+        }
+    }
+
+    /// The plan for a write across shards (`target`).
+    fn write_target_plan(
+        &self,
+        sh: &ShardRouter,
+        target: ShardTarget,
+        query: Option<&str>,
+        in_multi: bool,
+    ) -> Option<Plan> {
+        let all = 0..sh.backends.len();
+        match target {
+            ShardTarget::Write(shards) => {
+                let shards = shards.unwrap_or_else(|| all.clone().collect());
+                self.write_plan(query, |sql| Split::same(sql, shards), WriteKind::Parts)
+            }
+            ShardTarget::Everywhere => self.write_plan(query, |sql| Split::same(sql, all), WriteKind::Copies),
+            ShardTarget::Split(split) => self.write_plan(query, |_| *split, WriteKind::Parts),
+            ShardTarget::Schema(_) if self.deferred().is_some() => Some(Plan::Refuse(
+                PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "pgmux: a schema change runs on every shard; it cannot join a transaction on one shard",
+                )
+                .with_hint("Change the schema outside a transaction, or set allow_cross_shard_writes."),
+            )),
+            ShardTarget::Schema(Change::Alone) if in_multi => Some(Plan::Refuse(PgError::error(
+                sqlstate::ACTIVE_SQL_TRANSACTION,
+                "pgmux: this schema change cannot run inside a transaction block",
+            ))),
+            ShardTarget::Schema(change) => {
+                self.write_plan(query, |sql| Split::same(sql, all), WriteKind::Schema(change))
+            }
+            _ => None,
         }
     }
 

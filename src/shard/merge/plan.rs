@@ -11,7 +11,7 @@ use sqlparser::ast::{
     SetExpr, Statement, Value,
 };
 
-use super::{refuse, Agg, ColumnRef, MergePlan, SortKey};
+use super::{having, refuse, Agg, ColumnRef, MergePlan, SortKey};
 
 fn number(e: &Expr) -> Option<u64> {
     match e {
@@ -27,14 +27,30 @@ fn number(e: &Expr) -> Option<u64> {
 /// be merged exactly.
 pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
     let Statement::Query(q) = stmt else { return refuse("only queries can run on every shard") };
-    let q: Query = (**q).clone();
-    let SetExpr::Select(select) = q.body.as_ref() else {
+    let mut q: Query = (**q).clone();
+    let SetExpr::Select(select) = q.body.as_mut() else {
         return refuse("set operations (UNION, INTERSECT, EXCEPT) across shards are not supported");
     };
-    if select.having.is_some() {
-        return refuse("HAVING across shards is not supported");
-    }
-    let (exprs, aggs, partials) = aggregates(select)?;
+    // The shards return every group; the condition holds after the merge.
+    let having_expr = select.having.take();
+    let select: Select = (**select).clone();
+    let select = &select;
+    let (exprs, mut aggs, mut partials) = aggregates(select)?;
+    let having = match (&having_expr, aggs.as_mut()) {
+        (None, _) => None,
+        (Some(_), None) => return refuse("HAVING without aggregates across shards is not supported"),
+        (Some(e), Some(aggs)) => {
+            let mut extra = Vec::new();
+            let first_appended = exprs.len() + partials.len();
+            let mut cols = having::Columns { aggregate, exprs: &exprs, first_appended, appended: &mut extra };
+            let h = having::compile(e, &mut cols)?;
+            for (item, agg) in extra {
+                partials.push(item);
+                aggs.push(agg);
+            }
+            Some(h)
+        }
+    };
     let distinct = match &select.distinct {
         None => None,
         Some(_) if aggs.is_some() => return refuse("DISTINCT with aggregates across shards is not supported"),
@@ -50,8 +66,12 @@ pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
         return refuse("FETCH FIRST across shards is not supported (use LIMIT)");
     }
     let n_hidden = hidden.len();
-    let sql = shard_sql(q, hidden, aggs.is_some(), limit, offset, sql);
-    Ok(MergePlan { sql, order, limit, offset, aggs, distinct, hidden: n_hidden, shards: None })
+    // Without its HAVING the text is no longer the client's.
+    let sql = match having.is_some() {
+        true => shard_sql(q, hidden, aggs.is_some(), limit, offset, None),
+        false => shard_sql(q, hidden, aggs.is_some(), limit, offset, Some(sql)),
+    };
+    Ok(MergePlan { sql, order, limit, offset, aggs, distinct, having, hidden: n_hidden, shards: None })
 }
 
 /// A `DISTINCT ON` expression as an output column: a position or a
@@ -217,17 +237,17 @@ fn limit_offset(q: &Query) -> Result<(Option<u64>, u64), String> {
     }
 }
 
-/// What each shard runs: the statement as given, or (with an offset,
-/// hidden sort keys, or a limit on groups) rewritten with the hidden sort
-/// keys appended and `LIMIT n+m` (no limit when aggregating: groups
-/// combine after the merge).
+/// What each shard runs: the statement as given (`sql`; None: `q` was
+/// changed), or (with an offset, hidden sort keys, or a limit on groups)
+/// rewritten with the hidden sort keys appended and `LIMIT n+m` (no limit
+/// when aggregating: groups combine after the merge).
 fn shard_sql(
     mut q: Query,
     hidden: Vec<SelectItem>,
     aggregating: bool,
     limit: Option<u64>,
     offset: u64,
-    sql: &str,
+    sql: Option<&str>,
 ) -> String {
     let n_hidden = hidden.len();
     if !hidden.is_empty() {
@@ -236,19 +256,20 @@ fn shard_sql(
         }
     }
     let rewrite = offset > 0 || (aggregating && limit.is_some()) || n_hidden > 0;
-    if rewrite {
-        q.limit_clause = match (aggregating, limit) {
-            // Groups combine after the merge: every shard sends all.
-            (true, _) | (false, None) => None,
-            (false, Some(l)) => Some(LimitClause::LimitOffset {
-                limit: Some(Expr::value(Value::Number((l + offset).to_string(), false))),
-                offset: None,
-                limit_by: Vec::new(),
-            }),
-        };
-        Statement::Query(Box::new(q)).to_string()
-    } else {
-        sql.to_string()
+    match sql {
+        Some(sql) if !rewrite => sql.to_string(),
+        _ => {
+            q.limit_clause = match (aggregating, limit) {
+                // Groups combine after the merge: every shard sends all.
+                (true, _) | (false, None) => None,
+                (false, Some(l)) => Some(LimitClause::LimitOffset {
+                    limit: Some(Expr::value(Value::Number((l + offset).to_string(), false))),
+                    offset: None,
+                    limit_by: Vec::new(),
+                }),
+            };
+            Statement::Query(Box::new(q)).to_string()
+        }
     }
 }
 
