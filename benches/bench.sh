@@ -38,7 +38,8 @@
 #   PGBOUNCER_BIN the PgBouncer binary, e.g. one built from its latest
 #             release's source (see README, "Benchmarks")     [pgbouncer on PATH]
 #   REPLICAS  streaming replicas for the read-scaling run (0 = skip)    [2]
-#   SHARDS    2: a keyed-read run through pgmux over 2 shard databases
+#   SHARDS    2: a keyed-read run and a multi-row INSERT run through pgmux
+#             over 2 shard databases
 #             (on the same server) vs one database; 0 = skip             [2]
 #   DDL_EVERY seconds between DDL statements run through pgmux during a
 #             second `-S -M prepared` run (the cost of pgmux dropping and
@@ -219,6 +220,9 @@ EOF
 # with the partition seed is odd, as the seed's combine constant is odd).
 make_shards() {
     local i keep
+    # Multi-row INSERTs: the same table in the one database and both shards.
+    PGADMIN_DB=bench pg_admin -c "CREATE TABLE bench_items (id int8 PRIMARY KEY, v int)" \
+        -c "ALTER TABLE bench_items OWNER TO bench"
     for i in 0 1; do
         log "shard database bench_s$i"
         pg_admin -c "CREATE DATABASE bench_s$i TEMPLATE bench OWNER bench"
@@ -231,12 +235,20 @@ make_shards() {
 \set aid random(1, 100000 * :scale)
 SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
 EOS
+    # Four rows with random keys: over 2 shards nearly always both.
+    cat >"$WORK/insert.sql" <<'EOS'
+\set a random(1, 4000000000000)
+\set b random(1, 4000000000000)
+\set c random(1, 4000000000000)
+\set d random(1, 4000000000000)
+INSERT INTO bench_items (id, v) VALUES (:a, 1), (:b, 2), (:c, 3), (:d, 4) ON CONFLICT DO NOTHING;
+EOS
 }
 
 # pgmux database "bench_sharded": pgbench_accounts over the two shard databases.
 sharded_database() {
     [[ "$SHARDS" == 2 ]] || return 0
-    printf '[databases.bench_sharded]\nshards = [{ name = "s0", primary = "127.0.0.1:%s", dbname = "bench_s0" }, { name = "s1", primary = "127.0.0.1:%s", dbname = "bench_s1" }]\ntables = [{ name = "pgbench_accounts", key = "aid", map = "by_aid" }]\n[databases.bench_sharded.maps.by_aid]\nkind = "hash"\ntype = "int4"\n' \
+    printf '[databases.bench_sharded]\nshards = [{ name = "s0", primary = "127.0.0.1:%s", dbname = "bench_s0" }, { name = "s1", primary = "127.0.0.1:%s", dbname = "bench_s1" }]\ntables = [{ name = "pgbench_accounts", key = "aid", map = "by_aid" }, { name = "bench_items", key = "id", map = "by_id" }]\nallow_cross_shard_writes = true\n[databases.bench_sharded.maps.by_aid]\nkind = "hash"\ntype = "int4"\n[databases.bench_sharded.maps.by_id]\nkind = "hash"\ntype = "int8"\n' \
         "$PG_PORT" "$PG_PORT"
 }
 
@@ -554,6 +566,8 @@ summary() {
     if [[ "$SHARDS" == 2 ]]; then
         printf 'sharded   pgmux over 2 shards / pgmux one database = %sx   (keyed reads, both shards on one server: the cost of routing by key)\n' \
             "$(ratio "$(lookup_tps pgmux+shards sharded)" "$(lookup_tps pgmux sharded)")"
+        printf 'insert    pgmux over 2 shards / pgmux one database = %sx   (4-row INSERTs cut per shard, each a transaction across both shards; no 2PC)\n' \
+            "$(ratio "$(lookup_tps pgmux+shards insert)" "$(lookup_tps pgmux insert)")"
     fi
     if [[ "$DDL_EVERY" != 0 ]]; then
         printf 'ddl       pgmux with DDL every %ss (%s ran) / pgmux without = %sx   (-S -M prepared)\n' \
@@ -630,6 +644,10 @@ main() {
         CURRENT_MODE=sharded
         run_pgbench "pgmux" "$PGMUX_PORT" bench -f "$WORK/keyed.sql" -D "scale=$SCALE" -M simple
         run_pgbench "pgmux+shards" "$PGMUX_PORT" bench_sharded -f "$WORK/keyed.sql" -D "scale=$SCALE" -M simple
+        # Multi-row INSERTs: one database vs cut over two shards.
+        CURRENT_MODE=insert
+        run_pgbench "pgmux" "$PGMUX_PORT" bench -f "$WORK/insert.sql" -M simple
+        run_pgbench "pgmux+shards" "$PGMUX_PORT" bench_sharded -f "$WORK/insert.sql" -M simple
     fi
 
     if [[ "$DDL_EVERY" != 0 ]]; then

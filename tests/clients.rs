@@ -123,16 +123,23 @@ fn cli_help_and_check_config() {
 }
 
 /// A running `pgmux demo` (with `args`): the child, the lines it printed
-/// before its psql line, and the URL of that line.
+/// before its psql line (and, last, the path of its log), and the URL of
+/// that line.
 fn start_demo(args: &[&str]) -> (std::process::Child, Vec<String>, String) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let mut child = pgmux().arg("demo").args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    // Its log goes to a file, shown when a check fails.
+    let log = std::env::temp_dir().join(format!("pgmux-demo-{}-{}.log", std::process::id(), args.len()));
+    let stderr = std::fs::File::create(&log).map(Stdio::from).unwrap_or_else(|_| Stdio::null());
+    let mut child = pgmux().arg("demo").args(args).stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
     while let Some(Ok(line)) = lines.next() {
         if let Some(url) = line.trim_start().strip_prefix("psql ") {
             let url = url.trim().trim_matches('"').to_string();
+            // Keep reading: the demo (and its log) writes on.
+            std::thread::spawn(move || lines.for_each(drop));
+            seen.push(log.display().to_string());
             return (child, seen, url);
         }
         seen.push(line);
@@ -153,6 +160,9 @@ fn stop_demo(mut child: std::process::Child, seen: &[String]) {
     assert!(status.success(), "{status:?}");
     for d in dirs {
         assert!(!std::path::Path::new(&d).exists(), "{d} left behind");
+    }
+    if let Some(log) = seen.last() {
+        let _ = std::fs::remove_file(log);
     }
 }
 
