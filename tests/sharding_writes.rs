@@ -325,6 +325,12 @@ async fn copy_splits_binary_and_honours_the_end_marker() {
     assert!(e.starts_with("22P04"), "{e}");
     assert_eq!(ids_on_shards(&c), ids);
 
+    // A row one shard refuses (a duplicate key) keeps no row anywhere:
+    // the COPY is one transaction across the shards.
+    let other = (900..).find(|&i| shard_of(i) != shard_of(1)).unwrap();
+    let e = copy_text(&cl, "COPY users (id, name) FROM STDIN", format!("{other}\tnew\n1\tdup\n").as_bytes()).await;
+    assert!(e.as_ref().is_err_and(|e| e.starts_with("23505")), "{e:?}");
+    assert_eq!(ids_on_shards(&c), ids);
     // The text format's end-of-data line: what follows it is not data.
     let got = copy_text(&cl, "COPY users (id, name) FROM STDIN", b"301\tx\n302\ty\n\\.\n303\tz\n").await;
     assert_eq!(got, Ok(2));

@@ -1,14 +1,15 @@
 //! COPY FROM STDIN into a sharded table (text, CSV or binary): one COPY
 //! per shard, each row of the client's stream sent to the shard of its
 //! key (a header — CSV's line, binary's file header — to every shard), the
-//! row counts added up. A row without a usable key, or an error on any
-//! shard, fails the whole COPY on every shard.
+//! row counts added up, in one transaction across the shards (committed
+//! as [`super::multi`] commits, two-phase when on). A row without a usable
+//! key, or an error on any shard, fails the whole COPY on every shard.
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::scatter::read_answer;
-use super::Session;
+use super::scatter::read_any_answer;
+use super::{Session, Txn};
 use crate::backend::pool::Checkout;
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::first_message;
@@ -54,36 +55,51 @@ impl Session {
         if !before.is_empty() && self.stream.write_all(&before).await.is_err() {
             return false;
         }
-        let mut conns = match self.shard_conns(&sh, None, false).await {
-            Ok(c) => c.into_iter().map(|(_, c)| c).collect::<Vec<_>>(),
-            Err(e) => return self.answer_error(&e).await,
+        // One transaction across the shards: all rows or none.
+        self.txn = Txn::AcrossShards(super::multi::Multi::new("BEGIN"));
+        let (shards, mut conns): (Vec<usize>, Vec<Checkout>) = match self.shard_conns(&sh, None, false).await {
+            Ok(c) => c.into_iter().unzip(),
+            Err(e) => {
+                let _ = self.finish_multi(false).await;
+                return self.answer_error(&e).await;
+            }
         };
         let result = self.copy_rows(&sh, &copy, &key, &sql, &mut conns).await;
         let mut out = BytesMut::new();
-        match result {
-            Ok(Some(n)) => {
+        let copied = match result {
+            Ok(Some(Ended::Copied(n))) => Some(n),
+            Ok(Some(Ended::Refused(e))) => {
+                e.encode(&mut out);
+                None
+            }
+            Ok(None) | Err(_) => {
+                // The shards may be mid-COPY (some of them): their
+                // connections close, which rolls back their transaction.
+                drop(conns);
+                let _ = self.finish_multi(false).await;
+                let Err(e) = result else { return false };
+                e.encode(&mut out);
+                return self.send_copy_end(out, extended).await;
+            }
+        };
+        for (i, c) in shards.into_iter().zip(conns) {
+            self.give_back(i, c, TxStatus::InBlock);
+        }
+        match (self.finish_multi(copied.is_some()).await, copied) {
+            (Ok(_), Some(n)) => {
                 let at = msg::start_message(&mut out, b'C');
                 out.extend_from_slice(format!("COPY {n}\0").as_bytes());
                 msg::finish_message(&mut out, at);
-                for c in conns {
-                    c.release();
-                }
             }
-            Ok(None) => return false,
-            Err(e) => {
-                e.encode(&mut out);
-                // Every shard is brought back to idle (or closed).
-                for mut c in conns {
-                    let conn = c.conn();
-                    let mut fail = BytesMut::new();
-                    msg::copy_fail(&mut fail, "pgmux: COPY failed on another shard");
-                    let clean = conn.stream.write_all(&fail).await.is_ok() && read_answer(conn).await.is_ok();
-                    if clean {
-                        c.release();
-                    }
-                }
-            }
+            (Err(e), Some(_)) => e.encode(&mut out),
+            (_, None) => {}
         }
+        self.send_copy_end(out, extended).await
+    }
+
+    /// The end of the COPY's answer (and ReadyForQuery over the simple
+    /// protocol; the client's Sync brings it otherwise).
+    async fn send_copy_end(&mut self, mut out: BytesMut, extended: bool) -> bool {
         if !extended {
             msg::ready_for_query(&mut out, TxStatus::Idle);
         }
@@ -100,7 +116,7 @@ impl Session {
         key: &RowKey,
         sql: &str,
         conns: &mut [Checkout],
-    ) -> Result<Option<u64>, PgError> {
+    ) -> Result<Option<Ended>, PgError> {
         let response = start_on_shards(conns, sql).await?;
         let mut reply = BytesMut::new();
         let at = msg::start_message(&mut reply, b'G');
@@ -121,7 +137,7 @@ impl Session {
         copy: &CopyIn,
         key: &RowKey,
         conns: &mut [Checkout],
-    ) -> Result<Option<u64>, PgError> {
+    ) -> Result<Option<Ended>, PgError> {
         let mut splitter = RowSplitter::new(copy.clone());
         let mut outgoing: Vec<BytesMut> = conns.iter().map(|_| BytesMut::new()).collect();
         let mut header = copy.header || copy.binary;
@@ -219,7 +235,7 @@ async fn start_on_shards(conns: &mut [Checkout], sql: &str) -> Result<Option<Byt
         match tag {
             b'G' => response = response.or(Some(body)),
             b'E' => {
-                let _ = read_answer(conn).await;
+                let _ = read_any_answer(conn).await;
                 return Err(PgError::error_from_server(&body));
             }
             other => return Err(copy_error(format!("unexpected reply {:?} to COPY", other as char))),
@@ -259,8 +275,16 @@ async fn flush(conns: &mut [Checkout], outgoing: &mut [BytesMut], at: usize) -> 
     Ok(())
 }
 
-/// CopyDone to every shard; the rows they took, added up.
-async fn finish(conns: &mut [Checkout]) -> Result<u64, PgError> {
+/// How a COPY that reached its end on every shard ended.
+enum Ended {
+    /// The rows every shard took, added up.
+    Copied(u64),
+    /// A shard refused it (its error); every shard's COPY is over.
+    Refused(PgError),
+}
+
+/// CopyDone to every shard; how it ended there.
+async fn finish(conns: &mut [Checkout]) -> Result<Ended, PgError> {
     let mut total = 0u64;
     let mut error = None;
     for c in conns.iter_mut() {
@@ -268,14 +292,14 @@ async fn finish(conns: &mut [Checkout]) -> Result<u64, PgError> {
         conn.stream.write_all(b"c\0\0\0\x04").await.map_err(|e| copy_error(e.to_string()))?;
     }
     for c in conns.iter_mut() {
-        let a = read_answer(c.conn()).await.map_err(|e| copy_error(e.to_string()))?;
+        let a = read_any_answer(c.conn()).await.map_err(|e| copy_error(e.to_string()))?;
         if let (None, Some(e)) = (&error, &a.error) {
             error = Some(PgError::error_from_server(e));
         }
         total += a.copied;
     }
-    match error {
-        Some(e) => Err(e),
-        None => Ok(total),
-    }
+    Ok(match error {
+        Some(e) => Ended::Refused(e),
+        None => Ended::Copied(total),
+    })
 }

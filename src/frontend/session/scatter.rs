@@ -372,19 +372,8 @@ pub(super) struct Answer {
     status: TxStatus,
 }
 
-/// A shard's answer, outside a transaction (it must leave none open).
-pub(super) async fn read_answer(
-    conn: &mut crate::backend::server::ServerConn,
-) -> Result<Answer, crate::backend::server::ServerError> {
-    let a = read_any_answer(conn).await?;
-    if a.status != TxStatus::Idle {
-        return Err(crate::backend::server::ServerError::Protocol("shard left a transaction open".into()));
-    }
-    Ok(a)
-}
-
 /// A shard's answer, with the transaction status it left.
-async fn read_any_answer(
+pub(super) async fn read_any_answer(
     conn: &mut crate::backend::server::ServerConn,
 ) -> Result<Answer, crate::backend::server::ServerError> {
     let mut a = Answer {
