@@ -29,6 +29,22 @@ pub const DEMO_DB: &str = "demo";
 pub fn demo_config(cluster: &Cluster, port: u16) -> String {
     let replicas: Vec<String> = cluster.replicas.iter().map(|r| format!("\"{}\"", r.addr())).collect();
     format!(
+        r#"{head}
+[databases.{DEMO_DB}]
+primary = "{primary}"
+replicas = [{replicas}]
+monitor_user = "{DEMO_USER}"
+check_interval = "200ms"
+"#,
+        head = config_head(port),
+        primary = cluster.primary.addr(),
+        replicas = replicas.join(", "),
+    )
+}
+
+/// What every demo config starts with: pgmux on `port`, the demo user.
+fn config_head(port: u16) -> String {
+    format!(
         r#"[pgmux]
 listen = "127.0.0.1:{port}"
 admin_users = ["{DEMO_USER}"]
@@ -39,15 +55,7 @@ default_pool_size = 10
 [[users]]
 name = "{DEMO_USER}"
 password = "{DEMO_PASSWORD}"
-
-[databases.{DEMO_DB}]
-primary = "{primary}"
-replicas = [{replicas}]
-monitor_user = "{DEMO_USER}"
-check_interval = "200ms"
-"#,
-        primary = cluster.primary.addr(),
-        replicas = replicas.join(", "),
+"#
     )
 }
 

@@ -36,17 +36,7 @@ pub fn sharded_config(shards: &[Cluster; 2], port: u16) -> String {
         format!("{{ name = \"s{i}\", primary = \"{}\", replicas = [{}] }}", c.primary.addr(), replicas.join(", "))
     };
     format!(
-        r#"[pgmux]
-listen = "127.0.0.1:{port}"
-admin_users = ["{DEMO_USER}"]
-
-[pool]
-default_pool_size = 10
-
-[[users]]
-name = "{DEMO_USER}"
-password = "{DEMO_PASSWORD}"
-
+        r#"{head}
 [databases.{SHARDED_DB}]
 shards = [{s0}, {s1}]
 monitor_user = "{DEMO_USER}"
@@ -77,6 +67,7 @@ type = "text"
 backend = "{dir}"
 user = "{DEMO_USER}"
 "#,
+        head = super::config_head(port),
         s0 = shard(0, &shards[0]),
         s1 = shard(1, &shards[1]),
         dir = shards[0].primary.addr(),

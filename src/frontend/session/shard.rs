@@ -71,7 +71,10 @@ impl Session {
             }
             ShardTarget::Any => in_multi.then(part),
             ShardTarget::Made => {
-                self.use_shard(sh, sh.next_made());
+                // In turn by statement run (a Parse alone stays where it is).
+                if query.is_some() || self.batch_executes() {
+                    self.use_shard(sh, sh.next_made());
+                }
                 in_multi.then(part)
             }
             t @ (ShardTarget::Write(_) | ShardTarget::Everywhere | ShardTarget::Split(_) | ShardTarget::Schema(_)) => {
