@@ -196,8 +196,11 @@ impl super::ShardRouter {
 
     /// Drop the analyses made before the last schema change.
     pub(super) fn forget_stale_analyses(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // A load on every statement; a write only after a change.
         let changes = self.tables.columns.changes();
-        if self.analyzed_after.swap(changes, std::sync::atomic::Ordering::Relaxed) != changes {
+        if self.analyzed_after.load(Relaxed) != changes {
+            self.analyzed_after.store(changes, Relaxed);
             for cache in [&self.cache, &self.shapes] {
                 cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
             }

@@ -78,14 +78,7 @@ pub fn comparable_binary(type_oid: u32, bytewise_text: bool) -> bool {
 /// type (text types bytewise, as `COLLATE "C"`).
 pub fn compare_binary(type_oid: u32, a: &[u8], b: &[u8]) -> Ordering {
     use oid::*;
-    fn int(v: &[u8]) -> i64 {
-        match v.len() {
-            2 => i64::from(i16::from_be_bytes([v[0], v[1]])),
-            4 => i64::from(i32::from_be_bytes([v[0], v[1], v[2], v[3]])),
-            8 => i64::from_be_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]]),
-            _ => 0,
-        }
-    }
+    let int = int_binary;
     let float = |v: &[u8]| match v.len() {
         4 => f64::from(f32::from_be_bytes([v[0], v[1], v[2], v[3]])),
         8 => f64::from_be_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]]),
@@ -96,6 +89,16 @@ pub fn compare_binary(type_oid: u32, a: &[u8], b: &[u8]) -> Ordering {
         OID => (int(a) as u32).cmp(&(int(b) as u32)),
         FLOAT4 | FLOAT8 => compare_float(float(a), float(b)),
         _ => a.cmp(b),
+    }
+}
+
+/// A binary int2, int4 or int8 (by its length; 0 if none of them).
+pub fn int_binary(v: &[u8]) -> i64 {
+    match v.len() {
+        2 => i64::from(i16::from_be_bytes([v[0], v[1]])),
+        4 => i64::from(i32::from_be_bytes([v[0], v[1], v[2], v[3]])),
+        8 => i64::from_be_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]]),
+        _ => 0,
     }
 }
 

@@ -149,7 +149,7 @@ fn truth(h: &Having, cols: &[(String, u32, i16)], row: &Row) -> Result<Option<bo
             let (_, type_oid, format) = cols.get(*column).ok_or("HAVING column out of range")?;
             let Some(v) = row.get(*column).and_then(Option::as_deref) else { return Ok(None) };
             let text = match (*type_oid, *format == 1) {
-                (oid::INT2 | oid::INT4 | oid::INT8, true) => int_binary(v).to_string(),
+                (oid::INT2 | oid::INT4 | oid::INT8, true) => values::int_binary(v).to_string(),
                 (oid::NUMERIC, true) => super::super::numeric::from_binary(v).ok_or("HAVING on NaN")?,
                 (oid::INT2 | oid::INT4 | oid::INT8 | oid::NUMERIC, false) => String::from_utf8_lossy(v).into_owned(),
                 _ => return Err("HAVING across shards compares integers and numeric only".into()),
@@ -165,13 +165,4 @@ fn truth(h: &Having, cols: &[(String, u32, i16)], row: &Row) -> Result<Option<bo
             })
         }
     })
-}
-
-fn int_binary(v: &[u8]) -> i64 {
-    match v.len() {
-        2 => i64::from(i16::from_be_bytes([v[0], v[1]])),
-        4 => i64::from(i32::from_be_bytes([v[0], v[1], v[2], v[3]])),
-        8 => i64::from_be_bytes([v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]]),
-        _ => 0,
-    }
 }
