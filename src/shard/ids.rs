@@ -8,7 +8,7 @@
 //! answers an id from the time, the node id and a counter, for keys made
 //! outside the database.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -50,7 +50,6 @@ pub struct UniqueIds {
     node: u64,
     /// (millisecond, counter) of the last id.
     last: Mutex<(u64, u64)>,
-    made: AtomicU64,
 }
 
 /// The process's id maker (its node id from the first call: a change
@@ -86,7 +85,7 @@ pub fn unique_id_call(stmt: &sqlparser::ast::Statement) -> Option<String> {
 
 impl UniqueIds {
     pub fn new(node: u16) -> UniqueIds {
-        UniqueIds { node: u64::from(node) & ((1 << NODE_BITS) - 1), last: Mutex::new((0, 0)), made: AtomicU64::new(0) }
+        UniqueIds { node: u64::from(node) & ((1 << NODE_BITS) - 1), last: Mutex::new((0, 0)) }
     }
 
     /// The next id.
@@ -107,7 +106,6 @@ impl UniqueIds {
             counter
         };
         *last = (ms, counter);
-        self.made.fetch_add(1, Ordering::Relaxed);
         let id = (ms << (NODE_BITS + COUNTER_BITS)) | (self.node << COUNTER_BITS) | counter;
         i64::try_from(id & (u64::MAX >> 1)).unwrap_or(0)
     }

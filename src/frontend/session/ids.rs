@@ -27,6 +27,13 @@ fn description(name: &str, format: i16) -> BytesMut {
     out
 }
 
+/// The statement's Describe: no parameters, one bigint column.
+fn statement_description(name: &str) -> BytesMut {
+    let mut out = BytesMut::from(&b"t\0\0\0\x06\0\0"[..]);
+    out.extend_from_slice(&description(name, 0));
+    out
+}
+
 /// The id's DataRow and CommandComplete.
 fn row(id: i64, binary: bool) -> BytesMut {
     let mut out = BytesMut::new();
@@ -68,10 +75,9 @@ impl Session {
             None => return false,
         };
         let binary = msg::parse_bind(&batch.bind).is_some_and(|b| b.result_formats.get(2..4) == Some(&[0, 1]));
-        let mut stmt_desc = BytesMut::from(&b"t\0\0\0\x06\0\0"[..]);
-        stmt_desc.extend_from_slice(&description(column, 0));
         batch.keep_statement(&mut self.stmts);
-        let out = batch.reply(&description(column, i16::from(binary)), &stmt_desc, &row(id, binary), status);
+        let desc = description(column, i16::from(binary));
+        let out = batch.reply(&desc, &statement_description(column), &row(id, binary), status);
         self.stream.write_all(&out).await.is_ok()
     }
 
@@ -81,9 +87,7 @@ impl Session {
         if let Some((b'P', body)) = crate::protocol::frame::first_message(&self.rbuf) {
             let (name, rest) = msg::split_nul(body);
             if !name.is_empty() {
-                let name = String::from_utf8_lossy(name).into_owned();
-                let statement = std::sync::Arc::new(crate::protocol::statements::Statement::new(rest));
-                self.stmts.map.insert(name, statement);
+                super::scatter::keep_named(&mut self.stmts, String::from_utf8_lossy(name).into_owned(), rest);
             }
         }
         let Some(batch) = self.skip_to_sync().await else { return false };
@@ -91,10 +95,7 @@ impl Session {
         for (tag, kind) in batch {
             match (tag, kind) {
                 (b'P', _) => out.extend_from_slice(b"1\0\0\0\x04"),
-                (b'D', b'S') => {
-                    out.extend_from_slice(b"t\0\0\0\x06\0\0");
-                    out.extend_from_slice(&description(column, 0));
-                }
+                (b'D', b'S') => out.extend_from_slice(&statement_description(column)),
                 (b'D', _) => out.extend_from_slice(b"n\0\0\0\x04"),
                 (b'C', _) => out.extend_from_slice(b"3\0\0\0\x04"),
                 (b'S', _) => msg::ready_for_query(&mut out, status),

@@ -77,9 +77,15 @@ impl Batch {
     /// shards, not on a connection the session's statements follow).
     pub(super) fn keep_statement(&mut self, stmts: &mut crate::protocol::statements::ClientStatements) {
         if let Some((name, rest)) = self.named.take() {
-            stmts.map.insert(name, std::sync::Arc::new(Statement::new(&rest)));
+            keep_named(stmts, name, &rest);
         }
     }
+}
+
+/// Keep the client's statement `name` (its Parse body after the name)
+/// that pgmux answered itself, for the Binds that name it.
+pub(super) fn keep_named(stmts: &mut crate::protocol::statements::ClientStatements, name: String, rest: &[u8]) {
+    stmts.map.insert(name, std::sync::Arc::new(Statement::new(rest)));
 }
 
 impl Session {

@@ -177,13 +177,15 @@ impl Session {
     ) -> Result<Written, PgError> {
         let requests = requests(split, batch, false)?;
         let answers = self.ask_shards(sh, &split.shards(), &requests).await;
-        let done = done_on(sh, split, &answers);
+        // Where a lone schema change ran, told if it fails somewhere.
+        let alone = kind == WriteKind::Schema(Change::Alone);
+        let done = if alone { done_on(sh, split, &answers) } else { Vec::new() };
         let written = add_up(answers, split, kind != WriteKind::Parts);
         if let WriteKind::Schema(_) = kind {
             sh.schema_changed();
         }
         match written {
-            Err(e) if kind == WriteKind::Schema(Change::Alone) && !done.is_empty() => {
+            Err(e) if alone && !done.is_empty() => {
                 Err(e.with_detail(format!("pgmux: it ran on shard(s) {} (not in a transaction)", done.join(", "))))
             }
             w => w,
