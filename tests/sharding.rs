@@ -258,6 +258,9 @@ async fn sharded_routing_and_scatter_gather() {
         "SELECT id FROM users WHERE score > 4 ORDER BY score DESC, id",
         "SELECT score, count(*), sum(id), max(name COLLATE \"C\") FROM users GROUP BY score ORDER BY score",
         "SELECT name FROM users ORDER BY name COLLATE \"C\" DESC LIMIT 3",
+        // The shards' database collation is C: text without COLLATE too.
+        "SELECT name, id FROM users ORDER BY name DESC, id LIMIT 7",
+        "SELECT score, min(name), max(name) FROM users GROUP BY score ORDER BY score",
         "SELECT count(*) FROM users WHERE id > 1000",
         "SELECT avg(score), avg(balance), avg(id) FROM users",
         "SELECT avg(score) FROM users WHERE id > 1000",
@@ -271,6 +274,11 @@ async fn sharded_routing_and_scatter_gather() {
         "SELECT DISTINCT score, id % 2 = 0 FROM users ORDER BY 1, 2 LIMIT 5 OFFSET 1",
         "SELECT DISTINCT ON (score) score, id FROM users ORDER BY score, id DESC",
         "SELECT DISTINCT ON (score) score, name FROM users ORDER BY score DESC, name COLLATE \"C\" LIMIT 3",
+        "SELECT count(DISTINCT score) FROM users",
+        "SELECT count(DISTINCT score), count(*), sum(id), min(name COLLATE \"C\") FROM users WHERE id > 1000",
+        "SELECT id % 4, count(DISTINCT name), count(*), avg(balance) FROM users GROUP BY 1 ORDER BY 1",
+        "SELECT score FROM users GROUP BY score HAVING count(DISTINCT id % 5) = 5 ORDER BY 1",
+        "SELECT score, count(DISTINCT id % 3) FROM users GROUP BY score ORDER BY count(DISTINCT id % 3), score",
     ] {
         assert_eq!(rows(&cl, sql).await, rows(&reference, sql).await, "{sql}");
     }
@@ -357,10 +365,13 @@ async fn sharded_routing_and_scatter_gather() {
     // What cannot be merged exactly is refused, and the session goes on.
     for sql in [
         "SELECT avg(score::float8) FROM users",
-        "SELECT count(DISTINCT score) FROM users",
+        "SELECT sum(DISTINCT score) FROM users",
+        "SELECT count(DISTINCT score), count(DISTINCT id) FROM users",
+        "SELECT count(DISTINCT balance) FROM users",
         "SELECT score FROM users GROUP BY score HAVING max(name) > 'x'",
         "SELECT DISTINCT balance::float8 FROM users",
-        "SELECT name FROM users ORDER BY name",
+        "SELECT name FROM users ORDER BY name COLLATE \"und-x-icu\"",
+        "SELECT min(name COLLATE \"und-x-icu\") FROM users",
         "UPDATE users SET score = 0",
     ] {
         let e = cl.simple_query(sql).await.unwrap_err();
@@ -432,7 +443,10 @@ async fn directory_assigns_new_keys_and_follows_changes() {
         _ => None,
     });
     assert_eq!((returned, updated), (11, Some(11)), "t1 and t10..t19 over both shards");
-    let e = w.simple_query("INSERT INTO users SELECT 9999, 'x', 1, 1").await.unwrap_err();
+    // INSERT ... SELECT: on the shard of its constant key; reading a
+    // sharded table, refused.
+    w.simple_query("INSERT INTO users SELECT 9999, 'x', 1, 1").await.unwrap();
+    let e = w.simple_query("INSERT INTO users SELECT id + 10000, name, 1, 1 FROM users").await.unwrap_err();
     assert_eq!(code(&e), "0A000", "{}", text(&e));
     wide.stop().await;
     // A change of the directory reaches every pgmux (LISTEN/NOTIFY).

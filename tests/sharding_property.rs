@@ -121,11 +121,12 @@ fn write(r: &mut Rng) -> String {
 }
 
 /// The reads compared after every step.
-const READS: [&str; 5] = [
+const READS: [&str; 6] = [
     "SELECT id, g, v, s FROM t ORDER BY id",
     "SELECT count(*), sum(v), avg(v), min(s COLLATE \"C\"), max(id), avg(g) FROM t",
     "SELECT g, count(*), avg(v), max(v) FROM t GROUP BY g HAVING count(*) > 1 ORDER BY g",
     "SELECT DISTINCT g FROM t ORDER BY g",
+    "SELECT g % 3, count(DISTINCT s), count(*), sum(v) FROM t GROUP BY 1 ORDER BY 1",
     "SELECT s, sum(id) FROM t GROUP BY s ORDER BY sum(id) DESC, s COLLATE \"C\" LIMIT 5",
 ];
 

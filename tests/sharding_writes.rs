@@ -255,6 +255,28 @@ async fn multi_row_inserts_are_split_per_shard() {
     cl.simple_query("COMMIT").await.unwrap();
     reference.simple_query(&sql).await.unwrap();
 
+    // INSERT ... SELECT: its rows made on the shard of the key the select
+    // list gives as a constant or $n (ON CONFLICT too); else refused.
+    let (k0, k1) = ((2000..).find(|&i| shard_of(i) == 0).unwrap(), (2000..).find(|&i| shard_of(i) == 1).unwrap());
+    both(format!("INSERT INTO users (id, name, score) SELECT {k1}, 'sel', 1 RETURNING id, name")).await.unwrap();
+    for cl in [&cl, &reference] {
+        let sql = "INSERT INTO users (name, id) SELECT $2::text, $1::int8 WHERE true ON CONFLICT (id) DO UPDATE SET name = excluded.name";
+        assert_eq!(cl.execute(sql, &[&k0, &"sel0"]).await.unwrap_or_else(|e| panic!("{}", text(&e))), 1);
+        assert_eq!(cl.execute(sql, &[&k0, &"sel00"]).await.unwrap(), 1);
+    }
+    let ids = ids_on_shards(&c);
+    assert!(ids[0].contains(&k0) && ids[1].contains(&k1), "{ids:?}");
+    for sql in [
+        "INSERT INTO users (id, name) SELECT id + 5000, name FROM users".to_string(),
+        "INSERT INTO users (id, name) SELECT n, 'x' FROM generate_series(5000, 5001) n".into(),
+        format!("INSERT INTO users (id, name) VALUES ({k0}, 'k') ON CONFLICT (id) DO UPDATE SET id = excluded.id + 1"),
+        // What pgmux's parser cannot read never runs on a shard it guessed.
+        format!("INSERT INTO users (name, id) SELECT 'x', {k1} ON CONFLICT DO NOTHING"),
+    ] {
+        let e = cl.simple_query(&sql).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{sql}: {}", text(&e));
+    }
+
     // Every row equals the one database's.
     let all = "SELECT id, name, score FROM users ORDER BY id";
     assert_eq!(rows(&cl, all).await, rows(&reference, all).await);
@@ -282,7 +304,7 @@ async fn multi_row_inserts_are_split_per_shard() {
     let e = e.unwrap_err();
     assert_eq!(code(&e), "0A000", "{}", text(&e));
     assert!(text(&e).contains("allow_cross_shard_writes"), "{}", text(&e));
-    assert_eq!(ids_on_shards(&c).iter().flatten().filter(|&&i| i >= 1000).count(), 0);
+    assert_eq!(ids_on_shards(&c).iter().flatten().filter(|&&i| (1000..2000).contains(&i)).count(), 0);
     p.stop().await;
 }
 
@@ -446,6 +468,22 @@ async fn schema_changes_run_on_every_shard() {
         assert!(keys.split(',').filter(|k| !k.is_empty()).all(|k| shard_of(k.parse().unwrap()) == s), "{placed:?}");
     }
     assert_eq!(placed.iter().map(|p| p.split(',').filter(|k| !k.is_empty()).count()).sum::<usize>(), 4);
+
+    // Text merges in order without COLLATE while the shards' collation is
+    // C (as here) and no column has another: a column of another collation,
+    // made through pgmux, ends that until it goes.
+    let by_name = ["SELECT name FROM users ORDER BY name DESC", "SELECT max(name) FROM users"];
+    for sql in by_name {
+        cl.simple_query(sql).await.unwrap();
+    }
+    cl.simple_query("CREATE TABLE worded (w text COLLATE \"und-x-icu\")").await.unwrap();
+    for sql in by_name {
+        assert_eq!(fails(cl.simple_query(sql).await).0, "0A000", "{sql}");
+    }
+    cl.simple_query("DROP TABLE worded").await.unwrap();
+    for sql in by_name {
+        cl.simple_query(sql).await.unwrap();
+    }
     p.stop().await;
 }
 

@@ -55,6 +55,13 @@ impl ShardRouter {
             if let Some(change) = schema::unparsed_change(sql) {
                 return Analysis::Schema(change);
             }
+            if let Some(t) = self.sharded_word(sql) {
+                // Its shards cannot be known: never the wrong one.
+                return Analysis::Refused(format!(
+                    "this statement names the sharded table {t} but pgmux's parser cannot read it: \
+                     name its shard with /* pgmux: shard=N */ or SET pgmux.shard"
+                ));
+            }
             return Analysis::Scope { scope: Scope::Unsharded, read, insert: false, home: false, merge: None };
         };
         if stmts.len() > 1 {
@@ -81,20 +88,8 @@ impl ShardRouter {
             _ => {}
         }
         let insert = matches!(stmt, sqlparser::ast::Statement::Insert(_));
-        if let Some(t) = key::write_target(stmt).filter(|t| self.tables.reference.contains(t)) {
-            if self.allow_cross_shard_writes {
-                return Analysis::Everywhere;
-            }
-            return Analysis::Refused(format!(
-                "{t} is a reference table (the same rows on every shard): change it on each shard directly \
-                 (or set allow_cross_shard_writes)"
-            ));
-        }
-        if let Some((table, key)) = key::sets_key(stmt, &self.tables) {
-            return match super::rekey::Rekey::new(stmt, table, key) {
-                Ok(r) => Analysis::Rekey { scope: key::scope(stmt, &self.tables), rekey: Box::new(r) },
-                Err(why) => Analysis::Refused(why),
-            };
+        if let Some(a) = self.write_analysis(stmt) {
+            return a;
         }
         let home = key::relations(stmt)
             .iter()
@@ -109,6 +104,73 @@ impl ShardRouter {
                 Analysis::Scope { scope, read, insert, home, merge }
             }
             scope => Analysis::Scope { scope, read, insert, home, merge: None },
+        }
+    }
+
+    /// A sharded table a statement the parser cannot read names (a word
+    /// of its text, folded as PostgreSQL folds names).
+    fn sharded_word(&self, sql: &str) -> Option<String> {
+        use sqlparser::tokenizer::{Token, Tokenizer};
+        let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().unwrap_or_default();
+        tokens.into_iter().find_map(|t| match t {
+            Token::Word(w) => {
+                let name = if w.quote_style.is_some() { w.value } else { w.value.to_lowercase() };
+                self.tables.tables.contains_key(&name).then_some(name)
+            }
+            _ => None,
+        })
+    }
+
+    /// What a write is when its target decides it: a change of a reference
+    /// table (every shard), an UPDATE that moves rows to the shard of
+    /// their new key, or one of the writes refused across shards.
+    fn write_analysis(&self, stmt: &sqlparser::ast::Statement) -> Option<Analysis> {
+        if let Some(t) = key::write_target(stmt).filter(|t| self.tables.reference.contains(t)) {
+            if self.allow_cross_shard_writes {
+                return Some(Analysis::Everywhere);
+            }
+            return Some(Analysis::Refused(format!(
+                "{t} is a reference table (the same rows on every shard): change it on each shard directly \
+                 (or set allow_cross_shard_writes)"
+            )));
+        }
+        if let Some((table, key)) = key::sets_key(stmt, &self.tables) {
+            return Some(match super::rekey::Rekey::new(stmt, table, key) {
+                Ok(r) => Analysis::Rekey { scope: key::scope(stmt, &self.tables), rekey: Box::new(r) },
+                Err(why) => Analysis::Refused(why),
+            });
+        }
+        if key::conflict_sets_key(stmt, &self.tables) {
+            return Some(Analysis::Refused(
+                "an INSERT ... ON CONFLICT DO UPDATE that sets the shard key is not supported across shards \
+                 (the row would stay on the shard of its old key): UPDATE it on its own"
+                    .into(),
+            ));
+        }
+        if let Some(read) = key::insert_select(stmt) {
+            if let Some(why) = self.insert_select_refused(stmt, &read) {
+                return Some(Analysis::Refused(why.into()));
+            }
+        }
+        None
+    }
+
+    /// Why an `INSERT ... SELECT` into a sharded table cannot run, if it
+    /// cannot: its rows go to the shard of the constant key its select
+    /// list gives them, so it may read only reference tables (the same
+    /// rows on every shard).
+    fn insert_select_refused(&self, stmt: &sqlparser::ast::Statement, read: &[String]) -> Option<&'static str> {
+        let into_sharded = key::write_target(stmt).is_some_and(|t| self.tables.tables.contains_key(&t));
+        // (Scope::Columns: the key's place is read first, then asked again.)
+        let keyed =
+            matches!(key::scope(stmt, &self.tables), Scope::Keys { .. } | Scope::Made { .. } | Scope::Columns(_));
+        let reference_only = read.iter().all(|t| self.tables.reference.contains(t));
+        match (into_sharded, keyed && reference_only) {
+            (true, false) => Some(
+                "an INSERT ... SELECT into a sharded table needs its shard key as a constant (or $n) of the \
+                 select list, and may read reference tables only",
+            ),
+            _ => None,
         }
     }
 

@@ -130,11 +130,7 @@ pub fn sets_key(stmt: &Statement, tables: &impl Tables) -> Option<(String, Strin
     let Statement::Update(u) = stmt else { return None };
     let table = write_target(stmt)?;
     let (key, _) = tables.sharded(&table)?;
-    let assigns = u.assignments.iter().any(|a| match &a.target {
-        sqlparser::ast::AssignmentTarget::ColumnName(c) => last_ident(c) == key,
-        sqlparser::ast::AssignmentTarget::Tuple(cs) => cs.iter().any(|c| last_ident(c) == key),
-    });
-    assigns.then(|| (table, key.to_string()))
+    assigns(&u.assignments, key).then(|| (table, key.to_string()))
 }
 
 /// The scope of one statement.
@@ -195,8 +191,79 @@ fn insert_keys(i: &sqlparser::ast::Insert, tables: &impl Tables) -> Result<Optio
             None => Err(Scope::Columns(table)),
         };
     };
-    let Some(SetExpr::Values(values)) = i.source.as_ref().map(|s| s.body.as_ref()) else { return Ok(None) };
-    Ok(values.rows.iter().map(|row| row.get(at).and_then(value)).collect())
+    let mut body = i.source.as_ref().map(|s| s.body.as_ref());
+    while let Some(SetExpr::Query(q)) = body {
+        body = Some(q.body.as_ref());
+    }
+    Ok(match body {
+        Some(SetExpr::Values(values)) => values.rows.iter().map(|row| row.get(at).and_then(value)).collect(),
+        // INSERT ... SELECT: every row has the key the select list gives
+        // it as a constant (see [`insert_select`]).
+        Some(SetExpr::Select(s)) => selected_key(s, at).map(|k| vec![k]),
+        _ => None,
+    })
+}
+
+/// The constant the `at`-th item of a select list is, if it is one (and
+/// no wildcard before it hides its place).
+fn selected_key(s: &sqlparser::ast::Select, at: usize) -> Option<KeyExpr> {
+    use sqlparser::ast::SelectItem;
+    match s.projection.get(..=at)? {
+        [.., SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. }]
+            if s.projection[..at]
+                .iter()
+                .all(|i| matches!(i, SelectItem::UnnamedExpr(_) | SelectItem::ExprWithAlias { .. })) =>
+        {
+            value(e)
+        }
+        _ => None,
+    }
+}
+
+/// The tables an `INSERT ... SELECT` reads, when it is one (functions in
+/// its `FROM`, such as `generate_series`, are not tables): its rows are
+/// made on the shard their key (a constant of the select list) names,
+/// which must hold every table they are read from.
+pub fn insert_select(stmt: &Statement) -> Option<Vec<String>> {
+    let Statement::Insert(i) = stmt else { return None };
+    let source = i.source.as_ref()?;
+    if matches!(source.body.as_ref(), SetExpr::Values(_)) {
+        return None;
+    }
+    let mut tables = FromTables(Vec::new());
+    let _ = source.visit(&mut tables);
+    Some(tables.0)
+}
+
+/// The tables (not functions) of `FROM` clauses, unqualified, folded.
+struct FromTables(Vec<String>);
+
+impl Visitor for FromTables {
+    type Break = ();
+    fn pre_visit_table_factor(&mut self, factor: &sqlparser::ast::TableFactor) -> ControlFlow<()> {
+        if let sqlparser::ast::TableFactor::Table { name, args: None, .. } = factor {
+            self.0.push(last_ident(name));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Whether an `INSERT ... ON CONFLICT DO UPDATE` into a sharded table
+/// assigns its shard key (the row would stay on the shard of its old key).
+pub fn conflict_sets_key(stmt: &Statement, tables: &impl Tables) -> bool {
+    use sqlparser::ast::{OnConflictAction, OnInsert};
+    let Statement::Insert(i) = stmt else { return false };
+    let Some(OnInsert::OnConflict(c)) = &i.on else { return false };
+    let OnConflictAction::DoUpdate(u) = &c.action else { return false };
+    write_target(stmt).and_then(|t| tables.sharded(&t).map(|(key, _)| assigns(&u.assignments, key))) == Some(true)
+}
+
+/// Whether `assignments` (of an UPDATE or a DO UPDATE) set column `key`.
+fn assigns(assignments: &[sqlparser::ast::Assignment], key: &str) -> bool {
+    assignments.iter().any(|a| match &a.target {
+        sqlparser::ast::AssignmentTarget::ColumnName(c) => last_ident(c) == key,
+        sqlparser::ast::AssignmentTarget::Tuple(cs) => cs.iter().any(|c| last_ident(c) == key),
+    })
 }
 
 fn is_key(e: &Expr, key_cols: &[&str]) -> bool {
@@ -306,6 +373,19 @@ mod tests {
             scope_of("INSERT INTO users (name, id) VALUES ('a', 1), ('b', $1)"),
             Scope::Keys { map: 0, keys: vec![KeyExpr::Lit("1".into()), KeyExpr::Param(1)] }
         );
+        assert_eq!(scope_of("INSERT INTO users (name, id) SELECT 'a', 7"), Scope::Keys { map: 0, keys: lits(&["7"]) });
+        assert_eq!(scope_of("INSERT INTO users (id) SELECT id FROM users"), Scope::All { map: 0 });
+        assert_eq!(
+            scope_of("INSERT INTO users (id) (SELECT $1)"),
+            Scope::Keys { map: 0, keys: vec![KeyExpr::Param(1)] }
+        );
+        let read = |sql| insert_select(&Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap()[0]);
+        assert_eq!(
+            read("INSERT INTO t SELECT * FROM a JOIN generate_series(1, 2) g ON true, b"),
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(read("INSERT INTO t VALUES (1)"), None);
+        assert_eq!(scope_of("INSERT INTO users (name, id) SELECT *, 7 FROM x"), Scope::All { map: 0 });
         assert_eq!(
             scope_of("SELECT * FROM users JOIN orders ON orders.user_id = users.id WHERE users.id = 5"),
             Scope::Keys { map: 0, keys: lits(&["5"]) }

@@ -10,11 +10,13 @@
 //!   `GROUP BY` of select-list columns, are combined per group; `avg` (of
 //!   integers and numeric) from each shard's `sum` and `count`, divided as
 //!   PostgreSQL divides (see [`super::numeric`]);
+//! - `count(DISTINCT x)`: the shards group by `x` as well, the merge
+//!   combines the groups of each `x` across shards, then counts them;
 //! - `DISTINCT` and `DISTINCT ON` keep the first row of each distinct
 //!   value after the merge's order;
 //! - `HAVING` (comparisons of aggregates with numbers) is applied to the
 //!   merged groups (`merge/having.rs`);
-//! - anything else (window functions, set operations, `count(DISTINCT)`,
+//! - anything else (window functions, set operations, `sum(DISTINCT)`,
 //!   float sums and averages) is refused: never a wrong answer.
 //!
 //! Here: what a plan is, and the rows combined by it ([`finish`]). The
@@ -37,11 +39,21 @@ pub enum Agg {
     Group,
     Count,
     Sum,
-    /// `min` / `max`; `true`: of text under `COLLATE "C"` (bytewise).
-    Min(bool),
-    Max(bool),
+    /// `min` / `max`, of text under this collation.
+    Min(Collation),
+    Max(Collation),
     /// `avg`: from the partial `sum` at this column and `count` after it.
     Avg(usize),
+    /// `count(DISTINCT x)`: each shard also groups by `x` (the column
+    /// marked [`Agg::DistinctArg`]), so that this column is 1 or 0 (`x`
+    /// null) per group and `x`; the merge combines the rows of each group
+    /// and `x` first, then counts them per group.
+    CountDistinct,
+    /// The `x` of `count(DISTINCT x)`, appended to the select list and to
+    /// the shards' `GROUP BY`.
+    DistinctArg,
+    /// A value equal on every row combined (the merge's own first stage).
+    First,
 }
 
 /// A sort key: output column (by position or by name) and direction.
@@ -50,8 +62,33 @@ pub struct SortKey {
     pub column: ColumnRef,
     pub desc: bool,
     pub nulls_first: bool,
-    /// `COLLATE "C"`: text compares bytewise.
-    pub bytewise: bool,
+    /// How text compares.
+    pub collation: Collation,
+}
+
+/// How text compares in a sort key or in `min` / `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collation {
+    /// No `COLLATE`: the database's, bytewise when the shards' database
+    /// collation is C or POSIX and no column has another (see
+    /// `ShardRouter::text_bytewise`).
+    Default,
+    /// `COLLATE "C"` or `"POSIX"`: bytewise.
+    Bytewise,
+    /// Another collation, named: not merged here.
+    Other,
+}
+
+impl Collation {
+    /// Whether text compares bytewise, given whether the database's
+    /// default collation does.
+    pub fn bytewise(self, default_bytewise: bool) -> bool {
+        match self {
+            Collation::Default => default_bytewise,
+            Collation::Bytewise => true,
+            Collation::Other => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,19 +120,42 @@ pub struct MergePlan {
     pub shards: Option<Vec<usize>>,
 }
 
+impl MergePlan {
+    /// Whether the merge compares text under the database's collation
+    /// (whose order it needs to know).
+    pub fn default_collation(&self) -> bool {
+        self.order.iter().any(|k| k.collation == Collation::Default)
+            || self
+                .aggs
+                .iter()
+                .flatten()
+                .any(|a| matches!(a, Agg::Min(Collation::Default) | Agg::Max(Collation::Default)))
+    }
+}
+
+/// Why text that does not compare bytewise is not merged.
+const TEXT_ORDER: &str =
+    "ORDER BY across shards on text needs the C collation (COLLATE \"C\", or a C/POSIX database): pgmux merges bytewise";
+
 fn refuse<T>(why: &str) -> Result<T, String> {
     Err(why.to_string())
 }
 
 /// Combine the shards' rows (each shard's in its own order) into the
-/// answer. `cols` from the RowDescription.
-pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> Result<Vec<Row>, String> {
+/// answer. `cols` from the RowDescription; `default_bytewise`: whether
+/// text without `COLLATE` compares bytewise on the shards.
+pub fn finish(
+    plan: &MergePlan,
+    cols: &[(String, u32, i16)],
+    shards: Vec<Vec<Row>>,
+    default_bytewise: bool,
+) -> Result<Vec<Row>, String> {
     if shards.iter().flatten().any(|r| r.len() != cols.len()) {
         return refuse("shards returned rows of different widths");
     }
-    let keys = sort_columns(plan, cols)?;
+    let keys = sort_columns(plan, cols, default_bytewise)?;
     let mut rows: Vec<Row> = match &plan.aggs {
-        Some(aggs) => combine(aggs, cols, shards)?,
+        Some(aggs) => combine(aggs, cols, shards, default_bytewise)?,
         None => shards.into_iter().flatten().collect(),
     };
     if let Some(h) = &plan.having {
@@ -130,10 +190,15 @@ pub fn finish(plan: &MergePlan, cols: &[(String, u32, i16)], shards: Vec<Vec<Row
 
 /// The output column of each sort key, checked comparable in its type
 /// and format.
-fn sort_columns<'a>(plan: &'a MergePlan, cols: &[(String, u32, i16)]) -> Result<Vec<(usize, &'a SortKey)>, String> {
+fn sort_columns<'a>(
+    plan: &'a MergePlan,
+    cols: &[(String, u32, i16)],
+    default_bytewise: bool,
+) -> Result<Vec<(usize, &'a SortKey)>, String> {
     plan.order
         .iter()
         .map(|k| {
+            let bytewise = k.collation.bytewise(default_bytewise);
             let i = match &k.column {
                 ColumnRef::Position(i) => Some(*i),
                 ColumnRef::Hidden(h) => Some(cols.len().saturating_sub(plan.hidden) + h),
@@ -146,12 +211,12 @@ fn sort_columns<'a>(plan: &'a MergePlan, cols: &[(String, u32, i16)]) -> Result<
                 }
             };
             match i {
-                Some(i) if i < cols.len() && cols[i].2 == 1 && values::comparable_binary(cols[i].1, k.bytewise) => {
+                Some(i) if i < cols.len() && cols[i].2 == 1 && values::comparable_binary(cols[i].1, bytewise) => {
                     Ok((i, k))
                 }
-                Some(i) if i < cols.len() && cols[i].2 == 0 && values::comparable(cols[i].1, k.bytewise) => Ok((i, k)),
-                Some(_) if k.bytewise => refuse("ORDER BY across shards on a column of this type is not supported"),
-                Some(_) => refuse("ORDER BY across shards on text needs COLLATE \"C\" (pgmux merges bytewise)"),
+                Some(i) if i < cols.len() && cols[i].2 == 0 && values::comparable(cols[i].1, bytewise) => Ok((i, k)),
+                Some(_) if bytewise => refuse("ORDER BY across shards on a column of this type is not supported"),
+                Some(_) => refuse(TEXT_ORDER),
                 None => refuse("ORDER BY across shards must name select-list columns"),
             }
         })
@@ -235,35 +300,101 @@ fn compare(col: &(String, u32, i16), a: &[u8], b: &[u8]) -> Ordering {
 }
 
 /// Aggregate rows of all shards per group.
-fn combine(aggs: &[Agg], cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> Result<Vec<Row>, String> {
+fn combine(
+    aggs: &[Agg],
+    cols: &[(String, u32, i16)],
+    shards: Vec<Vec<Row>>,
+    default_bytewise: bool,
+) -> Result<Vec<Row>, String> {
     if aggs.len() != cols.len() {
         return refuse("result columns do not match the select list");
     }
     for (a, c) in aggs.iter().zip(cols) {
-        let binary = c.2 == 1;
-        match a {
-            Agg::Avg(_) if c.1 != oid::NUMERIC => {
-                return refuse("avg() across shards of floating-point values is not exact; cast to numeric")
+        check_type(*a, c, default_bytewise)?;
+    }
+    let rows = shards.into_iter().flatten();
+    let mut groups = if aggs.contains(&Agg::DistinctArg) {
+        // First one row per group and distinct value, then per group.
+        let per_value: Vec<Agg> = aggs
+            .iter()
+            .map(|a| match a {
+                Agg::DistinctArg => Agg::Group,
+                Agg::CountDistinct => Agg::First,
+                a => *a,
+            })
+            .collect();
+        let per_group: Vec<Agg> = aggs
+            .iter()
+            .map(|a| match a {
+                Agg::DistinctArg => Agg::First,
+                Agg::CountDistinct => Agg::Count,
+                a => *a,
+            })
+            .collect();
+        let values = group(&per_value, cols, rows)?;
+        let mut groups = group(&per_group, cols, values.into_iter())?;
+        if groups.is_empty() && !aggs.contains(&Agg::Group) {
+            // No GROUP BY of the client's, no rows: the one row of counts 0.
+            groups.push(aggs.iter().zip(cols).map(|(a, c)| empty_aggregate(*a, c)).collect());
+        }
+        groups
+    } else {
+        group(aggs, cols, rows)?
+    };
+    if groups.is_empty() && !aggs.contains(&Agg::Group) {
+        return refuse("an aggregate over no shard rows");
+    }
+    for row in &mut groups {
+        for (i, a) in aggs.iter().enumerate() {
+            if let Agg::Avg(at) = a {
+                row[i] = average(cols, row, *at, cols[i].2 == 1)?;
             }
-            Agg::Sum if !matches!(c.1, oid::INT8 | oid::NUMERIC) => {
-                return refuse("sum() across shards of floating-point values is not exact; cast to numeric")
-            }
-            Agg::Count if binary && c.1 != oid::INT8 => return refuse("count() of this type is not supported"),
-            Agg::Min(b) | Agg::Max(b) if binary && !values::comparable_binary(c.1, *b) => {
-                return refuse("min()/max() across shards of this type is not supported")
-            }
-            Agg::Min(b) | Agg::Max(b) if !binary && !values::comparable(c.1, *b) => {
-                return refuse("min()/max() across shards of this type is not supported")
-            }
-            Agg::Group if !groupable(c.1) => {
-                return refuse("GROUP BY across shards on a column of this type is not supported")
-            }
-            _ => {}
         }
     }
+    Ok(groups)
+}
+
+/// Refused when a column of this type and format cannot be combined so.
+fn check_type(a: Agg, c: &(String, u32, i16), default_bytewise: bool) -> Result<(), String> {
+    let binary = c.2 == 1;
+    match a {
+        Agg::Avg(_) if c.1 != oid::NUMERIC => {
+            refuse("avg() across shards of floating-point values is not exact; cast to numeric")
+        }
+        Agg::Sum if !matches!(c.1, oid::INT8 | oid::NUMERIC) => {
+            refuse("sum() across shards of floating-point values is not exact; cast to numeric")
+        }
+        Agg::Count | Agg::CountDistinct if binary && c.1 != oid::INT8 => {
+            refuse("count() of this type is not supported")
+        }
+        Agg::Min(b) | Agg::Max(b) if binary && !values::comparable_binary(c.1, b.bytewise(default_bytewise)) => {
+            refuse("min()/max() across shards of this type is not supported")
+        }
+        Agg::Min(b) | Agg::Max(b) if !binary && !values::comparable(c.1, b.bytewise(default_bytewise)) => {
+            refuse("min()/max() across shards of this type is not supported")
+        }
+        Agg::Group if !groupable(c.1) => refuse("GROUP BY across shards on a column of this type is not supported"),
+        Agg::DistinctArg if !groupable(c.1) => {
+            refuse("count(DISTINCT) across shards of a value of this type is not supported")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What an aggregate over no rows is: 0 for counts, else NULL.
+fn empty_aggregate(a: Agg, c: &(String, u32, i16)) -> Option<Vec<u8>> {
+    match (a, c.2 == 1) {
+        (Agg::Count | Agg::CountDistinct, true) => Some(0i64.to_be_bytes().to_vec()),
+        (Agg::Count | Agg::CountDistinct, false) => Some(b"0".to_vec()),
+        _ => None,
+    }
+}
+
+/// Rows combined per value of their `Group` columns.
+fn group(aggs: &[Agg], cols: &[(String, u32, i16)], rows: impl Iterator<Item = Row>) -> Result<Vec<Row>, String> {
     let mut groups: Vec<Row> = Vec::new();
     let mut index: std::collections::HashMap<Vec<Option<Vec<u8>>>, usize> = std::collections::HashMap::new();
-    for row in shards.into_iter().flatten() {
+    for row in rows {
         let key: Vec<Option<Vec<u8>>> =
             aggs.iter().zip(&row).filter(|(a, _)| **a == Agg::Group).map(|(_, v)| v.clone()).collect();
         let Some(&g) = index.get(&key) else {
@@ -275,22 +406,12 @@ fn combine(aggs: &[Agg], cols: &[(String, u32, i16)], shards: Vec<Vec<Row>>) -> 
         for (i, a) in aggs.iter().enumerate() {
             let (x, y) = (acc[i].take(), row.get(i).cloned().flatten());
             acc[i] = match (a, x, y) {
-                (Agg::Group | Agg::Avg(_), x, _) => x,
+                (Agg::Group | Agg::Avg(_) | Agg::First | Agg::DistinctArg, x, _) => x,
                 (_, None, y) | (_, y @ Some(_), None) => y,
-                (Agg::Count | Agg::Sum, Some(x), Some(y)) => Some(add(&cols[i], &x, &y)?),
+                (Agg::Count | Agg::CountDistinct | Agg::Sum, Some(x), Some(y)) => Some(add(&cols[i], &x, &y)?),
                 (Agg::Min(_), Some(x), Some(y)) => Some(if compare(&cols[i], &y, &x).is_lt() { y } else { x }),
                 (Agg::Max(_), Some(x), Some(y)) => Some(if compare(&cols[i], &y, &x).is_gt() { y } else { x }),
             };
-        }
-    }
-    if groups.is_empty() && !aggs.contains(&Agg::Group) {
-        return refuse("an aggregate over no shard rows");
-    }
-    for row in &mut groups {
-        for (i, a) in aggs.iter().enumerate() {
-            if let Agg::Avg(at) = a {
-                row[i] = average(cols, row, *at, cols[i].2 == 1)?;
-            }
         }
     }
     Ok(groups)

@@ -2,11 +2,13 @@
 //! on every shard, in one transaction across them unless PostgreSQL runs
 //! them only outside one), and the sharded tables' columns in order (and
 //! whether `pgmux_next_id` makes their key), read from a shard's catalog
-//! for an INSERT or COPY without a column list or key and kept until a
-//! schema change through pgmux (a reload starts afresh).
+//! for an INSERT or COPY without a column list or key, and whether text
+//! compares bytewise there (C/POSIX database collation, no column of
+//! another) for a merge that orders text; kept until a schema change
+//! through pgmux (a reload starts afresh).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sqlparser::ast::{ObjectType, Statement};
@@ -107,11 +109,13 @@ type Table = (Arc<[String]>, bool);
 /// Sharded tables' columns in order, by folded name, whether their key is
 /// made by `pgmux_next_id` (see [`super::ids`]), and a count of the schema
 /// changes seen (routers drop what they derived from the schema when it
-/// moves).
+/// moves), and whether text compares bytewise on every shard.
 #[derive(Default)]
 pub struct Columns {
     tables: Mutex<HashMap<String, Table>>,
     changes: AtomicU64,
+    /// 0: not known yet; 1: no; 2: yes.
+    bytewise: AtomicU8,
 }
 
 impl Columns {
@@ -131,6 +135,7 @@ impl Columns {
     /// The schema changed: forget every table's columns.
     pub fn changed(&self) {
         self.tables.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.bytewise.store(0, Ordering::Relaxed);
         self.changes.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -139,6 +144,17 @@ impl Columns {
         self.changes.load(Ordering::Relaxed)
     }
 }
+
+/// Whether text without `COLLATE` compares bytewise in this database: its
+/// collation is libc's C or POSIX, and no column or domain outside the
+/// system schemas has another.
+const BYTEWISE_SQL: &str = "SELECT (SELECT coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') = 'c' \
+     AND d.datcollate IN ('C', 'POSIX') FROM pg_database d WHERE d.datname = current_database()) \
+     AND NOT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+     WHERE a.attcollation NOT IN (0, 100, 950, 951) AND NOT a.attisdropped \
+     AND c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)) \
+     AND NOT EXISTS (SELECT 1 FROM pg_type t WHERE t.typcollation NOT IN (0, 100, 950, 951) \
+     AND t.typnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace))";
 
 /// `table`'s columns in order with their defaults, from the catalog of
 /// the shard behind `pool`.
@@ -186,6 +202,31 @@ impl super::ShardRouter {
             columns.iter().any(|(c, d)| Some(c.as_str()) == key && d.as_deref().is_some_and(super::ids::made_by_pgmux));
         self.tables.columns.put(table, columns.into_iter().map(|(c, _)| c).collect(), made);
         self.tables.columns.get(table).ok_or_else(|| super::feature("pgmux: no columns"))
+    }
+
+    /// Whether text without `COLLATE` compares bytewise on the shards of
+    /// `conns` (asked of them once, then known until a schema change).
+    /// Not known (a query failed): no.
+    pub async fn text_bytewise(&self, conns: &mut [(usize, crate::backend::pool::Checkout)]) -> bool {
+        let known = &self.tables.columns.bytewise;
+        match known.load(Ordering::Relaxed) {
+            1 => return false,
+            2 => return true,
+            _ => {}
+        }
+        for (_, c) in conns.iter_mut() {
+            match c.conn().query_rows(BYTEWISE_SQL).await {
+                Ok(rows)
+                    if rows.iter().filter_map(|r| super::merge::parse_row(r)).all(|r| r == [Some(b"t".to_vec())]) => {}
+                Ok(_) => {
+                    known.store(1, Ordering::Relaxed);
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
+        known.store(2, Ordering::Relaxed);
+        true
     }
 
     /// The schema changed (through pgmux): what every router of the

@@ -123,6 +123,7 @@ impl Session {
         request: &[u8],
     ) -> Result<(BytesMut, Vec<Row>, Vec<u8>), PgError> {
         let mut conns = self.shard_conns(sh, plan.shards.as_deref(), true).await?;
+        let bytewise = plan.default_collation() && sh.text_bytewise(&mut conns).await;
         let answers = self.ask_each(&mut conns, |_| request).await;
         let mut desc: Option<BytesMut> = None;
         let mut stmt_desc = Vec::new();
@@ -158,7 +159,7 @@ impl Session {
             .ok_or_else(|| PgError::error(sqlstate::PROTOCOL_VIOLATION, "pgmux: bad RowDescription"))?;
         let parsed: Vec<Vec<Row>> =
             shards_rows.into_iter().map(|rows| rows.iter().filter_map(|r| merge::parse_row(r)).collect()).collect();
-        let rows = merge::finish(plan, &cols, parsed)
+        let rows = merge::finish(plan, &cols, parsed, bytewise)
             .map_err(|why| PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, format!("pgmux: {why}")))?;
         if plan.hidden == 0 {
             return Ok((desc, rows, stmt_desc));

@@ -103,7 +103,7 @@ fn number(e: &Expr) -> Option<String> {
 }
 
 /// The output column of an operand: a select-list item, or an aggregate
-/// appended (count, sum, min, max).
+/// appended (count, count(DISTINCT), sum, min, max).
 fn column(e: &Expr, cols: &mut Columns) -> Result<usize, String> {
     let text = e.to_string();
     if let Some(i) = cols.exprs.iter().position(|t| *t == text) {
@@ -112,17 +112,10 @@ fn column(e: &Expr, cols: &mut Columns) -> Result<usize, String> {
     if let Some(i) = cols.appended.iter().position(|(item, _)| item.to_string() == text) {
         return Ok(cols.first_appended + i);
     }
-    let Expr::Function(f) = e else { return unsupported() };
-    let agg = match f.name.to_string().to_lowercase().as_str() {
-        "count" => Agg::Count,
-        "sum" => Agg::Sum,
-        "min" => Agg::Min(false),
-        "max" => Agg::Max(false),
+    let agg = match (cols.aggregate)(e)? {
+        Some(a @ (Agg::Count | Agg::CountDistinct | Agg::Sum | Agg::Min(_) | Agg::Max(_))) => a,
         _ => return unsupported(),
     };
-    if (cols.aggregate)(e)?.is_none() {
-        return unsupported();
-    }
     cols.appended.push((SelectItem::UnnamedExpr(e.clone()), agg));
     Ok(cols.first_appended + cols.appended.len() - 1)
 }

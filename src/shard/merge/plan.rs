@@ -1,17 +1,18 @@
 //! The merge plan of a read sent to every shard ([`plan`]): what the
 //! statement asks of the merge, step by step — aggregates (`avg` from
-//! partial sums and counts appended, hidden) and `GROUP BY`, `DISTINCT`
-//! and `DISTINCT ON`,
+//! partial sums and counts appended, hidden; `count(DISTINCT x)` from
+//! groups of `x` appended to the shards' `GROUP BY`) and `GROUP BY`,
+//! `DISTINCT` and `DISTINCT ON`,
 //! `ORDER BY` keys (sort keys the client did not select appended,
 //! hidden), `LIMIT` / `OFFSET` — and the statement each shard runs; or
 //! why it cannot be merged exactly.
 
 use sqlparser::ast::{
-    Distinct, Expr, FunctionArguments, GroupByExpr, LimitClause, OrderByKind, OrderBySort, Query, Select, SelectItem,
-    SetExpr, Statement, Value,
+    Distinct, DuplicateTreatment, Expr, FunctionArguments, GroupByExpr, LimitClause, OrderByKind, OrderBySort, Query,
+    Select, SelectItem, SetExpr, Statement, Value,
 };
 
-use super::{having, refuse, Agg, ColumnRef, MergePlan, SortKey};
+use super::{having, refuse, Agg, Collation, ColumnRef, MergePlan, SortKey};
 
 fn number(e: &Expr) -> Option<u64> {
     match e {
@@ -51,6 +52,19 @@ pub fn plan(stmt: &Statement, sql: &str) -> Result<MergePlan, String> {
             Some(h)
         }
     };
+    if let Some(x) = distinct_argument(select, having_expr.as_ref())? {
+        // count(DISTINCT x): each shard groups by x as well, and the
+        // merge counts the groups of x (see `Agg::DistinctArg`).
+        if let SetExpr::Select(s) = q.body.as_mut() {
+            if let GroupByExpr::Expressions(g, _) = &mut s.group_by {
+                g.push(x.clone());
+            }
+        }
+        partials.push(SelectItem::UnnamedExpr(x));
+        if let Some(aggs) = aggs.as_mut() {
+            aggs.push(Agg::DistinctArg);
+        }
+    }
     let distinct = match &select.distinct {
         None => None,
         Some(_) if aggs.is_some() => return refuse("DISTINCT with aggregates across shards is not supported"),
@@ -154,6 +168,55 @@ fn aggregates(select: &Select) -> Result<Aggregates, String> {
     Ok((exprs, Some(out), partials))
 }
 
+/// The one `x` of the `count(DISTINCT x)` calls in the select list and
+/// `HAVING`, if any; refused when they count different expressions.
+fn distinct_argument(select: &Select, having: Option<&Expr>) -> Result<Option<Expr>, String> {
+    let mut found: Option<Expr> = None;
+    let mut visit = |e: &Expr| -> Result<(), String> {
+        let Some(x) = counted_distinct(e) else { return Ok(()) };
+        match &found {
+            Some(f) if f.to_string() != x.to_string() => {
+                refuse("count(DISTINCT) of different expressions across shards is not supported")
+            }
+            _ => {
+                found = Some(x);
+                Ok(())
+            }
+        }
+    };
+    for item in &select.projection {
+        if let SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } = item {
+            visit(e)?;
+        }
+    }
+    if let Some(h) = having {
+        let mut stack = vec![h];
+        while let Some(e) = stack.pop() {
+            match e {
+                Expr::BinaryOp { left, right, .. } => stack.extend([left.as_ref(), right.as_ref()]),
+                Expr::UnaryOp { expr, .. } | Expr::Nested(expr) => stack.push(expr),
+                e => visit(e)?,
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// `x` when `e` is `count(DISTINCT x)`.
+fn counted_distinct(e: &Expr) -> Option<Expr> {
+    let Expr::Function(f) = e else { return None };
+    let FunctionArguments::List(args) = &f.args else { return None };
+    if !f.name.to_string().eq_ignore_ascii_case("count")
+        || args.duplicate_treatment != Some(DuplicateTreatment::Distinct)
+    {
+        return None;
+    }
+    match args.args.as_slice() {
+        [sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(x))] => Some(x.clone()),
+        _ => None,
+    }
+}
+
 /// The aggregate call `e` with its function renamed `name` (same
 /// arguments).
 fn renamed(e: &Expr, name: &str) -> Expr {
@@ -181,9 +244,9 @@ fn sort_keys(
     let Some(ob) = &q.order_by else { return Ok((order, hidden)) };
     let OrderByKind::Expressions(items) = &ob.kind else { return refuse("ORDER BY ALL is not supported") };
     for item in items {
-        let (expr, bytewise) = match &item.expr {
-            Expr::Collate { expr, collation } => (expr.as_ref(), collation.to_string().trim_matches('"') == "C"),
-            e => (e, false),
+        let (expr, collation) = match &item.expr {
+            Expr::Collate { expr, collation } => (expr.as_ref(), named(&collation.to_string())),
+            e => (e, collation_of(&e.to_string())),
         };
         let column = if let Some(n) = number(expr) {
             let n = usize::try_from(n).map_err(|_| "ORDER BY position out of range".to_string())?;
@@ -213,7 +276,7 @@ fn sort_keys(
             _ => false,
         };
         let nulls_first = item.options.nulls_first.unwrap_or(desc);
-        order.push(SortKey { column, desc, nulls_first, bytewise });
+        order.push(SortKey { column, desc, nulls_first, collation });
     }
     Ok((order, hidden))
 }
@@ -292,12 +355,12 @@ fn aggregate(e: &Expr) -> Result<Option<Agg>, String> {
         };
     };
     let name = f.name.to_string().to_lowercase();
-    let bytewise = f.args.to_string().to_ascii_uppercase().replace(' ', "").ends_with("COLLATE\"C\")");
+    let collation = collation_of(&f.args.to_string());
     let agg = match name.as_str() {
         "count" => Agg::Count,
         "sum" => Agg::Sum,
-        "min" => Agg::Min(bytewise),
-        "max" => Agg::Max(bytewise),
+        "min" => Agg::Min(collation),
+        "max" => Agg::Max(collation),
         "avg" => Agg::Avg(0),
         "stddev" | "variance" | "array_agg" | "string_agg" | "json_agg" | "jsonb_agg" | "bool_and" | "bool_or"
         | "every" | "percentile_cont" | "percentile_disc" | "mode" => {
@@ -312,11 +375,37 @@ fn aggregate(e: &Expr) -> Result<Option<Agg>, String> {
         return refuse("FILTER / WITHIN GROUP across shards is not supported");
     }
     if let FunctionArguments::List(args) = &f.args {
-        if args.duplicate_treatment.is_some() {
-            return refuse("DISTINCT aggregates across shards are not supported");
+        match (args.duplicate_treatment, agg) {
+            (None | Some(DuplicateTreatment::All), _) => {}
+            // The smallest distinct value is the smallest value.
+            (Some(_), Agg::Min(_) | Agg::Max(_)) => {}
+            (Some(_), Agg::Count) if counted_distinct(e).is_some() => return Ok(Some(Agg::CountDistinct)),
+            (Some(_), _) => {
+                return refuse("DISTINCT aggregates across shards other than count(DISTINCT x) are not supported")
+            }
         }
     }
     Ok(Some(agg))
+}
+
+/// The collation `COLLATE name` names.
+fn named(name: &str) -> Collation {
+    match name.trim_matches('"') {
+        "C" | "POSIX" => Collation::Bytewise,
+        _ => Collation::Other,
+    }
+}
+
+/// The collation text in an expression's text compares under: the one a
+/// trailing `COLLATE` names, another when one is named inside it, else
+/// the database's.
+fn collation_of(text: &str) -> Collation {
+    let text = text.trim_end_matches(')');
+    match text.rfind(" COLLATE ") {
+        Some(at) if !text[..at].contains(" COLLATE ") => named(text[at + 9..].trim()),
+        Some(_) => Collation::Other,
+        None => Collation::Default,
+    }
 }
 
 fn contains_function(e: &Expr) -> bool {
