@@ -569,3 +569,93 @@ async fn moving_a_key_under_write_load_loses_and_duplicates_nothing() {
     assert_eq!(count(src), written.to_string(), "rows doubled by the rerun");
     p.stop().await;
 }
+
+/// Batches sent behind one another (pipelined) that run on one shard go
+/// on together on its connection; the answers are each batch's, in order,
+/// errors included, whichever shards the batches go to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_batches_for_one_shard_go_on_together() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use support::raw::{self, Raw};
+    let _serial = SERIAL.lock().await;
+    let c = cluster();
+    let p = proxy(&c).await;
+    let (cl, reference) = (client(&p, "shop").await, client(&p, "ref").await);
+    let rows: Vec<String> = (1..=100).map(|id| format!("({id}, 'user{id}', {}, {id})", id % 7)).collect();
+    for row in &rows {
+        let sql = format!("INSERT INTO users VALUES {row}");
+        for cl in [&cl, &reference] {
+            cl.simple_query(&sql).await.unwrap_or_else(|e| panic!("{}", text(&e)));
+        }
+    }
+    let on = |s: usize| (1..=100i64).filter(move |&i| shard_of(i) == s);
+    let sh = p.proxy.sharding("shop").unwrap();
+    let checkouts = |i: usize| sh.backends[i].primary.stats.checkouts.load(Relaxed);
+
+    // 20 keyed Queries for shard 0 in one write (an INSERT and a failing
+    // one among them): one checkout, each answer in its place.
+    let mut r = Raw::login(p.addr.port(), APP.0, APP.1, "shop", &[]).await;
+    let ids: Vec<i64> = on(0).take(20).collect();
+    let mut b = bytes::BytesMut::new();
+    for (n, id) in ids.iter().enumerate() {
+        let sql = match n {
+            7 => format!("SELECT 1 / (id - id) FROM users WHERE id = {id}"),
+            11 => format!("INSERT INTO users (id, name) VALUES ({}, 'new') RETURNING id", id + 1000),
+            _ => format!("SELECT id FROM users WHERE id = {id}"),
+        };
+        pgmux::protocol::messages::query(&mut b, &sql);
+    }
+    let before = checkouts(0);
+    r.send(&b).await;
+    for (n, id) in ids.iter().enumerate() {
+        let (rows, errors) = raw::rows_and_errors(&r.until_ready().await);
+        match n {
+            7 => assert!(errors.len() == 1 && errors[0].starts_with("22012"), "{errors:?}"),
+            11 => assert_eq!(rows, [(id + 1000).to_string()]),
+            _ => assert_eq!((rows, errors), (vec![id.to_string()], vec![])),
+        }
+    }
+    assert!(checkouts(0) - before <= 2, "{} checkouts for 20 pipelined batches", checkouts(0) - before);
+    assert_eq!(
+        c.psql(&c.primary, "shop", &format!("SELECT count(*) FROM users WHERE id = {}", ids[11] + 1000)).unwrap(),
+        "1"
+    );
+    reference.simple_query(&format!("INSERT INTO users (id, name) VALUES ({}, 'new')", ids[11] + 1000)).await.unwrap();
+
+    // Extended batches alternating between the shards (unnamed and named
+    // statements): every answer the one database gives.
+    let mixed: Vec<i64> = on(0).zip(on(1)).flat_map(|(a, b)| [a, b]).take(30).collect();
+    let mut b = bytes::BytesMut::new();
+    raw::parse(&mut b, "byid", "SELECT name FROM users WHERE id = $1");
+    raw::sync(&mut b);
+    for (n, id) in mixed.iter().enumerate() {
+        let id = id.to_string();
+        if n % 3 == 0 {
+            raw::parse(&mut b, "", "SELECT name FROM users WHERE id = $1");
+            raw::bind(&mut b, "", "", &[Some(&id)]);
+        } else {
+            raw::bind(&mut b, "", "byid", &[Some(&id)]);
+        }
+        raw::execute(&mut b, "", 0);
+        raw::sync(&mut b);
+    }
+    r.send(&b).await;
+    r.until_ready().await;
+    for id in &mixed {
+        let (rows, errors) = raw::rows_and_errors(&r.until_ready().await);
+        assert_eq!((rows, errors), (vec![format!("user{id}")], vec![]), "id {id}");
+    }
+
+    // tokio-postgres pipelines concurrent queries on one client.
+    let queries = (1..=100i64).map(|id| {
+        let cl = &cl;
+        async move { cl.query_one("SELECT name, score FROM users WHERE id = $1", &[&id]).await }
+    });
+    let got = futures_util::future::join_all(queries).await;
+    for (id, row) in (1..=100i64).zip(got) {
+        let row = row.unwrap_or_else(|e| panic!("{}", text(&e)));
+        let want = reference.query_one("SELECT name, score FROM users WHERE id = $1", &[&id]).await.unwrap();
+        assert_eq!((row.get::<_, String>(0), row.get::<_, i32>(1)), (want.get(0), want.get(1)));
+    }
+    p.stop().await;
+}

@@ -94,7 +94,7 @@ async fn transactions_spanning_shards_commit_all_or_nothing() {
     let p = support::start_proxy(&config(&c)).await;
     let cl = client(&p, "shop").await;
     let other = client(&p, "shop").await;
-    let (a, b) = ids(12);
+    let (a, b) = ids(14);
 
     // Committed on both shards; invisible to others until then; a read
     // without a key inside the transaction sees its own writes.
@@ -124,6 +124,25 @@ async fn transactions_spanning_shards_commit_all_or_nothing() {
     assert_eq!(code(&after), "25P02", "{}", text(&after));
     cl.simple_query("COMMIT").await.unwrap();
     assert_eq!(user_count(&c, &[a[3]]), ["0", "0"]);
+
+    // The client's own BEGIN on every shard joined (the first runs it
+    // alone; the next send it with their first statement).
+    cl.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ").await.unwrap();
+    cl.simple_query(&format!("INSERT INTO users (id, name) VALUES ({}, 'a')", a[13])).await.unwrap();
+    cl.simple_query(&format!("INSERT INTO users (id, name) VALUES ({}, 'b')", b[13])).await.unwrap();
+    let level =
+        format!("SELECT current_setting('transaction_isolation') FROM users WHERE id IN ({}, {})", a[13], b[13]);
+    let levels = cl.simple_query(&level).await.unwrap();
+    let levels: Vec<&str> = levels
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(levels, ["repeatable read", "repeatable read"]);
+    cl.simple_query("COMMIT").await.unwrap();
+    assert_eq!(user_count(&c, &[a[13], b[13]]), ["1", "1"]);
 
     // A deferred constraint that fails at PREPARE on shard 1: shard 0's
     // part (prepared first) is rolled back too.
@@ -168,7 +187,7 @@ async fn transactions_spanning_shards_commit_all_or_nothing() {
     // A write to every shard inside a transaction, rolled back.
     cl.simple_query("BEGIN").await.unwrap();
     cl.simple_query("UPDATE users SET name = 'changed'").await.unwrap();
-    assert_eq!(scalar(&cl, "SELECT count(*) FROM users WHERE name = 'changed'").await, "4");
+    assert_eq!(scalar(&cl, "SELECT count(*) FROM users WHERE name = 'changed'").await, "6");
     cl.simple_query("ROLLBACK").await.unwrap();
     assert_eq!(on_shards(&c, "SELECT count(*) FROM users WHERE name = 'changed'"), ["0", "0"]);
 

@@ -403,7 +403,9 @@ impl Checkout {
             // that breaks from now on is found at its next checkout.)
             let stale = conn.generation != self.pool.generation.load(Ordering::Relaxed)
                 || self.pool.retired.load(Ordering::Relaxed);
-            if stale || conn.created.elapsed() >= self.pool.settings.lifetime || !conn.rbuf.is_empty() {
+            // (A BEGIN of pgmux's own sent ahead and not settled: neither.)
+            let clean = conn.rbuf.is_empty() && matches!(conn.ahead, crate::backend::server::Ahead::None);
+            if stale || conn.created.elapsed() >= self.pool.settings.lifetime || !clean {
                 self.pool.forget(conn);
                 return;
             }

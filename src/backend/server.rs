@@ -111,7 +111,14 @@ pub struct ServerConn {
     pub status: TxStatus,
     /// The pool's generation when it opened (RECONNECT closes older ones).
     pub generation: u64,
+    /// pgmux's own `BEGIN` for a part of a transaction across shards: sent
+    /// with the next request ([`ServerConn::send`]) rather than a round
+    /// trip before it, and answered first ([`ServerConn::settle`]).
+    pub ahead: Ahead,
 }
+
+mod ahead;
+pub use ahead::Ahead;
 
 impl ServerConn {
     /// Open a connection and log in.
@@ -148,6 +155,7 @@ impl ServerConn {
             last_used: now,
             status: TxStatus::Idle,
             generation: 0,
+            ahead: Ahead::None,
         };
         tokio::time::timeout(timeout, conn.startup(login)).await.map_err(|_| ServerError::ConnectTimeout(name))??;
         // What the server starts with is its default, not a setting.
@@ -282,7 +290,8 @@ impl ServerConn {
     pub async fn run_expecting(&mut self, sql: &str, status: TxStatus) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
         msg::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        self.send(&out).await?;
+        self.settle().await?;
         self.drain_expecting(1, status).await
     }
 
@@ -291,7 +300,8 @@ impl ServerConn {
     pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<BytesMut>, ServerError> {
         let mut out = BytesMut::new();
         msg::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        self.send(&out).await?;
+        self.settle().await?;
         let (mut rows, mut err) = (Vec::new(), None);
         loop {
             match self.read_message().await? {

@@ -314,25 +314,18 @@ fn combine(
     }
     let rows = shards.into_iter().flatten();
     let mut groups = if aggs.contains(&Agg::DistinctArg) {
-        // First one row per group and distinct value, then per group.
-        let per_value: Vec<Agg> = aggs
-            .iter()
-            .map(|a| match a {
-                Agg::DistinctArg => Agg::Group,
-                Agg::CountDistinct => Agg::First,
+        // First one row per group and distinct value, then per group: the
+        // plan with x and its count combined as given.
+        let stage = |arg: Agg, counted: Agg| -> Vec<Agg> {
+            let each = |a: &Agg| match a {
+                Agg::DistinctArg => arg,
+                Agg::CountDistinct => counted,
                 a => *a,
-            })
-            .collect();
-        let per_group: Vec<Agg> = aggs
-            .iter()
-            .map(|a| match a {
-                Agg::DistinctArg => Agg::First,
-                Agg::CountDistinct => Agg::Count,
-                a => *a,
-            })
-            .collect();
-        let values = group(&per_value, cols, rows)?;
-        let mut groups = group(&per_group, cols, values.into_iter())?;
+            };
+            aggs.iter().map(each).collect()
+        };
+        let values = group(&stage(Agg::Group, Agg::First), cols, rows)?;
+        let mut groups = group(&stage(Agg::First, Agg::Count), cols, values.into_iter())?;
         if groups.is_empty() && !aggs.contains(&Agg::Group) {
             // No GROUP BY of the client's, no rows: the one row of counts 0.
             groups.push(aggs.iter().zip(cols).map(|(a, c)| empty_aggregate(*a, c)).collect());

@@ -36,12 +36,19 @@ pub(super) struct Multi {
     /// A savepoint was set: it exists on the shards joined so far only,
     /// so no other shard may join.
     pub savepoint: bool,
+    /// `begin` is known to begin a transaction (pgmux's own, or it did on
+    /// a shard): it may go with a part's first request instead of a round
+    /// trip before it — a BEGIN that failed would leave that request
+    /// outside the transaction.
+    pub begins: bool,
 }
 
 impl Multi {
     /// Boxed: a session keeps room only for a pointer to this rare state.
     pub fn new(begin: impl Into<String>) -> Box<Multi> {
-        Box::new(Multi { begin: begin.into(), conns: Vec::new(), failed: false, savepoint: false })
+        let begin = begin.into();
+        let begins = begin.eq_ignore_ascii_case("BEGIN");
+        Box::new(Multi { begin, conns: Vec::new(), failed: false, savepoint: false, begins })
     }
 }
 
@@ -109,6 +116,17 @@ impl Session {
     /// `BEGIN` if new); otherwise a new connection, from a replica for a
     /// read where the shard's routing allows.
     pub(super) async fn shard_conn(&mut self, sh: &ShardRouter, i: usize, read: bool) -> Result<Checkout, PgError> {
+        let mut c = self.shard_conn_ahead(sh, i, read).await?;
+        if let Err(e) = c.conn().settle().await {
+            put_back(c);
+            return Err(server_error(e));
+        }
+        Ok(c)
+    }
+
+    /// [`Session::shard_conn`], a new part's `BEGIN` queued to go with its
+    /// first request when the transaction's `BEGIN` is known to work.
+    async fn shard_conn_ahead(&mut self, sh: &ShardRouter, i: usize, read: bool) -> Result<Checkout, PgError> {
         let Some(m) = self.multi_mut() else {
             self.use_shard(sh, i);
             let target = match (&sh.backends[i].routing, read) {
@@ -133,7 +151,7 @@ impl Session {
             )
             .with_hint("Set savepoints after every shard the transaction uses has been used."));
         }
-        let begin = m.begin.clone();
+        let (begin, ahead) = (m.begin.clone(), m.begins);
         let (mut c, _) = {
             self.use_shard(sh, i);
             let target = match &sh.backends[i].routing {
@@ -142,9 +160,13 @@ impl Session {
             };
             self.checkout(Some(target), Decision::Write).await?
         };
-        if let Err(e) = c.conn().run_expecting(&begin, TxStatus::InBlock).await {
+        if ahead {
+            c.conn().begin_ahead(&begin);
+        } else if let Err(e) = c.conn().run_expecting(&begin, TxStatus::InBlock).await {
             put_back(c);
             return Err(server_error(e));
+        } else if let Some(m) = self.multi_mut() {
+            m.begins = true;
         }
         self.tracker.reset(TxStatus::InBlock);
         Ok(c)
@@ -159,9 +181,31 @@ impl Session {
         only: Option<&[usize]>,
         read: bool,
     ) -> Result<Vec<(usize, Checkout)>, PgError> {
+        let mut conns = self.shard_conns_ahead(sh, only, read).await?;
+        // The parts' BEGINs answered together.
+        let settled = futures_util::future::join_all(conns.iter_mut().map(|(_, c)| c.conn().settle())).await;
+        if let Some(e) = settled.into_iter().find_map(Result::err) {
+            self.fail_multi();
+            for (i, c) in conns {
+                self.give_back(i, c, TxStatus::InBlock);
+            }
+            return Err(server_error(e));
+        }
+        Ok(conns)
+    }
+
+    /// [`Session::shard_conns`], new parts' `BEGIN`s queued to go with
+    /// their first request ([`ServerConn::send`], answered first by
+    /// [`ServerConn::settle`]).
+    pub(super) async fn shard_conns_ahead(
+        &mut self,
+        sh: &ShardRouter,
+        only: Option<&[usize]>,
+        read: bool,
+    ) -> Result<Vec<(usize, Checkout)>, PgError> {
         let mut conns = Vec::new();
         for i in (0..sh.backends.len()).filter(|i| only.is_none_or(|s| s.contains(i))) {
-            match self.shard_conn(sh, i, read).await {
+            match self.shard_conn_ahead(sh, i, read).await {
                 Ok(c) => conns.push((i, c)),
                 Err(e) => {
                     for (i, c) in conns {

@@ -33,6 +33,9 @@ pub(super) struct Stretch {
     /// The client bytes sent so far, while no byte of the answer reached
     /// the client (None: a lost server connection ends the session).
     pub replay: Option<super::route::Replay>,
+    /// The connection is its shard's primary (not a replica's): batches
+    /// for the shard may be pipelined on it.
+    pub primary: bool,
 }
 
 impl Session {
@@ -111,6 +114,7 @@ impl Session {
         st.held = false;
         let outstanding =
             self.tracker.flight.pending > 0 && !self.tracker.flight.unsynced && !self.tracker.flight.copy_in;
+        let (hold, mut pipelined) = self.holding_back((st.pinned, st.primary), outstanding);
         let mut guard = self.shard_guard();
         let track = self.track;
         let tracker = &mut self.tracker;
@@ -120,15 +124,16 @@ impl Session {
         let slow_log = self.account.slow_log();
         let needs_body = |t: u8| (track && t != b'd') || ((txn_mode || slow_log) && matches!(t, b'Q' | b'P'));
         let mut notes = ClientNotes::default();
-        // Sharded: one batch at a time (the next may belong to another
-        // shard and is routed after this one's transaction ends).
-        let hold = self.sharding.is_some() && txn_mode && !st.pinned;
         // A batch still unanswered counts as this call's first.
         let mut batch_done = hold && outstanding;
         let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
-            if hold && batch_done && matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'F' | b'H') {
-                notes.held = true;
-                return Flow::Stop;
+            if hold && batch_done && super::pipeline::starts_batch(tag) {
+                if pipelined == 0 {
+                    notes.held = true;
+                    return Flow::Stop;
+                }
+                pipelined -= 1;
+                batch_done = false;
             }
             batch_done |= matches!(tag, b'Q' | b'S');
             if let Some(stop) = refused_message(tag) {
@@ -372,7 +377,7 @@ struct ClientNotes {
     statement: Option<String>,
     /// How the relay ends after these messages, if it does.
     stop: Option<Relayed>,
-    /// A batch was held back (sharded: one batch at a time).
+    /// A batch was held back (sharded: routed after the one in flight).
     held: bool,
 }
 

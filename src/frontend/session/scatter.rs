@@ -122,7 +122,7 @@ impl Session {
         plan: &MergePlan,
         request: &[u8],
     ) -> Result<(BytesMut, Vec<Row>, Vec<u8>), PgError> {
-        let mut conns = self.shard_conns(sh, plan.shards.as_deref(), true).await?;
+        let mut conns = self.shard_conns_ahead(sh, plan.shards.as_deref(), true).await?;
         let bytewise = plan.default_collation() && sh.text_bytewise(&mut conns).await;
         let answers = self.ask_each(&mut conns, |_| request).await;
         let mut desc: Option<BytesMut> = None;
@@ -222,7 +222,7 @@ impl Session {
             let request = request(*i);
             async move {
                 let conn = c.conn();
-                conn.stream.write_all(request).await?;
+                conn.send(request).await?;
                 read_any_answer(conn).await
             }
         });
@@ -393,6 +393,7 @@ pub(super) async fn read_any_answer(
         status: TxStatus::Idle,
     };
     let mut statement_next = false;
+    conn.settle().await?;
     loop {
         let (tag, body) = conn.read_message().await?;
         let whole = || {

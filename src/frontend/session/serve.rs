@@ -223,7 +223,8 @@ impl Session {
         // (the client is idle: transaction mode, no open transaction pgmux
         // holds for it).
         let kept = self.mode == PoolMode::Transaction && self.multi().is_none() && !deferred;
-        let stretch = Stretch { replay: (replica.is_some() || kept).then(route::Replay::new), ..Default::default() };
+        let replay = (replica.is_some() || kept).then(route::Replay::new);
+        let stretch = Stretch { replay, primary: replica.is_none(), ..Default::default() };
         self.account.start(server.pool());
         Step::Relay(Box::new(Attached { server, stretch, replica, decision, kept, may_retry }))
     }

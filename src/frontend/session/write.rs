@@ -201,7 +201,7 @@ impl Session {
         shards: &[usize],
         requests: &[BytesMut],
     ) -> Vec<Result<Answer, PgError>> {
-        match self.shard_conns(sh, Some(shards), false).await {
+        match self.shard_conns_ahead(sh, Some(shards), false).await {
             Ok(mut conns) => {
                 let request = |i: usize| shards.iter().position(|&s| s == i).map_or(&[][..], |at| &requests[at][..]);
                 self.ask_each(&mut conns, request).await

@@ -1,0 +1,90 @@
+//! Pipelining on a sharded session: a batch the client sent behind the one
+//! in flight goes on to the same server connection at once, without
+//! waiting for the answer before it, when it surely runs on that
+//! connection's shard — every statement it runs is keyed to that shard
+//! (and the connection is the shard's primary, which serves reads and
+//! writes alike). Any other batch waits, as before, and is routed anew
+//! once the batches before it are answered.
+
+use super::guard::bind_params;
+use super::Session;
+use crate::protocol::frame::{first_message, HEADER_LEN};
+use crate::protocol::messages::split_nul as cstr;
+use crate::protocol::statements::Statement;
+use crate::shard::ShardTarget;
+
+/// A client message that starts a batch (a lone Sync does not).
+pub(super) fn starts_batch(tag: u8) -> bool {
+    matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'F' | b'H')
+}
+
+impl Session {
+    /// Whether batches behind the one in flight are held back (sharded,
+    /// transaction mode: the next may belong to another shard and is
+    /// routed once this one's transaction ends), and how many of them go
+    /// on all the same. `outstanding`: a whole batch is in flight;
+    /// `pinned`, `primary`: the connection's (see `relay::Stretch`).
+    pub(super) fn holding_back(&mut self, (pinned, primary): (bool, bool), outstanding: bool) -> (bool, usize) {
+        let hold = self.sharding.is_some() && self.mode == crate::config::PoolMode::Transaction && !pinned;
+        match hold && primary && self.multi().is_none() {
+            true => (hold, self.pipelined(!outstanding)),
+            false => (hold, 0),
+        }
+    }
+
+    /// How many whole batches at the front of the buffer may go on now,
+    /// pipelined: after the first (`skip_first`: it is the batch this
+    /// connection serves; else it is already sent), each batch until one
+    /// that may not. Batches are counted as the relay counts them: from a
+    /// message that starts one to its Sync, or a Query.
+    pub(super) fn pipelined(&mut self, skip_first: bool) -> usize {
+        let Some(sh) = self.sharding.clone() else { return 0 };
+        let Session { rbuf, stmts, wanted, resolved, shard_at, .. } = self;
+        let session_shard = wanted.get("pgmux.shard").map(String::as_str);
+        let here = |t: Result<ShardTarget, _>| matches!(t, Ok(ShardTarget::One(i)) if i == *shard_at);
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        // Statements parsed by the batches looked at (the unnamed one too).
+        let mut parsed: Vec<(&[u8], String)> = Vec::new();
+        let (mut rest, mut first, mut started, mut n): (&[u8], bool, bool, usize) = (rbuf, skip_first, false, 0);
+        while let Some((tag, body)) = first_message(rest) {
+            rest = &rest[HEADER_LEN + body.len()..];
+            let ends = matches!(tag, b'Q' | b'S');
+            if first {
+                first = !ends;
+                continue;
+            }
+            started |= starts_batch(tag);
+            let fits = match tag {
+                b'Q' => here(sh.route(&text(cstr(body).0), &[], session_shard, resolved)),
+                b'P' => {
+                    let (name, after) = cstr(body);
+                    parsed.push((name, text(cstr(after).0)));
+                    true
+                }
+                b'B' => {
+                    let name = cstr(cstr(body).1).0;
+                    let sql = match parsed.iter().rev().find(|(n, _)| *n == name) {
+                        Some((_, sql)) => Some(sql.clone()),
+                        // The unnamed statement of an earlier batch: not known here.
+                        None if name.is_empty() => None,
+                        None => std::str::from_utf8(name)
+                            .ok()
+                            .and_then(|n| Statement::lookup(stmts, n))
+                            .map(|s| text(s.query())),
+                    };
+                    sql.is_some_and(|sql| here(sh.route(&sql, &bind_params(body), session_shard, resolved)))
+                }
+                b'D' | b'E' | b'C' | b'S' => true,
+                _ => false,
+            };
+            if !fits {
+                break;
+            }
+            if ends && started {
+                n += 1;
+                started = false;
+            }
+        }
+        n
+    }
+}
