@@ -235,6 +235,13 @@ make_shards() {
 \set aid random(1, 100000 * :scale)
 SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
 EOS
+    # Eight keyed reads in one pipeline (random keys: on both shards).
+    {
+        for i in 1 2 3 4 5 6 7 8; do echo "\\set a$i random(1, 100000 * :scale)"; done
+        echo '\startpipeline'
+        for i in 1 2 3 4 5 6 7 8; do echo "SELECT abalance FROM pgbench_accounts WHERE aid = :a$i;"; done
+        echo '\endpipeline'
+    } >"$WORK/pipeline.sql"
     # Four rows with random keys: over 2 shards nearly always both.
     cat >"$WORK/insert.sql" <<'EOS'
 \set a random(1, 4000000000000)
@@ -566,6 +573,8 @@ summary() {
     if [[ "$SHARDS" == 2 ]]; then
         printf 'sharded   pgmux over 2 shards / pgmux one database = %sx   (keyed reads, both shards on one server: the cost of routing by key)\n' \
             "$(ratio "$(lookup_tps pgmux+shards sharded)" "$(lookup_tps pgmux sharded)")"
+        printf 'pipeline  pgmux over 2 shards / pgmux one database = %sx   (8 keyed reads per pipeline, extended: batches for the shard in flight go on together)\n' \
+            "$(ratio "$(lookup_tps pgmux+shards pipeline)" "$(lookup_tps pgmux pipeline)")"
         printf 'insert    pgmux over 2 shards / pgmux one database = %sx   (4-row INSERTs cut per shard, each a transaction across both shards; no 2PC)\n' \
             "$(ratio "$(lookup_tps pgmux+shards insert)" "$(lookup_tps pgmux insert)")"
     fi
@@ -644,6 +653,10 @@ main() {
         CURRENT_MODE=sharded
         run_pgbench "pgmux" "$PGMUX_PORT" bench -f "$WORK/keyed.sql" -D "scale=$SCALE" -M simple
         run_pgbench "pgmux+shards" "$PGMUX_PORT" bench_sharded -f "$WORK/keyed.sql" -D "scale=$SCALE" -M simple
+        # The same keyed reads, eight to a pipeline (extended protocol).
+        CURRENT_MODE=pipeline
+        run_pgbench "pgmux" "$PGMUX_PORT" bench -f "$WORK/pipeline.sql" -D "scale=$SCALE" -M extended
+        run_pgbench "pgmux+shards" "$PGMUX_PORT" bench_sharded -f "$WORK/pipeline.sql" -D "scale=$SCALE" -M extended
         # Multi-row INSERTs: one database vs cut over two shards.
         CURRENT_MODE=insert
         run_pgbench "pgmux" "$PGMUX_PORT" bench -f "$WORK/insert.sql" -M simple

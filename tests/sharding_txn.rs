@@ -304,3 +304,80 @@ async fn recovery_settles_prepared_transactions_left_behind() {
     c.psql(s1, "shop", "ROLLBACK PREPARED 'pgmux_00000000000000a3_0_1'").unwrap();
     p.stop().await;
 }
+
+/// The tags of the replies up to ReadyForQuery, and the status it gives.
+async fn tags(r: &mut support::raw::Raw) -> (String, u8) {
+    let msgs = r.until_ready().await;
+    let status = msgs.last().map_or(0, |m| m.1[0]);
+    (msgs.iter().map(|m| m.0 as char).collect(), status)
+}
+
+/// One extended batch (one Sync) of statements for both shards — a JDBC
+/// batch, a pgbench pipeline: each statement on its key's shard, one
+/// transaction across them, the replies in the batch's order; an error
+/// anywhere rolls all of it back, as PostgreSQL's implicit transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_statements_for_several_shards_run_each_on_its_own() {
+    use support::raw::{self, Raw};
+    let c = cluster();
+    let p = support::start_proxy(&config(&c)).await;
+    let (a, b) = ids(6);
+    for db in ["shop", "loose"] {
+        c.psql(&c.primary, "shop", "TRUNCATE users").unwrap();
+        c.psql(&c.extra_primaries[0], "shop", "TRUNCATE users").unwrap();
+        let mut r = Raw::login(p.addr.port(), APP.0, APP.1, db, &[]).await;
+        let insert = "INSERT INTO users (id, name) VALUES ($1, $2) RETURNING id";
+        // Unnamed statements, a Describe of each portal.
+        let mut m = bytes::BytesMut::new();
+        for (n, id) in [a[0], b[0], a[1], b[1]].iter().enumerate() {
+            let (id, name) = (id.to_string(), format!("n{n}"));
+            raw::parse(&mut m, "", insert);
+            raw::bind(&mut m, "", "", &[Some(&id), Some(&name)]);
+            raw::describe_portal(&mut m, "");
+            raw::execute(&mut m, "", 0);
+        }
+        raw::sync(&mut m);
+        r.send(&m).await;
+        let msgs = r.until_ready().await;
+        let got: String = msgs.iter().map(|m| m.0 as char).collect();
+        assert_eq!(got, "12TDC".repeat(4) + "Z", "{db}: {:?}", raw::rows_and_errors(&msgs));
+        assert_eq!(raw::rows_and_errors(&msgs).0, [a[0], b[0], a[1], b[1]].map(|i| i.to_string()));
+        assert_eq!(user_count(&c, &[a[0], b[0], a[1], b[1]]), ["2", "2"], "{db}");
+        // A named statement prepared first, then bound in a batch; a
+        // duplicate key in the third: nothing of the batch stays, the
+        // replies stop at the error.
+        let mut m = bytes::BytesMut::new();
+        raw::parse(&mut m, "ins", insert);
+        raw::sync(&mut m);
+        r.send(&m).await;
+        assert_eq!(tags(&mut r).await, ("1Z".into(), b'I'));
+        let mut m = bytes::BytesMut::new();
+        for id in [a[2], b[2], b[0], a[3]] {
+            raw::bind(&mut m, "", "ins", &[Some(&id.to_string()), Some("x")]);
+            raw::execute(&mut m, "", 0);
+        }
+        raw::sync(&mut m);
+        r.send(&m).await;
+        let msgs = r.until_ready().await;
+        let got: String = msgs.iter().map(|m| m.0 as char).collect();
+        assert_eq!(got, "2DC2DC2EZ", "{db}");
+        assert!(raw::rows_and_errors(&msgs).1[0].starts_with("23505"), "{:?}", raw::rows_and_errors(&msgs));
+        assert_eq!(user_count(&c, &[a[2], b[2], a[3]]), ["0", "0"], "{db}: rolled back everywhere");
+        // Inside the client's transaction: part of it, committed with it.
+        r.query("BEGIN").await;
+        let mut m = bytes::BytesMut::new();
+        for id in [a[4], b[4]] {
+            raw::bind(&mut m, "", "ins", &[Some(&id.to_string()), Some("t")]);
+            raw::execute(&mut m, "", 0);
+        }
+        raw::sync(&mut m);
+        r.send(&m).await;
+        assert_eq!(tags(&mut r).await, ("2DC2DCZ".into(), b'T'));
+        assert_eq!(user_count(&c, &[a[4], b[4]]), ["0", "0"], "{db}: not before COMMIT");
+        assert_eq!(r.query("COMMIT").await, (vec![], vec![]));
+        assert_eq!(user_count(&c, &[a[4], b[4]]), ["1", "1"], "{db}");
+        // The statement is still the client's.
+        assert_eq!(r.run_prepared("ins").await.1.len(), 1, "{db}: no parameters: an error");
+    }
+    p.stop().await;
+}

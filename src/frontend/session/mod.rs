@@ -7,7 +7,7 @@
 //! deferred BEGIN, or a transaction across shards). The other files are
 //! what those steps call: `route.rs`
 //! (where a batch goes), `relay.rs` (the byte relay), `settings.rs`,
-//! `shard.rs` / `guard.rs` / `pipeline.rs` / `multi.rs` / `scatter.rs` / `write.rs` / `rekey.rs` /
+//! `shard.rs` / `guard.rs` / `pipeline.rs` / `spread.rs` / `multi.rs` / `scatter.rs` / `write.rs` / `rekey.rs` /
 //! `copy.rs` / `ids.rs` (sharding),
 //! `lost.rs` / `abandon.rs` (a lost server, a departed client),
 //! `welcome.rs`, `life.rs` (login to goodbye), `account.rs` (counting).
@@ -54,6 +54,7 @@ mod scatter;
 mod serve;
 mod settings;
 mod shard;
+mod spread;
 mod welcome;
 mod write;
 

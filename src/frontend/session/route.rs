@@ -83,6 +83,9 @@ pub(super) enum Plan {
     Rekey(Box<crate::shard::rekey::Rekey>, bool),
     /// The end of a transaction that may span shards (`true`: COMMIT).
     EndMulti(bool),
+    /// An extended-protocol batch of statements for several shards, each
+    /// run on its own in a transaction across them.
+    Spread(Box<super::spread::Spread>),
 }
 
 pub(super) fn command_reply(tag: &str, status: TxStatus) -> BytesMut {
@@ -213,6 +216,7 @@ impl Session {
                 | Plan::CopyIn(..)
                 | Plan::ScatterWrite { .. }
                 | Plan::EndMulti(_)
+                | Plan::Spread(_)
         );
         let going = match plan {
             Plan::Go { .. } => true,
@@ -231,6 +235,7 @@ impl Session {
                 Box::pin(self.across_shards(super::write::Across::Rekey(&rekey), extended)).await
             }
             Plan::EndMulti(commit) => Box::pin(self.end_multi(commit)).await,
+            Plan::Spread(spread) => Box::pin(self.run_spread(spread)).await,
         };
         if let (true, Some(sh)) = (spans, &self.sharding) {
             self.account.scatter(&sh.name, started, self.multi().is_none());
@@ -249,8 +254,12 @@ impl Session {
         if !matches!(rest.first(), Some(b'P' | b'B' | b'D' | b'C')) || rest.len() >= BATCH_WAIT_LIMIT {
             return false;
         }
+        // Where transactions may span shards, a batch of several
+        // statements is routed whole (see spread.rs): up to its Sync.
+        let whole = self.cross();
         while let Some((tag, body)) = first_message(rest) {
-            if !matches!(tag, b'P' | b'B' | b'D' | b'C') {
+            let waits = matches!(tag, b'P' | b'B' | b'D' | b'C') || (whole && tag == b'E');
+            if !waits {
                 return false;
             }
             rest = &rest[HEADER_LEN + body.len()..];

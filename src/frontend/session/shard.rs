@@ -51,6 +51,12 @@ impl Session {
                 }
             }
         }
+        if query.is_none() && self.cross() {
+            // Statements of one batch for several shards: each on its own.
+            if let Some(spread) = self.spread(sh) {
+                return Some(Plan::Spread(spread));
+            }
+        }
         let target = match self.batch_target(sh) {
             Ok(t) => t,
             Err(e) => return Some(Plan::Refuse(e)),
