@@ -646,6 +646,33 @@ async fn pipelined_batches_for_one_shard_go_on_together() {
         assert_eq!((rows, errors), (vec![format!("user{id}")], vec![]), "id {id}");
     }
 
+    // One batch (one Sync) of reads for both shards: each on its shard,
+    // the rows in the batch's order; of writes, refused (it would be a
+    // transaction across shards), nothing written.
+    let mut b = bytes::BytesMut::new();
+    for id in &mixed[..6] {
+        raw::bind(&mut b, "", "byid", &[Some(&id.to_string())]);
+        raw::execute(&mut b, "", 0);
+    }
+    raw::sync(&mut b);
+    r.send(&b).await;
+    let msgs = r.until_ready().await;
+    let want: Vec<String> = mixed[..6].iter().map(|id| format!("user{id}")).collect();
+    assert_eq!(raw::rows_and_errors(&msgs), (want, vec![]));
+    assert_eq!(msgs.iter().map(|m| m.0 as char).collect::<String>(), "2DC".repeat(6) + "Z");
+    let mut b = bytes::BytesMut::new();
+    raw::parse(&mut b, "", "INSERT INTO users (id, name) VALUES ($1, 'pipelined')");
+    for s in [0, 1] {
+        let id = (5000..).find(|&i| shard_of(i) == s).unwrap();
+        raw::bind(&mut b, "", "", &[Some(&id.to_string())]);
+        raw::execute(&mut b, "", 0);
+    }
+    raw::sync(&mut b);
+    r.send(&b).await;
+    let (_, errors) = raw::rows_and_errors(&r.until_ready().await);
+    assert!(errors.len() == 1 && errors[0].starts_with("0A000"), "{errors:?}");
+    assert_eq!(scalar(&cl, "SELECT count(*) FROM users WHERE name = 'pipelined'").await, "0");
+
     // tokio-postgres pipelines concurrent queries on one client.
     let queries = (1..=100i64).map(|id| {
         let cl = &cl;

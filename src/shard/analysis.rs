@@ -174,6 +174,11 @@ impl ShardRouter {
         }
     }
 
+    /// Whether `sql` only reads, as the router classifies it.
+    pub fn reads(&self, sql: &str) -> bool {
+        matches!(self.analysis(sql), Analysis::Scope { read: true, .. })
+    }
+
     /// The analysis of `sql`: cached by its text, or by its shape (literals
     /// blanked) with the key literals taken from this text by position.
     pub(super) fn analysis(&self, sql: &str) -> Analysis {

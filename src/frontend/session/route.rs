@@ -83,8 +83,7 @@ pub(super) enum Plan {
     Rekey(Box<crate::shard::rekey::Rekey>, bool),
     /// The end of a transaction that may span shards (`true`: COMMIT).
     EndMulti(bool),
-    /// An extended-protocol batch of statements for several shards, each
-    /// run on its own in a transaction across them.
+    /// An extended batch of statements for several shards (spread.rs).
     Spread(Box<super::spread::Spread>),
 }
 
@@ -245,7 +244,9 @@ impl Session {
 
     /// Whether routing waits for more of an extended-protocol batch: it is
     /// routed at its first Execute, Sync or Flush, when every Parse and
-    /// Bind before it can be classified (up to [`BATCH_WAIT_LIMIT`] bytes).
+    /// Bind before it can be classified (up to [`BATCH_WAIT_LIMIT`] bytes);
+    /// sharded, whole (spread.rs) unless nothing follows an Execute yet
+    /// (a COPY may wait for its answer before sending more).
     pub(super) fn batch_incomplete(&self) -> bool {
         if (self.routing.is_none() && self.sharding.is_none()) || self.mode != PoolMode::Transaction {
             return false;
@@ -254,17 +255,17 @@ impl Session {
         if !matches!(rest.first(), Some(b'P' | b'B' | b'D' | b'C')) || rest.len() >= BATCH_WAIT_LIMIT {
             return false;
         }
-        // Where transactions may span shards, a batch of several
-        // statements is routed whole (see spread.rs): up to its Sync.
-        let whole = self.cross();
+        let whole = self.sharding.is_some();
+        let mut executed = false;
         while let Some((tag, body)) = first_message(rest) {
             let waits = matches!(tag, b'P' | b'B' | b'D' | b'C') || (whole && tag == b'E');
             if !waits {
                 return false;
             }
+            executed = tag == b'E';
             rest = &rest[HEADER_LEN + body.len()..];
         }
-        true
+        !(executed && rest.is_empty())
     }
 
     pub(super) fn consume_first(&mut self) {

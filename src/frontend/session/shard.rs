@@ -51,7 +51,7 @@ impl Session {
                 }
             }
         }
-        if query.is_none() && self.cross() {
+        if query.is_none() {
             // Statements of one batch for several shards: each on its own.
             if let Some(spread) = self.spread(sh) {
                 return Some(Plan::Spread(spread));

@@ -1,13 +1,15 @@
 //! An extended-protocol batch of several statements (Bind/Execute pairs
 //! up to one Sync — a JDBC batch, asyncpg's `executemany`, a pgbench
-//! pipeline) whose statements belong to different shards, in a database
-//! whose transactions may span shards. The batch is one implicit
-//! transaction (or part of the client's), so each statement runs on its
-//! key's shard inside a transaction across shards — each shard's
-//! statements sent at once, in order, the shards in parallel — and the
-//! replies are given in the batch's order as one server gives them: up to
-//! the first error, then nothing until the Sync; committed at the Sync
-//! unless something failed (see [`super::multi`]).
+//! pipeline) whose statements belong to different shards. Each statement
+//! runs on its key's shard — each shard's statements sent at once, in
+//! order, the shards in parallel — and the replies are given in the
+//! batch's order as one server gives them: up to the first error, then
+//! nothing until the Sync. The batch is one implicit transaction (or part
+//! of the client's): where transactions may span shards it runs in one
+//! across them, committed at the Sync unless something failed (see
+//! [`super::multi`]). A batch of reads outside a transaction needs none:
+//! each shard's part is its own (no snapshot spans shards either way),
+//! also where transactions may not span shards.
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -34,6 +36,8 @@ pub(super) struct Spread {
     /// Each shard's messages: per statement an unnamed Parse, its Bind,
     /// the Describe of the portal if asked, the Execute.
     requests: Vec<(usize, BytesMut)>,
+    /// Every statement only reads.
+    reads: bool,
 }
 
 /// How pgmux answers one client message of the batch.
@@ -81,7 +85,7 @@ impl Session {
         }
         let Session { rbuf, stmts, wanted, resolved, .. } = self;
         let session_shard = wanted.get("pgmux.shard").map(String::as_str);
-        let mut s = Spread { len: 0, replies: Vec::new(), statements: Vec::new(), requests: Vec::new() };
+        let mut s = Spread { len: 0, replies: Vec::new(), statements: Vec::new(), requests: Vec::new(), reads: true };
         // Statements the batch parses: (name, Parse body after the name).
         let mut parsed: Vec<(&[u8], &[u8])> = Vec::new();
         let (mut rest, mut shard): (&[u8], Option<usize>) = (rbuf, None);
@@ -108,6 +112,7 @@ impl Session {
                     let Ok(ShardTarget::One(i)) = sh.route(&sql, &bind_params(body), session_shard, resolved) else {
                         return None;
                     };
+                    s.reads &= sh.reads(&sql);
                     let out = match s.requests.iter().position(|r| r.0 == i) {
                         Some(at) => &mut s.requests[at].1,
                         None => {
@@ -144,7 +149,9 @@ impl Session {
             };
             s.replies.push(reply);
         }
-        (s.requests.len() > 1).then(|| Box::new(s))
+        // Writes span shards only in a transaction across them.
+        let fits = self.cross() || (s.reads && self.between_transactions());
+        (s.requests.len() > 1 && fits).then(|| Box::new(s))
     }
 
     /// Run a batch taken apart by [`Session::spread`] and answer it.
@@ -152,7 +159,8 @@ impl Session {
     pub(super) async fn run_spread(&mut self, s: Box<Spread>) -> bool {
         let Some(sh) = self.sharding.clone() else { return false };
         bytes::Buf::advance(&mut self.rbuf, s.len);
-        let implicit = self.multi().is_none();
+        // Reads outside a transaction: each shard's part its own.
+        let implicit = self.multi().is_none() && !(s.reads && self.between_transactions());
         if implicit {
             self.txn = Txn::AcrossShards(super::multi::Multi::new("BEGIN"));
         }
@@ -185,7 +193,7 @@ impl Session {
     /// it ends nothing), read their answers; in the batch's order.
     async fn ask_spread(&mut self, sh: &ShardRouter, s: &Spread) -> Result<Vec<Answer>, PgError> {
         let shards: Vec<usize> = s.requests.iter().map(|r| r.0).collect();
-        let mut conns = self.shard_conns_ahead(sh, Some(&shards), false).await?;
+        let mut conns = self.shard_conns_ahead(sh, Some(&shards), s.reads).await?;
         let reads = conns.iter_mut().map(|(i, c)| {
             let mut request = s.requests.iter().find(|r| r.0 == *i).map(|r| r.1.clone()).unwrap_or_default();
             request.extend_from_slice(b"S\0\0\0\x04");
