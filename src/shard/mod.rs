@@ -13,6 +13,7 @@ pub mod directory;
 pub mod hash;
 pub mod ids;
 pub mod key;
+pub mod lex;
 pub mod map;
 pub mod merge;
 pub mod mover;

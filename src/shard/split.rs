@@ -5,13 +5,11 @@
 //! from `$1` and a map back to the client's parameters; or the same write
 //! for each of several shards.
 //!
-//! The text is cut on sqlparser's tokens (the parser's own lexer: strings,
-//! dollar quotes, comments and placeholders are what PostgreSQL sees), so
-//! nothing of the client's statement is re-printed.
+//! The text is cut on tokens found as PostgreSQL's scanner finds them
+//! ([`super::lex`]: strings, dollar quotes, comments and placeholders are
+//! single tokens), so nothing of the client's statement is re-printed.
 
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::keywords::Keyword;
-use sqlparser::tokenizer::{Token, Tokenizer};
+use super::lex::{self, Tok};
 
 /// One shard's part of a write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,36 +51,13 @@ impl Split {
 /// A token's text and what the split needs of it.
 struct Piece<'a> {
     text: &'a str,
-    token: Token,
+    token: Tok,
 }
 
 /// The statement's tokens with their text (whitespace and comments
 /// included, so the pieces put together are the statement).
 fn pieces(sql: &str) -> Result<Vec<Piece<'_>>, String> {
-    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
-        .tokenize_with_location()
-        .map_err(|e| format!("cannot split: {e}"))?;
-    // Locations are (line, column in characters), 1-based: walk the text
-    // alongside to find each token's byte offset.
-    let mut starts = Vec::with_capacity(tokens.len());
-    let (mut line, mut col, mut chars) = (1u64, 1u64, sql.char_indices().peekable());
-    for t in &tokens {
-        let want = (t.span.start.line, t.span.start.column);
-        while (line, col) < want {
-            match chars.next() {
-                Some((_, '\n')) => (line, col) = (line + 1, 1),
-                Some(_) => col += 1,
-                None => break,
-            }
-        }
-        starts.push(chars.peek().map_or(sql.len(), |(i, _)| *i));
-    }
-    let ends = starts.iter().skip(1).copied().chain(std::iter::once(sql.len()));
-    Ok(tokens
-        .into_iter()
-        .zip(starts.iter().zip(ends))
-        .map(|(t, (&s, e))| Piece { text: sql.get(s..e).unwrap_or_default(), token: t.token })
-        .collect())
+    Ok(lex::tokens(sql)?.into_iter().map(|(r, token)| Piece { text: &sql[r], token }).collect())
 }
 
 /// The cut of an `INSERT ... VALUES`: piece ranges of the head (up to and
@@ -93,8 +68,8 @@ struct Rows {
     tail: std::ops::Range<usize>,
 }
 
-fn is_blank(t: &Token) -> bool {
-    matches!(t, Token::Whitespace(_))
+fn is_blank(t: &Tok) -> bool {
+    *t == Tok::Blank
 }
 
 fn cut_rows(p: &[Piece]) -> Result<Rows, String> {
@@ -102,9 +77,9 @@ fn cut_rows(p: &[Piece]) -> Result<Rows, String> {
     let mut values = None;
     for (i, piece) in p.iter().enumerate() {
         match &piece.token {
-            Token::LParen | Token::LBracket => depth += 1,
-            Token::RParen | Token::RBracket => depth -= 1,
-            Token::Word(w) if depth == 0 && w.keyword == Keyword::VALUES && w.quote_style.is_none() => {
+            Tok::Open | Tok::OpenBracket => depth += 1,
+            Tok::Close | Tok::CloseBracket => depth -= 1,
+            Tok::Values if depth == 0 => {
                 values = Some(i);
                 break;
             }
@@ -117,21 +92,21 @@ fn cut_rows(p: &[Piece]) -> Result<Rows, String> {
     while i < p.len() {
         let t = &p[i].token;
         match t {
-            Token::LParen => {
+            Tok::Open => {
                 if depth == 0 {
                     start = Some(i);
                 }
                 depth += 1;
             }
-            Token::RParen => {
+            Tok::Close => {
                 depth -= 1;
                 if depth == 0 {
                     rows.push(start.take().unwrap_or(i)..i + 1);
                 }
             }
-            Token::LBracket => depth += 1,
-            Token::RBracket => depth -= 1,
-            Token::Comma if depth == 0 => {}
+            Tok::OpenBracket => depth += 1,
+            Tok::CloseBracket => depth -= 1,
+            Tok::Comma if depth == 0 => {}
             _ if depth == 0 && !is_blank(t) => break,
             _ => {}
         }
@@ -197,9 +172,9 @@ fn assemble(p: &[Piece], ranges: &[std::ops::Range<usize>]) -> (String, Vec<usiz
 }
 
 /// `$n` as a 0-based parameter index.
-fn placeholder(t: &Token) -> Option<usize> {
+fn placeholder(t: &Tok) -> Option<usize> {
     match t {
-        Token::Placeholder(s) => s.strip_prefix('$')?.parse::<usize>().ok()?.checked_sub(1),
+        Tok::Param(n) => n.checked_sub(1),
         _ => None,
     }
 }

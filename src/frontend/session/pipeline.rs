@@ -18,18 +18,49 @@ pub(super) fn starts_batch(tag: u8) -> bool {
     matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'F' | b'H')
 }
 
-impl Session {
-    /// Whether batches behind the one in flight are held back (sharded,
+/// Which of the client's messages the relay sends on now (see
+/// [`Gate::admit`]), and which of them the shard guard need not look at.
+pub(super) struct Gate {
+    /// Batches behind the one in flight are held back (sharded,
     /// transaction mode: the next may belong to another shard and is
-    /// routed once this one's transaction ends), and how many of them go
-    /// on all the same. `outstanding`: a whole batch is in flight;
-    /// `pinned`, `primary`: the connection's (see `relay::Stretch`).
-    pub(super) fn holding_back(&mut self, (pinned, primary): (bool, bool), outstanding: bool) -> (bool, usize) {
-        let hold = self.sharding.is_some() && self.mode == crate::config::PoolMode::Transaction && !pinned;
-        match hold && primary && self.multi().is_none() {
-            true => (hold, self.pipelined(!outstanding)),
-            false => (hold, 0),
+    /// routed once this one's transaction ends) ...
+    hold: bool,
+    /// ... but for this many, which go on all the same.
+    pipelined: usize,
+    /// The batch before the next message is whole (sent or in flight).
+    batch_done: bool,
+    /// The first statement is the one the batch was routed by.
+    routed: bool,
+    /// The current batch is a pipelined one (each statement vetted).
+    vetted_batch: bool,
+}
+
+impl Gate {
+    /// `None`: hold `tag`'s message back, with all after it; else whether
+    /// it is a statement routed already (the routed batch's first, any of
+    /// a pipelined batch).
+    pub(super) fn admit(&mut self, tag: u8) -> Option<bool> {
+        if self.hold && self.batch_done && starts_batch(tag) {
+            self.pipelined = self.pipelined.checked_sub(1)?;
+            self.batch_done = false;
+            self.vetted_batch = true;
         }
+        self.batch_done |= matches!(tag, b'Q' | b'S');
+        Some(matches!(tag, b'Q' | b'B') && (self.vetted_batch || std::mem::take(&mut self.routed)))
+    }
+}
+
+impl Session {
+    /// The gate of one forward of the client's messages. `outstanding`: a
+    /// whole batch is in flight (it counts as this forward's first).
+    pub(super) fn gate(&mut self, st: &mut super::relay::Stretch, outstanding: bool) -> Gate {
+        let hold = self.sharding.is_some() && self.mode == crate::config::PoolMode::Transaction && !st.pinned;
+        let pipelined = match hold && st.primary && self.multi().is_none() {
+            true => self.pipelined(!outstanding),
+            false => 0,
+        };
+        let routed = std::mem::take(&mut st.routed);
+        Gate { hold, pipelined, batch_done: hold && outstanding, routed, vetted_batch: false }
     }
 
     /// How many whole batches at the front of the buffer may go on now,

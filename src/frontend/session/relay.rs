@@ -36,6 +36,9 @@ pub(super) struct Stretch {
     /// The connection is its shard's primary (not a replica's): batches
     /// for the shard may be pipelined on it.
     pub primary: bool,
+    /// The batch at the front of the buffer was routed to this connection
+    /// (sharded): its first statement is known to belong here.
+    pub routed: bool,
 }
 
 impl Session {
@@ -114,7 +117,7 @@ impl Session {
         st.held = false;
         let outstanding =
             self.tracker.flight.pending > 0 && !self.tracker.flight.unsynced && !self.tracker.flight.copy_in;
-        let (hold, mut pipelined) = self.holding_back((st.pinned, st.primary), outstanding);
+        let mut gate = self.gate(st, outstanding);
         let mut guard = self.shard_guard();
         let track = self.track;
         let tracker = &mut self.tracker;
@@ -124,18 +127,11 @@ impl Session {
         let slow_log = self.account.slow_log();
         let needs_body = |t: u8| (track && t != b'd') || ((txn_mode || slow_log) && matches!(t, b'Q' | b'P'));
         let mut notes = ClientNotes::default();
-        // A batch still unanswered counts as this call's first.
-        let mut batch_done = hold && outstanding;
         let scanned = self.crelay.scan(&self.rbuf, MAX_MESSAGE_LEN, needs_body, |tag, body| {
-            if hold && batch_done && super::pipeline::starts_batch(tag) {
-                if pipelined == 0 {
-                    notes.held = true;
-                    return Flow::Stop;
-                }
-                pipelined -= 1;
-                batch_done = false;
-            }
-            batch_done |= matches!(tag, b'Q' | b'S');
+            let Some(vetted) = gate.admit(tag) else {
+                notes.held = true;
+                return Flow::Stop;
+            };
             if let Some(stop) = refused_message(tag) {
                 notes.stop = Some(stop);
                 return Flow::Stop;
@@ -143,7 +139,7 @@ impl Session {
             if tag == b'P' && track {
                 notes.created(body, cx.stmts);
             }
-            let veto = guard.as_mut().and_then(|g| g.check(tag, body, cx.stmts));
+            let veto = guard.as_mut().filter(|_| !vetted).and_then(|g| g.check(tag, body, cx.stmts));
             // The one pass over a statement's text (see sql::marks).
             let text = matches!(tag, b'Q' | b'P').then(|| statement_text(tag, body));
             // Only the tracker and transaction mode read the marks.

@@ -224,7 +224,8 @@ impl Session {
         // holds for it).
         let kept = self.mode == PoolMode::Transaction && self.multi().is_none() && !deferred;
         let replay = (replica.is_some() || kept).then(route::Replay::new);
-        let stretch = Stretch { replay, primary: replica.is_none(), ..Default::default() };
+        let routed = self.sharding.is_some() && self.mode == PoolMode::Transaction;
+        let stretch = Stretch { replay, primary: replica.is_none(), routed, ..Default::default() };
         self.account.start(server.pool());
         Step::Relay(Box::new(Attached { server, stretch, replica, decision, kept, may_retry }))
     }
