@@ -10,12 +10,24 @@ use super::guard::bind_params;
 use super::Session;
 use crate::protocol::frame::{first_message, HEADER_LEN};
 use crate::protocol::messages::split_nul as cstr;
-use crate::protocol::statements::Statement;
+use crate::protocol::statements::{ClientStatements, Statement};
 use crate::shard::ShardTarget;
 
 /// A client message that starts a batch (a lone Sync does not).
 pub(super) fn starts_batch(tag: u8) -> bool {
     matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'F' | b'H')
+}
+
+/// The Parse body (text, NUL, parameter types) of the statement a Bind of
+/// `name` binds: the last one `parsed` (name, body after it) of the
+/// messages looked at, else the client's statement of that name; `None`
+/// for an unnamed statement parsed before them.
+pub(super) fn bound<'a>(parsed: &[(&[u8], &'a [u8])], stmts: &'a ClientStatements, name: &[u8]) -> Option<&'a [u8]> {
+    match parsed.iter().rev().find(|(n, _)| *n == name) {
+        Some((_, body)) => Some(body),
+        None if name.is_empty() => None,
+        None => Some(Statement::lookup(stmts, std::str::from_utf8(name).ok()?)?.query_and_types()),
+    }
 }
 
 /// Which of the client's messages the relay sends on now (see
@@ -51,15 +63,16 @@ impl Gate {
 }
 
 impl Session {
-    /// The gate of one forward of the client's messages. `outstanding`: a
-    /// whole batch is in flight (it counts as this forward's first).
-    pub(super) fn gate(&mut self, st: &mut super::relay::Stretch, outstanding: bool) -> Gate {
-        let hold = self.sharding.is_some() && self.mode == crate::config::PoolMode::Transaction && !st.pinned;
-        let pipelined = match hold && st.primary && self.multi().is_none() {
+    /// The gate of one forward of the client's messages, on a connection
+    /// `pinned` or not, its shard's `primary` or not (see `relay::Stretch`),
+    /// the batch at the front `routed` to it or not. `outstanding`: a whole
+    /// batch is in flight (it counts as this forward's first).
+    pub(super) fn gate(&mut self, (pinned, primary): (bool, bool), routed: bool, outstanding: bool) -> Gate {
+        let hold = self.sharding.is_some() && self.mode == crate::config::PoolMode::Transaction && !pinned;
+        let pipelined = match hold && primary && self.multi().is_none() {
             true => self.pipelined(!outstanding),
             false => 0,
         };
-        let routed = std::mem::take(&mut st.routed);
         Gate { hold, pipelined, batch_done: hold && outstanding, routed, vetted_batch: false }
     }
 
@@ -75,7 +88,7 @@ impl Session {
         let here = |t: Result<ShardTarget, _>| matches!(t, Ok(ShardTarget::One(i)) if i == *shard_at);
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         // Statements parsed by the batches looked at (the unnamed one too).
-        let mut parsed: Vec<(&[u8], String)> = Vec::new();
+        let mut parsed: Vec<(&[u8], &[u8])> = Vec::new();
         let (mut rest, mut first, mut started, mut n): (&[u8], bool, bool, usize) = (rbuf, skip_first, false, 0);
         while let Some((tag, body)) = first_message(rest) {
             rest = &rest[HEADER_LEN + body.len()..];
@@ -88,23 +101,11 @@ impl Session {
             let fits = match tag {
                 b'Q' => here(sh.route(&text(cstr(body).0), &[], session_shard, resolved)),
                 b'P' => {
-                    let (name, after) = cstr(body);
-                    parsed.push((name, text(cstr(after).0)));
+                    parsed.push(cstr(body));
                     true
                 }
-                b'B' => {
-                    let name = cstr(cstr(body).1).0;
-                    let sql = match parsed.iter().rev().find(|(n, _)| *n == name) {
-                        Some((_, sql)) => Some(sql.clone()),
-                        // The unnamed statement of an earlier batch: not known here.
-                        None if name.is_empty() => None,
-                        None => std::str::from_utf8(name)
-                            .ok()
-                            .and_then(|n| Statement::lookup(stmts, n))
-                            .map(|s| text(s.query())),
-                    };
-                    sql.is_some_and(|sql| here(sh.route(&sql, &bind_params(body), session_shard, resolved)))
-                }
+                b'B' => bound(&parsed, stmts, cstr(cstr(body).1).0)
+                    .is_some_and(|p| here(sh.route(&text(cstr(p).0), &bind_params(body), session_shard, resolved))),
                 b'D' | b'E' | b'C' | b'S' => true,
                 _ => false,
             };

@@ -117,7 +117,7 @@ impl Session {
         st.held = false;
         let outstanding =
             self.tracker.flight.pending > 0 && !self.tracker.flight.unsynced && !self.tracker.flight.copy_in;
-        let mut gate = self.gate(st, outstanding);
+        let mut gate = self.gate((st.pinned, st.primary), std::mem::take(&mut st.routed), outstanding);
         let mut guard = self.shard_guard();
         let track = self.track;
         let tracker = &mut self.tracker;

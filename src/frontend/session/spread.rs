@@ -21,7 +21,7 @@ use crate::backend::server::{ServerConn, ServerError};
 use crate::protocol::error::{sqlstate, PgError};
 use crate::protocol::frame::{first_message, HEADER_LEN};
 use crate::protocol::messages::{self as msg, split_nul as cstr, TxStatus};
-use crate::protocol::statements::{ClientStatements, Statement};
+use crate::protocol::statements::ClientStatements;
 use crate::shard::{ShardRouter, ShardTarget};
 
 /// The batch, taken apart: what each client message is answered with,
@@ -102,13 +102,8 @@ impl Session {
                     Reply::Parse(named.then(|| (String::from_utf8_lossy(name).into_owned(), after.to_vec())))
                 }
                 b'B' if shard.is_none() => {
-                    let name = cstr(cstr(body).1).0;
-                    let parse = match parsed.iter().rev().find(|(n, _)| *n == name) {
-                        Some((_, p)) => p.to_vec(),
-                        None if name.is_empty() => return None,
-                        None => Statement::lookup(stmts, std::str::from_utf8(name).ok()?)?.query_and_types().to_vec(),
-                    };
-                    let sql = String::from_utf8_lossy(cstr(&parse).0).into_owned();
+                    let parse = super::pipeline::bound(&parsed, stmts, cstr(cstr(body).1).0)?;
+                    let sql = String::from_utf8_lossy(cstr(parse).0).into_owned();
                     let Ok(ShardTarget::One(i)) = sh.route(&sql, &bind_params(body), session_shard, resolved) else {
                         return None;
                     };
@@ -122,7 +117,7 @@ impl Session {
                     };
                     let at = msg::start_message(out, b'P');
                     out.put_u8(0);
-                    out.extend_from_slice(&parse);
+                    out.extend_from_slice(parse);
                     msg::finish_message(out, at);
                     out.extend_from_slice(&bind_for_shards(body, 0)?);
                     shard = Some(i);
