@@ -148,7 +148,8 @@ pub fn split_insert(sql: &str, row_shards: &[usize]) -> Result<Split, String> {
 /// renumbered in order of first use: (text, the client's parameter each
 /// new number stands for).
 fn assemble(p: &[Piece], ranges: &[std::ops::Range<usize>]) -> (String, Vec<usize>) {
-    let mut sql = String::new();
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(p.iter().map(|piece| piece.text.len()).sum::<usize>() + 8);
     let mut params: Vec<usize> = Vec::new();
     for (n, r) in ranges.iter().enumerate() {
         // Head and tail as written; rows after `VALUES` with commas.
@@ -162,7 +163,7 @@ fn assemble(p: &[Piece], ranges: &[std::ops::Range<usize>]) -> (String, Vec<usiz
                         params.push(k);
                         params.len() - 1
                     });
-                    sql.push_str(&format!("${}", at + 1));
+                    let _ = write!(sql, "${}", at + 1);
                 }
                 None => sql.push_str(piece.text),
             }
